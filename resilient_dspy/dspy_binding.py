@@ -1,0 +1,230 @@
+"""Adapters that turn what a pipeline wraps into its terminal handler.
+
+A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usage tracking), a ``dspy.LM``
+with ``acall(prompt=...)``, a :class:`~resilient_dspy.Pipeline` with the parent's deadline, and any
+``async def`` with its parameters as inputs. Each adapter knows its input fields, so a positional
+argument maps to the first one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+import dspy
+
+from resilient_dspy.errors import ResilienceWarning
+
+if TYPE_CHECKING:
+    from resilient_dspy.pipeline import Call, Pipeline
+
+__all__ = ["Target", "adapt_program", "no_dspy_retries"]
+
+
+class Target(Protocol):
+    """The innermost handler of a pipeline: runs the wrapped program once."""
+
+    name: str
+    input_fields: tuple[str, ...]
+
+    async def __call__(self, call: Call) -> Any: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def watch_dspy_retries(self) -> None:
+        """Warn (once per LM) when an LM this target uses retries on its own (``num_retries > 0``)."""
+        ...
+
+
+def no_dspy_retries(lm: dspy.LM) -> dspy.LM:
+    """A copy of ``lm`` with DSPy's own retries off, for use under a :class:`~resilient_dspy.Retry`."""
+    return lm.copy(num_retries=0)
+
+
+class _RetryWatch:
+    """Warns once per LM instance whose ``num_retries`` would multiply with our Retry's attempts."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.enabled = False
+        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def check(self, lm: Any) -> None:
+        if not self.enabled or lm is None or lm in self._seen:
+            return
+        self._seen.add(lm)
+        retries = getattr(lm, "num_retries", 0) or 0
+        if retries > 0:
+            warnings.warn(
+                f"{self.owner}: LM {getattr(lm, 'model', lm)!r} has num_retries={retries}, so DSPy retries each "
+                f"of our attempts {retries} more time(s) with its own unjittered sleeps. Build it with "
+                "num_retries=0 or wrap it in resilient_dspy.no_dspy_retries(lm).",
+                ResilienceWarning,
+                stacklevel=3,
+            )
+
+
+def _signature_inputs(signature: Any) -> tuple[str, ...]:
+    fields = getattr(signature, "input_fields", None)
+    return tuple(fields) if fields else ()
+
+
+def _module_inputs(program: dspy.Module) -> tuple[str, ...]:
+    own = _signature_inputs(getattr(program, "signature", None))
+    if own:
+        return own
+    parameters = [
+        p
+        for p in inspect.signature(type(program).forward).parameters.values()
+        if p.name != "self"
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    if parameters:
+        return tuple(p.name for p in parameters)
+    for _, predictor in program.named_predictors():
+        found = _signature_inputs(predictor.signature)
+        if found:
+            return found
+    return ()
+
+
+class ModuleTarget:
+    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off."""
+
+    def __init__(self, program: dspy.Module) -> None:
+        self.program = program
+        self.name = type(program).__name__
+        self.input_fields = _module_inputs(program)
+        self._watch = _RetryWatch(self.name)
+
+    def watch_dspy_retries(self) -> None:
+        self._watch.enabled = True
+        for predictor in self.program.predictors():
+            self._watch.check(predictor.lm)
+
+    async def __call__(self, call: Call) -> Any:
+        call.record.attempts += 1
+        if self._watch.enabled:
+            self._watch.check(dspy.settings.lm)
+        if call.bypass_cache:
+            return await self._call_uncached(call.inputs)
+        return await self.program.acall(**call.inputs)
+
+    async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
+        fresh = self.program.deepcopy()
+        for (_, original), (_, copy) in zip(
+            self.program.named_predictors(), fresh.named_predictors(), strict=True
+        ):
+            if original.lm is not None:
+                copy.lm = original.lm.copy(cache=False)
+        with _uncached_settings_lm():
+            return await fresh.acall(**inputs)
+
+    def describe(self) -> dict[str, Any]:
+        signatures = [str(p.signature.signature) for p in self.program.predictors()]
+        return {"layer": "program", "target": self.name, "inputs": list(self.input_fields), "signatures": signatures}
+
+
+@contextlib.contextmanager
+def _uncached_settings_lm() -> Iterator[None]:
+    lm = dspy.settings.lm
+    if lm is None or not hasattr(lm, "copy"):
+        yield
+        return
+    with dspy.context(lm=lm.copy(cache=False)):
+        yield
+
+
+class LMTarget:
+    """Runs a ``dspy.LM`` (or any ``BaseLM``): inputs are ``prompt`` or ``messages`` plus call kwargs."""
+
+    input_fields = ("prompt",)
+
+    def __init__(self, lm: dspy.BaseLM) -> None:
+        self.lm = lm
+        self.name = f"LM({getattr(lm, 'model', type(lm).__name__)})"
+        self._watch = _RetryWatch(self.name)
+
+    def watch_dspy_retries(self) -> None:
+        self._watch.enabled = True
+        self._watch.check(self.lm)
+
+    async def __call__(self, call: Call) -> Any:
+        call.record.attempts += 1
+        if call.bypass_cache:
+            return await self.lm.acall(**call.inputs, cache=False)
+        return await self.lm.acall(**call.inputs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "program", "target": self.name, "inputs": ["prompt", "messages"]}
+
+
+class CallableTarget:
+    """Runs any ``async def``; its named parameters are the input fields."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.name = getattr(function, "__qualname__", None) or type(function).__name__
+        parameters = inspect.signature(function).parameters.values()
+        self.input_fields = tuple(
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
+        )
+
+    def watch_dspy_retries(self) -> None:
+        """A plain function's LMs are not visible to us; see the retry docs on ``num_retries``."""
+
+    async def __call__(self, call: Call) -> Any:
+        call.record.attempts += 1
+        return await self.function(**call.inputs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "program", "target": self.name, "inputs": list(self.input_fields)}
+
+
+class PipelineTarget:
+    """Runs a nested :class:`~resilient_dspy.Pipeline`, handing down the caller's deadline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.name = pipeline.name
+        self.input_fields = pipeline.input_fields
+
+    def watch_dspy_retries(self) -> None:
+        self.pipeline.target.watch_dspy_retries()
+
+    async def __call__(self, call: Call) -> Any:
+        call.record.attempts += 1
+        return await self.pipeline.run(self.pipeline.new_call(call.inputs, deadline=call.deadline))
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "program", "target": self.name, "pipeline": self.pipeline.describe()}
+
+
+def _is_async_callable(obj: Any) -> bool:
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(obj, "__call__", None))
+
+
+def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
+    """The :class:`Target` for ``program``, or None with the reason appended to ``problems``."""
+    from resilient_dspy.pipeline import Pipeline
+
+    if isinstance(program, Pipeline):
+        return PipelineTarget(program)
+    if isinstance(program, dspy.Module):
+        return ModuleTarget(program)
+    if isinstance(program, dspy.BaseLM):
+        return LMTarget(program)
+    if _is_async_callable(program) and not isinstance(program, type):
+        return CallableTarget(program)
+    kind = "a sync function" if callable(program) else type(program).__name__
+    problems.append(
+        (
+            "program",
+            f"must be a dspy.Module, a dspy.LM, a Pipeline or an async callable (got {kind}: {program!r:.80})",
+        )
+    )
+    return None

@@ -1,0 +1,198 @@
+"""The error taxonomy of resilient_dspy and the one place that classifies any exception.
+
+Every error the library raises derives from :class:`ResilienceError`. Rejections (a layer refusing to run
+the call) carry ``retry_after`` when the layer knows how long the refusal will last. :func:`classify` is the
+single source of truth for "is this retryable, after how long, and is it a cancellation?".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import dspy
+
+__all__ = [
+    "BudgetExceededError",
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "ErrorInfo",
+    "ErrorKind",
+    "FallbackFailedError",
+    "RateLimitedError",
+    "RejectedError",
+    "ResilienceError",
+    "ResilienceWarning",
+    "RetriesExhaustedError",
+    "TimeoutExceededError",
+    "classify",
+]
+
+
+class ResilienceError(Exception):
+    """Base class of every error raised by resilient_dspy."""
+
+
+class ResilienceWarning(UserWarning):
+    """A configuration that works but will surprise you (e.g. DSPy retries under our Retry)."""
+
+
+class ConfigurationError(ResilienceError, ValueError):
+    """Invalid options or program, raised when the pipeline is built; lists every problem at once."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems: tuple[tuple[str, str], ...] = tuple(problems)
+        lines = "\n".join(f"  - {field}: {rule}" for field, rule in self.problems)
+        count = len(self.problems)
+        super().__init__(f"{count} invalid setting{'s' if count != 1 else ''}:\n{lines}")
+
+
+class TimeoutExceededError(ResilienceError, TimeoutError):
+    """Our own timeout fired: the call (``scope='total'``) or one attempt (``scope='attempt'``) ran too long."""
+
+    def __init__(self, timeout: float, *, scope: str = "total") -> None:
+        self.timeout = timeout
+        self.scope = scope
+        super().__init__(f"{scope} timeout of {timeout:g}s exceeded")
+
+
+class RetriesExhaustedError(ResilienceError):
+    """Retry gave up; ``last_error`` (also ``__cause__``) is the final attempt's error."""
+
+    def __init__(self, attempts: int, last_error: BaseException, *, reason: str = "max_attempts") -> None:
+        self.attempts = attempts
+        self.last_error = last_error
+        self.reason = reason
+        super().__init__(
+            f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} ({reason}): "
+            f"{type(last_error).__name__}: {last_error}"
+        )
+        self.__cause__ = last_error
+
+
+class RejectedError(ResilienceError):
+    """A layer refused to run the call; ``retry_after`` says when trying again may succeed, if known."""
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        suffix = f" (retry after {retry_after:.3g}s)" if retry_after is not None else ""
+        super().__init__(f"{message or type(self).__name__}{suffix}")
+
+
+class CircuitOpenError(RejectedError):
+    """The circuit breaker is open: the call was not run."""
+
+
+class BulkheadFullError(RejectedError):
+    """The bulkhead's slots and queue are full: the call was not run."""
+
+
+class RateLimitedError(RejectedError):
+    """The rate limiter could not admit the call within its ``max_wait``."""
+
+
+class BudgetExceededError(RejectedError):
+    """A token or cost budget is spent: the call was not run."""
+
+
+class FallbackFailedError(ResilienceError, ExceptionGroup):  # type: ignore[misc]
+    """Every alternative of a fallback chain failed; ``exceptions`` holds each error in the order tried."""
+
+    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> FallbackFailedError:
+        return super().__new__(cls, message, exceptions)
+
+    def __init__(self, message: str, exceptions: Sequence[Exception], tried: Sequence[str] = ()) -> None:
+        super().__init__(message, exceptions)
+        self.tried: tuple[str, ...] = tuple(tried)
+
+    def derive(self, excs: Sequence[Exception]) -> FallbackFailedError:  # type: ignore[override]
+        return FallbackFailedError(self.message, excs)
+
+
+class ErrorKind(str, Enum):
+    """What an exception means for resilience decisions."""
+
+    CANCELLED = "cancelled"
+    RATE_LIMIT = "rate_limit"
+    SERVER = "server"
+    TIMEOUT = "timeout"
+    TRANSPORT = "transport"
+    PARSE = "parse"
+    REJECTED = "rejected"
+    GAVE_UP = "gave_up"
+    CLIENT = "client"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The classification of one exception (see :func:`classify`)."""
+
+    kind: ErrorKind
+    retryable: bool
+    retry_after: float | None = None
+    needs_fresh_response: bool = False
+
+    @property
+    def cancellation(self) -> bool:
+        return self.kind is ErrorKind.CANCELLED
+
+
+_RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+def _retry_after(error: BaseException) -> float | None:
+    value: Any = getattr(error, "retry_after", None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def classify(error: BaseException) -> ErrorInfo:
+    """Classify any exception: retryable or not, its retry-after, whether it is a cancellation.
+
+    Rules (first match wins): cancellation and other ``BaseException`` are never retried; our own
+    rejections and give-ups are final; our attempt timeout is retryable; DSPy rate-limit, 5xx, timeout and
+    transport errors are retryable; auth, billing, invalid-request and context-window errors are not;
+    ``AdapterParseError`` is retryable only with a fresh (uncached) response; anything else fails closed.
+    """
+    retry_after = _retry_after(error)
+    if isinstance(error, asyncio.CancelledError):
+        return ErrorInfo(ErrorKind.CANCELLED, retryable=False)
+    if not isinstance(error, Exception):
+        return ErrorInfo(ErrorKind.UNKNOWN, retryable=False)
+    if isinstance(error, RejectedError):
+        return ErrorInfo(ErrorKind.REJECTED, retryable=False, retry_after=retry_after)
+    if isinstance(error, RetriesExhaustedError | FallbackFailedError):
+        return ErrorInfo(ErrorKind.GAVE_UP, retryable=False)
+    if isinstance(error, TimeoutExceededError):
+        return ErrorInfo(ErrorKind.TIMEOUT, retryable=True)
+    if isinstance(error, dspy.AdapterParseError):
+        return ErrorInfo(ErrorKind.PARSE, retryable=True, needs_fresh_response=True)
+    if isinstance(error, dspy.LMRateLimitError):
+        return ErrorInfo(ErrorKind.RATE_LIMIT, retryable=True, retry_after=retry_after)
+    if isinstance(error, dspy.LMServerError):
+        return ErrorInfo(ErrorKind.SERVER, retryable=True, retry_after=retry_after)
+    if isinstance(error, dspy.LMTimeoutError):
+        return ErrorInfo(ErrorKind.TIMEOUT, retryable=True, retry_after=retry_after)
+    if isinstance(error, dspy.LMTransportError):
+        return ErrorInfo(ErrorKind.TRANSPORT, retryable=True, retry_after=retry_after)
+    if isinstance(error, dspy.LMAuthError | dspy.LMBillingError | dspy.LMInvalidRequestError):
+        return ErrorInfo(ErrorKind.CLIENT, retryable=False, retry_after=retry_after)
+    if isinstance(error, dspy.LMProviderError):
+        status = getattr(error, "status", None)
+        if status in _RETRYABLE_STATUS:
+            kind = ErrorKind.RATE_LIMIT if status == 429 else ErrorKind.SERVER
+            return ErrorInfo(kind, retryable=True, retry_after=retry_after)
+        return ErrorInfo(ErrorKind.CLIENT, retryable=False, retry_after=retry_after)
+    if isinstance(error, TimeoutError):
+        return ErrorInfo(ErrorKind.TIMEOUT, retryable=True, retry_after=retry_after)
+    if isinstance(error, ConnectionError):
+        return ErrorInfo(ErrorKind.TRANSPORT, retryable=True, retry_after=retry_after)
+    return ErrorInfo(ErrorKind.UNKNOWN, retryable=False, retry_after=retry_after)

@@ -1,0 +1,36 @@
+"""Typed events that layers emit, and the per-pipeline sink that delivers them to listeners.
+
+Each pattern module defines its own event classes (subclasses of :class:`Event`); this module only holds
+the base and the delivery rule: with no listener nothing is built, and a failing listener never fails a call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Event", "Listener"]
+
+logger = logging.getLogger("resilient_dspy.events")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Something a layer did during one call; ``layer`` names the layer, ``time`` is the pipeline clock."""
+
+    pipeline: str
+    layer: str
+    time: float
+
+
+Listener = Callable[[Event], object]
+
+
+def deliver(listeners: tuple[Listener, ...], event: Event) -> None:
+    """Give ``event`` to every listener; a listener's exception is logged and swallowed."""
+    for listener in listeners:
+        try:
+            listener(event)
+        except Exception:
+            logger.exception("event listener %r failed on %s", listener, type(event).__name__)

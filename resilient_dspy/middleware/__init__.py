@@ -1,0 +1,19 @@
+"""One module per pattern, each with the same shape: options model, middleware, events."""
+
+from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
+from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled
+from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
+
+__all__ = [
+    "Fallback",
+    "FallbackUsed",
+    "Retry",
+    "RetryBudget",
+    "RetryGaveUp",
+    "RetryScheduled",
+    "Static",
+    "Timeout",
+    "TimeoutFired",
+    "UseLM",
+    "UseProgram",
+]

@@ -1,0 +1,218 @@
+"""Fallback: when the layers below fail, try ordered alternatives; record which one served.
+
+An alternative is another program (or pipeline), the same stack under another LM (``UseLM``), or a static
+answer (``Static``). Each may narrow the errors it handles with ``on=``; an error matches when it, or the
+last error inside a :class:`RetriesExhaustedError`, is an instance of a listed type (or the predicate says
+so). Cancellation is never handled. If every eligible alternative fails, :class:`FallbackFailedError` (an
+``ExceptionGroup``) holds every error in the order tried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dspy
+from pydantic import Field, field_validator
+
+from resilient_dspy.dspy_binding import Target, adapt_program
+from resilient_dspy.errors import ConfigurationError, FallbackFailedError, RetriesExhaustedError
+from resilient_dspy.events import Event
+from resilient_dspy.options import Options, build_options
+from resilient_dspy.pipeline import Call, Handler
+
+__all__ = ["Alternative", "Fallback", "FallbackOptions", "FallbackUsed", "Static", "UseLM", "UseProgram"]
+
+ErrorFilter = tuple[type[Exception], ...] | Callable[[Exception], bool]
+
+
+def _normalise_filter(on: Any) -> ErrorFilter:
+    if isinstance(on, type):
+        return (on,)
+    if isinstance(on, list):
+        return tuple(on)
+    return on  # type: ignore[no-any-return]
+
+
+def matches(on: ErrorFilter, error: Exception) -> bool:
+    """True when ``on`` handles ``error`` (or the last error a Retry gave up on)."""
+    if not isinstance(on, tuple):
+        return bool(on(error))
+    if isinstance(error, on):
+        return True
+    return isinstance(error, RetriesExhaustedError) and isinstance(error.last_error, on)
+
+
+class Alternative:
+    """One fallback: ``name`` labels it in the outcome; ``on`` narrows which errors it handles."""
+
+    name: str
+    on: ErrorFilter | None
+
+    async def run(self, call: Call, primary: Handler) -> Any:
+        """Produce the answer; ``primary`` is the fallback's inner stack, for alternatives that rerun it."""
+        raise NotImplementedError
+
+
+class UseLM(Alternative):
+    """Run the same inner stack with another LM (``dspy.context(lm=...)``, per task, safe under concurrency)."""
+
+    def __init__(self, lm: dspy.BaseLM, *, name: str | None = None, on: Any = None) -> None:
+        if not isinstance(lm, dspy.BaseLM):
+            raise ConfigurationError([("UseLM.lm", f"must be a dspy.LM (got {lm!r:.80})")])
+        self.lm = lm
+        self.name = name or f"lm:{getattr(lm, 'model', type(lm).__name__)}"
+        self.on = _normalise_filter(on) if on is not None else None
+
+    async def run(self, call: Call, primary: Handler) -> Any:
+        with dspy.context(lm=self.lm):
+            return await primary(call)
+
+
+class UseProgram(Alternative):
+    """Run another program: a ``dspy.Module``, ``dspy.LM``, ``Pipeline`` or ``async def`` on the same inputs."""
+
+    def __init__(self, program: Any, *, name: str | None = None, on: Any = None) -> None:
+        problems: list[tuple[str, str]] = []
+        target = adapt_program(program, problems)
+        if target is None:
+            raise ConfigurationError([(f"UseProgram.{field}", rule) for field, rule in problems])
+        self.target: Target = target
+        self.name = name or f"program:{target.name}"
+        self.on = _normalise_filter(on) if on is not None else None
+
+    async def run(self, call: Call, primary: Handler) -> Any:
+        return await self.target(call)
+
+
+class Static(Alternative):
+    """A fixed answer: a fresh ``dspy.Prediction(**fields)`` each time, or ``factory(inputs)``'s return value."""
+
+    def __init__(
+        self,
+        factory: Callable[[dict[str, Any]], Any] | None = None,
+        *,
+        name: str = "static",
+        on: Any = None,
+        **fields: Any,
+    ) -> None:
+        if factory is not None and fields:
+            raise ConfigurationError([("Static", "give either a factory or answer fields, not both")])
+        if factory is None and not fields:
+            raise ConfigurationError([("Static", "needs answer fields (e.g. answer='...') or a factory")])
+        if factory is not None and not callable(factory):
+            raise ConfigurationError([("Static.factory", f"must be callable (got {factory!r:.80})")])
+        self.factory = factory
+        self.fields = fields
+        self.name = name
+        self.on = _normalise_filter(on) if on is not None else None
+
+    async def run(self, call: Call, primary: Handler) -> Any:
+        if self.factory is not None:
+            return self.factory(call.inputs)
+        return dspy.Prediction(**self.fields)
+
+
+def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]]) -> Alternative | None:
+    if isinstance(candidate, Alternative):
+        return candidate
+    if isinstance(candidate, dspy.BaseLM):
+        return UseLM(candidate)
+    if isinstance(candidate, dspy.Prediction):
+        fields = dict(candidate.items())
+        return Static(**fields) if fields else None
+    inner: list[tuple[str, str]] = []
+    target = adapt_program(candidate, inner)
+    if target is None:
+        problems.append(
+            (
+                f"Fallback.alternatives[{index}]",
+                f"must be UseLM/UseProgram/Static, a dspy.LM, a dspy.Prediction, a program or an async callable "
+                f"(got {candidate!r:.80})",
+            )
+        )
+        return None
+    return UseProgram(candidate)
+
+
+class FallbackOptions(Options):
+    alternatives: tuple[Any, ...] = Field(min_length=1, description="Tried in order after the primary fails.")
+    on: Any = Field(default=Exception, description="Errors the fallback handles at all (types or predicate).")
+
+    @field_validator("on")
+    @classmethod
+    def _check_on(cls, value: Any) -> Any:
+        value = _normalise_filter(value)
+        if isinstance(value, tuple):
+            if not value or not all(isinstance(t, type) and issubclass(t, Exception) for t in value):
+                raise ValueError("must be Exception subclasses or a predicate")
+        elif not callable(value):
+            raise ValueError("must be Exception subclasses or a predicate")
+        return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackUsed(Event):
+    """``alternative`` is being tried because of ``error``."""
+
+    alternative: str
+    error: BaseException
+
+
+class Fallback:
+    """On failure below, try each alternative in order; the first success is the answer."""
+
+    def __init__(self, *alternatives: Any, on: Any = Exception) -> None:
+        self.options = build_options(FallbackOptions, "Fallback", {"alternatives": alternatives, "on": on})
+        problems: list[tuple[str, str]] = []
+        converted = [_as_alternative(a, i, problems) for i, a in enumerate(alternatives)]
+        if problems:
+            raise ConfigurationError(problems)
+        self.alternatives: tuple[Alternative, ...] = tuple(a for a in converted if a is not None)
+        self.on: ErrorFilter = self.options.on
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        try:
+            return await next(call)
+        except Exception as error:
+            if not matches(self.on, error):
+                raise
+            first_error = error
+        errors: list[Exception] = [first_error]
+        tried = ["primary"]
+        latest: Exception = first_error
+        for alternative in self.alternatives:
+            if alternative.on is not None and not matches(alternative.on, latest):
+                continue
+            if call.listening:
+                call.emit(
+                    FallbackUsed(
+                        pipeline=call.runtime.name,
+                        layer="Fallback",
+                        time=call.clock.now(),
+                        alternative=alternative.name,
+                        error=latest,
+                    )
+                )
+            try:
+                value = await alternative.run(call, next)
+            except Exception as error:
+                errors.append(error)
+                tried.append(alternative.name)
+                latest = error
+                continue
+            call.record.served_by = alternative.name
+            return value
+        raise FallbackFailedError(
+            f"all {len(tried)} tried of {len(self.alternatives) + 1} options failed ({', '.join(tried)})",
+            errors,
+            tried,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "layer": "Fallback",
+            "alternatives": [a.name for a in self.alternatives],
+            "on": [t.__name__ for t in self.on] if isinstance(self.on, tuple) else repr(self.on),
+        }

@@ -1,0 +1,257 @@
+"""Retry: run the layers below again on a transient failure, with backoff, jitter and a retry budget.
+
+Decisions, in order, after an attempt fails: cancellation and inner rejections are never retried; the
+predicate (default :func:`~resilient_dspy.errors.classify`) must say retryable; attempts must remain; the
+delay (backoff, then jitter, then at least the server's Retry-After, capped) must end before the call's
+deadline; the retry budget must allow it. ``AdapterParseError`` is retried with DSPy's cache bypassed,
+because DSPy caches the malformed answer before parsing fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
+
+from resilient_dspy.errors import ErrorKind, RetriesExhaustedError, classify
+from resilient_dspy.events import Event
+from resilient_dspy.options import Options, build_options
+from resilient_dspy.pipeline import Call, Handler, Pipeline
+
+__all__ = [
+    "Retry",
+    "RetryBudget",
+    "RetryGaveUp",
+    "RetryOptions",
+    "RetryScheduled",
+    "compute_delay",
+]
+
+Backoff = Literal["constant", "linear", "exponential"]
+Jitter = Literal["none", "full", "equal", "decorrelated"]
+ErrorPredicate = Callable[[Exception], bool]
+
+
+class RetryBudget(Options):
+    """Retries allowed over a sliding ``window``: ``ratio`` × calls in the window + ``min_per_second`` × window."""
+
+    ratio: float = Field(default=0.2, ge=0, allow_inf_nan=False)
+    min_per_second: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    window: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+
+
+class RetryOptions(Options):
+    max_attempts: int = Field(default=3, ge=1, description="Attempts in all, counting the first.")
+    backoff: Backoff = "exponential"
+    base_delay: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    max_delay: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    jitter: Jitter = "full"
+    retry_on: tuple[type[Exception], ...] | ErrorPredicate | None = Field(
+        default=None, description="Exception types or a predicate; None = the default classification."
+    )
+    retry_on_result: Callable[[Any], bool] | None = None
+    respect_retry_after: bool = True
+    max_retry_after: float = Field(default=60.0, ge=0, allow_inf_nan=False)
+    budget: RetryBudget | None = Field(default_factory=RetryBudget)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryScheduled(Event):
+    """Attempt ``attempt`` failed; the next starts after ``delay`` seconds."""
+
+    attempt: int
+    delay: float
+    reason: str
+    error: BaseException | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryGaveUp(Event):
+    """Retry stopped with the last attempt failed; ``reason`` is max_attempts, deadline or budget."""
+
+    attempts: int
+    reason: str
+    error: BaseException | None
+
+
+def compute_delay(options: RetryOptions, retry: int, previous: float, uniform: Callable[[float, float], float]) -> float:
+    """Delay before retry number ``retry`` (1 = the first retry); ``previous`` feeds decorrelated jitter."""
+    base, cap = options.base_delay, options.max_delay
+    if options.jitter == "decorrelated":
+        return min(cap, uniform(base, max(base, previous * 3)))
+    if options.backoff == "constant":
+        delay = base
+    elif options.backoff == "linear":
+        delay = base * retry
+    else:
+        delay = base * 2.0 ** min(retry - 1, 1024)
+    delay = min(delay, cap)
+    if options.jitter == "full":
+        return uniform(0.0, delay)
+    if options.jitter == "equal":
+        return delay / 2 + uniform(0.0, delay / 2)
+    return delay
+
+
+class _BudgetWindow:
+    """Counts calls and retries in ``buckets`` time slots spanning the budget window."""
+
+    __slots__ = ("budget", "width", "stamps", "calls", "retries")
+
+    def __init__(self, budget: RetryBudget, buckets: int = 10) -> None:
+        self.budget = budget
+        self.width = budget.window / buckets
+        self.stamps = [-1] * buckets
+        self.calls = [0] * buckets
+        self.retries = [0] * buckets
+
+    def _slot(self, now: float) -> int:
+        stamp = int(now // self.width)
+        slot = stamp % len(self.stamps)
+        if self.stamps[slot] != stamp:
+            self.stamps[slot], self.calls[slot], self.retries[slot] = stamp, 0, 0
+        return slot
+
+    def record_call(self, now: float) -> None:
+        self.calls[self._slot(now)] += 1
+
+    def try_spend(self, now: float) -> bool:
+        slot = self._slot(now)
+        oldest = int(now // self.width) - len(self.stamps)
+        calls = retries = 0
+        for index, stamp in enumerate(self.stamps):
+            if stamp > oldest:
+                calls += self.calls[index]
+                retries += self.retries[index]
+        budget = self.budget
+        if retries + 1 > budget.ratio * calls + budget.min_per_second * budget.window:
+            return False
+        self.retries[slot] += 1
+        return True
+
+
+class Retry:
+    """Retry the layers below on transient failures (see the module docstring for the rules)."""
+
+    def __init__(
+        self,
+        max_attempts: int = 3,
+        *,
+        backoff: Backoff = "exponential",
+        base_delay: float = 0.5,
+        max_delay: float = 30.0,
+        jitter: Jitter = "full",
+        retry_on: tuple[type[Exception], ...] | type[Exception] | ErrorPredicate | None = None,
+        retry_on_result: Callable[[Any], bool] | None = None,
+        respect_retry_after: bool = True,
+        max_retry_after: float = 60.0,
+        budget: RetryBudget | None = RetryBudget(),
+    ) -> None:
+        if isinstance(retry_on, type):
+            retry_on = (retry_on,)
+        self.options = build_options(
+            RetryOptions,
+            "Retry",
+            {
+                "max_attempts": max_attempts,
+                "backoff": backoff,
+                "base_delay": base_delay,
+                "max_delay": max_delay,
+                "jitter": jitter,
+                "retry_on": retry_on,
+                "retry_on_result": retry_on_result,
+                "respect_retry_after": respect_retry_after,
+                "max_retry_after": max_retry_after,
+                "budget": budget,
+            },
+        )
+        self._budget = _BudgetWindow(self.options.budget) if self.options.budget is not None else None
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        pipeline.target.watch_dspy_retries()
+
+    def _retryable(self, error: Exception, kind: ErrorKind, default: bool) -> bool:
+        if kind is ErrorKind.REJECTED:
+            return False
+        retry_on = self.options.retry_on
+        if retry_on is None:
+            return default
+        if isinstance(retry_on, tuple):
+            return isinstance(error, retry_on)
+        return bool(retry_on(error))
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        options = self.options
+        clock = call.clock
+        budget = self._budget
+        if budget is not None:
+            budget.record_call(clock.now())
+        previous = options.base_delay
+        attempt_call = call
+        attempt = 1
+        while True:
+            error: Exception | None = None
+            try:
+                result = await next(attempt_call)
+            except Exception as caught:
+                info = classify(caught)
+                if not self._retryable(caught, info.kind, info.retryable):
+                    raise
+                error = caught
+            else:
+                if options.retry_on_result is None or not options.retry_on_result(result):
+                    return result
+                info = None
+
+            reason = f"{type(error).__name__}" if error is not None else "result rejected"
+            stop = None
+            if attempt >= options.max_attempts:
+                stop = "max_attempts"
+            else:
+                delay = compute_delay(options, attempt, previous, call.rng.uniform)
+                previous = delay
+                if info is not None and info.retry_after is not None and options.respect_retry_after:
+                    delay = max(delay, min(info.retry_after, options.max_retry_after))
+                remaining = call.remaining()
+                if remaining is not None and delay >= remaining:
+                    stop = "deadline"
+                elif budget is not None and not budget.try_spend(clock.now()):
+                    stop = "budget"
+            if stop is not None:
+                if call.listening:
+                    call.emit(
+                        RetryGaveUp(
+                            pipeline=call.runtime.name,
+                            layer="Retry",
+                            time=clock.now(),
+                            attempts=attempt,
+                            reason=stop,
+                            error=error,
+                        )
+                    )
+                if error is None:
+                    return result
+                raise RetriesExhaustedError(attempt, error, reason=stop)
+
+            if call.listening:
+                call.emit(
+                    RetryScheduled(
+                        pipeline=call.runtime.name,
+                        layer="Retry",
+                        time=clock.now(),
+                        attempt=attempt,
+                        delay=delay,
+                        reason=reason,
+                        error=error,
+                    )
+                )
+            call.record.retries += 1
+            await clock.sleep(delay)
+            attempt += 1
+            bypass = attempt_call.bypass_cache or (info is not None and info.needs_fresh_response)
+            attempt_call = call.replace(attempt=attempt, bypass_cache=bypass)
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "Retry", "options": self.options.model_dump()}

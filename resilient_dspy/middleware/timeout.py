@@ -1,0 +1,78 @@
+"""Timeout: a deadline for the call (placed outermost) or for each attempt (placed inside Retry).
+
+The deadline is written into the call context, so inner layers (Retry) see how much time is left; the
+effective deadline is the earlier of ours and any deadline from outside. When it passes, the body is
+cancelled (asyncio's own timeout) and :class:`TimeoutExceededError` is raised; a cancellation that comes from
+the caller stays a cancellation. Nothing keeps running afterwards: the body runs in the caller's task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from resilient_dspy.errors import TimeoutExceededError
+from resilient_dspy.events import Event
+from resilient_dspy.options import Options, build_options
+from resilient_dspy.pipeline import Call, Handler, Pipeline
+
+__all__ = ["Timeout", "TimeoutFired", "TimeoutOptions"]
+
+
+class TimeoutOptions(Options):
+    seconds: float = Field(gt=0, allow_inf_nan=False, description="How long the wrapped layers may run.")
+    name: str | None = Field(default=None, description="Label in events and describe(); default by placement.")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimeoutFired(Event):
+    """The deadline passed and the body was cancelled."""
+
+    timeout: float
+    scope: str
+
+
+class Timeout:
+    """Bound the time of everything below this layer to ``seconds``."""
+
+    def __init__(self, seconds: float, *, name: str | None = None) -> None:
+        self.options = build_options(TimeoutOptions, "Timeout", {"seconds": seconds, "name": name})
+        self.scope = "total"
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        """Name the scope by placement: a Timeout below a Retry bounds one attempt."""
+        from resilient_dspy.middleware.retry import Retry
+
+        layers = pipeline.layers
+        outer = layers[: next(i for i, layer in enumerate(layers) if layer is self)]
+        self.scope = "attempt" if any(isinstance(layer, Retry) for layer in outer) else "total"
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        seconds = self.options.seconds
+        clock = call.clock
+        deadline = clock.now() + seconds
+        if call.deadline is not None and call.deadline < deadline:
+            deadline = call.deadline
+        scope = clock.deadline(deadline)
+        try:
+            async with scope:
+                return await next(call.replace(deadline=deadline))
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            if call.listening:
+                call.emit(
+                    TimeoutFired(
+                        pipeline=call.runtime.name,
+                        layer=self.options.name or f"Timeout({self.scope})",
+                        time=clock.now(),
+                        timeout=seconds,
+                        scope=self.scope,
+                    )
+                )
+            raise TimeoutExceededError(seconds, scope=self.scope) from None
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "Timeout", "scope": self.scope, "options": self.options.model_dump()}

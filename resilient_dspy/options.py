@@ -1,0 +1,39 @@
+"""The base of every middleware's options model: frozen pydantic, validated once, errors named by field."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from resilient_dspy.errors import ConfigurationError
+
+__all__ = ["Options", "build_options"]
+
+O = TypeVar("O", bound="Options")
+
+
+class Options(BaseModel):
+    """Frozen, strict options; unknown fields are an error, not a silent no-op."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+
+def problems_of(error: ValidationError, owner: str) -> list[tuple[str, str]]:
+    """Turn a pydantic error into ``(field, rule)`` pairs named ``Owner.field``."""
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "options"
+        rule = item["msg"]
+        if "input" in item and item["type"] != "missing":
+            rule = f"{rule} (got {item['input']!r})"
+        problems.append((f"{owner}.{field}", rule))
+    return problems
+
+
+def build_options(model: type[O], owner: str, values: dict[str, Any]) -> O:
+    """Validate ``values`` into ``model``; raise one :class:`ConfigurationError` listing every bad field."""
+    try:
+        return model(**values)
+    except ValidationError as error:
+        raise ConfigurationError(problems_of(error, owner)) from None

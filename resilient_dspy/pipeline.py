@@ -1,0 +1,230 @@
+"""The pipeline: a program wrapped in middleware layers, composed once when it is built.
+
+A middleware is any object with ``async def __call__(self, call: Call, next: Handler) -> Any``; ``next``
+runs the rest of the stack. The first layer listed is the outermost (as in Polly and tower).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import random
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.dspy_binding import Target, adapt_program
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event, Listener, deliver
+
+__all__ = ["Call", "CallRecord", "Handler", "Middleware", "Outcome", "Pipeline", "Runtime"]
+
+Handler = Callable[["Call"], Awaitable[Any]]
+
+
+@runtime_checkable
+class Middleware(Protocol):
+    """One layer: do something around ``await next(call)``. Keep per-call state in locals or ``call``."""
+
+    async def __call__(self, call: Call, next: Handler) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What a pipeline injects into every call: its name, clock, randomness and event listeners."""
+
+    name: str
+    clock: Clock
+    rng: random.Random
+    listeners: tuple[Listener, ...] = ()
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Shared by every view of one call: what happened, for :class:`Outcome` and reports."""
+
+    started_at: float
+    attempts: int = 0
+    retries: int = 0
+    served_by: str = "primary"
+
+
+@dataclass(slots=True)
+class Call:
+    """One invocation as it travels down the stack.
+
+    ``inputs`` are the program's keyword arguments. ``deadline`` is an absolute time on the pipeline clock
+    (or None). A layer that changes the context for the layers below passes ``call.replace(...)`` down,
+    so layers above never see it; ``properties`` and ``record`` are shared by all views of the call.
+    """
+
+    inputs: dict[str, Any]
+    runtime: Runtime
+    record: CallRecord
+    deadline: float | None = None
+    attempt: int = 1
+    bypass_cache: bool = False
+    partition_key: Hashable | None = None
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def clock(self) -> Clock:
+        return self.runtime.clock
+
+    @property
+    def rng(self) -> random.Random:
+        return self.runtime.rng
+
+    @property
+    def listening(self) -> bool:
+        """True when someone listens: build events only then, so silence costs nothing."""
+        return bool(self.runtime.listeners)
+
+    def emit(self, event: Event) -> None:
+        deliver(self.runtime.listeners, event)
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (may be negative), or None without a deadline."""
+        return None if self.deadline is None else self.deadline - self.runtime.clock.now()
+
+    def replace(self, **changes: Any) -> Call:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A result with the story of how it was obtained (see :meth:`Pipeline.invoke`)."""
+
+    value: Any
+    served_by: str
+    attempts: int
+    retries: int
+    duration: float
+
+
+def _bind(layer: Middleware, next_handler: Handler) -> Handler:
+    def handler(call: Call) -> Awaitable[Any]:
+        return layer(call, next_handler)
+
+    return handler
+
+
+class Pipeline:
+    """A program wrapped in middleware; ``await pipeline("question")`` or ``await pipeline(question=...)``."""
+
+    def __init__(
+        self,
+        program: Any,
+        *middleware: Middleware,
+        name: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        listeners: tuple[Listener, ...] | list[Listener] = (),
+    ) -> None:
+        problems: list[tuple[str, str]] = []
+        target = adapt_program(program, problems)
+        for index, layer in enumerate(middleware):
+            call_method = getattr(layer, "__call__", None)
+            if isinstance(layer, type) or not inspect.iscoroutinefunction(call_method):
+                problems.append(
+                    (
+                        f"middleware[{index}]",
+                        f"must be a middleware instance with 'async def __call__(self, call, next)' "
+                        f"(got {layer!r})",
+                    )
+                )
+        if clock is not None and not isinstance(clock, Clock):
+            problems.append(("clock", f"must implement now(), sleep() and deadline() (got {clock!r})"))
+        for index, listener in enumerate(listeners):
+            if not callable(listener):
+                problems.append((f"listeners[{index}]", f"must be callable (got {listener!r})"))
+        if problems or target is None:
+            raise ConfigurationError(problems)
+
+        self.program = program
+        self.layers: tuple[Middleware, ...] = tuple(middleware)
+        self.name = name or target.name
+        self._target: Target = target
+        self._runtime = Runtime(self.name, clock or LoopClock(), rng or random.Random(), tuple(listeners))
+        handler: Handler = target
+        for layer in reversed(self.layers):
+            handler = _bind(layer, handler)
+        self._handler = handler
+        for layer in self.layers:
+            on_build = getattr(layer, "on_build", None)
+            if on_build is not None:
+                on_build(self)
+
+    @property
+    def target(self) -> Target:
+        """The adapter around the wrapped program (its input fields, its LMs)."""
+        return self._target
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return self._target.input_fields
+
+    def subscribe(self, listener: Listener) -> None:
+        """Add an event listener (a callable taking one :class:`Event`)."""
+        if not callable(listener):
+            raise ConfigurationError([("listener", f"must be callable (got {listener!r})")])
+        self._runtime = dataclasses.replace(self._runtime, listeners=(*self._runtime.listeners, listener))
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not args:
+            return kwargs
+        fields = self._target.input_fields
+        if len(args) > len(fields):
+            raise TypeError(
+                f"{self.name} takes {len(fields)} positional input(s) {list(fields)}, got {len(args)}"
+            )
+        inputs = dict(zip(fields, args, strict=False))
+        clash = inputs.keys() & kwargs.keys()
+        if clash:
+            raise TypeError(f"{self.name} got input(s) {sorted(clash)} both positionally and by keyword")
+        inputs.update(kwargs)
+        return inputs
+
+    def new_call(
+        self, inputs: dict[str, Any], *, deadline: float | None = None, properties: dict[str, Any] | None = None
+    ) -> Call:
+        """A fresh :class:`Call` for ``inputs`` on this pipeline's runtime (for nesting and tests)."""
+        runtime = self._runtime
+        return Call(
+            inputs, runtime, CallRecord(runtime.clock.now()), deadline=deadline, properties=properties or {}
+        )
+
+    async def run(self, call: Call) -> Any:
+        """Run an already-built call through the stack."""
+        return await self._handler(call)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._handler(self.new_call(self._inputs(args, kwargs)))
+
+    async def invoke(self, *args: Any, **kwargs: Any) -> Outcome:
+        """Like calling the pipeline, but returns an :class:`Outcome` (which alternative served, attempts, …)."""
+        call = self.new_call(self._inputs(args, kwargs))
+        value = await self._handler(call)
+        record = call.record
+        return Outcome(
+            value, record.served_by, record.attempts, record.retries, self._runtime.clock.now() - record.started_at
+        )
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The layers, outermost first, with their options, then the wrapped program."""
+        described = []
+        for layer in self.layers:
+            describe = getattr(layer, "describe", None)
+            if describe is not None:
+                described.append(describe())
+            else:
+                options = getattr(layer, "options", None)
+                dump = options.model_dump() if hasattr(options, "model_dump") else {}
+                described.append({"layer": type(layer).__name__, "options": dump})
+        described.append(self._target.describe())
+        return described
+
+    def __repr__(self) -> str:
+        layers = ", ".join(type(layer).__name__ for layer in self.layers)
+        return f"Pipeline({self._target.name}{', ' if layers else ''}{layers})"
