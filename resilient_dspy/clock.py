@@ -10,7 +10,13 @@ import asyncio
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Clock", "LoopClock"]
+__all__ = ["Clock", "DeadlineScope", "LoopClock"]
+
+
+class DeadlineScope(AbstractAsyncContextManager[object], Protocol):
+    """What ``Clock.deadline`` returns: a timeout scope that can tell whether it fired (``asyncio.Timeout``)."""
+
+    def expired(self) -> bool: ...
 
 
 @runtime_checkable
@@ -25,7 +31,7 @@ class Clock(Protocol):
         """Sleep ``seconds`` on this clock; cancellable."""
         ...
 
-    def deadline(self, when: float) -> AbstractAsyncContextManager[asyncio.Timeout]:
+    def deadline(self, when: float) -> DeadlineScope:
         """A scope that cancels its body at ``when`` and then raises ``TimeoutError`` (like ``asyncio.timeout_at``)."""
         ...
 

@@ -116,9 +116,7 @@ class ModuleTarget:
 
     async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
         fresh = self.program.deepcopy()
-        for (_, original), (_, copy) in zip(
-            self.program.named_predictors(), fresh.named_predictors(), strict=True
-        ):
+        for (_, original), (_, copy) in zip(self.program.named_predictors(), fresh.named_predictors(), strict=True):
             if original.lm is not None:
                 copy.lm = original.lm.copy(cache=False)
         with _uncached_settings_lm():
@@ -142,7 +140,7 @@ def _uncached_settings_lm() -> Iterator[None]:
 class LMTarget:
     """Runs a ``dspy.LM`` (or any ``BaseLM``): inputs are ``prompt`` or ``messages`` plus call kwargs."""
 
-    input_fields = ("prompt",)
+    input_fields: tuple[str, ...] = ("prompt",)
 
     def __init__(self, lm: dspy.BaseLM) -> None:
         self.lm = lm
@@ -205,7 +203,7 @@ class PipelineTarget:
 
 
 def _is_async_callable(obj: Any) -> bool:
-    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(getattr(obj, "__call__", None))
+    return inspect.iscoroutinefunction(obj) or (callable(obj) and inspect.iscoroutinefunction(obj.__call__))
 
 
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:

@@ -11,7 +11,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import dspy
@@ -100,7 +100,7 @@ class BudgetExceededError(RejectedError):
     """A token or cost budget is spent: the call was not run."""
 
 
-class FallbackFailedError(ResilienceError, ExceptionGroup):  # type: ignore[misc]
+class FallbackFailedError(ResilienceError, ExceptionGroup):
     """Every alternative of a fallback chain failed; ``exceptions`` holds each error in the order tried."""
 
     def __new__(cls, message: str, exceptions: Sequence[Exception]) -> FallbackFailedError:
@@ -114,7 +114,7 @@ class FallbackFailedError(ResilienceError, ExceptionGroup):  # type: ignore[misc
         return FallbackFailedError(self.message, excs)
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(StrEnum):
     """What an exception means for resilience decisions."""
 
     CANCELLED = "cancelled"

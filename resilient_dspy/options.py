@@ -10,7 +10,7 @@ from resilient_dspy.errors import ConfigurationError
 
 __all__ = ["Options", "build_options"]
 
-O = TypeVar("O", bound="Options")
+OptionsT = TypeVar("OptionsT", bound="Options")
 
 
 class Options(BaseModel):
@@ -31,7 +31,7 @@ def problems_of(error: ValidationError, owner: str) -> list[tuple[str, str]]:
     return problems
 
 
-def build_options(model: type[O], owner: str, values: dict[str, Any]) -> O:
+def build_options(model: type[OptionsT], owner: str, values: dict[str, Any]) -> OptionsT:
     """Validate ``values`` into ``model``; raise one :class:`ConfigurationError` listing every bad field."""
     try:
         return model(**values)

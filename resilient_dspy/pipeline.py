@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from pydantic import BaseModel
+
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
 from resilient_dspy.errors import ConfigurationError
@@ -125,13 +127,11 @@ class Pipeline:
         problems: list[tuple[str, str]] = []
         target = adapt_program(program, problems)
         for index, layer in enumerate(middleware):
-            call_method = getattr(layer, "__call__", None)
-            if isinstance(layer, type) or not inspect.iscoroutinefunction(call_method):
+            if isinstance(layer, type) or not (callable(layer) and inspect.iscoroutinefunction(layer.__call__)):
                 problems.append(
                     (
                         f"middleware[{index}]",
-                        f"must be a middleware instance with 'async def __call__(self, call, next)' "
-                        f"(got {layer!r})",
+                        f"must be a middleware instance with 'async def __call__(self, call, next)' (got {layer!r})",
                     )
                 )
         if clock is not None and not isinstance(clock, Clock):
@@ -176,9 +176,7 @@ class Pipeline:
             return kwargs
         fields = self._target.input_fields
         if len(args) > len(fields):
-            raise TypeError(
-                f"{self.name} takes {len(fields)} positional input(s) {list(fields)}, got {len(args)}"
-            )
+            raise TypeError(f"{self.name} takes {len(fields)} positional input(s) {list(fields)}, got {len(args)}")
         inputs = dict(zip(fields, args, strict=False))
         clash = inputs.keys() & kwargs.keys()
         if clash:
@@ -191,9 +189,7 @@ class Pipeline:
     ) -> Call:
         """A fresh :class:`Call` for ``inputs`` on this pipeline's runtime (for nesting and tests)."""
         runtime = self._runtime
-        return Call(
-            inputs, runtime, CallRecord(runtime.clock.now()), deadline=deadline, properties=properties or {}
-        )
+        return Call(inputs, runtime, CallRecord(runtime.clock.now()), deadline=deadline, properties=properties or {})
 
     async def run(self, call: Call) -> Any:
         """Run an already-built call through the stack."""
@@ -220,7 +216,7 @@ class Pipeline:
                 described.append(describe())
             else:
                 options = getattr(layer, "options", None)
-                dump = options.model_dump() if hasattr(options, "model_dump") else {}
+                dump = options.model_dump() if isinstance(options, BaseModel) else {}
                 described.append({"layer": type(layer).__name__, "options": dump})
         described.append(self._target.describe())
         return described

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from resilient_dspy.errors import ErrorKind, RetriesExhaustedError, classify
+from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
 from resilient_dspy.options import Options, build_options
 from resilient_dspy.pipeline import Call, Handler, Pipeline
@@ -35,11 +35,14 @@ ErrorPredicate = Callable[[Exception], bool]
 
 
 class RetryBudget(Options):
-    """Retries allowed over a sliding ``window``: ``ratio`` × calls in the window + ``min_per_second`` × window."""
+    """Retries allowed over a sliding ``window``: ``ratio`` * calls in the window + ``min_per_second`` * window."""
 
     ratio: float = Field(default=0.2, ge=0, allow_inf_nan=False)
     min_per_second: float = Field(default=1.0, ge=0, allow_inf_nan=False)
     window: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+
+
+_DEFAULT_BUDGET = RetryBudget()
 
 
 class RetryOptions(Options):
@@ -76,7 +79,9 @@ class RetryGaveUp(Event):
     error: BaseException | None
 
 
-def compute_delay(options: RetryOptions, retry: int, previous: float, uniform: Callable[[float, float], float]) -> float:
+def compute_delay(
+    options: RetryOptions, retry: int, previous: float, uniform: Callable[[float, float], float]
+) -> float:
     """Delay before retry number ``retry`` (1 = the first retry); ``previous`` feeds decorrelated jitter."""
     base, cap = options.base_delay, options.max_delay
     if options.jitter == "decorrelated":
@@ -98,7 +103,7 @@ def compute_delay(options: RetryOptions, retry: int, previous: float, uniform: C
 class _BudgetWindow:
     """Counts calls and retries in ``buckets`` time slots spanning the budget window."""
 
-    __slots__ = ("budget", "width", "stamps", "calls", "retries")
+    __slots__ = ("budget", "calls", "retries", "stamps", "width")
 
     def __init__(self, budget: RetryBudget, buckets: int = 10) -> None:
         self.budget = budget
@@ -147,7 +152,7 @@ class Retry:
         retry_on_result: Callable[[Any], bool] | None = None,
         respect_retry_after: bool = True,
         max_retry_after: float = 60.0,
-        budget: RetryBudget | None = RetryBudget(),
+        budget: RetryBudget | None = _DEFAULT_BUDGET,
     ) -> None:
         if isinstance(retry_on, type):
             retry_on = (retry_on,)
@@ -193,6 +198,7 @@ class Retry:
         attempt = 1
         while True:
             error: Exception | None = None
+            info: ErrorInfo | None = None
             try:
                 result = await next(attempt_call)
             except Exception as caught:
@@ -203,7 +209,6 @@ class Retry:
             else:
                 if options.retry_on_result is None or not options.retry_on_result(result):
                     return result
-                info = None
 
             reason = f"{type(error).__name__}" if error is not None else "result rejected"
             stop = None

@@ -18,7 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import dspy
@@ -31,7 +31,7 @@ from resilient_dspy.options import Options, build_options
 __all__ = ["Fault", "FaultInjectingLM", "FaultProfile", "JournalEntry"]
 
 
-class Fault(str, Enum):
+class Fault(StrEnum):
     """What one LM request does."""
 
     OK = "ok"
@@ -100,6 +100,23 @@ _FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \(([^)]*)\)", re.M)
 _INPUT_BLOCK = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond with|\Z)", re.S)
 
 
+_ERRORS: dict[Fault, Callable[..., Exception]] = {
+    Fault.RATE_LIMIT: lm15.RateLimitError,
+    Fault.SERVER_ERROR: lm15.ServerError,
+    Fault.TIMEOUT: lm15.TimeoutError,
+    Fault.TRANSPORT: lm15.TransportError,
+    Fault.CONTEXT_WINDOW: lm15.ContextLengthError,
+    Fault.AUTH: lm15.AuthError,
+}
+_STATUS = {
+    Fault.RATE_LIMIT: 429,
+    Fault.SERVER_ERROR: 503,
+    Fault.TIMEOUT: 504,
+    Fault.CONTEXT_WINDOW: 400,
+    Fault.AUTH: 401,
+}
+
+
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -148,8 +165,10 @@ class _FaultCore:
 
     def answer_text(self, request: lm15.Request, fault: Fault) -> tuple[str, str]:
         """The reply in the adapter's format (or malformed on purpose), and the question it answers."""
-        system = request.system if isinstance(request.system, str) else "".join(
-            getattr(p, "text", "") for p in (request.system or ())
+        system = (
+            request.system
+            if isinstance(request.system, str)
+            else "".join(getattr(p, "text", "") for p in (request.system or ()))
         )
         user = request.messages[-1].text or "" if request.messages else ""
         inputs = dict(_INPUT_BLOCK.findall(user))
@@ -185,20 +204,12 @@ class _FaultCore:
         return f"A local answer #{digest % 10_000} to: {question[:60]}"
 
     def failure(self, fault: Fault, retry_after: float | None) -> Exception | None:
-        text = f"injected {fault.value} by {self.model}"
-        if fault is Fault.RATE_LIMIT:
-            return lm15.RateLimitError(text, status=429, retry_after=retry_after)
-        if fault is Fault.SERVER_ERROR:
-            return lm15.ServerError(text, status=503)
-        if fault is Fault.TIMEOUT:
-            return lm15.TimeoutError(text, status=504)
-        if fault is Fault.TRANSPORT:
-            return lm15.TransportError(text)
-        if fault is Fault.CONTEXT_WINDOW:
-            return lm15.ContextLengthError(text, status=400)
-        if fault is Fault.AUTH:
-            return lm15.AuthError(text, status=401)
-        return None
+        """The lm15 error an engine raises for ``fault`` (DSPy maps it to its LMError), or None."""
+        make = _ERRORS.get(fault)
+        if make is None:
+            return None
+        status = _STATUS.get(fault)
+        return make(f"injected {fault.value} by {self.model}", status=status, retry_after=retry_after)
 
     def respond(self, request: lm15.Request, fault: Fault) -> lm15.Response:
         text, question = self.answer_text(request, fault)
@@ -210,7 +221,9 @@ class _FaultCore:
             total_tokens=(usage.input_tokens or 0) + (usage.output_tokens or 0),
         )
         self.journal.append(
-            JournalEntry(self.clock.now(), self.model, fault, question, usage.input_tokens or 0, usage.output_tokens or 0)
+            JournalEntry(
+                self.clock.now(), self.model, fault, question, usage.input_tokens or 0, usage.output_tokens or 0
+            )
         )
         return lm15.Response(
             id=f"fault-{len(self.journal)}",
@@ -281,7 +294,7 @@ class _SyncEngine:
         return None
 
 
-class FaultInjectingLM(dspy.LM):
+class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
     """A ``dspy.LM`` that answers locally and injects faults; ``journal`` records every request.
 
     ``num_retries`` defaults to 0 and DSPy's response cache to off, as an LM under a pipeline should be.
