@@ -53,7 +53,7 @@ class _RetryWatch:
         self.enabled = False
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    def check(self, lm: Any) -> None:
+    def check(self, lm: Any, stacklevel: int = 2) -> None:
         if not self.enabled or lm is None or lm in self._seen:
             return
         self._seen.add(lm)
@@ -64,7 +64,7 @@ class _RetryWatch:
                 f"of our attempts {retries} more time(s) with its own unjittered sleeps. Build it with "
                 "num_retries=0 or wrap it in resilient_dspy.no_dspy_retries(lm).",
                 ResilienceWarning,
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
 
@@ -77,9 +77,10 @@ def _module_inputs(program: dspy.Module) -> tuple[str, ...]:
     own = _signature_inputs(getattr(program, "signature", None))
     if own:
         return own
+    method = getattr(type(program), "forward", None) or getattr(type(program), "aforward", None)
     parameters = [
         p
-        for p in inspect.signature(type(program).forward).parameters.values()
+        for p in (inspect.signature(method).parameters.values() if method is not None else ())
         if p.name != "self"
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
@@ -104,7 +105,7 @@ class ModuleTarget:
     def watch_dspy_retries(self) -> None:
         self._watch.enabled = True
         for predictor in self.program.predictors():
-            self._watch.check(predictor.lm)
+            self._watch.check(predictor.lm, stacklevel=5)
 
     async def __call__(self, call: Call) -> Any:
         call.record.attempts += 1
@@ -149,7 +150,7 @@ class LMTarget:
 
     def watch_dspy_retries(self) -> None:
         self._watch.enabled = True
-        self._watch.check(self.lm)
+        self._watch.check(self.lm, stacklevel=5)
 
     async def __call__(self, call: Call) -> Any:
         call.record.attempts += 1
@@ -158,7 +159,7 @@ class LMTarget:
         return await self.lm.acall(**call.inputs)
 
     def describe(self) -> dict[str, Any]:
-        return {"layer": "program", "target": self.name, "inputs": ["prompt", "messages"]}
+        return {"layer": "program", "target": self.name, "inputs": list(self.input_fields), "also": ["messages"]}
 
 
 class CallableTarget:
@@ -171,13 +172,18 @@ class CallableTarget:
         self.input_fields = tuple(
             p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
         )
+        self._positional_only = tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY)
 
     def watch_dspy_retries(self) -> None:
         """A plain function's LMs are not visible to us; see the retry docs on ``num_retries``."""
 
     async def __call__(self, call: Call) -> Any:
         call.record.attempts += 1
-        return await self.function(**call.inputs)
+        if not self._positional_only:
+            return await self.function(**call.inputs)
+        inputs = dict(call.inputs)
+        args = [inputs.pop(name) for name in self._positional_only if name in inputs]
+        return await self.function(*args, **inputs)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": "program", "target": self.name, "inputs": list(self.input_fields)}
@@ -196,7 +202,14 @@ class PipelineTarget:
 
     async def __call__(self, call: Call) -> Any:
         call.record.attempts += 1
-        return await self.pipeline.run(self.pipeline.new_call(call.inputs, deadline=call.deadline))
+        nested = self.pipeline.new_call(
+            call.inputs,
+            deadline=call.deadline,
+            properties=call.properties,
+            partition_key=call.partition_key,
+            bypass_cache=call.bypass_cache,
+        )
+        return await self.pipeline.run(nested)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": "program", "target": self.name, "pipeline": self.pipeline.describe()}

@@ -103,7 +103,7 @@ class BudgetExceededError(RejectedError):
 class FallbackFailedError(ResilienceError, ExceptionGroup):
     """Every alternative of a fallback chain failed; ``exceptions`` holds each error in the order tried."""
 
-    def __new__(cls, message: str, exceptions: Sequence[Exception]) -> FallbackFailedError:
+    def __new__(cls, message: str, exceptions: Sequence[Exception], tried: Sequence[str] = ()) -> FallbackFailedError:
         return super().__new__(cls, message, exceptions)
 
     def __init__(self, message: str, exceptions: Sequence[Exception], tried: Sequence[str] = ()) -> None:
@@ -111,7 +111,10 @@ class FallbackFailedError(ResilienceError, ExceptionGroup):
         self.tried: tuple[str, ...] = tuple(tried)
 
     def derive(self, excs: Sequence[Exception]) -> FallbackFailedError:  # type: ignore[override]
-        return FallbackFailedError(self.message, excs)
+        """The subgroup ``except*`` splits off, keeping the names of the alternatives whose errors it holds."""
+        kept = {id(e) for e in excs}
+        names = [name for name, error in zip(self.tried, self.exceptions, strict=False) if id(error) in kept]
+        return FallbackFailedError(self.message, excs, names)
 
 
 class ErrorKind(StrEnum):
@@ -158,8 +161,8 @@ def classify(error: BaseException) -> ErrorInfo:
     """Classify any exception: retryable or not, its retry-after, whether it is a cancellation.
 
     Rules (first match wins): cancellation and other ``BaseException`` are never retried; our own
-    rejections and give-ups are final; our attempt timeout is retryable; DSPy rate-limit, 5xx, timeout and
-    transport errors are retryable; auth, billing, invalid-request and context-window errors are not;
+    rejections, give-ups and total timeouts are final; our attempt timeout is retryable; DSPy rate-limit,
+    5xx, timeout and transport errors are retryable; auth, billing, invalid-request and context-window errors are not;
     ``AdapterParseError`` is retryable only with a fresh (uncached) response; anything else fails closed.
     """
     retry_after = _retry_after(error)
@@ -172,7 +175,7 @@ def classify(error: BaseException) -> ErrorInfo:
     if isinstance(error, RetriesExhaustedError | FallbackFailedError):
         return ErrorInfo(ErrorKind.GAVE_UP, retryable=False)
     if isinstance(error, TimeoutExceededError):
-        return ErrorInfo(ErrorKind.TIMEOUT, retryable=True)
+        return ErrorInfo(ErrorKind.TIMEOUT, retryable=error.scope == "attempt")
     if isinstance(error, dspy.AdapterParseError):
         return ErrorInfo(ErrorKind.PARSE, retryable=True, needs_fresh_response=True)
     if isinstance(error, dspy.LMRateLimitError):

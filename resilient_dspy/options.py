@@ -16,7 +16,7 @@ OptionsT = TypeVar("OptionsT", bound="Options")
 class Options(BaseModel):
     """Frozen, strict options; unknown fields are an error, not a silent no-op."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, arbitrary_types_allowed=True)
 
 
 def problems_of(error: ValidationError, owner: str) -> list[tuple[str, str]]:

@@ -91,7 +91,18 @@ class Call:
         return None if self.deadline is None else self.deadline - self.runtime.clock.now()
 
     def replace(self, **changes: Any) -> Call:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes``; a hand copy, as ``dataclasses.replace`` costs ~1 µs on the hot path."""
+        copy = Call.__new__(Call)
+        for name in _CALL_FIELDS:
+            setattr(copy, name, getattr(self, name))
+        for name, value in changes.items():
+            if name not in _CALL_FIELDS:
+                raise TypeError(f"Call has no field {name!r}")
+            setattr(copy, name, value)
+        return copy
+
+
+_CALL_FIELDS = tuple(f.name for f in dataclasses.fields(Call))
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,11 +196,25 @@ class Pipeline:
         return inputs
 
     def new_call(
-        self, inputs: dict[str, Any], *, deadline: float | None = None, properties: dict[str, Any] | None = None
+        self,
+        inputs: dict[str, Any],
+        *,
+        deadline: float | None = None,
+        properties: dict[str, Any] | None = None,
+        partition_key: Hashable | None = None,
+        bypass_cache: bool = False,
     ) -> Call:
-        """A fresh :class:`Call` for ``inputs`` on this pipeline's runtime (for nesting and tests)."""
+        """A fresh :class:`Call` for ``inputs`` on this pipeline's runtime; run it with :meth:`run`."""
         runtime = self._runtime
-        return Call(inputs, runtime, CallRecord(runtime.clock.now()), deadline=deadline, properties=properties or {})
+        return Call(
+            inputs,
+            runtime,
+            CallRecord(runtime.clock.now()),
+            deadline=deadline,
+            bypass_cache=bypass_cache,
+            partition_key=partition_key,
+            properties={} if properties is None else properties,
+        )
 
     async def run(self, call: Call) -> Any:
         """Run an already-built call through the stack."""

@@ -9,9 +9,9 @@ import tempfile
 os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="resilient-dspy-test-cache-"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import pytest  # noqa: E402
+import pytest
 
-from resilient_dspy.testing import FaultInjectingLM  # noqa: E402
+from resilient_dspy.testing import FaultInjectingLM
 
 
 @pytest.fixture

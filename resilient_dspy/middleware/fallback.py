@@ -9,6 +9,7 @@ so). Cancellation is never handled. If every eligible alternative fails, :class:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,7 @@ class Static(Alternative):
     async def run(self, call: Call, primary: Handler) -> Any:
         if self.factory is not None:
             return self.factory(call.inputs)
-        return dspy.Prediction(**self.fields)
+        return dspy.Prediction(**copy.deepcopy(self.fields))
 
 
 def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]]) -> Alternative | None:
@@ -121,7 +122,10 @@ def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]])
         return UseLM(candidate)
     if isinstance(candidate, dspy.Prediction):
         fields = dict(candidate.items())
-        return Static(**fields) if fields else None
+        if not fields:
+            problems.append((f"Fallback.alternatives[{index}]", "an empty dspy.Prediction is not an answer"))
+            return None
+        return Static(**fields)
     inner: list[tuple[str, str]] = []
     target = adapt_program(candidate, inner)
     if target is None:
@@ -164,9 +168,12 @@ class Fallback:
     """On failure below, try each alternative in order; the first success is the answer."""
 
     def __init__(self, *alternatives: Any, on: Any = Exception) -> None:
-        self.options = build_options(FallbackOptions, "Fallback", {"alternatives": alternatives, "on": on})
         problems: list[tuple[str, str]] = []
         converted = [_as_alternative(a, i, problems) for i, a in enumerate(alternatives)]
+        try:
+            self.options = build_options(FallbackOptions, "Fallback", {"alternatives": alternatives, "on": on})
+        except ConfigurationError as error:
+            problems[:0] = error.problems
         if problems:
             raise ConfigurationError(problems)
         self.alternatives: tuple[Alternative, ...] = tuple(a for a in converted if a is not None)

@@ -91,7 +91,7 @@ def compute_delay(
     elif options.backoff == "linear":
         delay = base * retry
     else:
-        delay = base * 2.0 ** min(retry - 1, 1024)
+        delay = base * 2.0 ** min(retry - 1, 1000)
     delay = min(delay, cap)
     if options.jitter == "full":
         return uniform(0.0, delay)
@@ -192,7 +192,7 @@ class Retry:
         clock = call.clock
         budget = self._budget
         if budget is not None:
-            budget.record_call(clock.now())
+            budget.record_call(call.record.started_at)
         previous = options.base_delay
         attempt_call = call
         attempt = 1

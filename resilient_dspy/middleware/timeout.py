@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
-from resilient_dspy.errors import TimeoutExceededError
+from resilient_dspy.errors import ConfigurationError, TimeoutExceededError
 from resilient_dspy.events import Event
 from resilient_dspy.options import Options, build_options
 from resilient_dspy.pipeline import Call, Handler, Pipeline
@@ -40,6 +40,7 @@ class Timeout:
     def __init__(self, seconds: float, *, name: str | None = None) -> None:
         self.options = build_options(TimeoutOptions, "Timeout", {"seconds": seconds, "name": name})
         self.scope = "total"
+        self._placed = False
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Name the scope by placement: a Timeout below a Retry bounds one attempt."""
@@ -47,14 +48,21 @@ class Timeout:
 
         layers = pipeline.layers
         outer = layers[: next(i for i, layer in enumerate(layers) if layer is self)]
-        self.scope = "attempt" if any(isinstance(layer, Retry) for layer in outer) else "total"
+        scope = "attempt" if any(isinstance(layer, Retry) for layer in outer) else "total"
+        if self._placed and scope != self.scope:
+            raise ConfigurationError(
+                [("Timeout", f"this instance bounds the {self.scope} elsewhere; use a new Timeout for the {scope}")]
+            )
+        self.scope, self._placed = scope, True
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         seconds = self.options.seconds
         clock = call.clock
-        deadline = clock.now() + seconds
+        started = clock.now()
+        deadline = started + seconds
         if call.deadline is not None and call.deadline < deadline:
             deadline = call.deadline
+            seconds = max(0.0, deadline - started)
         scope = clock.deadline(deadline)
         try:
             async with scope:
@@ -75,4 +83,7 @@ class Timeout:
             raise TimeoutExceededError(seconds, scope=self.scope) from None
 
     def describe(self) -> dict[str, Any]:
-        return {"layer": "Timeout", "scope": self.scope, "options": self.options.model_dump()}
+        described = {"layer": "Timeout", "scope": self.scope, "options": self.options.model_dump()}
+        if self.options.name:
+            described["name"] = self.options.name
+        return described

@@ -26,6 +26,7 @@ from dspy import lm15
 from pydantic import Field, model_validator
 
 from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.options import Options, build_options
 
 __all__ = ["Fault", "FaultInjectingLM", "FaultProfile", "JournalEntry"]
@@ -209,6 +210,7 @@ class _FaultCore:
         if make is None:
             return None
         status = _STATUS.get(fault)
+        retry_after = retry_after if fault is Fault.RATE_LIMIT else None
         return make(f"injected {fault.value} by {self.model}", status=status, retry_after=retry_after)
 
     def respond(self, request: lm15.Request, fault: Fault) -> lm15.Response:
@@ -294,6 +296,16 @@ class _SyncEngine:
         return None
 
 
+def _parse_faults(faults: Iterable[Fault | str], field: str) -> list[Fault]:
+    """Faults from names, all or none: an unknown name is a ConfigurationError listing the known ones."""
+    faults = list(faults)
+    known = [kind.value for kind in Fault]
+    unknown = [f for f in faults if not isinstance(f, Fault) and f not in known]
+    if unknown:
+        raise ConfigurationError([(field, f"unknown fault(s) {unknown}; known: {', '.join(known)}")])
+    return [Fault(f) for f in faults]
+
+
 class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
     """A ``dspy.LM`` that answers locally and injects faults; ``journal`` records every request.
 
@@ -304,7 +316,7 @@ class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
         self,
         model: str = "fault/local",
         *,
-        profile: FaultProfile | None = None,
+        profile: FaultProfile | Mapping[str, Any] | None = None,
         script: Iterable[Fault | str] = (),
         seed: int | None = 0,
         answers: Mapping[str, str] | Callable[[str], str] | None = None,
@@ -313,15 +325,10 @@ class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
         num_retries: int = 0,
         **kwargs: Any,
     ) -> None:
-        script = list(script)
-        unknown = [f for f in script if f not in {k.value for k in Fault} and not isinstance(f, Fault)]
-        if unknown:
-            from resilient_dspy.errors import ConfigurationError
-
-            known = ", ".join(k.value for k in Fault)
-            raise ConfigurationError([("FaultInjectingLM.script", f"unknown fault(s) {unknown}; known: {known}")])
-        profile = profile if profile is not None else build_options(FaultProfile, "FaultProfile", {})
-        self.core = _FaultCore(model, profile, script, seed, answers, clock or LoopClock())
+        faults = _parse_faults(script, "FaultInjectingLM.script")
+        if not isinstance(profile, FaultProfile):
+            profile = build_options(FaultProfile, "FaultProfile", dict(profile or {}))
+        self.core = _FaultCore(model, profile, faults, seed, answers, clock or LoopClock())
         super().__init__(
             f"custom/{model}",
             engine=_SyncEngine(self.core),
@@ -346,4 +353,4 @@ class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
 
     def push(self, *faults: Fault | str) -> None:
         """Append faults to the exact script (consumed before the random profile)."""
-        self.core.script.extend(Fault(f) for f in faults)
+        self.core.script.extend(_parse_faults(faults, "FaultInjectingLM.push"))

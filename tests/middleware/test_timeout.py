@@ -1,0 +1,364 @@
+"""Timeout: total vs per-attempt deadlines, our timeout vs the caller's cancellation, no orphans, bad options."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import dspy
+import pytest
+
+from resilient_dspy import (
+    Call,
+    ConfigurationError,
+    Event,
+    Handler,
+    Pipeline,
+    ResilienceError,
+    RetriesExhaustedError,
+    Retry,
+    RetryGaveUp,
+    RetryScheduled,
+    Timeout,
+    TimeoutExceededError,
+    TimeoutFired,
+)
+from resilient_dspy.testing import Fault, FaultInjectingLM
+from tests.conftest import other_tasks
+
+FOREVER = 10_000.0  # "hangs": virtual seconds no test deadline comes near (and never a real wait)
+
+
+def hangs_then_answers(hangs: int, calls: list[float] | None = None) -> Callable[[str], Awaitable[str]]:
+    """An async program whose first ``hangs`` calls never finish (in test terms); later calls answer."""
+    seen: list[float] = [] if calls is None else calls
+
+    async def program(question: str) -> str:
+        seen.append(asyncio.get_running_loop().time())
+        if len(seen) <= hangs:
+            await asyncio.sleep(FOREVER)
+        return f"answer to {question}"
+
+    return program
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+async def test_attempt_timeouts_fire_per_attempt_and_the_call_succeeds() -> None:
+    """A Timeout below Retry bounds each attempt (scope 'attempt'): two hung attempts are retried, the third answers."""
+    calls: list[float] = []
+    events: list[Event] = []
+    pipeline = Pipeline(
+        hangs_then_answers(2, calls),
+        Timeout(5),
+        Retry(3, base_delay=0, jitter="none"),
+        Timeout(1),
+        listeners=[events.append],
+    )
+    start = now()
+    outcome = await pipeline.invoke("q")
+
+    assert outcome.value == "answer to q"
+    assert (outcome.attempts, outcome.retries, outcome.served_by) == (3, 2, "primary")
+    assert outcome.duration == pytest.approx(2.0, abs=1e-3)
+    assert [t - start for t in calls] == pytest.approx([0.0, 1.0, 2.0], abs=1e-3)
+    fired = [e for e in events if isinstance(e, TimeoutFired)]
+    assert [(e.scope, e.timeout, e.layer) for e in fired] == [("attempt", 1.0, "Timeout(attempt)")] * 2
+    scheduled = [e for e in events if isinstance(e, RetryScheduled)]
+    assert [(e.attempt, e.delay, e.reason) for e in scheduled] == [
+        (1, 0.0, "TimeoutExceededError"),
+        (2, 0.0, "TimeoutExceededError"),
+    ]
+
+
+def test_describe_names_timeout_scope_by_placement() -> None:
+    """describe() reports the outer Timeout as scope 'total' and the one below Retry as scope 'attempt'."""
+    pipeline = Pipeline(hangs_then_answers(0), Timeout(5), Retry(3, base_delay=0, jitter="none"), Timeout(1))
+    described = pipeline.describe()
+    assert [d["layer"] for d in described] == ["Timeout", "Retry", "Timeout", "program"]
+    assert (described[0]["scope"], described[0]["options"]) == ("total", {"seconds": 5.0, "name": None})
+    assert (described[2]["scope"], described[2]["options"]) == ("attempt", {"seconds": 1.0, "name": None})
+
+
+async def test_total_deadline_cuts_the_retry_loop_at_exactly_its_deadline() -> None:
+    """With Timeout(1.5) outside, the total deadline fires at 1.5s (scope 'total') in the middle of attempt 2."""
+    calls: list[float] = []
+    events: list[Event] = []
+    pipeline = Pipeline(
+        hangs_then_answers(2, calls),
+        Timeout(1.5),
+        Retry(3, base_delay=0, jitter="none"),
+        Timeout(1),
+        listeners=[events.append],
+    )
+    start = now()
+    with pytest.raises(TimeoutExceededError) as raised:
+        await pipeline("q")
+
+    assert (raised.value.scope, raised.value.timeout) == ("total", 1.5)
+    assert now() - start == pytest.approx(1.5, abs=1e-3)
+    assert [t - start for t in calls] == pytest.approx([0.0, 1.0], abs=1e-3)
+    scheduled = [e for e in events if isinstance(e, RetryScheduled)]
+    assert scheduled, "the first attempt's timeout should have been retried"
+    assert all(e.time + e.delay <= start + 1.5 + 1e-9 for e in scheduled)
+    assert [(e.scope, e.timeout) for e in events if isinstance(e, TimeoutFired)] == [("attempt", 1.0), ("total", 1.5)]
+    assert not other_tasks()
+
+
+async def test_retry_gives_up_rather_than_sleep_past_the_total_deadline() -> None:
+    """A backoff that would end after the total deadline stops Retry at once (reason 'deadline'), without sleeping."""
+    calls: list[float] = []
+    events: list[Event] = []
+    pipeline = Pipeline(
+        hangs_then_answers(5, calls),
+        Timeout(1.5),
+        Retry(3, base_delay=1, backoff="constant", jitter="none"),
+        Timeout(1),
+        listeners=[events.append],
+    )
+    start = now()
+    with pytest.raises(RetriesExhaustedError) as raised:
+        await pipeline("q")
+
+    assert (raised.value.attempts, raised.value.reason) == (1, "deadline")
+    assert isinstance(raised.value.last_error, TimeoutExceededError)
+    assert raised.value.last_error.scope == "attempt"
+    assert now() - start == pytest.approx(1.0, abs=1e-3)
+    assert len(calls) == 1
+    assert [e.reason for e in events if isinstance(e, RetryGaveUp)] == ["deadline"]
+    assert not [e for e in events if isinstance(e, RetryScheduled)]
+
+
+async def test_timeout_error_type_attributes_and_event() -> None:
+    """Our timeout raises TimeoutExceededError (a TimeoutError and a ResilienceError) and emits one TimeoutFired."""
+    events: list[Event] = []
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(2.5), name="slow", listeners=[events.append])
+    start = now()
+    with pytest.raises(TimeoutError) as raised:
+        await pipeline("q")
+
+    error = raised.value
+    assert type(error) is TimeoutExceededError
+    assert isinstance(error, ResilienceError)
+    assert (error.timeout, error.scope) == (2.5, "total")
+    assert str(error) == "total timeout of 2.5s exceeded"
+    assert error.__cause__ is None and error.__suppress_context__
+    assert len(events) == 1
+    fired = events[0]
+    assert isinstance(fired, TimeoutFired)
+    assert (fired.pipeline, fired.layer, fired.timeout, fired.scope) == ("slow", "Timeout(total)", 2.5, "total")
+    assert fired.time == pytest.approx(start + 2.5, abs=1e-3)
+
+
+async def test_timeout_name_option_labels_the_event() -> None:
+    """Timeout(name=...) is the layer label of its TimeoutFired event."""
+    events: list[Event] = []
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(1, name="llm-deadline"), listeners=[events.append])
+    with pytest.raises(TimeoutExceededError):
+        await pipeline("q")
+    assert [e.layer for e in events] == ["llm-deadline"]
+
+
+async def test_timeout_without_listener_still_raises() -> None:
+    """With nobody listening no event is built, and the timeout is still raised."""
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(1))
+    with pytest.raises(TimeoutExceededError):
+        await pipeline("q")
+
+
+async def test_fast_call_returns_and_leaves_no_pending_cancel() -> None:
+    """A call that finishes in time returns its value; the current task carries no leftover cancellation."""
+    pipeline = Pipeline(hangs_then_answers(0), Timeout(1))
+    assert await pipeline("q") == "answer to q"
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(5)  # the timer was disarmed: nothing cancels us later
+
+
+async def test_caller_cancellation_stays_a_cancellation() -> None:
+    """Cancelling the task awaiting the pipeline raises CancelledError, not TimeoutExceededError."""
+    calls: list[float] = []
+    pipeline = Pipeline(hangs_then_answers(1, calls), Timeout(5))
+    task = asyncio.create_task(pipeline("q"))
+    await asyncio.sleep(0.5)
+    assert calls and not task.done()
+    start = now()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task.cancelled()
+    assert now() - start == pytest.approx(0.0, abs=1e-3)
+    assert not other_tasks()
+
+
+async def test_caller_own_timeout_is_not_reported_as_ours() -> None:
+    """A caller's asyncio.timeout shorter than ours surfaces as the caller's plain TimeoutError."""
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(5))
+    with pytest.raises(TimeoutError) as raised:
+        async with asyncio.timeout(0.5):
+            await pipeline("q")
+    assert type(raised.value) is TimeoutError
+
+
+async def test_our_timeout_is_not_a_cancellation() -> None:
+    """Our deadline firing gives the caller TimeoutExceededError; the task is not cancelled, no cancel is pending."""
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(1))
+
+    async def caller() -> BaseException | None:
+        try:
+            await pipeline("q")
+        except BaseException as error:
+            current = asyncio.current_task()
+            assert current is not None and current.cancelling() == 0
+            return error
+        return None
+
+    task = asyncio.create_task(caller())
+    error = await task
+    assert not task.cancelled()
+    assert type(error) is TimeoutExceededError
+    assert not isinstance(error, asyncio.CancelledError)
+    assert not other_tasks()
+
+
+async def test_no_orphan_tasks_after_timeout_with_hanging_lm() -> None:
+    """A hanging FaultInjectingLM under dspy.Predict is cut by Timeout, and nothing keeps running afterwards."""
+    lm = FaultInjectingLM(script=["hang"])
+    pipeline = Pipeline(dspy.Predict("question -> answer"), Timeout(2))
+    start = now()
+    with dspy.context(lm=lm), pytest.raises(TimeoutExceededError):
+        await pipeline("Where did it go?")
+    assert now() - start == pytest.approx(2.0, abs=1e-3)
+    assert [entry.fault for entry in lm.journal] == [Fault.HANG]
+    assert lm.core.in_flight == 0
+    assert not other_tasks()
+
+
+async def test_no_orphan_tasks_after_caller_cancels_hanging_lm() -> None:
+    """Cancelling a caller blocked on a hanging LM leaves no task and no request in flight."""
+    lm = FaultInjectingLM(script=["hang"])
+    pipeline = Pipeline(dspy.Predict("question -> answer"), Timeout(60))
+
+    async def ask() -> dspy.Prediction:
+        with dspy.context(lm=lm):
+            return await pipeline("Where did it go?")
+
+    task = asyncio.create_task(ask())
+    await asyncio.sleep(0.5)
+    assert lm.core.in_flight == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert lm.core.in_flight == 0
+    assert not other_tasks()
+    await asyncio.sleep(120)  # past the Timeout: nothing left to fire
+    assert not other_tasks()
+
+
+async def test_inner_plain_timeout_error_passes_through_unchanged() -> None:
+    """A TimeoutError the program raises itself is not ours: it leaves the Timeout layer as the same object."""
+    own = TimeoutError("upstream said: took too long")
+
+    async def program(question: str) -> str:
+        raise own
+
+    events: list[Event] = []
+    pipeline = Pipeline(program, Timeout(5), listeners=[events.append])
+    with pytest.raises(TimeoutError) as raised:
+        await pipeline("q")
+    assert raised.value is own
+    assert not events
+
+
+async def test_inner_asyncio_timeout_passes_through_unchanged() -> None:
+    """A program's own asyncio.timeout firing inside our longer deadline stays a plain TimeoutError."""
+
+    async def program(question: str) -> str:
+        async with asyncio.timeout(0.5):
+            await asyncio.sleep(FOREVER)
+        return "unreachable"
+
+    pipeline = Pipeline(program, Timeout(5))
+    start = now()
+    with pytest.raises(TimeoutError) as raised:
+        await pipeline("q")
+    assert type(raised.value) is TimeoutError
+    assert now() - start == pytest.approx(0.5, abs=1e-3)
+
+
+async def test_inner_deadline_is_the_earlier_of_ours_and_the_callers() -> None:
+    """An inner Timeout(10) under an outer Timeout(1) sees (and is bounded by) the outer deadline."""
+    seen: list[float | None] = []
+
+    class Probe:
+        async def __call__(self, call: Call, next: Handler) -> Any:
+            seen.append(call.remaining())
+            return await next(call)
+
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(1), Timeout(10), Probe())
+    start = now()
+    with pytest.raises(TimeoutExceededError) as raised:
+        await pipeline("q")
+    assert seen == [pytest.approx(1.0, abs=1e-6)]
+    assert raised.value.timeout == 1.0
+    assert now() - start == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("seconds", [0, -1, math.inf, math.nan])
+def test_bad_seconds_is_a_configuration_error(seconds: float) -> None:
+    """Timeout(seconds) must be a positive finite number; the error names Timeout.seconds."""
+    with pytest.raises(ConfigurationError) as raised:
+        Timeout(seconds)
+    assert [field for field, _ in raised.value.problems] == ["Timeout.seconds"]
+    assert "Timeout.seconds" in str(raised.value)
+
+
+def test_unknown_option_type_is_a_configuration_error() -> None:
+    """A non-number for seconds is rejected at build time, naming Timeout.seconds."""
+    with pytest.raises(ConfigurationError) as raised:
+        Timeout("soon")  # type: ignore[arg-type]
+    assert [field for field, _ in raised.value.problems] == ["Timeout.seconds"]
+
+
+async def test_a_clamped_deadline_reports_the_time_it_really_allowed() -> None:
+    """Regression: under an earlier outside deadline the error said the configured 5s, not the 0.3s allowed."""
+    from resilient_dspy import Pipeline, Timeout, TimeoutExceededError
+
+    async def hang(question: str) -> str:
+        await asyncio.sleep(100)
+        return question
+
+    pipeline = Pipeline(hang, Timeout(5))
+    loop = asyncio.get_running_loop()
+    call = pipeline.new_call({"question": "q"}, deadline=loop.time() + 0.3)
+    with pytest.raises(TimeoutExceededError) as raised:
+        await pipeline.run(call)
+    assert raised.value.timeout == pytest.approx(0.3, abs=1e-6)
+
+
+def test_one_timeout_instance_cannot_be_both_total_and_attempt() -> None:
+    """Regression: a shared instance silently took the scope of the last pipeline built."""
+    from resilient_dspy import ConfigurationError, Pipeline, Retry, Timeout
+
+    async def program(question: str) -> str:
+        return question
+
+    shared = Timeout(1)
+    Pipeline(program, shared)
+    Pipeline(program, shared)  # same placement again is fine
+    with pytest.raises(ConfigurationError, match="use a new Timeout"):
+        Pipeline(program, Retry(), shared)
+
+
+def test_the_timeout_name_shows_in_describe() -> None:
+    """A named Timeout is labelled in describe()."""
+    from resilient_dspy import Pipeline, Timeout
+
+    async def program(question: str) -> str:
+        return question
+
+    assert Pipeline(program, Timeout(1, name="llm-budget")).describe()[0]["name"] == "llm-budget"

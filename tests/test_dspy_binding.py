@@ -1,0 +1,324 @@
+"""DSPy binding: what a pipeline can wrap (modules, LMs, async defs, pipelines) and a full fault-injected run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import dspy
+import pytest
+
+from resilient_dspy import (
+    Call,
+    Event,
+    Fallback,
+    Handler,
+    Pipeline,
+    ResilienceWarning,
+    RetriesExhaustedError,
+    Retry,
+    RetryScheduled,
+    Static,
+    Timeout,
+    TimeoutExceededError,
+    TimeoutFired,
+    no_dspy_retries,
+)
+from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile
+from tests.conftest import other_tasks
+
+
+class Capture:
+    """Records the inputs each call carries at this layer."""
+
+    def __init__(self) -> None:
+        self.inputs: list[dict[str, Any]] = []
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        self.inputs.append(dict(call.inputs))
+        return await next(call)
+
+
+class Ask(dspy.Module):  # type: ignore[misc]
+    """A custom module whose input is its forward() parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question, tone -> answer")
+
+    def forward(self, question: str) -> dspy.Prediction:
+        return self.predict(question=question, tone="dry")
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        return await self.predict.acall(question=question, tone="dry")
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# --- positional mapping --------------------------------------------------------------------------------
+
+
+async def test_predict_positional_maps_to_question() -> None:
+    """await pipeline('What is DSPy?') runs Predict('question -> answer') with question='What is DSPy?'."""
+    lm = FaultInjectingLM(answers={"What is DSPy?": "A framework for programming LMs."})
+    capture = Capture()
+    pipeline = Pipeline(dspy.Predict("question -> answer"), capture)
+    assert pipeline.input_fields == ("question",)
+    with dspy.context(lm=lm):
+        positional = await pipeline("What is DSPy?")
+        keyword = await pipeline(question="What is DSPy?")
+    assert positional.answer == keyword.answer == "A framework for programming LMs."
+    assert capture.inputs == [{"question": "What is DSPy?"}] * 2
+    assert [e.question for e in lm.journal] == ["What is DSPy?"] * 2
+
+
+async def test_chain_of_thought_two_positionals_map_in_order() -> None:
+    """ChainOfThought('question, context -> answer') maps two positionals to question then context."""
+    lm = FaultInjectingLM(answers={"Who?": "Ada"})
+    capture = Capture()
+    pipeline = Pipeline(dspy.ChainOfThought("question, context -> answer"), capture)
+    assert pipeline.input_fields == ("question", "context")
+    with dspy.context(lm=lm):
+        prediction = await pipeline("Who?", "The first programmer.")
+    assert capture.inputs == [{"question": "Who?", "context": "The first programmer."}]
+    assert prediction.answer == "Ada"
+    assert prediction.reasoning.startswith("Recall what is known about: Who?")
+    with pytest.raises(TypeError):
+        await pipeline("Who?", "ctx", "extra")
+    with pytest.raises(TypeError):
+        await pipeline("Who?", question="Who?")
+
+
+async def test_custom_module_forward_parameters_are_its_inputs() -> None:
+    """A dspy.Module with forward(self, question) maps the positional to question and is called via acall."""
+    lm = FaultInjectingLM(answers={"Why?": "Because."})
+    pipeline = Pipeline(Ask())
+    assert pipeline.input_fields == ("question",)
+    assert pipeline.name == "Ask"
+    with dspy.context(lm=lm):
+        assert (await pipeline("Why?")).answer == "Because."
+        assert (await pipeline(question="Why?")).answer == "Because."
+    assert lm.requests == 2
+
+
+async def test_async_def_positional_and_keywords() -> None:
+    """An async def's parameters are the input fields, positional first."""
+
+    async def answer(question: str, *, style: str = "plain") -> str:
+        return f"{style}: {question}"
+
+    pipeline = Pipeline(answer)
+    assert pipeline.input_fields == ("question", "style")
+    assert await pipeline("q") == "plain: q"
+    assert await pipeline("q", style="bold") == "bold: q"
+    with pytest.raises(TypeError):
+        await pipeline("a", "b", "c")
+
+
+async def test_module_acall_records_usage() -> None:
+    """The module is called via acall, so track_usage reports the LM's tokens on the prediction."""
+    lm = FaultInjectingLM()
+    with dspy.context(lm=lm, track_usage=True):
+        prediction = await Pipeline(dspy.Predict("question -> answer"))("Count me")
+    usage = prediction.get_lm_usage()
+    (entry,) = lm.journal
+    assert usage["custom/fault/local"]["prompt_tokens"] == entry.input_tokens > 0
+    assert usage["custom/fault/local"]["completion_tokens"] == entry.output_tokens > 0
+
+
+# --- LM and nested pipeline targets --------------------------------------------------------------------
+
+
+async def test_wrapping_an_lm_maps_the_positional_to_prompt() -> None:
+    """Pipeline(lm)('...') calls lm.acall(prompt=...) and returns the list of completions."""
+    lm = FaultInjectingLM(answers={"Say hi": "hi"})
+    pipeline = Pipeline(lm, Retry(2, base_delay=0, jitter="none"))
+    assert pipeline.input_fields == ("prompt",)
+    assert pipeline.name == "LM(custom/fault/local)"
+    assert pipeline.describe()[-1] == {
+        "layer": "program",
+        "target": "LM(custom/fault/local)",
+        "inputs": ["prompt"],
+        "also": ["messages"],
+    }
+    lm.push("server_error")
+    outcome = await pipeline.invoke("Say hi")
+    assert outcome.value == [json.dumps({"answer": "hi"})]
+    assert (outcome.attempts, outcome.retries) == (2, 1)
+    assert [e.fault for e in lm.journal] == [Fault.SERVER_ERROR, Fault.OK]
+
+
+async def test_nested_pipeline_inherits_the_parent_deadline() -> None:
+    """A nested pipeline sees the parent's deadline: its program hanging is cut at the parent's Timeout(2)."""
+    remaining: list[float | None] = []
+
+    class Remaining:
+        async def __call__(self, call: Call, next: Handler) -> Any:
+            remaining.append(call.remaining())
+            return await next(call)
+
+    async def hang(question: str) -> str:
+        await asyncio.sleep(10_000)
+        return "late"
+
+    nested = Pipeline(hang, Remaining(), name="inner")
+    parent = Pipeline(nested, Timeout(2))
+    assert parent.input_fields == ("question",) and parent.name == "inner"
+    assert parent.describe()[-1]["pipeline"][-1]["target"] == hang.__qualname__
+    start = now()
+    with pytest.raises(TimeoutExceededError) as raised:
+        await parent("q")
+    assert (raised.value.scope, raised.value.timeout) == ("total", 2.0)
+    assert now() - start == pytest.approx(2.0, abs=1e-3)
+    assert remaining == [pytest.approx(2.0, abs=1e-6)]
+    assert not other_tasks()
+
+
+async def test_nested_retry_stops_at_the_parent_deadline() -> None:
+    """A Retry in the nested pipeline gives up (reason 'deadline') rather than back off past the parent's deadline."""
+    calls: list[float] = []
+
+    async def down(question: str) -> str:
+        calls.append(now())
+        raise ConnectionError("down")
+
+    nested = Pipeline(down, Retry(5, base_delay=1.5, jitter="none"))
+    parent = Pipeline(nested, Timeout(2))
+    start = now()
+    with pytest.raises(RetriesExhaustedError) as raised:
+        await parent("q")
+    assert (raised.value.attempts, raised.value.reason) == (2, "deadline")
+    assert [t - start for t in calls] == pytest.approx([0.0, 1.5], abs=1e-3)
+    assert now() - start == pytest.approx(1.5, abs=1e-3)
+
+
+# --- DSPy's own retries --------------------------------------------------------------------------------
+
+
+def test_retry_over_an_lm_with_dspy_retries_warns_once() -> None:
+    """Retry over an LM with num_retries > 0 warns with ResilienceWarning; no_dspy_retries(lm) silences it."""
+    lm = FaultInjectingLM(num_retries=2)
+    with pytest.warns(ResilienceWarning, match="num_retries=2"):
+        Pipeline(lm, Retry(2))
+    assert no_dspy_retries(lm).num_retries == 0
+    Pipeline(no_dspy_retries(lm), Retry(2))  # warnings are errors in this suite: none may be raised
+
+
+async def test_retry_over_a_module_warns_about_the_context_lm_with_dspy_retries() -> None:
+    """A module's LM from dspy.context with num_retries > 0 is warned about on the first call only."""
+    lm = FaultInjectingLM(num_retries=1)
+    pipeline = Pipeline(dspy.Predict("question -> answer"), Retry(2))
+    with dspy.context(lm=lm):
+        with pytest.warns(ResilienceWarning, match="num_retries=1"):
+            await pipeline("first")
+        await pipeline("second")  # the same LM again: no second warning (warnings are errors here)
+
+
+# --- cache bypass on parse failures --------------------------------------------------------------------
+
+
+async def test_parse_failure_is_retried_with_a_fresh_response() -> None:
+    """With DSPy's cache on, a malformed answer is retried uncached: the LM really answers again."""
+    lm = FaultInjectingLM(cache=True, script=["malformed"])
+    pipeline = Pipeline(dspy.Predict("question -> answer"), Retry(2, base_delay=0, jitter="none"))
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        outcome = await pipeline.invoke("A question only asked by the cache-bypass test")
+    assert outcome.value.answer.startswith("A local answer")
+    assert (outcome.attempts, outcome.retries) == (2, 1)
+    assert [e.fault for e in lm.journal] == [Fault.MALFORMED, Fault.OK]
+
+
+# --- end to end ----------------------------------------------------------------------------------------
+
+
+async def test_chain_of_thought_survives_rate_limit_server_error_and_hang() -> None:
+    """Timeout+Retry+Fallback around ChainOfThought rides out rate_limit, server_error and hang, then answers."""
+    lm = FaultInjectingLM(
+        script=["rate_limit", "server_error", "hang", "ok"],
+        profile=FaultProfile(retry_after=(2.0, 2.0)),
+        answers={"What is DSPy?": "A framework for programming language models."},
+    )
+    events: list[Event] = []
+    pipeline = Pipeline(
+        dspy.ChainOfThought("question -> answer"),
+        Fallback(Static(reasoning="n/a", answer="Sorry, try later.", name="apology")),
+        Timeout(60),
+        Retry(4, base_delay=0.1, jitter="none"),
+        Timeout(5),
+        listeners=[events.append],
+    )
+    start = now()
+    with dspy.context(lm=lm, track_usage=True):
+        outcome = await pipeline.invoke("What is DSPy?")
+
+    assert outcome.served_by == "primary"
+    assert outcome.value.answer == "A framework for programming language models."
+    assert (outcome.attempts, outcome.retries) == (4, 3)
+    usage = outcome.value.get_lm_usage()["custom/fault/local"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    assert [e.fault for e in lm.journal] == [Fault.RATE_LIMIT, Fault.SERVER_ERROR, Fault.HANG, Fault.OK]
+    assert {e.question for e in lm.journal} == {"What is DSPy?"}
+    assert lm.requests == 4 and lm.core.in_flight == 0
+    times = [e.time - start for e in lm.journal]
+    assert times[0] == pytest.approx(0.0, abs=1e-3)
+    assert times[1] - times[0] == pytest.approx(2.0, abs=1e-3)  # the rate limit's Retry-After was honoured
+    assert times[2] - times[1] == pytest.approx(0.2, abs=1e-3)  # a 503 carries no Retry-After: 0.1 * 2**1 backoff
+    assert times[3] - times[2] == pytest.approx(5.0 + 0.4, abs=1e-3)  # attempt timeout, then 0.1 * 2**2 backoff
+    scheduled = [e for e in events if isinstance(e, RetryScheduled)]
+    assert [e.reason for e in scheduled] == ["LMRateLimitError", "LMServerError", "TimeoutExceededError"]
+    assert [(e.scope, e.timeout) for e in events if isinstance(e, TimeoutFired)] == [("attempt", 5.0)]
+    assert not other_tasks()
+
+
+class _AsyncOnly(dspy.Module):
+    """A module written in the async style: only aforward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+
+    async def aforward(self, question: str) -> Any:
+        return await self.predict.acall(question=question)
+
+
+async def test_a_module_with_only_aforward_is_wrapped_and_maps_positionals() -> None:
+    """Regression: a module defining only aforward used to crash Pipeline() with AttributeError."""
+    from resilient_dspy import Pipeline
+
+    pipeline = Pipeline(_AsyncOnly())
+    assert pipeline.input_fields == ("question",)
+    with dspy.context(lm=FaultInjectingLM()):
+        prediction = await pipeline("What is DSPy?")
+    assert "What is DSPy?" in prediction.answer
+
+
+async def test_positional_only_parameters_are_passed_positionally() -> None:
+    """Regression: `async def f(q, /)` used to fail on every call with TypeError."""
+    from resilient_dspy import Pipeline
+
+    async def shout(text: str, /, *, suffix: str = "!") -> str:
+        return text.upper() + suffix
+
+    pipeline = Pipeline(shout)
+    assert await pipeline("hi") == "HI!"
+    assert await pipeline("hi", suffix="?") == "HI?"
+
+
+async def test_a_nested_pipeline_keeps_the_cache_bypass_of_an_outer_retry() -> None:
+    """Regression: a Retry around a nested pipeline replayed DSPy's cached malformed answer."""
+    import uuid
+
+    from resilient_dspy import Pipeline, Retry
+
+    lm = FaultInjectingLM(script=["malformed", "malformed"], cache=True)
+    inner = Pipeline(dspy.Predict("question -> answer"))
+    outer = Pipeline(inner, Retry(3, base_delay=0.01, jitter="none"))
+    with dspy.context(lm=lm):
+        prediction = await outer(question=f"nested bypass {uuid.uuid4()}")
+    assert prediction.answer
+    assert [entry.fault for entry in lm.journal] == [Fault.MALFORMED, Fault.MALFORMED, Fault.OK]
