@@ -22,7 +22,7 @@ from resilient_dspy.errors import ResilienceWarning
 if TYPE_CHECKING:
     from resilient_dspy.pipeline import Call, Pipeline
 
-__all__ = ["Target", "adapt_program", "no_dspy_retries"]
+__all__ = ["Target", "UsageScope", "adapt_program", "attach_usage", "no_dspy_retries", "usage_scope"]
 
 
 class Target(Protocol):
@@ -43,6 +43,45 @@ class Target(Protocol):
 def no_dspy_retries(lm: dspy.LM) -> dspy.LM:
     """A copy of ``lm`` with DSPy's own retries off, for use under a :class:`~resilient_dspy.Retry`."""
     return lm.copy(num_retries=0)
+
+
+class UsageScope:
+    """The LM usage recorded inside one :func:`usage_scope`: tokens by model, as DSPy's tracker sums them."""
+
+    __slots__ = ("tracker",)
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def by_model(self) -> dict[str, dict[str, Any]]:
+        return dict(self.tracker.get_total_tokens())
+
+    def total_tokens(self) -> int:
+        """Prompt + completion tokens of every LM response (DSPy cache hits excluded) in the scope."""
+        total = 0
+        for usage in self.tracker.get_total_tokens().values():
+            value = usage.get("total_tokens")
+            if not isinstance(value, int):
+                value = (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
+            total += int(value)
+        return total
+
+
+@contextlib.contextmanager
+def usage_scope() -> Iterator[UsageScope]:
+    """Record the LM usage of the code inside (per task: DSPy's tracker lives in a ContextVar).
+
+    DSPy's ``Module.acall`` only attaches ``get_lm_usage()`` to its prediction when no tracker is active, so
+    a layer that measures usage must hand it back: :func:`attach_usage` does that when the user tracks usage.
+    """
+    with dspy.track_usage() as tracker:
+        yield UsageScope(tracker)
+
+
+def attach_usage(result: Any, scope: UsageScope) -> None:
+    """Give ``result`` the usage DSPy would have attached had our scope not been active (``track_usage`` on)."""
+    if dspy.settings.track_usage and isinstance(result, dspy.Prediction) and result.get_lm_usage() is None:
+        result.set_lm_usage(scope.by_model())
 
 
 class _RetryWatch:

@@ -26,6 +26,7 @@ __all__ = [
     "FallbackFailedError",
     "RateLimitedError",
     "RejectedError",
+    "RequestTooLargeError",
     "ResilienceError",
     "ResilienceWarning",
     "RetriesExhaustedError",
@@ -100,6 +101,15 @@ class BudgetExceededError(RejectedError):
     """A token or cost budget is spent: the call was not run."""
 
 
+class RequestTooLargeError(ResilienceError, ValueError):
+    """The call asks for more than a limit can ever grant (e.g. more tokens than the per-period limit)."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
 class FallbackFailedError(ResilienceError, ExceptionGroup):
     """Every alternative of a fallback chain failed; ``exceptions`` holds each error in the order tried."""
 
@@ -172,6 +182,8 @@ def classify(error: BaseException) -> ErrorInfo:
         return ErrorInfo(ErrorKind.UNKNOWN, retryable=False)
     if isinstance(error, RejectedError):
         return ErrorInfo(ErrorKind.REJECTED, retryable=False, retry_after=retry_after)
+    if isinstance(error, RequestTooLargeError):
+        return ErrorInfo(ErrorKind.CLIENT, retryable=False)
     if isinstance(error, RetriesExhaustedError | FallbackFailedError):
         return ErrorInfo(ErrorKind.GAVE_UP, retryable=False)
     if isinstance(error, TimeoutExceededError):
