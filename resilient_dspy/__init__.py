@@ -12,6 +12,7 @@ from resilient_dspy.errors import (
     FallbackFailedError,
     RateLimitedError,
     RejectedError,
+    RequestTooLargeError,
     ResilienceError,
     ResilienceWarning,
     RetriesExhaustedError,
@@ -20,6 +21,11 @@ from resilient_dspy.errors import (
 )
 from resilient_dspy.events import Event
 from resilient_dspy.middleware import (
+    CircuitBreaker,
+    CircuitRejected,
+    CircuitSnapshot,
+    CircuitState,
+    CircuitStateChanged,
     Fallback,
     FallbackUsed,
     Retry,
@@ -32,6 +38,7 @@ from resilient_dspy.middleware import (
     UseLM,
     UseProgram,
 )
+from resilient_dspy.partition import by_model, by_partition_key
 from resilient_dspy.pipeline import Call, CallRecord, Handler, Middleware, Outcome, Pipeline
 
 __version__ = "0.1.0"
@@ -41,7 +48,12 @@ __all__ = [
     "BulkheadFullError",
     "Call",
     "CallRecord",
+    "CircuitBreaker",
     "CircuitOpenError",
+    "CircuitRejected",
+    "CircuitSnapshot",
+    "CircuitState",
+    "CircuitStateChanged",
     "Clock",
     "ConfigurationError",
     "ErrorInfo",
@@ -57,6 +69,7 @@ __all__ = [
     "Pipeline",
     "RateLimitedError",
     "RejectedError",
+    "RequestTooLargeError",
     "ResilienceError",
     "ResilienceWarning",
     "RetriesExhaustedError",
@@ -70,6 +83,8 @@ __all__ = [
     "TimeoutFired",
     "UseLM",
     "UseProgram",
+    "by_model",
+    "by_partition_key",
     "classify",
     "no_dspy_retries",
 ]

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from resilient_dspy.errors import ConfigurationError
 
-__all__ = ["Options", "build_options"]
+__all__ = ["FieldProblem", "Options", "build_options"]
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
@@ -19,10 +19,23 @@ class Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, arbitrary_types_allowed=True)
 
 
+class FieldProblem(ValueError):
+    """Raised by a cross-field validator to name the field at fault (pydantic reports those at model level)."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(rule)
+
+
 def problems_of(error: ValidationError, owner: str) -> list[tuple[str, str]]:
     """Turn a pydantic error into ``(field, rule)`` pairs named ``Owner.field``."""
     problems = []
     for item in error.errors():
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, FieldProblem):
+            problems.append((f"{owner}.{cause.field}", cause.rule))
+            continue
         field = ".".join(str(part) for part in item["loc"]) or "options"
         rule = item["msg"]
         if "input" in item and item["type"] != "missing":

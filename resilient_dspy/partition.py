@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import dspy
 from pydantic import Field
@@ -38,7 +38,7 @@ StateT = TypeVar("StateT", bound=PartitionState)
 class PartitionOptions(Options):
     """The partitioning fields every stateful guard accepts."""
 
-    key: KeyFunction | None = Field(default=None, description="Function of the call giving its partition key.")
+    key: Callable[[Any], Hashable] | None = Field(default=None, description="Function of the call giving its key.")
     max_keys: int = Field(default=1024, ge=1, description="Keys kept before idle ones are evicted (LRU).")
     idle_after: float = Field(default=600.0, gt=0, allow_inf_nan=False, description="Seconds before an idle key goes.")
 

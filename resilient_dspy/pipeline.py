@@ -173,6 +173,15 @@ class Pipeline:
         return self._target
 
     @property
+    def runtime(self) -> Runtime:
+        """The name, clock, randomness and listeners every call of this pipeline carries."""
+        return self._runtime
+
+    @property
+    def clock(self) -> Clock:
+        return self._runtime.clock
+
+    @property
     def input_fields(self) -> tuple[str, ...]:
         return self._target.input_fields
 

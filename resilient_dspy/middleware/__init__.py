@@ -1,10 +1,22 @@
 """One module per pattern, each with the same shape: options model, middleware, events."""
 
+from resilient_dspy.middleware.breaker import (
+    CircuitBreaker,
+    CircuitRejected,
+    CircuitSnapshot,
+    CircuitState,
+    CircuitStateChanged,
+)
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
 from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled
 from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
 
 __all__ = [
+    "CircuitBreaker",
+    "CircuitRejected",
+    "CircuitSnapshot",
+    "CircuitState",
+    "CircuitStateChanged",
     "Fallback",
     "FallbackUsed",
     "Retry",
