@@ -521,10 +521,23 @@ class CircuitBreaker:
         return True if matched else None
 
     async def __call__(self, call: Call, next: Handler) -> Any:
-        clock = call.clock
         single = self._single
-        needs_time = self._timed or single is None or single.state is not CircuitState.CLOSED
-        started = clock.now() if needs_time else 0.0
+        if single is not None and single.state is CircuitState.CLOSED and not self._timed:
+            # The common case, unpartitioned and closed with no clock-based counting: no clock read on success.
+            ticket = single.generation
+            try:
+                result = await next(call)
+            except Exception as error:
+                self._failed(call, single, ticket, error, 0.0)
+                raise
+            if ticket == single.generation:
+                if single.window is None:
+                    single.consecutive = 0
+                else:
+                    single.succeeded(ticket, False, 0.0)
+            return result
+        clock = call.clock
+        started = clock.now()
         circuit = single if single is not None else self._circuit(call, started)
         try:
             ticket, transition = circuit.admit(started)
@@ -546,27 +559,27 @@ class CircuitBreaker:
         try:
             result = await next(call)
         except Exception as error:
-            if self.counts_as_failure(error) is None:
-                circuit.release(ticket)
-                raise
-            now = clock.now()
-            slow = self._slow is not None and now - started >= self._slow
-            transition = circuit.failed(ticket, slow, classify(error).retry_after, now)
-            if transition is not None:
-                self._announce(call, circuit.key, transition, now)
+            self._failed(call, circuit, ticket, error, started)
             raise
         except BaseException:
             circuit.release(ticket)
             raise
-        if not self._timed and type(ticket) is int:
-            circuit.succeeded(ticket, False, 0.0)
-            return result
-        now = clock.now() if self._timed or type(ticket) is _Probe else 0.0
+        now = clock.now()
         slow = self._slow is not None and now - started >= self._slow
         transition = circuit.succeeded(ticket, slow, now)
         if transition is not None:
             self._announce(call, circuit.key, transition, now)
         return result
+
+    def _failed(self, call: Call, circuit: _Circuit, ticket: int | _Probe, error: Exception, started: float) -> None:
+        if self.counts_as_failure(error) is None:
+            circuit.release(ticket)
+            return
+        now = call.clock.now()
+        slow = self._slow is not None and now - started >= self._slow
+        transition = circuit.failed(ticket, slow, classify(error).retry_after, now)
+        if transition is not None:
+            self._announce(call, circuit.key, transition, now)
 
     def _announce(self, call: Call | None, key: Hashable, transition: Transition, now: float) -> None:
         old, new, reason, _ = transition
