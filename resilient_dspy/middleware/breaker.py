@@ -524,17 +524,17 @@ class CircuitBreaker:
         single = self._single
         if single is not None and single.state is CircuitState.CLOSED and not self._timed:
             # The common case, unpartitioned and closed with no clock-based counting: no clock read on success.
-            ticket = single.generation
+            generation = single.generation
             try:
                 result = await next(call)
             except Exception as error:
-                self._failed(call, single, ticket, error, 0.0)
+                self._failed(call, single, generation, error, 0.0)
                 raise
-            if ticket == single.generation:
+            if generation == single.generation:
                 if single.window is None:
                     single.consecutive = 0
                 else:
-                    single.succeeded(ticket, False, 0.0)
+                    single.succeeded(generation, False, 0.0)
             return result
         clock = call.clock
         started = clock.now()
