@@ -1,5 +1,6 @@
 """resilient_dspy: reliability middleware (timeout, retry, fallback, …) for async DSPy programs."""
 
+from resilient_dspy.cache_backends import AiocacheBackend, CacheBackend, DiskBackend, MemoryBackend, TieredBackend
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import no_dspy_retries
 from resilient_dspy.errors import (
@@ -21,6 +22,14 @@ from resilient_dspy.errors import (
 )
 from resilient_dspy.events import Event
 from resilient_dspy.middleware import (
+    Cache,
+    CacheBackendFailed,
+    CacheCoalesced,
+    CacheHit,
+    CacheMiss,
+    CacheNotStored,
+    CacheStats,
+    CacheStored,
     CircuitBreaker,
     CircuitRejected,
     CircuitSnapshot,
@@ -44,8 +53,18 @@ from resilient_dspy.pipeline import Call, CallRecord, Handler, Middleware, Outco
 __version__ = "0.1.0"
 
 __all__ = [
+    "AiocacheBackend",
     "BudgetExceededError",
     "BulkheadFullError",
+    "Cache",
+    "CacheBackend",
+    "CacheBackendFailed",
+    "CacheCoalesced",
+    "CacheHit",
+    "CacheMiss",
+    "CacheNotStored",
+    "CacheStats",
+    "CacheStored",
     "Call",
     "CallRecord",
     "CircuitBreaker",
@@ -56,6 +75,7 @@ __all__ = [
     "CircuitStateChanged",
     "Clock",
     "ConfigurationError",
+    "DiskBackend",
     "ErrorInfo",
     "ErrorKind",
     "Event",
@@ -64,6 +84,7 @@ __all__ = [
     "FallbackUsed",
     "Handler",
     "LoopClock",
+    "MemoryBackend",
     "Middleware",
     "Outcome",
     "Pipeline",
@@ -78,6 +99,7 @@ __all__ = [
     "RetryGaveUp",
     "RetryScheduled",
     "Static",
+    "TieredBackend",
     "Timeout",
     "TimeoutExceededError",
     "TimeoutFired",

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
 from resilient_dspy.errors import ConfigurationError
-from resilient_dspy.events import Event, Listener, deliver
+from resilient_dspy.events import Event, Listener, deliver, listener_problem
 
 __all__ = ["Call", "CallRecord", "Handler", "Middleware", "Outcome", "Pipeline", "Runtime"]
 
@@ -148,8 +148,9 @@ class Pipeline:
         if clock is not None and not isinstance(clock, Clock):
             problems.append(("clock", f"must implement now(), sleep() and deadline() (got {clock!r})"))
         for index, listener in enumerate(listeners):
-            if not callable(listener):
-                problems.append((f"listeners[{index}]", f"must be callable (got {listener!r})"))
+            problem = listener_problem(listener)
+            if problem is not None:
+                problems.append((f"listeners[{index}]", problem))
         if problems or target is None:
             raise ConfigurationError(problems)
 
@@ -186,10 +187,15 @@ class Pipeline:
         return self._target.input_fields
 
     def subscribe(self, listener: Listener) -> None:
-        """Add an event listener (a callable taking one :class:`Event`)."""
-        if not callable(listener):
-            raise ConfigurationError([("listener", f"must be callable (got {listener!r})")])
+        """Add an event listener (a sync callable taking one :class:`Event`; wrap an async one in AsyncListener)."""
+        problem = listener_problem(listener)
+        if problem is not None:
+            raise ConfigurationError([("listener", problem)])
         self._runtime = dataclasses.replace(self._runtime, listeners=(*self._runtime.listeners, listener))
+
+    def inputs_of(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The program's keyword inputs for a call made as ``pipeline(*args, **kwargs)``."""
+        return self._inputs(args, kwargs)
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if not args:
