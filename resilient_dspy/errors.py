@@ -24,6 +24,8 @@ __all__ = [
     "ErrorInfo",
     "ErrorKind",
     "FallbackFailedError",
+    "InvalidInputError",
+    "InvalidOutputError",
     "RateLimitedError",
     "RejectedError",
     "RequestTooLargeError",
@@ -110,6 +112,33 @@ class RequestTooLargeError(ResilienceError, ValueError):
         super().__init__(f"{field}: {rule}")
 
 
+class InvalidInputError(ResilienceError, ValueError):
+    """The call's inputs failed the Guard's checks, so the program was not run; not retryable.
+
+    ``field`` and ``rule`` name the first problem, ``problems`` lists them all. An input check function may
+    raise it itself to name the field.
+    """
+
+    def __init__(self, field: str, rule: str, *, problems: Sequence[tuple[str, str]] = ()) -> None:
+        self.problems: tuple[tuple[str, str], ...] = tuple(problems) or ((field, rule),)
+        self.field = field
+        self.rule = rule
+        super().__init__("; ".join(f"{name}: {why}" for name, why in self.problems))
+
+
+class InvalidOutputError(ResilienceError):
+    """The program answered, but the answer failed the Guard's output check; a fresh answer may pass.
+
+    ``prediction`` is the rejected answer, ``reason`` why, ``field`` the output field at fault when known.
+    """
+
+    def __init__(self, reason: str, prediction: Any, *, field: str | None = None) -> None:
+        self.reason = reason
+        self.prediction = prediction
+        self.field = field
+        super().__init__(f"invalid output{'' if field is None else f' field {field!r}'}: {reason}")
+
+
 class FallbackFailedError(ResilienceError, ExceptionGroup):
     """Every alternative of a fallback chain failed; ``exceptions`` holds each error in the order tried."""
 
@@ -182,8 +211,10 @@ def classify(error: BaseException) -> ErrorInfo:
         return ErrorInfo(ErrorKind.UNKNOWN, retryable=False)
     if isinstance(error, RejectedError):
         return ErrorInfo(ErrorKind.REJECTED, retryable=False, retry_after=retry_after)
-    if isinstance(error, RequestTooLargeError):
+    if isinstance(error, RequestTooLargeError | InvalidInputError):
         return ErrorInfo(ErrorKind.CLIENT, retryable=False)
+    if isinstance(error, InvalidOutputError):
+        return ErrorInfo(ErrorKind.PARSE, retryable=True, needs_fresh_response=True)
     if isinstance(error, RetriesExhaustedError | FallbackFailedError):
         return ErrorInfo(ErrorKind.GAVE_UP, retryable=False)
     if isinstance(error, TimeoutExceededError):

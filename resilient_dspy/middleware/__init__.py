@@ -7,6 +7,14 @@ from resilient_dspy.middleware.breaker import (
     CircuitState,
     CircuitStateChanged,
 )
+from resilient_dspy.middleware.budget import (
+    Budget,
+    BudgetAlert,
+    BudgetRejected,
+    BudgetSnapshot,
+    BudgetSpent,
+    BudgetUsage,
+)
 from resilient_dspy.middleware.cache import (
     Cache,
     CacheBackendFailed,
@@ -18,10 +26,17 @@ from resilient_dspy.middleware.cache import (
     CacheStored,
 )
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
+from resilient_dspy.middleware.guard import Guard, GuardRejectedInput, GuardRejectedOutput, InputRules
 from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled
 from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
 
 __all__ = [
+    "Budget",
+    "BudgetAlert",
+    "BudgetRejected",
+    "BudgetSnapshot",
+    "BudgetSpent",
+    "BudgetUsage",
     "Cache",
     "CacheBackendFailed",
     "CacheCoalesced",
@@ -37,6 +52,10 @@ __all__ = [
     "CircuitStateChanged",
     "Fallback",
     "FallbackUsed",
+    "Guard",
+    "GuardRejectedInput",
+    "GuardRejectedOutput",
+    "InputRules",
     "Retry",
     "RetryBudget",
     "RetryGaveUp",
