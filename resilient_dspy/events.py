@@ -6,6 +6,7 @@ the base and the delivery rule: with no listener nothing is built, and a failing
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,15 @@ class Event:
 
 
 Listener = Callable[[Event], object]
+
+
+def listener_problem(listener: object) -> str | None:
+    """Why ``listener`` cannot listen, or None. Listeners are called synchronously: an async one needs an adapter."""
+    if not callable(listener):
+        return f"must be callable (got {listener!r})"
+    if inspect.iscoroutinefunction(listener) or inspect.iscoroutinefunction(type(listener).__call__):
+        return f"is async (got {listener!r}); wrap it in resilient_dspy.observe.AsyncListener(...) and start that"
+    return None
 
 
 def deliver(listeners: tuple[Listener, ...], event: Event) -> None:

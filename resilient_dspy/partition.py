@@ -77,13 +77,16 @@ class Partitions(Generic[StateT]):
             states.move_to_end(key)
         self._last_used[key] = now
         if len(states) > 1:
-            self._sweep(now)
+            self._sweep(key, now)
         return state
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, keep: Hashable, now: float) -> None:
+        """Evict up to a few idle states from the LRU end; never ``keep``, the state being handed out."""
         states = self._states
         for _ in range(self._SWEEP):
             oldest, state = next(iter(states.items()))
+            if oldest == keep:
+                return  # every other state was examined and kept: only busy ones remain ahead of it
             stale = now - self._last_used[oldest] >= self.idle_after
             if not (stale or len(states) > self.max_keys):
                 return
@@ -91,8 +94,6 @@ class Partitions(Generic[StateT]):
                 del states[oldest], self._last_used[oldest]
             else:
                 states.move_to_end(oldest)
-            if len(states) <= 1:
-                return
 
     def peek(self, key: Hashable) -> StateT | None:
         """The state for ``key`` if it exists, without touching its LRU position."""

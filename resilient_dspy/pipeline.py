@@ -19,6 +19,7 @@ from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event, Listener, deliver, listener_problem
+from resilient_dspy.trace import Trace, traced
 
 __all__ = ["Call", "CallRecord", "Handler", "Middleware", "Outcome", "Pipeline", "Runtime"]
 
@@ -50,6 +51,7 @@ class CallRecord:
     attempts: int = 0
     retries: int = 0
     served_by: str = "primary"
+    trace: Trace | None = None
 
 
 @dataclass(slots=True)
@@ -114,6 +116,18 @@ class Outcome:
     attempts: int
     retries: int
     duration: float
+    trace: Trace | None = None
+
+
+def layer_label(layer: Any) -> str:
+    """A layer's name in traces: its ``name`` or ``label`` when it has one, with a Timeout's scope."""
+    for attribute in ("label", "name"):
+        value = getattr(layer, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    scope = getattr(layer, "scope", None)
+    kind = type(layer).__name__
+    return f"{kind}({scope})" if isinstance(scope, str) else kind
 
 
 def _bind(layer: Middleware, next_handler: Handler) -> Handler:
@@ -163,6 +177,7 @@ class Pipeline:
         for layer in reversed(self.layers):
             handler = _bind(layer, handler)
         self._handler = handler
+        self._traced_handler: Handler | None = None
         for layer in self.layers:
             on_build = getattr(layer, "on_build", None)
             if on_build is not None:
@@ -246,6 +261,39 @@ class Pipeline:
         return Outcome(
             value, record.served_by, record.attempts, record.retries, self._runtime.clock.now() - record.started_at
         )
+
+    async def traced(self, *args: Any, **kwargs: Any) -> Outcome:
+        """Like :meth:`invoke`, and ``outcome.trace`` holds every layer's span and event (see :mod:`.trace`).
+
+        On failure the error carries the trace too, as ``error.trace``, so a failed call can be debugged.
+        """
+        runtime = self._runtime
+        trace = Trace(self.name, runtime.clock.now())
+        call = self.new_call(self._inputs(args, kwargs))
+        call.runtime = dataclasses.replace(runtime, listeners=(*runtime.listeners, trace.add_event))
+        call.record.trace = trace
+        handler = self._traced_handler
+        if handler is None:
+            handler = self._traced_handler = self._traced_chain()
+        try:
+            value = await handler(call)
+        except Exception as error:
+            trace.close(trace.root, runtime.clock.now(), error)
+            error.trace = trace  # type: ignore[attr-defined]
+            raise
+        except BaseException as error:
+            trace.close(trace.root, runtime.clock.now(), error)
+            raise
+        now = runtime.clock.now()
+        trace.close(trace.root, now)
+        record = call.record
+        return Outcome(value, record.served_by, record.attempts, record.retries, now - record.started_at, trace)
+
+    def _traced_chain(self) -> Handler:
+        handler: Handler = traced(f"program {self._target.name}", self._target)
+        for layer in reversed(self.layers):
+            handler = traced(layer_label(layer), _bind(layer, handler))
+        return handler
 
     def describe(self) -> list[dict[str, Any]]:
         """The layers, outermost first, with their options, then the wrapped program."""

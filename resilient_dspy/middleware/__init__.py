@@ -15,6 +15,13 @@ from resilient_dspy.middleware.budget import (
     BudgetSpent,
     BudgetUsage,
 )
+from resilient_dspy.middleware.bulkhead import (
+    Bulkhead,
+    BulkheadAcquired,
+    BulkheadQueued,
+    BulkheadRejected,
+    BulkheadSnapshot,
+)
 from resilient_dspy.middleware.cache import (
     Cache,
     CacheBackendFailed,
@@ -27,6 +34,15 @@ from resilient_dspy.middleware.cache import (
 )
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, GuardRejectedInput, GuardRejectedOutput, InputRules
+from resilient_dspy.middleware.ratelimit import (
+    Limit,
+    LimitUsage,
+    RateLimiter,
+    RateLimiterSnapshot,
+    RateLimitReconciled,
+    RateLimitRejected,
+    RateLimitWaited,
+)
 from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled
 from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
 
@@ -37,6 +53,11 @@ __all__ = [
     "BudgetSnapshot",
     "BudgetSpent",
     "BudgetUsage",
+    "Bulkhead",
+    "BulkheadAcquired",
+    "BulkheadQueued",
+    "BulkheadRejected",
+    "BulkheadSnapshot",
     "Cache",
     "CacheBackendFailed",
     "CacheCoalesced",
@@ -56,6 +77,13 @@ __all__ = [
     "GuardRejectedInput",
     "GuardRejectedOutput",
     "InputRules",
+    "Limit",
+    "LimitUsage",
+    "RateLimitReconciled",
+    "RateLimitRejected",
+    "RateLimitWaited",
+    "RateLimiter",
+    "RateLimiterSnapshot",
     "Retry",
     "RetryBudget",
     "RetryGaveUp",

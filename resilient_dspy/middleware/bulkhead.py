@@ -1,0 +1,254 @@
+"""Bulkhead: bound how many calls run at once below this layer, with a bounded FIFO queue in front.
+
+At most ``max_concurrent`` calls run (per key); up to ``max_queue`` more wait in strict FIFO order, each for at
+most ``max_wait`` seconds and never past the call's deadline. A call that finds the queue full, or whose deadline
+has already passed when it would have to queue, is rejected at once with :class:`BulkheadFullError`. A finishing
+call hands its permit straight to the first live waiter, so no newcomer can barge in; a waiter cancelled after it
+was handed a permit passes it on, so cancellation never leaks a permit. No background task is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from resilient_dspy.errors import BulkheadFullError
+from resilient_dspy.events import Event
+from resilient_dspy.options import build_options
+from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
+
+if TYPE_CHECKING:
+    from resilient_dspy.pipeline import Call, Handler
+
+__all__ = [
+    "Bulkhead",
+    "BulkheadAcquired",
+    "BulkheadOptions",
+    "BulkheadQueued",
+    "BulkheadRejected",
+    "BulkheadSnapshot",
+]
+
+
+class BulkheadOptions(PartitionOptions):
+    """How many calls may run and wait; see docs/patterns/bulkhead.md."""
+
+    max_concurrent: int = Field(default=10, ge=1, description="Calls running below the bulkhead at once (per key).")
+    max_queue: int = Field(default=0, ge=0, description="Calls waiting in FIFO order for a slot (per key).")
+    max_wait: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Seconds a call may wait in the queue; None = no bound."
+    )
+    name: str | None = Field(default=None, description="Label in events and describe().")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadQueued(Event):
+    """Every slot was busy: the call joined the queue at ``position`` (1 = next to run)."""
+
+    key: Hashable
+    position: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadAcquired(Event):
+    """A queued call got its slot after ``waited`` seconds."""
+
+    key: Hashable
+    waited: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BulkheadRejected(Event):
+    """The call was refused without running; ``reason`` is ``queue_full``, ``max_wait`` or ``deadline``."""
+
+    key: Hashable
+    reason: str
+    waited: float
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadSnapshot:
+    """The occupancy of one compartment (see :meth:`Bulkhead.snapshot`)."""
+
+    key: Hashable
+    in_flight: int
+    queued: int
+    max_concurrent: int
+    max_queue: int
+
+
+class _Compartment:
+    """The state of one key: running calls, and the futures of queued calls in arrival order.
+
+    Invariant: a waiter exists only while every slot is taken, so ``in_flight < max_concurrent`` alone says a
+    newcomer may run without barging past anyone.
+    """
+
+    __slots__ = ("in_flight", "key", "waiters")
+
+    def __init__(self, key: Hashable = None) -> None:
+        self.key = key
+        self.in_flight = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
+
+    def idle(self, now: float) -> bool:
+        return self.in_flight == 0 and not self.waiters
+
+    def queued(self) -> int:
+        """Waiters still waiting (a cancelled one stays in the deque until its task runs its cleanup)."""
+        return sum(1 for waiter in self.waiters if not waiter.done())
+
+    def release(self) -> None:
+        """Give this permit to the first live waiter, or free the slot when nobody waits."""
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.in_flight -= 1
+
+    def forget(self, waiter: asyncio.Future[None]) -> None:
+        """Take a waiter that gives up out of the queue (the releaser may already have dropped it)."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(waiter)
+
+
+class Bulkhead:
+    """Run at most ``max_concurrent`` calls at once below this layer; queue up to ``max_queue`` more (FIFO)."""
+
+    def __init__(
+        self,
+        max_concurrent: int = 10,
+        *,
+        max_queue: int = 0,
+        max_wait: float | None = None,
+        key: KeyFunction | None = None,
+        max_keys: int = 1024,
+        idle_after: float = 600.0,
+        name: str | None = None,
+    ) -> None:
+        self.options = build_options(
+            BulkheadOptions,
+            "Bulkhead",
+            {
+                "max_concurrent": max_concurrent,
+                "max_queue": max_queue,
+                "max_wait": max_wait,
+                "key": key,
+                "max_keys": max_keys,
+                "idle_after": idle_after,
+                "name": name,
+            },
+        )
+        self.name = self.options.name or "Bulkhead"
+        self._max_concurrent = self.options.max_concurrent
+        self._key_of = self.options.key
+        self._single = _Compartment()
+        self._partitions: Partitions[_Compartment] = Partitions(
+            self._new_compartment, max_keys=self.options.max_keys, idle_after=self.options.idle_after
+        )
+
+    def _new_compartment(self, key: Hashable) -> _Compartment:
+        return _Compartment(key)
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        key_of = self._key_of
+        if key_of is None:
+            compartment, key = self._single, None
+        else:
+            key = key_of(call)
+            compartment = self._partitions.get(key, call.clock.now())
+        if compartment.in_flight < self._max_concurrent:
+            compartment.in_flight += 1
+        else:
+            await self._wait(call, compartment, key)
+        try:
+            return await next(call)
+        finally:
+            compartment.release()
+
+    async def _wait(self, call: Call, compartment: _Compartment, key: Hashable) -> None:
+        """Queue for a permit; return holding one, or raise :class:`BulkheadFullError` (or the cancellation)."""
+        options = self.options
+        clock = call.clock
+        now = clock.now()
+        waiters = compartment.waiters
+        if len(waiters) >= options.max_queue and compartment.queued() >= options.max_queue:
+            raise self._reject(call, compartment, key, "queue_full", 0.0)
+        deadline = call.deadline
+        give_up, reason = deadline, "deadline"
+        if options.max_wait is not None and (deadline is None or now + options.max_wait < deadline):
+            give_up, reason = now + options.max_wait, "max_wait"
+        if give_up is not None and give_up <= now:
+            raise self._reject(call, compartment, key, reason, 0.0)
+
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        if call.listening:
+            call.emit(
+                BulkheadQueued(pipeline=call.runtime.name, layer=self.name, time=now, key=key, position=len(waiters))
+            )
+        expired = False
+        try:
+            if give_up is None:
+                await waiter
+            else:
+                scope = clock.deadline(give_up)
+                try:
+                    async with scope:
+                        await waiter
+                except TimeoutError:
+                    if not scope.expired():
+                        raise
+                    expired = True
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                compartment.release()
+            else:
+                compartment.forget(waiter)
+            raise
+        if expired and (not waiter.done() or waiter.cancelled()):
+            compartment.forget(waiter)
+            raise self._reject(call, compartment, key, reason, clock.now() - now)
+        if call.listening:
+            at = clock.now()
+            call.emit(BulkheadAcquired(pipeline=call.runtime.name, layer=self.name, time=at, key=key, waited=at - now))
+
+    def _reject(
+        self, call: Call, compartment: _Compartment, key: Hashable, reason: str, waited: float
+    ) -> BulkheadFullError:
+        if call.listening:
+            call.emit(
+                BulkheadRejected(
+                    pipeline=call.runtime.name,
+                    layer=self.name,
+                    time=call.clock.now(),
+                    key=key,
+                    reason=reason,
+                    waited=waited,
+                )
+            )
+        what = {"queue_full": "queue full", "max_wait": "max_wait passed", "deadline": "deadline passed"}[reason]
+        return BulkheadFullError(
+            f"{self.name}{'' if key is None else f'[{key!r}]'}: {what} "
+            f"({compartment.in_flight}/{self._max_concurrent} running, {compartment.queued()} queued)"
+        )
+
+    def snapshot(self, key: Hashable = None) -> BulkheadSnapshot:
+        """Running and queued calls of the compartment for ``key`` (the only one when there is no ``key=``)."""
+        compartment = self._single if self._key_of is None else self._partitions.peek(key)
+        in_flight, queued = (0, 0) if compartment is None else (compartment.in_flight, compartment.queued())
+        return BulkheadSnapshot(key, in_flight, queued, self._max_concurrent, self.options.max_queue)
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {"layer": "Bulkhead", "options": self.options.model_dump()}
+        if self.options.name:
+            described["name"] = self.options.name
+        return described

@@ -1,0 +1,602 @@
+"""Bulkhead: the concurrency bound, the queue bound, FIFO hand-off, max_wait and deadlines, cancellation without
+permit leaks, partitions, events, validation, and a hypothesis property over random arrivals and cancellations.
+
+Async tests run on looptime's virtual loop clock (``--looptime``); the property test builds its own looptime loop
+per example.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import looptime
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resilient_dspy import BulkheadFullError, ConfigurationError, Event, Pipeline, Retry
+from resilient_dspy.middleware.bulkhead import (
+    Bulkhead,
+    BulkheadAcquired,
+    BulkheadQueued,
+    BulkheadRejected,
+    BulkheadSnapshot,
+)
+from resilient_dspy.pipeline import Call, Handler
+from tests.conftest import other_tasks
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time()
+
+
+class Gate:
+    """An async program that blocks until released, and records concurrency and the order calls started in."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.active = 0
+        self.max_active = 0
+        self.release_all = asyncio.Event()
+
+    async def __call__(self, question: str) -> str:
+        self.started.append(question)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            await self.release_all.wait()
+        finally:
+            self.active -= 1
+        return question
+
+
+class AfterCall:
+    """A middleware placed above the bulkhead: runs ``hooks[question]()`` right after that call's permit is released,
+    in the same task step, so a test can act before any woken waiter runs."""
+
+    def __init__(self) -> None:
+        self.hooks: dict[str, Callable[[], None]] = {}
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        try:
+            return await next(call)
+        finally:
+            hook = self.hooks.pop(call.inputs["question"], None)
+            if hook is not None:
+                hook()
+
+
+async def settle() -> None:
+    """Let every ready task run (no time passes)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def spawn(pipeline: Pipeline, question: str) -> asyncio.Task[Any]:
+    return asyncio.create_task(pipeline(question=question))
+
+
+# ------------------------------------------------------------------------------------------------ 1. the bound
+
+
+async def test_in_flight_never_exceeds_max_concurrent_under_many_calls() -> None:
+    """60 concurrent calls through Bulkhead(5): at most 5 run at once, exactly 5 at the peak, all succeed."""
+    active = peak = 0
+
+    async def program(question: str) -> str:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.1 + (int(question) % 7) / 10)
+        active -= 1
+        return question
+
+    bulkhead = Bulkhead(5, max_queue=100)
+    pipeline = Pipeline(program, bulkhead)
+    results = await asyncio.gather(*(pipeline(question=str(i)) for i in range(60)))
+
+    assert results == [str(i) for i in range(60)]
+    assert peak == 5
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 5, 100)
+
+
+async def test_call_beyond_slots_and_queue_is_rejected_at_once_without_running() -> None:
+    """With 2 slots and a queue of 3 all taken, the 6th call fails immediately and the program never sees it."""
+    gate = Gate()
+    bulkhead = Bulkhead(2, max_queue=3)
+    pipeline = Pipeline(gate, bulkhead)
+    tasks = [spawn(pipeline, str(i)) for i in range(5)]
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 2, 3, 2, 3)
+
+    started = now()
+    with pytest.raises(BulkheadFullError) as caught:
+        await pipeline(question="sixth")
+    assert now() == started
+    assert gate.started == ["0", "1"]
+    assert caught.value.retry_after is None
+    assert "queue full" in str(caught.value)
+
+    gate.release_all.set()
+    assert await asyncio.gather(*tasks) == [str(i) for i in range(5)]
+    assert gate.started == ["0", "1", "2", "3", "4"]
+
+
+async def test_max_queue_zero_rejects_as_soon_as_the_slots_are_taken() -> None:
+    """The default max_queue=0: the (max_concurrent + 1)th concurrent call is rejected, the others run."""
+    gate = Gate()
+    pipeline = Pipeline(gate, Bulkhead(3))
+    tasks = [spawn(pipeline, str(i)) for i in range(3)]
+    await settle()
+    with pytest.raises(BulkheadFullError):
+        await pipeline(question="extra")
+    gate.release_all.set()
+    await asyncio.gather(*tasks)
+    assert gate.max_active == 3
+    assert await pipeline(question="later") == "later"
+
+
+async def test_a_failing_call_gives_its_slot_back() -> None:
+    """Errors pass through unchanged and free the slot."""
+
+    async def program(question: str) -> str:
+        raise ValueError(question)
+
+    bulkhead = Bulkhead(1)
+    pipeline = Pipeline(program, bulkhead)
+    for _ in range(3):
+        with pytest.raises(ValueError, match="boom"):
+            await pipeline(question="boom")
+    assert bulkhead.snapshot().in_flight == 0
+
+
+# ------------------------------------------------------------------------------------------------ 2. FIFO
+
+
+async def test_queued_calls_are_admitted_in_arrival_order() -> None:
+    """Bulkhead(1, max_queue=10): the program sees the calls in exactly the order they arrived."""
+    order: list[str] = []
+
+    async def program(question: str) -> str:
+        order.append(question)
+        await asyncio.sleep(1)
+        return question
+
+    pipeline = Pipeline(program, Bulkhead(1, max_queue=10))
+    tasks = []
+    for i in range(8):
+        tasks.append(spawn(pipeline, str(i)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order == [str(i) for i in range(8)]
+
+
+async def test_a_released_permit_goes_to_the_waiter_not_to_a_newcomer() -> None:
+    """No barging: a call arriving right after a release, before the woken waiter ran, still goes after it."""
+    gate = Gate()
+    after = AfterCall()
+    bulkhead = Bulkhead(1, max_queue=5)
+    pipeline = Pipeline(gate, after, bulkhead)
+    first = spawn(pipeline, "first")
+    await settle()
+    waiter = spawn(pipeline, "waiter")
+    await settle()
+    newcomer: list[asyncio.Task[Any]] = []
+
+    def arrive() -> None:
+        assert bulkhead.snapshot().in_flight == 1  # handed over, not freed
+        newcomer.append(spawn(pipeline, "newcomer"))
+
+    after.hooks["first"] = arrive
+    gate.release_all.set()
+    await asyncio.gather(first, waiter, *newcomer)
+    await asyncio.gather(*newcomer)
+    assert gate.started == ["first", "waiter", "newcomer"]
+
+
+# ------------------------------------------------------------------------------------------------ 3. max_wait, deadline
+
+
+async def test_max_wait_rejects_a_queued_call_after_exactly_max_wait() -> None:
+    """A queued call waits max_wait seconds, then fails with BulkheadFullError; it never ran."""
+    gate = Gate()
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=5, max_wait=2.0)
+    pipeline = Pipeline(gate, bulkhead, listeners=[events.append])
+    holder = spawn(pipeline, "holder")
+    await settle()
+
+    started = now()
+    with pytest.raises(BulkheadFullError, match="max_wait"):
+        await pipeline(question="late")
+    assert now() - started == pytest.approx(2.0)
+    assert gate.started == ["holder"]
+    assert bulkhead.snapshot().queued == 0
+    rejected = [e for e in events if isinstance(e, BulkheadRejected)]
+    assert [e.reason for e in rejected] == ["max_wait"]
+    assert rejected[0].waited == pytest.approx(2.0)
+
+    gate.release_all.set()
+    await holder
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 1, 5)
+
+
+async def test_a_waiter_admitted_before_max_wait_runs() -> None:
+    """A slot that frees up within max_wait is handed over; the waiter runs and the acquired event says how long."""
+    events: list[Event] = []
+
+    async def program(question: str) -> str:
+        await asyncio.sleep(1.5)
+        return question
+
+    pipeline = Pipeline(program, Bulkhead(1, max_queue=1, max_wait=2.0), listeners=[events.append])
+    assert list(await asyncio.gather(pipeline(question="a"), pipeline(question="b"))) == ["a", "b"]
+    queued = [e for e in events if isinstance(e, BulkheadQueued)]
+    acquired = [e for e in events if isinstance(e, BulkheadAcquired)]
+    assert [e.position for e in queued] == [1]
+    assert [e.waited for e in acquired] == [pytest.approx(1.5)]
+    assert not [e for e in events if isinstance(e, BulkheadRejected)]
+
+
+async def test_the_call_deadline_bounds_the_queue_wait() -> None:
+    """Without max_wait, a queued call gives up at its deadline; one whose deadline has passed is rejected at once."""
+    gate = Gate()
+    events: list[Event] = []
+    pipeline = Pipeline(gate, Bulkhead(1, max_queue=5), listeners=[events.append])
+    holder = spawn(pipeline, "holder")
+    await settle()
+
+    started = now()
+    with pytest.raises(BulkheadFullError, match="deadline"):
+        await pipeline.run(pipeline.new_call({"question": "q"}, deadline=started + 3.0))
+    assert now() - started == pytest.approx(3.0)
+
+    started = now()
+    with pytest.raises(BulkheadFullError, match="deadline"):
+        await pipeline.run(pipeline.new_call({"question": "q"}, deadline=started - 1.0))
+    assert now() == started
+    assert [e.reason for e in events if isinstance(e, BulkheadRejected)] == ["deadline", "deadline"]
+    assert not [e for e in events if isinstance(e, BulkheadQueued) and e.time == started]
+
+    gate.release_all.set()
+    await holder
+
+
+async def test_max_wait_shorter_than_the_deadline_wins() -> None:
+    """The earlier of max_wait and the deadline ends the wait, and names the reason."""
+    gate = Gate()
+    pipeline = Pipeline(gate, Bulkhead(1, max_queue=5, max_wait=1.0))
+    holder = spawn(pipeline, "holder")
+    await settle()
+    started = now()
+    with pytest.raises(BulkheadFullError, match="max_wait"):
+        await pipeline.run(pipeline.new_call({"question": "q"}, deadline=started + 10.0))
+    assert now() - started == pytest.approx(1.0)
+    with pytest.raises(BulkheadFullError, match="deadline"):
+        await pipeline.run(pipeline.new_call({"question": "q"}, deadline=now() + 0.5))
+    gate.release_all.set()
+    await holder
+
+
+# ------------------------------------------------------------------------------------------------ 4. cancellation
+
+
+async def test_cancelled_waiter_leaves_the_queue_and_leaks_no_permit() -> None:
+    """Cancel a queued call: it raises CancelledError, the next waiter runs, and all slots are usable afterwards."""
+    gate = Gate()
+    bulkhead = Bulkhead(2, max_queue=5)
+    pipeline = Pipeline(gate, bulkhead)
+    holders = [spawn(pipeline, f"h{i}") for i in range(2)]
+    await settle()
+    doomed = spawn(pipeline, "doomed")
+    survivor = spawn(pipeline, "survivor")
+    await settle()
+    assert bulkhead.snapshot().queued == 2
+
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    assert bulkhead.snapshot().queued == 1
+
+    gate.release_all.set()
+    await asyncio.gather(*holders, survivor)
+    assert gate.started == ["h0", "h1", "survivor"]
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 2, 5)
+
+    gate.release_all.clear()
+    again = [spawn(pipeline, f"again{i}") for i in range(2)]
+    await settle()
+    assert gate.active == 2  # both slots free: neither had to queue
+    gate.release_all.set()
+    await asyncio.gather(*again)
+    assert not other_tasks()
+
+
+async def test_waiter_cancelled_after_hand_off_passes_the_permit_on() -> None:
+    """A waiter handed a permit and cancelled before it resumed gives the permit to the next waiter."""
+    gate = Gate()
+    after = AfterCall()
+    bulkhead = Bulkhead(1, max_queue=5)
+    pipeline = Pipeline(gate, after, bulkhead)
+    first = spawn(pipeline, "first")
+    await settle()
+    handed = spawn(pipeline, "handed")
+    next_in_line = spawn(pipeline, "next")
+    await settle()
+
+    def cancel_handed() -> None:
+        assert bulkhead.snapshot().in_flight == 1 and bulkhead.snapshot().queued == 1
+        handed.cancel()
+
+    after.hooks["first"] = cancel_handed
+    gate.release_all.set()
+    assert await first == "first"
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    assert await asyncio.wait_for(next_in_line, timeout=5) == "next"
+    assert gate.started == ["first", "next"]
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 1, 5)
+    assert await pipeline(question="free") == "free"
+
+
+async def test_cancelling_a_running_call_frees_its_slot() -> None:
+    """Cancellation of the call inside the program propagates and releases the slot to the next waiter."""
+    gate = Gate()
+    bulkhead = Bulkhead(1, max_queue=1)
+    pipeline = Pipeline(gate, bulkhead)
+    running = spawn(pipeline, "running")
+    await settle()
+    waiting = spawn(pipeline, "waiting")
+    await settle()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await settle()
+    assert gate.started == ["running", "waiting"]
+    gate.release_all.set()
+    assert await waiting == "waiting"
+    assert bulkhead.snapshot().in_flight == 0
+
+
+async def test_rejection_is_not_retried() -> None:
+    """BulkheadFullError is a rejection: a Retry above does not retry it."""
+    gate = Gate()
+    pipeline = Pipeline(gate, Retry(3, base_delay=0.01), Bulkhead(1))
+    holder = spawn(pipeline, "holder")
+    await settle()
+    with pytest.raises(BulkheadFullError):
+        await pipeline(question="q")
+    assert gate.started == ["holder"]
+    gate.release_all.set()
+    await holder
+
+
+# ------------------------------------------------------------------------------------------------ 5. partitions
+
+
+async def test_keys_have_independent_compartments() -> None:
+    """key=: each tenant gets its own slots and queue."""
+    gate = Gate()
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"].split(":")[0])
+    pipeline = Pipeline(gate, bulkhead)
+    a1 = spawn(pipeline, "a:1")
+    b1 = spawn(pipeline, "b:1")
+    await settle()
+    assert gate.started == ["a:1", "b:1"]
+    with pytest.raises(BulkheadFullError, match="'a'"):
+        await pipeline(question="a:2")
+    assert bulkhead.snapshot("a") == BulkheadSnapshot("a", 1, 0, 1, 0)
+    assert bulkhead.snapshot("b").in_flight == 1
+    assert bulkhead.snapshot("c") == BulkheadSnapshot("c", 0, 0, 1, 0)
+    gate.release_all.set()
+    await asyncio.gather(a1, b1)
+
+
+async def test_idle_keys_are_evicted_and_busy_ones_kept() -> None:
+    """Beyond max_keys, idle compartments are dropped (LRU); a busy one survives."""
+    release = asyncio.Event()
+
+    async def program(question: str) -> str:
+        if question == "busy":
+            await release.wait()
+        return question
+
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"], max_keys=2)
+    pipeline = Pipeline(program, bulkhead)
+    busy = spawn(pipeline, "busy")
+    await settle()
+    for name in ("k1", "k2", "k3", "k4"):
+        await pipeline(question=name)
+    partitions = bulkhead._partitions
+    assert len(partitions) == 2
+    assert "busy" in partitions and "k4" in partitions
+    assert bulkhead.snapshot("busy").in_flight == 1
+    release.set()
+    await busy
+
+
+async def test_a_new_key_stays_limited_when_every_other_key_is_busy() -> None:
+    """Regression: with max_keys reached by busy keys, the compartment created for a new key must not be evicted
+    by the very lookup that created it (its calls would then run on a forgotten compartment, unbounded)."""
+    gate = Gate()
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"].split(":")[0], max_keys=1)
+    pipeline = Pipeline(gate, bulkhead)
+    busy = spawn(pipeline, "a:1")
+    await settle()
+    first_b = spawn(pipeline, "b:1")
+    await settle()
+    with pytest.raises(BulkheadFullError):
+        await asyncio.wait_for(pipeline(question="b:2"), timeout=1.0)
+    assert gate.max_active == 2  # one per key
+    assert bulkhead.snapshot("b").in_flight == 1
+    gate.release_all.set()
+    await asyncio.gather(busy, first_b)
+
+
+async def test_idle_keys_expire_after_idle_after() -> None:
+    """A compartment unused for idle_after seconds is dropped at a later call."""
+
+    async def program(question: str) -> str:
+        return question
+
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"], idle_after=10)
+    pipeline = Pipeline(program, bulkhead)
+    await pipeline(question="old")
+    await asyncio.sleep(11)
+    await pipeline(question="new")
+    assert "old" not in bulkhead._partitions
+    assert "new" in bulkhead._partitions
+
+
+# ------------------------------------------------------------------------------------------------ 6. options, events
+
+
+def test_bad_options_name_every_field() -> None:
+    """One ConfigurationError lists each bad setting by name."""
+    with pytest.raises(ConfigurationError) as caught:
+        Bulkhead(0, max_queue=-1, max_wait=0, max_keys=0, idle_after=-1)
+    fields = {field for field, _ in caught.value.problems}
+    assert fields == {
+        "Bulkhead.max_concurrent",
+        "Bulkhead.max_queue",
+        "Bulkhead.max_wait",
+        "Bulkhead.max_keys",
+        "Bulkhead.idle_after",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_concurrent": 2.5}, "Bulkhead.max_concurrent"),
+        ({"max_concurrent": True}, "Bulkhead.max_concurrent"),
+        ({"max_wait": float("inf")}, "Bulkhead.max_wait"),
+        ({"max_wait": -1.0}, "Bulkhead.max_wait"),
+        ({"key": "tenant"}, "Bulkhead.key"),
+    ],
+)
+def test_each_bad_option_is_rejected(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Bulkhead(**kwargs)
+    assert [f for f, _ in caught.value.problems] == [field]
+
+
+def test_describe_lists_the_options() -> None:
+    described = Bulkhead(4, max_queue=2, max_wait=1.5, name="llm").describe()
+    assert described["layer"] == "Bulkhead"
+    assert described["name"] == "llm"
+    assert described["options"]["max_concurrent"] == 4
+    assert described["options"]["max_queue"] == 2
+    assert described["options"]["max_wait"] == 1.5
+
+
+async def test_events_carry_pipeline_layer_key_and_position() -> None:
+    """Queued events give 1-based positions; the layer is the bulkhead's name; nothing is built without listeners."""
+    gate = Gate()
+    events: list[Event] = []
+    pipeline = Pipeline(gate, Bulkhead(1, max_queue=2, name="llm-slots"), name="p", listeners=[events.append])
+    tasks = [spawn(pipeline, str(i)) for i in range(3)]
+    await settle()
+    with pytest.raises(BulkheadFullError):
+        await pipeline(question="x")
+    gate.release_all.set()
+    await asyncio.gather(*tasks)
+    queued = [e for e in events if isinstance(e, BulkheadQueued)]
+    assert [e.position for e in queued] == [1, 2]
+    assert {(e.pipeline, e.layer) for e in events} == {("p", "llm-slots")}
+    assert {e.key for e in events if isinstance(e, BulkheadQueued | BulkheadRejected | BulkheadAcquired)} == {None}
+    assert [e.reason for e in events if isinstance(e, BulkheadRejected)] == ["queue_full"]
+    assert len([e for e in events if isinstance(e, BulkheadAcquired)]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ 7. property
+
+
+Arrival = tuple[float, float, float | None]  # gap before arriving, run time, cancel after (None = never)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    max_concurrent=st.integers(1, 4),
+    max_queue=st.integers(0, 6),
+    max_wait=st.none() | st.sampled_from([0.5, 1.0, 3.0]),
+    arrivals=st.lists(
+        st.tuples(
+            st.sampled_from([0.0, 0.0, 0.1, 0.25, 0.5]),
+            st.sampled_from([0.1, 0.3, 1.0, 2.0]),
+            st.none() | st.sampled_from([0.0, 0.2, 0.7, 1.5]),
+        ),
+        min_size=1,
+        max_size=25,
+    ),
+)
+def test_property_bound_fifo_and_no_leak(
+    max_concurrent: int, max_queue: int, max_wait: float | None, arrivals: list[Arrival]
+) -> None:
+    """Any arrivals, run times and cancellations: never more than max_concurrent running, admissions in arrival
+    order among the calls that waited, every call accounted for, and the full capacity usable at the end."""
+
+    async def scenario() -> None:
+        active = peak = 0
+        started: list[int] = []
+
+        async def program(question: str) -> str:
+            nonlocal active, peak
+            index = int(question)
+            started.append(index)
+            active += 1
+            peak = max(peak, active)
+            try:
+                await asyncio.sleep(arrivals[index][1])
+            finally:
+                active -= 1
+            return question
+
+        bulkhead = Bulkhead(max_concurrent, max_queue=max_queue, max_wait=max_wait)
+        pipeline = Pipeline(program, bulkhead)
+        tasks: list[asyncio.Task[Any]] = []
+        cancels: list[Awaitable[None]] = []
+
+        async def cancel_later(task: asyncio.Task[Any], after: float) -> None:
+            await asyncio.sleep(after)
+            task.cancel()
+
+        for index, (gap, _, cancel_after) in enumerate(arrivals):
+            await asyncio.sleep(gap)
+            task = asyncio.create_task(pipeline(question=str(index)))
+            tasks.append(task)
+            if cancel_after is not None:
+                cancels.append(cancel_later(task, cancel_after))
+        await asyncio.gather(*cancels)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+
+        for index, outcome in enumerate(outcomes):
+            assert outcome == str(index) or isinstance(outcome, BulkheadFullError | asyncio.CancelledError)
+            if isinstance(outcome, BulkheadFullError):
+                assert index not in started
+        assert peak <= max_concurrent
+        assert started == sorted(started)  # each call arrives after the previous one: FIFO means increasing
+        assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, max_concurrent, max_queue)
+
+        release = asyncio.Event()
+
+        async def hold(question: str) -> str:
+            await release.wait()
+            return question
+
+        full = Pipeline(hold, bulkhead)
+        holders = [asyncio.create_task(full(question=str(i))) for i in range(max_concurrent)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert bulkhead.snapshot().in_flight == max_concurrent
+        assert bulkhead.snapshot().queued == 0
+        release.set()
+        await asyncio.gather(*holders)
+
+    loop = looptime.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), timeout=100_000))  # virtual: a hang fails at once
+    finally:
+        loop.close()
