@@ -19,6 +19,7 @@ from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event, Listener, deliver, listener_problem
+from resilient_dspy.health import PipelineHealth, worst
 from resilient_dspy.trace import Trace, traced
 
 __all__ = ["Call", "CallRecord", "Handler", "Middleware", "Outcome", "Pipeline", "Runtime"]
@@ -294,6 +295,15 @@ class Pipeline:
         for layer in reversed(self.layers):
             handler = traced(layer_label(layer), _bind(layer, handler))
         return handler
+
+    def health(self) -> PipelineHealth:
+        """Every stateful layer's status (breaker states, saturation, hit rate, budget left) and readiness."""
+        reports = []
+        for layer in self.layers:
+            report = getattr(layer, "health", None)
+            if report is not None:
+                reports.append(report())
+        return PipelineHealth(self.name, worst(r.status for r in reports), tuple(reports))
 
     def describe(self) -> list[dict[str, Any]]:
         """The layers, outermost first, with their options, then the wrapped program."""

@@ -23,6 +23,7 @@ from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.errors import CircuitOpenError, ErrorKind, classify
 from resilient_dspy.events import Event, deliver
+from resilient_dspy.health import LayerHealth, Status, key_name
 from resilient_dspy.options import FieldProblem, build_options
 from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
 
@@ -656,6 +657,24 @@ class CircuitBreaker:
         if self._single is not None:
             return [(None, self._single)]
         return list(self._partitions.items())
+
+    def health(self) -> LayerHealth:
+        """Down when the (only) circuit refuses calls; degraded when some partitions do."""
+        snapshots = self.snapshots()
+        refusing = {
+            key_name(key): snap.state.value
+            for key, snap in snapshots.items()
+            if snap.state is CircuitState.ISOLATED or (snap.state is CircuitState.OPEN and (snap.retry_after or 0) > 0)
+        }
+        status: Status
+        if not refusing:
+            status = "ok"
+        elif len(refusing) == len(snapshots) and self._single is not None:
+            status = "down"
+        else:
+            status = "degraded"
+        states = {key_name(key): snap.state.value for key, snap in snapshots.items()}
+        return LayerHealth(self.name, status, {"circuits": states, "refusing": sorted(refusing)})
 
     @property
     def state(self) -> CircuitState:

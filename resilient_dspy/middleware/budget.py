@@ -28,6 +28,7 @@ from pydantic import Field, field_validator, model_validator
 from resilient_dspy.dspy_binding import UsageScope, attach_usage, usage_scope
 from resilient_dspy.errors import BudgetExceededError, RequestTooLargeError
 from resilient_dspy.events import Event
+from resilient_dspy.health import LayerHealth, Status, key_name, worst
 from resilient_dspy.options import FieldProblem, build_options
 from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
 
@@ -530,6 +531,25 @@ class Budget:
         if self._key_of is None:
             return {None: self._snapshot(None, self._single)}
         return {key: self._snapshot(key, account) for key, account in self._partitions.items()}
+
+    def health(self) -> LayerHealth:
+        """Down when a cap is spent (calls are refused until it resets); degraded past the first alert threshold."""
+        alert = min(self._thresholds, default=1.0)
+        statuses: list[Status] = []
+        details: dict[str, Any] = {}
+        for key, snap in self.snapshots().items():
+            for usage in (snap.tokens, snap.dollars):
+                if usage is None:
+                    continue
+                used = (usage.spent + usage.reserved) / usage.limit
+                statuses.append("down" if usage.remaining <= 0 else "degraded" if used >= alert else "ok")
+                details.setdefault(key_name(key), {})[usage.unit] = {
+                    "limit": usage.limit,
+                    "spent": usage.spent,
+                    "remaining": usage.remaining,
+                    "resets_in": snap.resets_in,
+                }
+        return LayerHealth(self.name, worst(statuses), {"budgets": details})
 
     def reset(self, key: Hashable = None) -> None:
         """Forget what was spent (for ``key``, or every key when partitioned and ``key`` is None); calls in flight

@@ -20,6 +20,7 @@ from pydantic import Field
 
 from resilient_dspy.errors import BulkheadFullError
 from resilient_dspy.events import Event
+from resilient_dspy.health import LayerHealth, key_name
 from resilient_dspy.options import build_options
 from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
 
@@ -246,6 +247,16 @@ class Bulkhead:
         compartment = self._single if self._key_of is None else self._partitions.peek(key)
         in_flight, queued = (0, 0) if compartment is None else (compartment.in_flight, compartment.queued())
         return BulkheadSnapshot(key, in_flight, queued, self._max_concurrent, self.options.max_queue)
+
+    def health(self) -> LayerHealth:
+        """Degraded when any compartment is full (calls queue or are refused); never down: it is load, not loss."""
+        compartments = [(None, self._single)] if self._key_of is None else list(self._partitions.items())
+        details = {
+            key_name(key): {"in_flight": c.in_flight, "queued": c.queued(), "max_concurrent": self._max_concurrent}
+            for key, c in compartments
+        }
+        full = any(c.in_flight >= self._max_concurrent for _, c in compartments)
+        return LayerHealth(self.name, "degraded" if full else "ok", {"compartments": details})
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {"layer": "Bulkhead", "options": self.options.model_dump()}

@@ -47,6 +47,7 @@ from resilient_dspy.dspy_binding import (
 )
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
+from resilient_dspy.health import LayerHealth
 from resilient_dspy.options import Options, build_options
 from resilient_dspy.pipeline import Call, CallRecord, Handler, Pipeline
 
@@ -555,6 +556,22 @@ class Cache:
     async def clear(self) -> int:
         """Remove every entry in the backend, whatever its namespace; how many were removed."""
         return await self.backend.clear(None)  # type: ignore[no-any-return]
+
+    def health(self) -> LayerHealth:
+        """Degraded after backend failures (the cache fails open, so calls still pass); hit rate and savings."""
+        stats = self.stats
+        served = stats.hits + stats.coalesced
+        looked_up = served + stats.misses
+        details = {
+            "hit_rate": served / looked_up if looked_up else 0.0,
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "coalesced": stats.coalesced,
+            "backend_errors": stats.errors,
+            "saved_tokens": stats.saved_tokens,
+            "saved_cost": stats.saved_cost,
+        }
+        return LayerHealth(self.label, "degraded" if stats.errors else "ok", details)
 
     def describe(self) -> dict[str, Any]:
         options = self.options

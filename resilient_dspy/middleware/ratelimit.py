@@ -24,6 +24,7 @@ from pydantic import Field, ValidationError, field_validator
 from resilient_dspy.dspy_binding import UsageScope, attach_usage, usage_scope
 from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
 from resilient_dspy.events import Event
+from resilient_dspy.health import LayerHealth, key_name
 from resilient_dspy.options import Options, build_options, problems_of
 from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
 
@@ -701,6 +702,23 @@ class RateLimiter:
         now = self._clock.now() if self._clock is not None else 0.0
         usages = tuple(LimitUsage(meter.limit, *meter.usage(now)) for meter in lane.meters)
         return RateLimiterSnapshot(key, len(lane.queue), usages)
+
+    def health(self) -> LayerHealth:
+        """Degraded while calls queue for admission; the figures are each limit's use of its current window."""
+        lanes = [None] if self._key_of is None else [key for key, _ in self._partitions.items()]
+        details: dict[str, Any] = {}
+        queued = 0
+        for key in lanes:
+            snap = self.snapshot(key)
+            queued += snap.queued
+            details[key_name(key)] = {
+                "queued": snap.queued,
+                "limits": [
+                    {"unit": u.limit.unit, "per": u.limit.per, "used": u.used, "available": u.available}
+                    for u in snap.limits
+                ],
+            }
+        return LayerHealth(self.name, "degraded" if queued else "ok", {"lanes": details})
 
     def describe(self) -> dict[str, Any]:
         described: dict[str, Any] = {"layer": "RateLimiter", "options": self.options.model_dump()}
