@@ -16,7 +16,19 @@ from typing import Any
 
 import dspy
 
-from resilient_dspy.middleware import Fallback, Retry, RetryBudget, Static, Timeout, UseLM
+from resilient_dspy.middleware import (
+    Bulkhead,
+    Cache,
+    CircuitBreaker,
+    Fallback,
+    RateLimiter,
+    Retry,
+    RetryBudget,
+    Static,
+    Timeout,
+    UseLM,
+)
+from resilient_dspy.partition import by_model
 from resilient_dspy.pipeline import Pipeline
 from resilient_dspy.testing import FaultInjectingLM, FaultProfile
 
@@ -138,8 +150,12 @@ def build_pipeline(program: dspy.Module, backup: dspy.BaseLM) -> Pipeline:
             Static(answer="Sorry, I cannot answer right now.", name="static-apology"),
         ),
         Timeout(8.0),
+        RateLimiter(requests=50, per=1.0),
         Retry(4, base_delay=0.2, max_delay=2.0, jitter="full", max_retry_after=2.0, budget=RetryBudget(ratio=0.5)),
+        CircuitBreaker(failure_rate=0.6, window_seconds=10.0, min_calls=20, break_duration=2.0, key=by_model),
+        Bulkhead(8, max_queue=64),
         Timeout(1.5),
+        Cache(),
         name="demo",
     )
 

@@ -43,7 +43,17 @@ def test_cli_demo_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
     data = json.loads(capsys.readouterr().out)
     assert data["resilient"]["answered"] == 12
     assert data["bare"]["answered"] + data["bare"]["failed"] == 12
-    assert [layer["layer"] for layer in data["layers"]] == ["Fallback", "Timeout", "Retry", "Timeout", "program"]
+    assert [layer["layer"] for layer in data["layers"]] == [
+        "Fallback",
+        "Timeout",
+        "RateLimiter",
+        "Retry",
+        "CircuitBreaker",
+        "Bulkhead",
+        "Timeout",
+        "Cache",
+        "program",
+    ]
 
 
 def test_cli_demo_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
