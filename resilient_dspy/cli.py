@@ -1,11 +1,13 @@
-"""The ``resilient-dspy`` command: ``demo`` now; ``chaos`` and ``bench`` join it in later releases."""
+"""The ``resilient-dspy`` command: ``demo``, and ``chaos-server`` (a local OpenAI-compatible endpoint with faults)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -47,7 +49,74 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--api-base", help="endpoint for --model, e.g. a local OpenAI-compatible server")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    chaos = commands.add_parser(
+        "chaos-server",
+        help="serve a local OpenAI-compatible chat endpoint that answers DSPy prompts or fails on purpose",
+        description="Serves POST /v1/chat/completions with answers in DSPy's Chat or JSON format, and injects "
+        "faults: 429 with Retry-After, 5xx, hangs, dropped connections, bad JSON, malformed answers, context-window "
+        "errors, quotas. Change them at run time with POST /control/faults; read GET /control/journal. "
+        "Serves only loopback addresses unless --allow-remote.",
+    )
+    chaos.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    chaos.add_argument("--port", type=_port, default=8089, help="port (default 8089; 0 = any free port)")
+    chaos.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (no auth!)")
+    chaos.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND=RATE",
+        type=_fault_rate,
+        help="probability of a fault per request, e.g. --fault rate_limit=0.1 --fault server_error=0.05",
+    )
+    chaos.add_argument("--latency", type=_span, metavar="LOW[,HIGH]", help="latency of each request, in seconds")
+    chaos.add_argument(
+        "--retry-after", type=_span, metavar="LOW[,HIGH]", help="Retry-After of injected 429s (default 0.5,2)"
+    )
+    chaos.add_argument("--rpm", type=_positive_int, help="requests-per-minute quota (429 + Retry-After beyond it)")
+    chaos.add_argument("--tpm", type=_positive_int, help="tokens-per-minute quota")
+    chaos.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default 0)")
+    chaos.add_argument(
+        "--max-hang", type=_positive_float, default=30.0, help="longest a hang lasts before the connection is dropped"
+    )
     return parser
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (got {value})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text})")
+    return value
+
+
+def _span(text: str) -> tuple[float, float]:
+    parts = [_non_negative_float(part) for part in text.split(",")]
+    if len(parts) not in (1, 2) or parts[0] > parts[-1]:
+        raise argparse.ArgumentTypeError(f"must be SECONDS or LOW,HIGH with LOW <= HIGH (got {text})")
+    return parts[0], parts[-1]
+
+
+def _fault_rate(text: str) -> tuple[str, float]:
+    from resilient_dspy.testing.fault_lm import FaultProfile
+
+    kind, _, rate = text.partition("=")
+    kinds = [name for name in FaultProfile.model_fields if name not in ("retry_after", "latency")]
+    if kind not in kinds:
+        raise argparse.ArgumentTypeError(f"unknown fault {kind!r}; known: {', '.join(kinds)}")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{kind}: the rate must be a number from 0 to 1 (got {rate!r})")
+    return kind, value
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -95,10 +164,62 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chaos_server(args: argparse.Namespace) -> int:
+    from resilient_dspy.errors import ConfigurationError
+    from resilient_dspy.testing.chaos_server import ChaosServer
+
+    profile: dict[str, Any] = dict(args.fault)
+    if args.latency is not None:
+        profile["latency"] = args.latency
+    if args.retry_after is not None:
+        profile["retry_after"] = args.retry_after
+    quota = {"requests_per_minute": args.rpm, "tokens_per_minute": args.tpm} if args.rpm or args.tpm else None
+    try:
+        server = ChaosServer(
+            host=args.host,
+            port=args.port,
+            profile=profile,
+            quota=quota,
+            seed=args.seed,
+            max_hang=args.max_hang,
+            allow_remote=args.allow_remote,
+        )
+    except ConfigurationError as error:
+        print(f"resilient-dspy chaos-server: {error}", file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        async with server:
+            print(f"chaos server listening on {server.url}", flush=True)
+            print(f"  OpenAI base URL: {server.api_base}", flush=True)
+            print(
+                f'  dspy.LM("openai/chaos", api_base="{server.api_base}", api_key="x", cache=False, num_retries=0)',
+                flush=True,
+            )
+            print("  control: POST /control/faults, POST /control/reset, GET /control/journal, GET /health", flush=True)
+            print("Press Ctrl-C to stop.", flush=True)
+            await stop.wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    print("chaos server stopped", flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "chaos-server":
+        from resilient_dspy.testing.chaos_server import is_loopback
+
+        if not args.allow_remote and not is_loopback(args.host):
+            parser.error(f"--host {args.host} is not a loopback address; add --allow-remote to serve it (no auth!)")
+        return _chaos_server(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

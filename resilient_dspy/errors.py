@@ -185,7 +185,7 @@ class ErrorInfo:
         return self.kind is ErrorKind.CANCELLED
 
 
-_RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_RETRYABLE_STATUS = frozenset({200, 408, 409, 425, 429, 500, 502, 503, 504})  # 200: a body that did not parse
 
 
 def _retry_after(error: BaseException) -> float | None:

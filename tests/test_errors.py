@@ -60,6 +60,7 @@ CASES: list[tuple[str, BaseException, ErrorKind, bool, float | None, bool, bool]
     ("provider_502", dspy.LMProviderError("x", status=502), K.SERVER, True, None, False, False),
     ("provider_408", dspy.LMProviderError("x", status=408), K.SERVER, True, None, False, False),
     ("provider_404", dspy.LMProviderError("x", status=404), K.CLIENT, False, None, False, False),
+    ("provider_200_unparsable_body", dspy.LMProviderError("x", status=200), K.SERVER, True, None, False, False),
     ("provider_no_status", dspy.LMProviderError("x"), K.CLIENT, False, None, False, False),
     ("lm_error_base", dspy.LMError("x"), K.UNKNOWN, False, None, False, False),
     # malformed retry_after values are dropped, the classification stays

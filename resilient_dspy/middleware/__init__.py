@@ -32,6 +32,7 @@ from resilient_dspy.middleware.cache import (
     CacheStats,
     CacheStored,
 )
+from resilient_dspy.middleware.chaos import Chaos, ChaosInjected
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, GuardRejectedInput, GuardRejectedOutput, InputRules
 from resilient_dspy.middleware.ratelimit import (
@@ -66,6 +67,8 @@ __all__ = [
     "CacheNotStored",
     "CacheStats",
     "CacheStored",
+    "Chaos",
+    "ChaosInjected",
     "CircuitBreaker",
     "CircuitRejected",
     "CircuitSnapshot",

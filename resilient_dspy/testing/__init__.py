@@ -1,5 +1,41 @@
-"""Tools for testing pipelines: the fault-injecting LM now; strategies, invariants and a pytest plugin later."""
+"""Tools for testing pipelines: the fault vocabulary, the fault-injecting LM, and the chaos HTTP server.
 
-from resilient_dspy.testing.fault_lm import Fault, FaultInjectingLM, FaultProfile, JournalEntry
+``ChaosServer`` and ``Quota`` are imported on first use, so importing this package does not load ``aiohttp.web``.
+"""
 
-__all__ = ["Fault", "FaultInjectingLM", "FaultProfile", "JournalEntry"]
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from resilient_dspy.testing.fault_lm import (
+    Fault,
+    FaultInjectingLM,
+    FaultProfile,
+    FaultStep,
+    JournalEntry,
+    fault_error,
+)
+
+if TYPE_CHECKING:
+    from resilient_dspy.testing.chaos_server import ChaosServer, Quota
+
+__all__ = [
+    "ChaosServer",
+    "Fault",
+    "FaultInjectingLM",
+    "FaultProfile",
+    "FaultStep",
+    "JournalEntry",
+    "Quota",
+    "fault_error",
+]
+
+_LAZY = {"ChaosServer", "Quota"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from resilient_dspy.testing import chaos_server
+
+        return getattr(chaos_server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,9 @@ Faults are raised as ``dspy.lm15`` errors, so DSPy's own error mapping turns the
 (with ``retry_after``), ``LMServerError`` and friends exactly as for an HTTP provider. Answers follow the
 adapter's format for the signature it is asked (Chat or JSON), report token usage, and are deterministic
 per question. Faults come from an exact ``script`` first, then from a seeded random ``FaultProfile``.
+
+The fault vocabulary (:class:`Fault`, :class:`FaultStep`, :class:`FaultProfile`), the schedule that draws from
+it and the answer renderer are shared with the ``Chaos`` middleware and the chaos HTTP server.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import random
 import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -29,11 +33,26 @@ from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.options import Options, build_options
 
-__all__ = ["Fault", "FaultInjectingLM", "FaultProfile", "JournalEntry"]
+__all__ = [
+    "Drawn",
+    "Fault",
+    "FaultInjectingLM",
+    "FaultProfile",
+    "FaultSchedule",
+    "FaultStep",
+    "JournalEntry",
+    "RenderedAnswer",
+    "ScriptEntry",
+    "fault_error",
+    "parse_steps",
+    "render_answer",
+]
+
+Answers = Mapping[str, str] | Callable[[str], str]
 
 
 class Fault(StrEnum):
-    """What one LM request does."""
+    """What one LM request does; the vocabulary shared by FaultInjectingLM, Chaos and the chaos server."""
 
     OK = "ok"
     RATE_LIMIT = "rate_limit"
@@ -42,8 +61,106 @@ class Fault(StrEnum):
     TRANSPORT = "transport"
     HANG = "hang"
     MALFORMED = "malformed"
+    INVALID_JSON = "invalid_json"
     CONTEXT_WINDOW = "context_window"
     AUTH = "auth"
+
+
+_STATUS = {
+    Fault.RATE_LIMIT: 429,
+    Fault.SERVER_ERROR: 503,
+    Fault.TIMEOUT: 504,
+    Fault.INVALID_JSON: 200,
+    Fault.CONTEXT_WINDOW: 400,
+    Fault.AUTH: 401,
+}
+
+
+def _step_problems(fault: Fault, latency: Any, retry_after: Any, status: Any) -> list[tuple[str, str]]:
+    problems = []
+    for name, value in (("latency", latency), ("retry_after", retry_after)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
+        ):
+            problems.append((name, f"must be a finite number of seconds >= 0 (got {value!r})"))
+    if retry_after is not None and fault is not Fault.RATE_LIMIT:
+        problems.append(("retry_after", f"only a rate_limit carries a Retry-After (fault is {fault.value})"))
+    if status is not None:
+        if fault is not Fault.SERVER_ERROR:
+            problems.append(("status", f"only a server_error takes a status (fault is {fault.value})"))
+        elif isinstance(status, bool) or not isinstance(status, int) or not 500 <= status <= 599:
+            problems.append(("status", f"must be an HTTP status from 500 to 599 (got {status!r})"))
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class FaultStep:
+    """One scripted request: its fault and, optionally, its own latency, Retry-After (rate_limit) or status (5xx)."""
+
+    fault: Fault = Fault.OK
+    latency: float | None = None
+    retry_after: float | None = None
+    status: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fault, Fault):
+            known = [kind.value for kind in Fault]
+            if self.fault not in known:
+                rule = f"unknown fault {self.fault!r}; known: {', '.join(known)}"
+                raise ConfigurationError([("FaultStep.fault", rule)])
+            object.__setattr__(self, "fault", Fault(self.fault))
+        problems = _step_problems(self.fault, self.latency, self.retry_after, self.status)
+        if problems:
+            raise ConfigurationError([(f"FaultStep.{name}", rule) for name, rule in problems])
+
+
+ScriptEntry = Fault | str | FaultStep | Mapping[str, Any] | None
+"""A script entry: a fault or its name, None (= ok), a FaultStep, or a FaultStep as a mapping (from JSON)."""
+
+
+def parse_steps(entries: Iterable[ScriptEntry], field: str) -> list[FaultStep]:
+    """Script entries as FaultSteps, all or none: every problem is reported at once as a ConfigurationError."""
+    entries = list(entries)
+    known = [kind.value for kind in Fault]
+    unknown: list[Any] = []
+    problems: list[tuple[str, str]] = []
+    steps: list[FaultStep] = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, FaultStep):
+            steps.append(entry)
+            continue
+        values: dict[str, Any]
+        if entry is None:
+            values = {}
+        elif isinstance(entry, Fault | str):
+            values = {"fault": entry}
+        elif isinstance(entry, Mapping):
+            values = dict(entry)
+        else:
+            rule = f"must be a fault name, None, a FaultStep or a mapping (got {entry!r})"
+            problems.append((f"{field}[{index}]", rule))
+            continue
+        extra = sorted(set(values) - {"fault", "latency", "retry_after", "status"})
+        if extra:
+            rule = f"unknown key(s) {extra}; known: fault, latency, retry_after, status"
+            problems.append((f"{field}[{index}]", rule))
+            continue
+        name = values.get("fault", Fault.OK)
+        name = Fault.OK if name is None else name
+        if not isinstance(name, Fault) and name not in known:
+            unknown.append(name)
+            continue
+        fault = Fault(name)
+        step_problems = _step_problems(fault, values.get("latency"), values.get("retry_after"), values.get("status"))
+        if step_problems:
+            problems.extend((f"{field}[{index}].{key}", rule) for key, rule in step_problems)
+            continue
+        steps.append(FaultStep(fault, values.get("latency"), values.get("retry_after"), values.get("status")))
+    if unknown:
+        problems.insert(0, (field, f"unknown fault(s) {unknown}; known: {', '.join(known)}"))
+    if problems:
+        raise ConfigurationError(problems)
+    return steps
 
 
 class FaultProfile(Options):
@@ -56,6 +173,7 @@ class FaultProfile(Options):
     hang: float = Field(default=0.0, ge=0, le=1)
     malformed: float = Field(default=0.0, ge=0, le=1)
     context_window: float = Field(default=0.0, ge=0, le=1)
+    invalid_json: float = Field(default=0.0, ge=0, le=1, description="Probability of a 200 whose body is not JSON.")
     retry_after: tuple[float, float] | None = Field(
         default=(0.5, 2.0), description="Retry-After range (s) sent with rate limits; None sends none."
     )
@@ -81,77 +199,37 @@ class FaultProfile(Options):
             Fault.HANG: self.hang,
             Fault.MALFORMED: self.malformed,
             Fault.CONTEXT_WINDOW: self.context_window,
+            Fault.INVALID_JSON: self.invalid_json,
         }
 
 
 @dataclass(frozen=True, slots=True)
-class JournalEntry:
-    """One request the LM saw and what it did with it."""
+class Drawn:
+    """What one request will do, fully resolved: the fault, its latency, Retry-After and HTTP-like status."""
 
-    time: float
-    model: str
     fault: Fault
-    question: str
-    input_tokens: int
-    output_tokens: int
+    latency: float = 0.0
+    retry_after: float | None = None
+    status: int | None = None
 
 
-_OUTPUT_FIELDS = re.compile(r"Your output fields are:\n(.*?)(?:\n\n|\nAll interactions|\Z)", re.S)
-_FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \(([^)]*)\)", re.M)
-_INPUT_BLOCK = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond with|\Z)", re.S)
+class FaultSchedule:
+    """The next requests' faults: an exact script first, then a seeded random profile (thread-safe)."""
 
-
-_ERRORS: dict[Fault, Callable[..., Exception]] = {
-    Fault.RATE_LIMIT: lm15.RateLimitError,
-    Fault.SERVER_ERROR: lm15.ServerError,
-    Fault.TIMEOUT: lm15.TimeoutError,
-    Fault.TRANSPORT: lm15.TransportError,
-    Fault.CONTEXT_WINDOW: lm15.ContextLengthError,
-    Fault.AUTH: lm15.AuthError,
-}
-_STATUS = {
-    Fault.RATE_LIMIT: 429,
-    Fault.SERVER_ERROR: 503,
-    Fault.TIMEOUT: 504,
-    Fault.CONTEXT_WINDOW: 400,
-    Fault.AUTH: 401,
-}
-
-
-def _tokens(text: str) -> int:
-    return max(1, len(text) // 4)
-
-
-class _FaultCore:
-    """State shared by the sync and async engines: the schedule, the answers and the journal."""
-
-    def __init__(
-        self,
-        model: str,
-        profile: FaultProfile,
-        script: Iterable[Fault | str],
-        seed: int | None,
-        answers: Mapping[str, str] | Callable[[str], str] | None,
-        clock: Clock,
-    ) -> None:
-        self.model = model
+    def __init__(self, profile: FaultProfile, script: Iterable[FaultStep] = (), seed: int | None = 0) -> None:
         self.profile = profile
-        self.script: deque[Fault] = deque(Fault(f) for f in script)
+        self.script: deque[FaultStep] = deque(script)
         self.rng = random.Random(seed)
-        self.answers = answers
-        self.clock = clock
-        self.journal: list[JournalEntry] = []
         self.faults: Counter[Fault] = Counter()
-        self.in_flight = 0
-        self.max_in_flight = 0
         self._lock = threading.Lock()
 
-    def next_fault(self) -> tuple[Fault, float, float | None]:
-        """The fault for the next request, its latency and its retry-after (all drawn under one lock)."""
+    def draw(self) -> Drawn:
+        """The next request's fault, with its latency, Retry-After (rate limits) and HTTP status resolved."""
         with self._lock:
             profile = self.profile
-            if self.script:
-                fault = self.script.popleft()
+            scripted = self.script.popleft() if self.script else None
+            if scripted is not None:
+                fault = scripted.fault
             else:
                 roll, fault = self.rng.random(), Fault.OK
                 for candidate, rate in profile.rates().items():
@@ -162,82 +240,366 @@ class _FaultCore:
             latency = self.rng.uniform(*profile.latency)
             retry_after = None if profile.retry_after is None else round(self.rng.uniform(*profile.retry_after), 3)
             self.faults[fault] += 1
-            return fault, latency, retry_after
+        if scripted is not None:
+            latency = latency if scripted.latency is None else scripted.latency
+            retry_after = retry_after if scripted.retry_after is None else scripted.retry_after
+        status = scripted.status if scripted is not None and scripted.status is not None else _STATUS.get(fault)
+        return Drawn(fault, latency, retry_after if fault is Fault.RATE_LIMIT else None, status)
 
-    def answer_text(self, request: lm15.Request, fault: Fault) -> tuple[str, str]:
-        """The reply in the adapter's format (or malformed on purpose), and the question it answers."""
-        system = (
-            request.system
-            if isinstance(request.system, str)
-            else "".join(getattr(p, "text", "") for p in (request.system or ()))
-        )
-        user = request.messages[-1].text or "" if request.messages else ""
-        inputs = dict(_INPUT_BLOCK.findall(user))
-        question = next(iter(inputs.values()), user).strip()
-        if fault is Fault.MALFORMED:
-            return "Sorry, I lost the format: the answer is somewhere around here.", question
-        block = _OUTPUT_FIELDS.search(system)
-        fields = _FIELD_LINE.findall(block.group(1)) if block else [("answer", "str")]
-        values = {name: self._value(name, kind, question) for name, kind in fields}
-        if "[[ ## completed ## ]]" in system:
-            body = "\n\n".join(f"[[ ## {name} ## ]]\n{value}" for name, value in values.items())
-            return f"{body}\n\n[[ ## completed ## ]]", question
-        return json.dumps(values), question
+    def push(self, steps: Iterable[FaultStep]) -> None:
+        with self._lock:
+            self.script.extend(steps)
 
-    def _value(self, name: str, kind: str, question: str) -> Any:
-        digest = int(hashlib.sha256(question.encode()).hexdigest()[:8], 16)
-        kind = kind.lower()
-        if kind.startswith("int"):
-            return digest % 100
-        if kind.startswith("float"):
-            return round((digest % 1000) / 1000, 3)
-        if kind.startswith("bool"):
-            return bool(digest % 2)
-        if kind.startswith("list"):
-            return [f"item {digest % 7}"]
-        if name == "reasoning":
-            return f"Recall what is known about: {question[:60]}. Then answer briefly."
+    def replace(self, steps: Iterable[FaultStep]) -> None:
+        with self._lock:
+            self.script = deque(steps)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """One request and what was done with it; ``time`` is when its fault or answer took effect (after latency)."""
+
+    time: float
+    model: str
+    fault: Fault
+    question: str
+    input_tokens: int
+    output_tokens: int
+    latency: float = 0.0
+    status: int | None = None
+    retry_after: float | None = None
+    adapter: str | None = None
+    detail: str = ""
+
+
+# --- answers -------------------------------------------------------------------------------------------
+
+_OUTPUT_FIELDS = re.compile(r"Your output fields are:\n(.*?)(?:\n\n|\nAll interactions|\Z)", re.S)
+_FIELD_LINE = re.compile(r"^\d+\. `(\w+)` \((.*?)\):", re.M)
+_INPUT_BLOCK = re.compile(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?=\n\n\[\[ ## |\n\nRespond with|\Z)", re.S)
+_CHAT_NOTE = re.compile(r"^\{(\w+)\}\s+# note: the value you produce must (.*)$", re.M)
+_JSON_NOTE = re.compile(r'^\s*"(\w+)": "\{\1\}\s+# note: the value you produce must (.*?)",?$', re.M)
+_SCHEMA_NOTE = "adhere to the JSON schema: "
+_CHOICE_NOTE = "exactly match (no extra characters) one of: "
+_SIMPLE_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+
+MALFORMED_TEXT = "Sorry, I lost the format: the answer is somewhere around here."
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedAnswer:
+    """A reply in the adapter's format: its text, the question it answers, and which format (chat or json)."""
+
+    text: str
+    question: str
+    adapter: str
+
+
+def _digest(question: str) -> int:
+    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16)
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text) // 4)
+
+
+def _note_schema(note: str) -> dict[str, Any] | None:
+    if note.startswith(_SCHEMA_NOTE):
+        try:
+            schema = json.loads(note[len(_SCHEMA_NOTE) :])
+        except ValueError:
+            return None
+        return schema if isinstance(schema, dict) else None
+    if note.startswith(_CHOICE_NOTE):
+        return {"enum": note[len(_CHOICE_NOTE) :].split("; ")}
+    return None
+
+
+def _prompt_fields(system: str) -> dict[str, dict[str, Any]]:
+    """Output field name → JSON schema, from the adapter's field list and its per-field notes."""
+    block = _OUTPUT_FIELDS.search(system)
+    if block is None:
+        return {"answer": {"type": "string"}}
+    fields: dict[str, dict[str, Any]] = {}
+    for name, kind in _FIELD_LINE.findall(block.group(1)):
+        base = kind.split("[", 1)[0].lower()
+        if base in _SIMPLE_TYPES:
+            fields[name] = {"type": _SIMPLE_TYPES[base]}
+        elif base == "list":
+            fields[name] = {"type": "array", "items": {"type": "string"}}
+        else:
+            fields[name] = {"type": "string"}
+    notes = {name: note for name, note in _CHAT_NOTE.findall(system)}
+    for name, escaped in _JSON_NOTE.findall(system):
+        try:
+            notes[name] = json.loads(f'"{escaped}"')
+        except ValueError:
+            continue
+    for name, note in notes.items():
+        schema = _note_schema(note)
+        if name in fields and schema is not None:
+            fields[name] = schema
+    return fields
+
+
+class _Values:
+    """Deterministic values for a JSON schema, derived from the question (and the user's answers for text)."""
+
+    def __init__(self, question: str, answers: Answers | None, root: Mapping[str, Any]) -> None:
+        self.question = question
+        self.digest = _digest(question)
+        self.answers = answers
+        self.defs: Mapping[str, Any] = root.get("$defs", {}) if isinstance(root, Mapping) else {}
+
+    def given(self) -> str | None:
         answers = self.answers
         if callable(answers):
-            return answers(question)
-        if answers is not None and question in answers:
-            return answers[question]
-        return f"A local answer #{digest % 10_000} to: {question[:60]}"
+            return answers(self.question)
+        if answers is not None and self.question in answers:
+            return answers[self.question]
+        return None
 
-    def failure(self, fault: Fault, retry_after: float | None) -> Exception | None:
-        """The lm15 error an engine raises for ``fault`` (DSPy maps it to its LMError), or None."""
-        make = _ERRORS.get(fault)
+    def text(self, name: str) -> str:
+        if name == "reasoning":
+            return f"Recall what is known about: {self.question[:60]}. Then answer briefly."
+        given = self.given()
+        return given if given is not None else f"A local answer #{self.digest % 10_000} to: {self.question[:60]}"
+
+    def field(self, schema: Mapping[str, Any], name: str) -> Any:
+        """A top-level output field: the user's answer wins for every non-numeric, non-list field."""
+        if name != "reasoning" and schema.get("type") not in ("integer", "number", "boolean", "array"):
+            given = self.given()
+            if given is not None:
+                return given
+        return self.value(schema, name)
+
+    def value(self, schema: Mapping[str, Any], name: str, nested: bool = False) -> Any:
+        digest = self.digest
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return self.value(self.defs.get(ref.rsplit("/", 1)[1], {}), name, nested)
+        if "const" in schema:
+            return schema["const"]
+        if schema.get("enum"):
+            options = list(schema["enum"])
+            return options[digest % len(options)]
+        for key in ("anyOf", "oneOf"):
+            options = [o for o in schema.get(key, ()) if isinstance(o, Mapping) and o.get("type") != "null"]
+            if options:
+                return self.value(options[0], name, nested)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "string")
+        if kind == "integer":
+            return digest % 100
+        if kind == "number":
+            return round((digest % 1000) / 1000, 3)
+        if kind == "boolean":
+            return bool(digest % 2)
+        if kind == "null":
+            return None
+        if kind == "array":
+            items = schema.get("items")
+            return [self.value(items if isinstance(items, Mapping) else {"type": "string"}, name, True)]
+        if kind == "object" or "properties" in schema:
+            properties = schema.get("properties")
+            if isinstance(properties, Mapping):
+                return {key: self.value(sub, key, True) for key, sub in properties.items()}
+            extra = schema.get("additionalProperties")
+            return {"key": self.value(extra, name, True)} if isinstance(extra, Mapping) else {}
+        return f"item {digest % 7}" if nested else self.text(name)
+
+
+def _chat_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, list | dict) else f"{value}"
+
+
+def render_answer(
+    system: str,
+    user: str,
+    *,
+    answers: Answers | None = None,
+    schema: Mapping[str, Any] | None = None,
+    json_mode: bool | None = None,
+    malformed: bool = False,
+) -> RenderedAnswer:
+    """The reply a well-behaved model would give to a DSPy prompt (or a malformed one on demand).
+
+    Output fields and their types come from the adapter's instructions in ``system`` (or from a JSON
+    ``schema``, as sent in ``response_format``); the question is the first input field of ``user``. The
+    format is Chat's ``[[ ## field ## ]]`` sections when the prompt asks for them, else JSON.
+    """
+    inputs = dict(_INPUT_BLOCK.findall(user))
+    question = next(iter(inputs.values()), user).strip()
+    chat = "[[ ## completed ## ]]" in system if json_mode is None else not json_mode
+    adapter = "chat" if chat else "json"
+    if malformed:
+        return RenderedAnswer(MALFORMED_TEXT, question, adapter)
+    properties = schema.get("properties") if schema is not None else None
+    fields: Mapping[str, Mapping[str, Any]]
+    if isinstance(properties, Mapping) and properties:
+        fields = {name: sub for name, sub in properties.items() if isinstance(sub, Mapping)}
+    else:
+        fields = _prompt_fields(system)
+    values = _Values(question, answers, schema or {})
+    rendered = {name: values.field(sub, name) for name, sub in fields.items()}
+    if chat:
+        body = "\n\n".join(f"[[ ## {name} ## ]]\n{_chat_value(value)}" for name, value in rendered.items())
+        return RenderedAnswer(f"{body}\n\n[[ ## completed ## ]]", question, adapter)
+    return RenderedAnswer(json.dumps(rendered), question, adapter)
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+_LM15_ERRORS: dict[Fault, Callable[..., Exception]] = {
+    Fault.RATE_LIMIT: lm15.RateLimitError,
+    Fault.SERVER_ERROR: lm15.ServerError,
+    Fault.TIMEOUT: lm15.TimeoutError,
+    Fault.TRANSPORT: lm15.TransportError,
+    Fault.CONTEXT_WINDOW: lm15.ContextLengthError,
+    Fault.AUTH: lm15.AuthError,
+    Fault.INVALID_JSON: lm15.ProviderError,
+}
+_DSPY_ERRORS: dict[Fault, Callable[..., Exception]] = {
+    Fault.RATE_LIMIT: dspy.LMRateLimitError,
+    Fault.SERVER_ERROR: dspy.LMServerError,
+    Fault.TIMEOUT: dspy.LMTimeoutError,
+    Fault.TRANSPORT: dspy.LMTransportError,
+    Fault.CONTEXT_WINDOW: dspy.ContextWindowExceededError,
+    Fault.AUTH: dspy.LMAuthError,
+    Fault.INVALID_JSON: dspy.LMProviderError,
+}
+_MESSAGES = {
+    Fault.TRANSPORT: "server closed connection before sending response",
+    Fault.INVALID_JSON: "the reply (HTTP 200) is not JSON",
+}
+
+
+def fault_error(
+    fault: Fault | str,
+    *,
+    retry_after: float | None = None,
+    status: int | None = None,
+    model: str = "chaos",
+    signature: Any = None,
+) -> Exception | None:
+    """The error a DSPy program's caller sees for ``fault`` (as DSPy maps it), or None for ok and hang.
+
+    ``malformed`` is the ``AdapterParseError`` of ``signature`` (default ``question -> answer``); the others are
+    DSPy's ``LMError`` classes with the status an HTTP provider would send.
+    """
+    fault = Fault(fault)
+    if fault is Fault.MALFORMED:
+        signature = signature if signature is not None else dspy.Signature("question -> answer")
+        parse_error: Exception = dspy.AdapterParseError(
+            "ChatAdapter", signature, MALFORMED_TEXT, message=f"injected {fault.value}"
+        )
+        return parse_error
+    make = _DSPY_ERRORS.get(fault)
+    if make is None:
+        return None
+    message = f"injected {fault.value}: {_MESSAGES.get(fault, '')}".rstrip(": ")
+    status = status if status is not None else _STATUS.get(fault)
+    error: Exception = make(
+        message=message, model=model, status=status, retry_after=retry_after if fault is Fault.RATE_LIMIT else None
+    )
+    return error
+
+
+# --- the LM --------------------------------------------------------------------------------------------
+
+
+def _system_text(request: lm15.Request) -> str:
+    if isinstance(request.system, str):
+        return request.system
+    return "".join(getattr(part, "text", "") for part in (request.system or ()))
+
+
+class _FaultCore:
+    """State shared by the sync and async engines: the schedule, the answers and the journal."""
+
+    def __init__(
+        self,
+        model: str,
+        profile: FaultProfile,
+        script: Iterable[FaultStep],
+        seed: int | None,
+        answers: Answers | None,
+        clock: Clock,
+    ) -> None:
+        self.model = model
+        self.schedule = FaultSchedule(profile, script, seed)
+        self.answers = answers
+        self.clock = clock
+        self.journal: list[JournalEntry] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    @property
+    def profile(self) -> FaultProfile:
+        return self.schedule.profile
+
+    @property
+    def script(self) -> deque[FaultStep]:
+        return self.schedule.script
+
+    @property
+    def faults(self) -> Counter[Fault]:
+        return self.schedule.faults
+
+    def render(self, request: lm15.Request, malformed: bool = False) -> RenderedAnswer:
+        user = request.messages[-1].text or "" if request.messages else ""
+        return render_answer(_system_text(request), user, answers=self.answers, malformed=malformed)
+
+    def failure(self, step: Drawn) -> Exception | None:
+        """The lm15 error an engine raises for ``step`` (DSPy maps it to its LMError), or None."""
+        make = _LM15_ERRORS.get(step.fault)
         if make is None:
             return None
-        status = _STATUS.get(fault)
-        retry_after = retry_after if fault is Fault.RATE_LIMIT else None
-        return make(f"injected {fault.value} by {self.model}", status=status, retry_after=retry_after)
+        message = f"injected {step.fault.value} by {self.model}"
+        return make(message, status=step.status, retry_after=step.retry_after)
 
-    def respond(self, request: lm15.Request, fault: Fault) -> lm15.Response:
-        text, question = self.answer_text(request, fault)
-        prompt = "".join(m.text or "" for m in request.messages) + str(request.system or "")
-        usage = lm15.Usage(input_tokens=_tokens(prompt), output_tokens=_tokens(text))
+    def respond(self, request: lm15.Request, step: Drawn) -> lm15.Response:
+        answer = self.render(request, malformed=step.fault is Fault.MALFORMED)
+        prompt = "".join(m.text or "" for m in request.messages) + _system_text(request)
+        input_tokens, output_tokens = _tokens(prompt), _tokens(answer.text)
         usage = lm15.Usage(
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            total_tokens=(usage.input_tokens or 0) + (usage.output_tokens or 0),
+            input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
         )
-        self.journal.append(
-            JournalEntry(
-                self.clock.now(), self.model, fault, question, usage.input_tokens or 0, usage.output_tokens or 0
-            )
-        )
+        self.record(request, step, input_tokens, output_tokens, answer)
         return lm15.Response(
             id=f"fault-{len(self.journal)}",
             model=self.model,
-            message=lm15.Message.assistant([lm15.TextPart(text)]),
+            message=lm15.Message.assistant([lm15.TextPart(answer.text)]),
             finish_reason="stop",
             usage=usage,
         )
 
-    def record_failure(self, request: lm15.Request, fault: Fault) -> None:
-        _, question = self.answer_text(request, Fault.MALFORMED)
-        self.journal.append(JournalEntry(self.clock.now(), self.model, fault, question, 0, 0))
+    def record(
+        self,
+        request: lm15.Request,
+        step: Drawn,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        answer: RenderedAnswer | None = None,
+        detail: str = "",
+    ) -> None:
+        rendered = answer or self.render(request, malformed=True)
+        self.journal.append(
+            JournalEntry(
+                self.clock.now(),
+                self.model,
+                step.fault,
+                rendered.question,
+                input_tokens,
+                output_tokens,
+                latency=step.latency,
+                status=step.status,
+                retry_after=step.retry_after,
+                adapter=answer.adapter if answer is not None else None,
+                detail=detail,
+            )
+        )
 
 
 class _AsyncEngine:
@@ -246,25 +608,34 @@ class _AsyncEngine:
 
     async def complete(self, request: lm15.Request) -> lm15.Response:
         core = self.core
-        fault, latency, retry_after = core.next_fault()
+        step = core.schedule.draw()
         core.in_flight += 1
         core.max_in_flight = max(core.max_in_flight, core.in_flight)
+        recorded = False
         try:
-            if latency:
-                await core.clock.sleep(latency)
-            if fault is Fault.HANG:
-                core.record_failure(request, fault)
+            if step.latency:
+                await core.clock.sleep(step.latency)
+            if step.fault is Fault.HANG:
+                core.record(request, step)
+                recorded = True
                 await asyncio.Event().wait()
-            error = core.failure(fault, retry_after)
+            error = core.failure(step)
+            recorded = True
             if error is not None:
-                core.record_failure(request, fault)
+                core.record(request, step)
                 raise error
-            return core.respond(request, fault)
+            return core.respond(request, step)
+        except asyncio.CancelledError:
+            if not recorded:
+                core.record(request, step, detail="cancelled by the caller")
+            raise
         finally:
             core.in_flight -= 1
 
-    def stream(self, request: lm15.Request) -> Any:
-        return lm15.response_to_events(self.complete(request))  # pragma: no cover - streaming is not faulted yet
+    async def stream(self, request: lm15.Request) -> AsyncIterator[Any]:
+        response = await self.complete(request)
+        for event in lm15.response_to_events(response):
+            yield event
 
     async def aclose(self) -> None:
         return None
@@ -278,32 +649,22 @@ class _SyncEngine:
 
     def complete(self, request: lm15.Request) -> lm15.Response:
         core = self.core
-        fault, latency, retry_after = core.next_fault()
-        if latency:
-            time.sleep(latency)
-        if fault is Fault.HANG:
-            fault = Fault.TIMEOUT
-        error = core.failure(fault, retry_after)
+        step = core.schedule.draw()
+        if step.latency:
+            time.sleep(step.latency)
+        if step.fault is Fault.HANG:
+            step = replace(step, fault=Fault.TIMEOUT, status=_STATUS[Fault.TIMEOUT])
+        error = core.failure(step)
         if error is not None:
-            core.record_failure(request, fault)
+            core.record(request, step)
             raise error
-        return core.respond(request, fault)
+        return core.respond(request, step)
 
-    def stream(self, request: lm15.Request) -> Any:
-        return lm15.response_to_events(self.complete(request))
+    def stream(self, request: lm15.Request) -> Iterator[Any]:
+        return iter(lm15.response_to_events(self.complete(request)))
 
     def close(self) -> None:
         return None
-
-
-def _parse_faults(faults: Iterable[Fault | str], field: str) -> list[Fault]:
-    """Faults from names, all or none: an unknown name is a ConfigurationError listing the known ones."""
-    faults = list(faults)
-    known = [kind.value for kind in Fault]
-    unknown = [f for f in faults if not isinstance(f, Fault) and f not in known]
-    if unknown:
-        raise ConfigurationError([(field, f"unknown fault(s) {unknown}; known: {', '.join(known)}")])
-    return [Fault(f) for f in faults]
 
 
 class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
@@ -317,18 +678,18 @@ class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
         model: str = "fault/local",
         *,
         profile: FaultProfile | Mapping[str, Any] | None = None,
-        script: Iterable[Fault | str] = (),
+        script: Iterable[ScriptEntry] = (),
         seed: int | None = 0,
-        answers: Mapping[str, str] | Callable[[str], str] | None = None,
+        answers: Answers | None = None,
         clock: Clock | None = None,
         cache: bool = False,
         num_retries: int = 0,
         **kwargs: Any,
     ) -> None:
-        faults = _parse_faults(script, "FaultInjectingLM.script")
+        steps = parse_steps(script, "FaultInjectingLM.script")
         if not isinstance(profile, FaultProfile):
             profile = build_options(FaultProfile, "FaultProfile", dict(profile or {}))
-        self.core = _FaultCore(model, profile, faults, seed, answers, clock or LoopClock())
+        self.core = _FaultCore(model, profile, steps, seed, answers, clock or LoopClock())
         super().__init__(
             f"custom/{model}",
             engine=_SyncEngine(self.core),
@@ -344,13 +705,18 @@ class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
 
     @property
     def requests(self) -> int:
-        """How many requests reached the LM (answered or failed)."""
+        """How many requests reached the LM (answered, failed, or cancelled by the caller)."""
         return len(self.core.journal)
 
     @property
     def faults(self) -> Counter[Fault]:
         return self.core.faults
 
-    def push(self, *faults: Fault | str) -> None:
-        """Append faults to the exact script (consumed before the random profile)."""
-        self.core.script.extend(_parse_faults(faults, "FaultInjectingLM.push"))
+    @property
+    def pending(self) -> tuple[FaultStep, ...]:
+        """The scripted steps not yet consumed, in order."""
+        return tuple(self.core.script)
+
+    def push(self, *faults: ScriptEntry) -> None:
+        """Append faults (names, None for ok, or FaultSteps) to the exact script, consumed before the profile."""
+        self.core.schedule.push(parse_steps(faults, "FaultInjectingLM.push"))

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections import Counter
+from typing import Literal
 
 import dspy
 import pytest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from resilient_dspy import ConfigurationError
 from resilient_dspy.options import build_options
-from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile
+from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile, FaultStep, fault_error
+from resilient_dspy.testing.fault_lm import parse_steps, render_answer
 from tests.conftest import other_tasks
 
 TYPED = "question -> count: int, score: float, flag: bool, tags: list[str]"
@@ -272,7 +275,7 @@ def test_pushing_an_unknown_kind_is_a_configuration_error_and_appends_nothing() 
     ((name, rule),) = raised.value.problems
     assert name == "FaultInjectingLM.push"
     assert "['explode']" in rule
-    assert list(lm.core.script) == [Fault.OK]
+    assert lm.pending == (FaultStep(Fault.OK),)
 
 
 def test_profile_rates_summing_over_one_raise_validation_error() -> None:
@@ -308,3 +311,148 @@ def test_defaults_are_safe_for_a_pipeline() -> None:
     assert lm.num_retries == 0
     assert lm.cache is False
     assert sum(lm.core.profile.rates().values()) == 0
+
+
+# --- growth: rich signatures, per-step overrides, the shared vocabulary ---------------------------------
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+class Rich(dspy.Signature):
+    """Describe someone."""
+
+    question: str = dspy.InputField()
+    context: str = dspy.InputField()
+    label: Literal["positive", "negative", "neutral"] = dspy.OutputField()
+    maybe: int | None = dspy.OutputField()
+    counts: dict[str, int] = dspy.OutputField()
+    person: Person = dspy.OutputField()
+    numbers: list[int] = dspy.OutputField()
+
+
+@pytest.mark.parametrize("adapter", [dspy.ChatAdapter(), dspy.JSONAdapter()], ids=["chat", "json"])
+async def test_literal_optional_dict_model_and_list_outputs_parse_under_each_adapter(adapter: dspy.Adapter) -> None:
+    """Answers follow each field's schema from the prompt: a valid Literal choice, ints, a dict, a model, a list."""
+    lm = FaultInjectingLM()
+    question = "Who is Ada?"
+    with dspy.context(lm=lm, adapter=adapter):
+        prediction = await dspy.Predict(Rich).acall(question=question, context="math")
+    d = digest(question)
+    assert prediction.label == ["positive", "negative", "neutral"][d % 3]
+    assert prediction.maybe == d % 100
+    assert prediction.counts == {"key": d % 100}
+    assert prediction.person == Person(name=f"item {d % 7}", age=d % 100)
+    assert prediction.numbers == [d % 100]
+    assert lm.requests == 1
+    assert lm.journal[0].adapter == ("json" if isinstance(adapter, dspy.JSONAdapter) else "chat")
+
+
+def test_render_answer_follows_a_response_format_schema() -> None:
+    """With a JSON schema (as sent in response_format) the answer is JSON: a value per property, $refs resolved."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"type": "string"},
+            "score": {"type": "number"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "owner": {"$ref": "#/$defs/Owner"},
+            "mood": {"enum": ["calm", "angry"]},
+        },
+        "$defs": {"Owner": {"type": "object", "properties": {"id": {"type": "integer"}}}},
+    }
+    rendered = render_answer("no instructions", "[[ ## question ## ]]\nWhy?", schema=schema, json_mode=True)
+    d = digest("Why?")
+    assert rendered.adapter == "json" and rendered.question == "Why?"
+    assert json.loads(rendered.text) == {
+        "answer": f"A local answer #{d % 10_000} to: Why?",
+        "score": round((d % 1000) / 1000, 3),
+        "tags": [f"item {d % 7}"],
+        "owner": {"id": d % 100},
+        "mood": ["calm", "angry"][d % 2],
+    }
+    malformed = render_answer("[[ ## completed ## ]]", "Why?", malformed=True)
+    assert "[[ ##" not in malformed.text and malformed.adapter == "chat"
+
+
+async def test_a_script_step_overrides_latency_retry_after_and_status() -> None:
+    """FaultSteps give one request its own latency, Retry-After or 5xx status; None and mappings are steps too."""
+    lm = FaultInjectingLM(
+        script=[
+            FaultStep("rate_limit", retry_after=7.0),
+            {"fault": "server_error", "status": 502, "latency": 2.0},
+            None,
+            FaultStep(latency=0.5),
+        ]
+    )
+    with pytest.raises(dspy.LMRateLimitError) as limited:
+        await lm.acall(prompt="a")
+    assert limited.value.retry_after == 7.0
+    start = now()
+    with pytest.raises(dspy.LMServerError) as server:
+        await lm.acall(prompt="b")
+    assert server.value.status == 502
+    assert now() - start == pytest.approx(2.0, abs=1e-6)
+    await lm.acall(prompt="c")
+    start = now()
+    await lm.acall(prompt="d")
+    assert now() - start == pytest.approx(0.5, abs=1e-6)
+    assert [(e.fault, e.status, e.retry_after, e.latency) for e in lm.journal] == [
+        (Fault.RATE_LIMIT, 429, 7.0, 0.0),
+        (Fault.SERVER_ERROR, 502, None, 2.0),
+        (Fault.OK, None, None, 0.0),
+        (Fault.OK, None, None, 0.5),
+    ]
+    assert lm.pending == ()
+
+
+async def test_invalid_json_is_a_provider_error_with_status_200() -> None:
+    """invalid_json surfaces as DSPy's LMProviderError with status 200, as for a real HTTP reply that is not JSON."""
+    lm = FaultInjectingLM(script=["invalid_json"])
+    with pytest.raises(dspy.LMProviderError) as raised:
+        await lm.acall(prompt="x")
+    assert type(raised.value) is dspy.LMProviderError and raised.value.status == 200
+
+
+async def test_a_request_cancelled_during_its_latency_is_journalled() -> None:
+    """A caller that gives up during the latency still shows in the journal (and in requests), marked cancelled."""
+    lm = FaultInjectingLM(profile=FaultProfile(latency=(5.0, 5.0)))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(lm.acall(prompt="slow"), timeout=1.0)
+    assert lm.requests == 1
+    (entry,) = lm.journal
+    assert (entry.fault, entry.detail, entry.output_tokens) == (Fault.OK, "cancelled by the caller", 0)
+    assert lm.core.in_flight == 0 and not other_tasks()
+
+
+@pytest.mark.parametrize(
+    ("entry", "field", "rule"),
+    [
+        (FaultStep, "FaultStep.fault", "unknown fault 'explode'"),
+        ({"fault": "server_error", "status": 404}, "script[0].status", "from 500 to 599"),
+        ({"fault": "timeout", "status": 504}, "script[0].status", "only a server_error"),
+        ({"fault": "server_error", "retry_after": 1}, "script[0].retry_after", "only a rate_limit"),
+        ({"fault": "ok", "latency": -1}, "script[0].latency", "finite number of seconds >= 0"),
+        ({"fault": "ok", "delay": 1}, "script[0]", "unknown key(s) ['delay']"),
+        (3.5, "script[0]", "must be a fault name, None, a FaultStep or a mapping"),
+    ],
+)
+def test_bad_steps_name_where_and_why(entry: object, field: str, rule: str) -> None:
+    """An invalid step is a ConfigurationError naming its index and key (or FaultStep's field)."""
+    with pytest.raises(ConfigurationError) as raised:
+        if entry is FaultStep:
+            FaultStep("explode")  # type: ignore[arg-type]
+        else:
+            parse_steps([entry], "script")  # type: ignore[list-item]
+    ((name, message),) = raised.value.problems
+    assert name == field and rule in message
+
+
+def test_fault_error_is_none_for_faults_that_raise_nothing() -> None:
+    """ok answers and hang never ends: neither has an error."""
+    assert fault_error("ok") is None and fault_error(Fault.HANG) is None
+    error = fault_error("rate_limit", retry_after=1.5, model="m")
+    assert isinstance(error, dspy.LMRateLimitError)
+    assert (error.status, error.retry_after, error.model) == (429, 1.5, "m")
