@@ -1,0 +1,204 @@
+"""Prometheus: a scenario (retries, a breaker opening and closing, a cache, tokens, cost), checked on the parsed
+text exposition; registries are explicit and the global one is never touched."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import dspy
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from resilient_dspy import CircuitBreaker, CircuitOpenError, Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy.middleware.cache import Cache
+from resilient_dspy.observe import PriceTable, PrometheusMetrics, make_asgi_app
+from resilient_dspy.testing import FaultInjectingLM
+from tests.observe import Scripted, server_error
+
+
+def samples(metrics: PrometheusMetrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of the text exposition by (sample name, labels)."""
+    parsed = {}
+    for family in text_string_to_metric_families(metrics.text()):
+        for sample in family.samples:
+            parsed[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return parsed
+
+
+def value(metrics: PrometheusMetrics, name: str, **labels: str) -> float | None:
+    return samples(metrics).get((name, frozenset(labels.items())))
+
+
+class Switch:
+    """An async program that fails with a 503 while ``failing`` is set."""
+
+    def __init__(self) -> None:
+        self.failing = True
+
+    async def __call__(self, question: str) -> str:
+        if self.failing:
+            raise server_error()
+        return "ok"
+
+
+async def test_retries_and_a_breaker_opening_then_closing() -> None:
+    metrics = PrometheusMetrics()
+    program = Switch()
+    breaker = CircuitBreaker(2, break_duration=30)
+    pipeline = Pipeline(program, metrics, Retry(3, base_delay=0.1, jitter="none"), breaker, name="qa")
+    assert value(metrics, "resilient_dspy_circuit_state", pipeline="qa", layer="CircuitBreaker", key="") == 0
+
+    with pytest.raises(CircuitOpenError):
+        await pipeline("q")
+    with pytest.raises(CircuitOpenError):
+        await pipeline("q")
+    assert value(metrics, "resilient_dspy_calls_total", pipeline="qa", outcome="rejected") == 2
+    assert value(metrics, "resilient_dspy_attempts_total", pipeline="qa") == 2
+    assert value(metrics, "resilient_dspy_retries_total", pipeline="qa", reason="LMServerError") == 2
+    rejected = {"pipeline": "qa", "layer": "CircuitBreaker", "reason": "open"}
+    assert value(metrics, "resilient_dspy_rejections_total", **rejected) == 2
+    circuit = {"pipeline": "qa", "layer": "CircuitBreaker", "key": ""}
+    assert value(metrics, "resilient_dspy_circuit_state", **circuit) == 2
+    assert value(metrics, "resilient_dspy_circuit_transitions_total", **circuit, to="open") == 1
+
+    await asyncio.sleep(31)
+    program.failing = False
+    assert await pipeline("q") == "ok"
+    assert value(metrics, "resilient_dspy_circuit_state", **circuit) == 0
+    assert value(metrics, "resilient_dspy_circuit_transitions_total", **circuit, to="half_open") == 1
+    assert value(metrics, "resilient_dspy_circuit_transitions_total", **circuit, to="closed") == 1
+    assert value(metrics, "resilient_dspy_calls_total", pipeline="qa", outcome="success") == 1
+    assert value(metrics, "resilient_dspy_attempts_total", pipeline="qa") == 3
+    assert value(metrics, "resilient_dspy_call_duration_seconds_count", pipeline="qa", outcome="rejected") == 2
+    assert (
+        value(metrics, "resilient_dspy_call_duration_seconds_bucket", pipeline="qa", outcome="success", le="0.05") == 1
+    )
+
+
+async def test_gave_up_is_an_error_and_durations_land_in_buckets() -> None:
+    metrics = PrometheusMetrics()
+    pipeline = Pipeline(Scripted(*[server_error()] * 3), metrics, Retry(3, base_delay=1.0, jitter="none"), name="qa")
+    with pytest.raises(RetriesExhaustedError):
+        await pipeline("q")
+    assert value(metrics, "resilient_dspy_calls_total", pipeline="qa", outcome="error") == 1
+    labels = {"pipeline": "qa", "outcome": "error"}
+    assert value(metrics, "resilient_dspy_call_duration_seconds_sum", **labels) == pytest.approx(3.0, abs=0.01)
+    assert value(metrics, "resilient_dspy_call_duration_seconds_bucket", **labels, le="2.5") == 0
+    assert value(metrics, "resilient_dspy_call_duration_seconds_bucket", **labels, le="5.0") == 1
+
+
+async def test_cache_tokens_and_cost_from_dspy_calls() -> None:
+    prices = PriceTable({"fault/local": (2.0, 8.0)}, defaults=False, litellm=False)
+    metrics = PrometheusMetrics(prices=prices)
+    lm = FaultInjectingLM()
+    pipeline = Pipeline(dspy.Predict("question -> answer"), metrics, Cache(), name="qa")
+    with dspy.context(lm=lm):
+        await pipeline("What is DSPy?")
+        await pipeline("What is DSPy?")
+        await pipeline("What is a circuit breaker?")
+    assert value(metrics, "resilient_dspy_cache_requests_total", pipeline="qa", layer="Cache", result="miss") == 2
+    assert value(metrics, "resilient_dspy_cache_requests_total", pipeline="qa", layer="Cache", result="hit") == 1
+    first, second = lm.journal
+    saved = value(metrics, "resilient_dspy_cache_saved_tokens_total", pipeline="qa", layer="Cache")
+    assert saved == first.input_tokens + first.output_tokens
+    model = "custom/fault/local"
+    input_tokens = first.input_tokens + second.input_tokens
+    output_tokens = first.output_tokens + second.output_tokens
+    assert value(metrics, "resilient_dspy_tokens_total", pipeline="qa", model=model, kind="input") == input_tokens
+    assert value(metrics, "resilient_dspy_tokens_total", pipeline="qa", model=model, kind="output") == output_tokens
+    cost = value(metrics, "resilient_dspy_cost_usd_total", pipeline="qa", model=model)
+    assert cost == pytest.approx((input_tokens * 2.0 + output_tokens * 8.0) / 1e6)
+    assert value(metrics, "resilient_dspy_attempts_total", pipeline="qa") == 2
+
+
+async def test_asgi_app_serves_the_given_registry() -> None:
+    metrics = PrometheusMetrics()
+    await Pipeline(Scripted(), metrics, name="qa")("q")
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/metrics", "query_string": b"", "headers": []}
+    await make_asgi_app(metrics)(scope, receive, send)
+    assert sent[0]["status"] == 200
+    body = b"".join(m.get("body", b"") for m in sent).decode()
+    assert 'resilient_dspy_calls_total{outcome="success",pipeline="qa"} 1.0' in body
+
+
+def test_registries_are_explicit() -> None:
+    before = {name for name in REGISTRY._names_to_collectors if name.startswith("resilient_dspy")}
+    assert not before
+    mine = CollectorRegistry()
+    metrics = PrometheusMetrics(mine)
+    assert metrics.registry is mine
+    assert PrometheusMetrics().registry is not mine
+    assert not {name for name in REGISTRY._names_to_collectors if name.startswith("resilient_dspy")}
+    with pytest.raises(ValueError, match="Duplicated"):
+        PrometheusMetrics(mine)
+
+
+async def test_tokens_off_measures_no_usage() -> None:
+    metrics = PrometheusMetrics(tokens=False, prices=PriceTable({"fault/local": (1.0, 1.0)}, litellm=False))
+    pipeline = Pipeline(dspy.Predict("question -> answer"), metrics, name="qa")
+    with dspy.context(lm=FaultInjectingLM()):
+        await pipeline("What is DSPy?")
+    names = {name for name, _ in samples(metrics)}
+    assert "resilient_dspy_calls_total" in names
+    assert "resilient_dspy_tokens_total" not in names
+    assert "resilient_dspy_cost_usd_total" not in names
+
+
+def test_events_of_other_layers_are_routed_by_shape() -> None:
+    from dataclasses import dataclass
+
+    from resilient_dspy import Event
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class BudgetRejected(Event):
+        unit: str
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class GuardRejectedInput(Event):
+        rule: str
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class BulkheadRejected(Event):
+        reason: str
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class ChaosInjected(Event):
+        kind: str
+        detail: str
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class CacheMiss(Event):
+        bypassed: bool
+
+    metrics = PrometheusMetrics()
+    for event in (
+        BudgetRejected(pipeline="qa", layer="Budget", time=0.0, unit="dollars"),
+        GuardRejectedInput(pipeline="qa", layer="Guard", time=0.0, rule="free text must not become a label"),
+        BulkheadRejected(pipeline="qa", layer="Bulkhead", time=0.0, reason="queue_full"),
+        ChaosInjected(pipeline="qa", layer="Chaos", time=0.0, kind="latency", detail="2.0 s"),
+        CacheMiss(pipeline="qa", layer="Cache", time=0.0, bypassed=True),
+    ):
+        metrics.on_event(event)
+    rejections = {
+        labels["layer"]: (labels["reason"], count)
+        for (name, frozen), count in samples(metrics).items()
+        if name == "resilient_dspy_rejections_total"
+        for labels in [dict(frozen)]
+    }
+    assert rejections == {
+        "Budget": ("dollars", 1),
+        "Guard": ("input", 1),
+        "Bulkhead": ("queue_full", 1),
+    }
+    assert value(metrics, "resilient_dspy_chaos_injected_total", pipeline="qa", layer="Chaos", kind="latency") == 1
+    assert value(metrics, "resilient_dspy_cache_requests_total", pipeline="qa", layer="Cache", result="bypass") == 1
