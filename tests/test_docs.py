@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-PAGES = sorted((ROOT / "docs" / "patterns").glob("*.md"))
+PAGES = [*sorted((ROOT / "docs" / "patterns").glob("*.md")), ROOT / "docs" / "observability.md"]
 
 
 def usage_block(page: Path) -> str | None:
