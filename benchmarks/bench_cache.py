@@ -162,8 +162,8 @@ async def costs(batch: int, rounds: int) -> dict[str, Any]:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    rounds_a = 6 if args.quick else 20
-    batch, rounds_b = (200, 15) if args.quick else (500, 60)
+    rounds_a = 1 if args.smoke else 6 if args.quick else 20
+    batch, rounds_b = (20, 2) if args.smoke else (200, 15) if args.quick else (500, 60)
     print(f"\n(a) {CONCURRENT} identical concurrent misses, LM latency {LATENCY * 1000:.0f} ms, {rounds_a} rounds")
     flight = await single_flight(rounds_a)
     print(f"  {'variant':<24} {'LM requests min/median/max':>28} {'batch ms (median)':>19}")
@@ -181,6 +181,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (~10 s instead of ~40 s)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (tests use it)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     meta = {

@@ -106,8 +106,8 @@ def per_layer(group: Group) -> dict[str, float]:
     return {v.name: median_pairs(v, pipe, lambda x, y: x - y) for v in group.variants[2:]}
 
 
-async def main_async(quick: bool) -> dict[str, Any]:
-    batch, rounds = (500, 7) if quick else (2000, 21)
+async def main_async(quick: bool, smoke: bool = False) -> dict[str, Any]:
+    batch, rounds = (50, 2) if smoke else (500, 7) if quick else (2000, 21)
     group = guard_group(batch, rounds)
     await measure(group)
     summary = summarize(group)
@@ -117,9 +117,10 @@ async def main_async(quick: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batches and few rounds (a smoke run)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (tests use it)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
-    result = asyncio.run(main_async(args.quick))
+    result = asyncio.run(main_async(args.quick, args.smoke))
     print(f"Python {platform.python_version()} on {platform.machine()}, {platform.system()}")
     print_group(result["summary"])
     print("\nEach layer over a bare Pipeline (paired medians):")

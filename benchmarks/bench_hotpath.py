@@ -85,8 +85,8 @@ async def nothing() -> None:
     """The empty coroutine that async figures are net of."""
 
 
-async def measure(quick: bool) -> dict[str, Any]:
-    number, repeat = (20_000, 5) if quick else (100_000, 7)
+async def measure(quick: bool, smoke: bool = False) -> dict[str, Any]:
+    number, repeat = (500, 1) if smoke else (20_000, 5) if quick else (100_000, 7)
     loop = asyncio.get_running_loop()
     pipe = Pipeline(program)
     call = pipe.new_call({"question": "q"})
@@ -178,7 +178,7 @@ async def measure(quick: bool) -> dict[str, Any]:
     original = Call.replace
     samples: dict[str, list[float]] = {"A": [], "B": []}
     try:
-        for block in "ABBA" * (2 if quick else 5):
+        for block in "ABBA" * (1 if smoke else 2 if quick else 5):
             Call.replace = original if block == "A" else fast_replace  # type: ignore[method-assign]
             times = [await async_ns(lambda: stack(question="q"), 2000, 1) for _ in range(10)]
             samples[block].extend(times[1:])
@@ -192,9 +192,10 @@ async def measure(quick: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (~10 s)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (tests use it)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
-    results = asyncio.run(measure(args.quick))
+    results = asyncio.run(measure(args.quick, args.smoke))
     print(f"{'piece':<32} {'ns':>8}  note")
     print("-" * 90)
     for label, row in results["rows"].items():

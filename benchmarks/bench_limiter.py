@@ -224,13 +224,14 @@ async def _batch(fn: Callable[[], Awaitable[None]], n: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (about 10 s)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (tests use it)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--seconds", type=int, help="length of the saturated run, whole seconds (default 5, quick 2)")
     parser.add_argument("--cap", type=float, help="longest fairness wait measured (default 8, quick 5.2)")
     args = parser.parse_args()
     seconds = max(2, args.seconds or (2 if args.quick else 5))
-    cap = args.cap or (5.2 if args.quick else 8.0)
-    rounds, batch = (20, 500) if args.quick else (60, 1000)
+    cap = args.cap or (2.0 if args.smoke else 5.2 if args.quick else 8.0)
+    rounds, batch = (3, 50) if args.smoke else (20, 500) if args.quick else (60, 1000)
 
     results: dict[str, Any] = {
         "python": sys.version.split()[0],

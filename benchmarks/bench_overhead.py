@@ -415,11 +415,11 @@ def print_derived(derived: dict[str, Any], alloc: dict[str, dict[str, float]] | 
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    quick = args.quick
+    quick, smoke = args.quick, args.smoke
     plan: dict[str, Callable[[], Group]] = {
-        "success": lambda: success_group(2000, 100 if quick else 500),
-        "failure": lambda: failure_group(500, 30 if quick else 250),
-        "dspy": lambda: dspy_group(10, 100 if quick else 800),
+        "success": lambda: success_group(100, 3) if smoke else success_group(2000, 100 if quick else 500),
+        "failure": lambda: failure_group(20, 3) if smoke else failure_group(500, 30 if quick else 250),
+        "dspy": lambda: dspy_group(2, 3) if smoke else dspy_group(10, 100 if quick else 800),
     }
     groups: dict[str, Group] = {}
     summaries: dict[str, Any] = {}
@@ -433,7 +433,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         summaries[name] = summarize(group)
         summaries[name]["seconds"] = round(time.perf_counter() - started, 2)
         print_group(summaries[name])
-    alloc = await alloc_pass(500 if quick else 2000) if "alloc" in args.groups else None
+    alloc = await alloc_pass(20 if smoke else 500 if quick else 2000) if "alloc" in args.groups else None
     derived = derive(groups, summaries)
     print_derived(derived, alloc)
     return {"groups": summaries, "derived": derived, "allocations": alloc}
@@ -442,6 +442,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (whole run ~15 s instead of ~60 s)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs (tests use it)")
     parser.add_argument("--json", type=Path, help="write every figure and raw sample to this file")
     parser.add_argument(
         "--groups", nargs="+", choices=GROUPS, default=list(GROUPS), help="run only these parts (default: all)"

@@ -515,6 +515,10 @@ def _usage_value(value: object) -> str:
     return repr(value)
 
 
+# Built once: ``json.dumps(..., separators=..., default=...)`` constructs a new encoder on every store.
+_ENVELOPE_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_usage_value)
+
+
 class CacheSerializer:
     """A versioned JSON envelope for cached values; it never pickles and never imports a class named by data.
 
@@ -571,9 +575,7 @@ class CacheSerializer:
             "usage": dict(usage or {}),
             "tokens": int(tokens),
         }
-        return json.dumps(envelope, ensure_ascii=False, separators=(",", ":"), default=_usage_value).encode(
-            "utf-8", "surrogatepass"
-        )
+        return _ENVELOPE_ENCODER.encode(envelope).encode("utf-8", "surrogatepass")
 
     def _encode(self, value: Any, depth: int) -> Any:
         kind = type(value)

@@ -1,0 +1,42 @@
+"""Smoke test of the benchmark scripts: each runs at tiny sizes and exits 0 with some output.
+
+Nothing here times anything or checks a figure: the scripts measure, the tests only make sure they still run
+after the library changes (they read some private attributes). A script runs with ``--smoke`` when it offers
+it, else ``--quick``. Peers that are not installed are skipped by ``bench_peers.py`` itself, which says so.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+SCRIPTS = sorted(BENCHMARKS.glob("bench_*.py"))
+
+
+def _flag(script: Path) -> str:
+    return "--smoke" if "--smoke" in script.read_text() else "--quick"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=[s.stem for s in SCRIPTS])
+def test_benchmark_runs(script: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DSPY_CACHEDIR": str(tmp_path / "dspy-cache")}
+    completed = subprocess.run(
+        [sys.executable, str(script), _flag(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip(), "the script printed nothing"
+
+
+def test_every_script_is_covered() -> None:
+    assert {s.name for s in SCRIPTS} >= {"bench_overhead.py", "bench_peers.py", "bench_limiter.py", "bench_cache.py"}
