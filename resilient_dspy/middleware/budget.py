@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.dspy_binding import UsageScope, attach_usage, usage_scope
 from resilient_dspy.errors import BudgetExceededError, RequestTooLargeError
+from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, Status, key_name, worst
 from resilient_dspy.options import FieldProblem, build_options
@@ -50,7 +51,6 @@ __all__ = [
 
 logger = logging.getLogger("resilient_dspy.budget")
 
-DEFAULT_MAX_TOKENS = 1024
 """Completion tokens the default estimate assumes when the LM sets no ``max_tokens`` (as the rate limiter's)."""
 
 Unit = Literal["tokens", "dollars"]
@@ -237,34 +237,6 @@ class _Account:
         return not self.in_flight and all(meter.spent == 0 for meter in self.meters)
 
 
-def _max_tokens(lm: Any) -> int | None:
-    kwargs = getattr(lm, "kwargs", None)
-    if not isinstance(kwargs, dict):
-        return None
-    value = kwargs.get("max_tokens") or kwargs.get("max_completion_tokens")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _program_parts(program: Any) -> tuple[int, list[Any]]:
-    """Characters of the instructions and demos of ``program``'s predictors, and the LMs pinned on them."""
-    from resilient_dspy.pipeline import Pipeline
-
-    while isinstance(program, Pipeline):
-        program = program.program
-    if isinstance(program, dspy.BaseLM):
-        return 0, [program]
-    if not isinstance(program, dspy.Module):
-        return 0, []
-    chars, lms = 0, []
-    for predictor in program.predictors():
-        signature = getattr(predictor, "signature", None)
-        chars += len(getattr(signature, "instructions", "") or "")
-        chars += sum(len(str(demo)) for demo in getattr(predictor, "demos", ()) or ())
-        if getattr(predictor, "lm", None) is not None:
-            lms.append(predictor.lm)
-    return chars, lms
-
-
 def _tokens(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"estimate_tokens must return an int >= 0 or a (prompt, completion) pair (got {value!r})")
@@ -325,10 +297,10 @@ class Budget:
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program's instructions, demos and pinned LMs once, for the default estimate and its price."""
         self._clock = pipeline.clock
-        chars, lms = _program_parts(pipeline.program)
+        chars, lms = program_parts(pipeline.program)
         self._prompt_chars = max(self._prompt_chars, chars)
         if lms:
-            pinned = [_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
+            pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
             self._pinned_max_tokens = max(self._pinned_max_tokens or 0, *pinned)
             self._pinned_model = self._pinned_model or getattr(lms[0], "model", None)
 
@@ -346,7 +318,7 @@ class Budget:
         chars = self._prompt_chars
         for value in call.inputs.values():
             chars += len(value) if isinstance(value, str) else len(str(value))
-        completion = self._pinned_max_tokens or _max_tokens(dspy.settings.lm) or DEFAULT_MAX_TOKENS
+        completion = self._pinned_max_tokens or lm_max_tokens(dspy.settings.lm) or DEFAULT_MAX_TOKENS
         return chars // 4, completion
 
     def _price_of(self, usage: Mapping[str, Mapping[str, Any]]) -> float:

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from resilient_dspy.dspy_binding import UsageScope, attach_usage, usage_scope
 from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
+from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, key_name
 from resilient_dspy.options import Options, build_options, problems_of
@@ -44,7 +45,6 @@ __all__ = [
     "RateLimiterSnapshot",
 ]
 
-DEFAULT_MAX_TOKENS = 1024
 """Completion tokens assumed by the default estimate when the LM sets no ``max_tokens``."""
 
 Unit = Literal["requests", "tokens"]
@@ -411,34 +411,6 @@ class _Lane:
         return not self.queue and not self.in_flight and all(meter.idle(now) for meter in self.meters)
 
 
-def _lm_max_tokens(lm: Any) -> int | None:
-    kwargs = getattr(lm, "kwargs", None)
-    if not isinstance(kwargs, dict):
-        return None
-    value = kwargs.get("max_tokens") or kwargs.get("max_completion_tokens")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _prompt_parts(program: Any) -> tuple[int, list[Any]]:
-    """Characters of the instructions and demos of ``program``'s predictors, and the LMs pinned on them."""
-    from resilient_dspy.pipeline import Pipeline
-
-    while isinstance(program, Pipeline):
-        program = program.program
-    if isinstance(program, dspy.BaseLM):
-        return 0, [program]
-    if not isinstance(program, dspy.Module):
-        return 0, []
-    chars, lms = 0, []
-    for predictor in program.predictors():
-        signature = getattr(predictor, "signature", None)
-        chars += len(getattr(signature, "instructions", "") or "")
-        chars += sum(len(str(demo)) for demo in getattr(predictor, "demos", ()) or ())
-        if getattr(predictor, "lm", None) is not None:
-            lms.append(predictor.lm)
-    return chars, lms
-
-
 class RateLimiter:
     """Admit calls within every limit (requests and tokens per period), FIFO per key, waiting up to ``max_wait``."""
 
@@ -507,9 +479,9 @@ class RateLimiter:
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program's instructions and pinned LMs once, for the default token estimate."""
-        chars, lms = _prompt_parts(pipeline.program)
+        chars, lms = program_parts(pipeline.program)
         self._prompt_chars = max(self._prompt_chars, chars)
-        pinned = [_lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
+        pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
         if pinned:
             self._pinned_max_tokens = max(self._pinned_max_tokens or 0, *pinned)
 
@@ -518,7 +490,7 @@ class RateLimiter:
         chars = self._prompt_chars
         for value in call.inputs.values():
             chars += len(value) if isinstance(value, str) else len(str(value))
-        completion = self._pinned_max_tokens or _lm_max_tokens(dspy.settings.lm) or DEFAULT_MAX_TOKENS
+        completion = self._pinned_max_tokens or lm_max_tokens(dspy.settings.lm) or DEFAULT_MAX_TOKENS
         return chars // 4 + completion
 
     async def __call__(self, call: Call, next: Handler) -> Any:

@@ -28,7 +28,7 @@ from resilient_dspy.events import Event
 from resilient_dspy.observe.redact import to_plain
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Pipeline
+    from resilient_dspy.pipeline import Call, Pipeline
 
 __all__ = [
     "CIRCUIT_STATE_VALUES",
@@ -210,24 +210,16 @@ class CallReport:
         return sum(u.output for u in self.usage.values())
 
 
-def report_call(
-    pipeline: str,
-    started: float,
-    now: float,
-    attempts: int,
-    retries: int,
-    served_by: str,
-    window: UsageWindow | None,
-    error: BaseException | None,
-) -> CallReport:
-    """Build the :class:`CallReport` of a call that started at ``started`` and ended at ``now``."""
+def report_call(call: Call, started: float, window: UsageWindow | None, error: BaseException | None) -> CallReport:
+    """Build the :class:`CallReport` of ``call``, which started at ``started`` and ends now."""
+    record = call.record
     return CallReport(
-        pipeline,
-        outcome_of(error, served_by),
-        now - started,
-        attempts,
-        retries,
-        served_by,
+        call.runtime.name,
+        outcome_of(error, record.served_by),
+        call.clock.now() - started,
+        record.attempts,
+        record.retries,
+        record.served_by,
         {} if window is None else window.usage(),
         error,
     )

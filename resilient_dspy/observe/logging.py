@@ -138,10 +138,7 @@ class LogCalls:
         level = self.level if error is None else self.error_level
         if not self.logger.isEnabledFor(level):
             return
-        record = call.record
-        report = report_call(
-            call.runtime.name, started, call.clock.now(), record.attempts, record.retries, record.served_by, None, error
-        )
+        report = report_call(call, started, None, error)
         fields: dict[str, Any] = {
             "event": "CallFinished",
             "pipeline": report.pipeline,

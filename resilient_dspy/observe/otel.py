@@ -165,17 +165,7 @@ class OpenTelemetry:
                 return result
 
     def _finish(self, call: Call, span: Span, started: float, window: UsageWindow, error: BaseException | None) -> None:
-        record = call.record
-        report = report_call(
-            call.runtime.name,
-            started,
-            call.clock.now(),
-            record.attempts,
-            record.retries,
-            record.served_by,
-            window,
-            error,
-        )
+        report = report_call(call, started, window, error)
         cost = self._record(report)
         if span.is_recording():
             attributes: dict[str, AttributeValue] = {

@@ -108,17 +108,7 @@ class PrometheusMetrics:
             return result
 
     def _finish(self, call: Call, started: float, window: UsageWindow, error: BaseException | None) -> None:
-        record = call.record
-        report = report_call(
-            call.runtime.name,
-            started,
-            call.clock.now(),
-            record.attempts,
-            record.retries,
-            record.served_by,
-            window,
-            error,
-        )
+        report = report_call(call, started, window, error)
         self.record(report)
 
     def record(self, report: CallReport) -> None:
