@@ -21,7 +21,7 @@ import math
 import re
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
@@ -389,10 +389,11 @@ class CacheStats:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheHit(Event):
-    """Served from the backend; ``saved_tokens`` is the usage stored with the answer."""
+    """Served from the backend; ``saved_tokens`` / ``saved_usage`` (by model) are the usage stored with the answer."""
 
     key: str
     saved_tokens: int
+    saved_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -422,10 +423,12 @@ class CacheNotStored(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheCoalesced(Event):
-    """This call waited for an identical call in flight and got its answer, or its ``error``."""
+    """This call waited for an identical call in flight and got its answer (saving its usage), or its ``error``."""
 
     key: str
     error: BaseException | None
+    saved_tokens: int = 0
+    saved_usage: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -705,6 +708,7 @@ class Cache:
                     time=call.clock.now(),
                     key=key,
                     saved_tokens=entry.tokens,
+                    saved_usage=entry.usage,
                 )
             )
         return self._with_usage(entry.value, entry.usage)
@@ -714,12 +718,27 @@ class Cache:
         self._saved(answer.usage, answer.tokens)
         call.record.served_by = answer.served_by
         if call.listening:
-            call.emit(self._coalesced_event(call, key, None))
+            call.emit(self._coalesced_event(call, key, None, answer.tokens, answer.usage))
         value, usage = self._fresh(answer)
         return self._with_usage(value, usage)
 
-    def _coalesced_event(self, call: Call, key: str, error: BaseException | None) -> CacheCoalesced:
-        return CacheCoalesced(pipeline=call.runtime.name, layer=self.label, time=call.clock.now(), key=key, error=error)
+    def _coalesced_event(
+        self,
+        call: Call,
+        key: str,
+        error: BaseException | None,
+        tokens: int = 0,
+        usage: dict[str, dict[str, Any]] | None = None,
+    ) -> CacheCoalesced:
+        return CacheCoalesced(
+            pipeline=call.runtime.name,
+            layer=self.label,
+            time=call.clock.now(),
+            key=key,
+            error=error,
+            saved_tokens=tokens,
+            saved_usage=usage or {},
+        )
 
     def _missed(self, call: Call, key: str, *, bypassed: bool) -> None:
         self._count.misses += 1

@@ -90,6 +90,8 @@ async def test_cache_hits_count_as_saved() -> None:
     assert totals.tokens == entry.input_tokens + entry.output_tokens
     assert totals.saved_tokens == entry.input_tokens + entry.output_tokens
     assert tracker.by_pipeline()["qa"].saved_tokens == totals.saved_tokens
+    assert totals.saved_cost == pytest.approx(dollars(entry.input_tokens, entry.output_tokens))
+    assert totals.saved_cost == pytest.approx(totals.cost)  # the hit saved exactly what the miss cost
 
 
 def test_saved_usage_or_cost_on_an_event_is_priced() -> None:
