@@ -1,4 +1,5 @@
-"""The ``resilient-dspy`` command: ``demo``, and ``chaos-server`` (a local OpenAI-compatible endpoint with faults)."""
+"""The ``resilient-dspy`` command: ``demo``, ``chaos-server`` (a local OpenAI-compatible endpoint with faults), and
+``chaos`` (a scorecard of your pipeline under a battery of fault scenarios)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
     chaos.add_argument(
         "--max-hang", type=_positive_float, default=30.0, help="longest a hang lasts before the connection is dropped"
     )
+    scorecard = commands.add_parser(
+        "chaos",
+        help="run a battery of fault scenarios against your pipeline and print a scorecard of its invariants",
+        description="Runs each failure mode alone, then mixes, through TARGET (module:attr or file.py:attr, a "
+        "Pipeline or a zero-argument factory of one) with a fault-injecting LM on virtual time, and checks the "
+        "invariants (no lost call, deadline, attempts, cancellation, permanent errors, no orphan tasks). "
+        "Exit 0: all handled; 1: an invariant broke; 2: bad input.",
+    )
+    from resilient_dspy.chaos_cli import add_arguments
+
+    add_arguments(scorecard)
     return parser
 
 
@@ -214,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "chaos":
+        from resilient_dspy.chaos_cli import command
+
+        return command(args)
     if args.command == "chaos-server":
         from resilient_dspy.testing.chaos_server import is_loopback
 

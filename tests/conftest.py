@@ -1,4 +1,9 @@
-"""Shared test setup: DSPy's cache in a temp dir, virtual loop time for every async test (see pyproject)."""
+"""Shared test setup: DSPy's cache in a temp dir, virtual loop time for every async test (see pyproject).
+
+The ``fault_lm``, ``virtual_clock``, ``chaos_server`` and ``chaos_harness`` fixtures come from our pytest plugin,
+loaded here (``-p no:resilient_dspy`` in pyproject stops the entry point loading it first) so that the
+environment below is set before anything imports DSPy: DSPy reads ``DSPY_CACHEDIR`` once, at import.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,7 @@ import tempfile
 os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="resilient-dspy-test-cache-"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-import pytest
-
-from resilient_dspy.testing import FaultInjectingLM
-
-
-@pytest.fixture
-def fault_lm() -> FaultInjectingLM:
-    """A fault-free local LM; push faults with ``fault_lm.push("rate_limit", ...)``."""
-    return FaultInjectingLM()
+pytest_plugins = ["resilient_dspy.testing.plugin"]
 
 
 def other_tasks() -> set[asyncio.Task[object]]:

@@ -173,6 +173,11 @@ class Retry:
             },
         )
         self._budget = _BudgetWindow(self.options.budget) if self.options.budget is not None else None
+        options = self.options
+        self._fixed_delay: float | None = None
+        if options.jitter == "none" and (options.backoff == "constant" or options.base_delay == 0):
+            # compute_delay's answer for every retry, and it draws no randomness: skip the call
+            self._fixed_delay = float(min(options.base_delay, options.max_delay))
 
     def on_build(self, pipeline: Pipeline) -> None:
         pipeline.target.watch_dspy_retries()
@@ -192,7 +197,7 @@ class Retry:
         clock = call.clock
         budget = self._budget
         if budget is not None:
-            budget.record_call(call.record.started_at)
+            budget.record_call(clock.now())
         previous = options.base_delay
         attempt_call = call
         attempt = 1
@@ -203,24 +208,27 @@ class Retry:
                 result = await next(attempt_call)
             except Exception as caught:
                 info = classify(caught)
-                if not self._retryable(caught, info.kind, info.retryable):
+                if not (
+                    info.retryable and info.kind is not ErrorKind.REJECTED
+                    if options.retry_on is None
+                    else self._retryable(caught, info.kind, info.retryable)
+                ):
                     raise
                 error = caught
             else:
                 if options.retry_on_result is None or not options.retry_on_result(result):
                     return result
 
-            reason = f"{type(error).__name__}" if error is not None else "result rejected"
             stop = None
             if attempt >= options.max_attempts:
                 stop = "max_attempts"
             else:
-                delay = compute_delay(options, attempt, previous, call.rng.uniform)
+                fixed = self._fixed_delay
+                delay = fixed if fixed is not None else compute_delay(options, attempt, previous, call.rng.uniform)
                 previous = delay
                 if info is not None and info.retry_after is not None and options.respect_retry_after:
                     delay = max(delay, min(info.retry_after, options.max_retry_after))
-                remaining = call.remaining()
-                if remaining is not None and delay >= remaining:
+                if call.deadline is not None and delay >= call.deadline - clock.now():
                     stop = "deadline"
                 elif budget is not None and not budget.try_spend(clock.now()):
                     stop = "budget"
@@ -248,7 +256,7 @@ class Retry:
                         time=clock.now(),
                         attempt=attempt,
                         delay=delay,
-                        reason=reason,
+                        reason=type(error).__name__ if error is not None else "result rejected",
                         error=error,
                     )
                 )
@@ -256,7 +264,7 @@ class Retry:
             await clock.sleep(delay)
             attempt += 1
             bypass = attempt_call.bypass_cache or (info is not None and info.needs_fresh_response)
-            attempt_call = call.replace(attempt=attempt, bypass_cache=bypass)
+            attempt_call = call.for_attempt(attempt, bypass)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": "Retry", "options": self.options.model_dump()}

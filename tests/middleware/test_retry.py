@@ -934,3 +934,19 @@ async def test_attempts_follow_the_fault_schedule(schedule: list[Kind], max_atte
         result = "auth" if isinstance(error, dspy.LMAuthError) else "bug"
     assert result == expected
     assert calls == expected_calls
+
+
+async def test_a_call_that_started_long_ago_does_not_wipe_the_current_budget_bucket() -> None:
+    """Regression: the call was recorded at its start time, which can map onto the current bucket's ring slot
+    (e.g. after a long wait in a bulkhead queue) and reset the retries spent there."""
+    budget = RetryBudget(ratio=0.0, min_per_second=0.1, window=10.0)  # one retry per 10 s window
+    pipeline = Pipeline(AlwaysFailing(), Retry(3, base_delay=0, jitter="none", budget=budget))
+    with pytest.raises(RetriesExhaustedError) as first:
+        await pipeline("q")
+    assert first.value.reason == "budget" and first.value.attempts == 2  # the one retry was spent
+    loop = asyncio.get_running_loop()
+    late = pipeline.new_call({"question": "q"})
+    late.record.started_at = loop.time() - 10.0  # same ring slot as now, 10 buckets ago
+    with pytest.raises(RetriesExhaustedError) as second:
+        await pipeline.run(late)
+    assert second.value.reason == "budget" and second.value.attempts == 1

@@ -1,0 +1,378 @@
+"""Run many calls through a pipeline and record what the invariants need: results, timings, events, journals.
+
+Every call runs in its own task with :data:`current_call` set, so events (delivered synchronously in the caller's
+task) and program journal entries are attributed to the call that caused them. Nothing here uses wall-clock time:
+run it on a ``looptime`` loop for virtual time, or on a real loop with small latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import dspy
+
+from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.events import Event
+from resilient_dspy.middleware.breaker import CircuitBreaker
+from resilient_dspy.middleware.bulkhead import Bulkhead
+from resilient_dspy.middleware.cache import Cache
+from resilient_dspy.middleware.fallback import Fallback, Static
+from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
+from resilient_dspy.middleware.retry import Retry
+from resilient_dspy.middleware.timeout import Timeout
+from resilient_dspy.pipeline import Call, Handler, Pipeline
+from resilient_dspy.testing.fault_lm import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
+
+__all__ = [
+    "Built",
+    "CallResult",
+    "Checkpoint",
+    "EventRecorder",
+    "ProgramEntry",
+    "RecordedEvent",
+    "Run",
+    "ScriptedProgram",
+    "StackConfig",
+    "current_call",
+    "run_calls",
+]
+
+current_call: ContextVar[int | None] = ContextVar("resilient_dspy_harness_call", default=None)
+"""The harness index of the call the current task runs (None outside a harness call)."""
+
+E = TypeVar("E", bound=Event)
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """One call as its caller saw it: when it ran, what it returned or raised, and what the pipeline recorded."""
+
+    index: int
+    question: str
+    started: float
+    ended: float
+    value: Any = None
+    error: BaseException | None = None
+    cancel_requested: bool = False
+    hung: bool = False
+    attempts: int = 0
+    retries: int = 0
+    served_by: str = "primary"
+
+    @property
+    def duration(self) -> float:
+        return self.ended - self.started
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.hung
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self.error, asyncio.CancelledError)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event and the harness call whose task emitted it (None when emitted outside any harness call)."""
+
+    call: int | None
+    event: Event
+
+
+class EventRecorder:
+    """A pipeline listener that keeps every event with the harness call that emitted it."""
+
+    def __init__(self) -> None:
+        self.events: list[RecordedEvent] = []
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(RecordedEvent(current_call.get(), event))
+
+    def of_type(self, kind: type[E]) -> list[tuple[int | None, E]]:
+        """``(call, event)`` for every recorded event of ``kind``, in order."""
+        return [(r.call, r.event) for r in self.events if isinstance(r.event, kind)]
+
+
+@dataclass(slots=True)
+class ProgramEntry:
+    """One run of the program (or one passage through a :class:`Checkpoint`): its call, question, fault (None at
+    a checkpoint), start and end times, and how it ended."""
+
+    call: int | None
+    question: str
+    fault: Fault | None
+    started: float
+    ended: float = math.inf
+    error: BaseException | None = None
+    cancelled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.ended != math.inf
+
+
+class ScriptedProgram:
+    """A fast ``async def (question)`` program for fault-injection tests: each run does the next scripted fault.
+
+    Runs take steps from ``script`` in start order, then ``default``. Errors are exactly what DSPy raises for each
+    fault (:func:`fault_error`), a ``hang`` waits until cancelled, latency sleeps on ``clock``. ``journal`` holds
+    every run with its harness call; ``max_in_flight`` the highest concurrency seen.
+    """
+
+    def __init__(
+        self, script: Iterable[ScriptEntry] = (), *, default: ScriptEntry = None, clock: Clock | None = None
+    ) -> None:
+        self.script: deque[FaultStep] = deque(parse_steps(script, "ScriptedProgram.script"))
+        self.default = parse_steps([default], "ScriptedProgram.default")[0]
+        self.clock = clock or LoopClock()
+        self.journal: list[ProgramEntry] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def push(self, *steps: ScriptEntry) -> None:
+        self.script.extend(parse_steps(steps, "ScriptedProgram.push"))
+
+    async def __call__(self, question: str) -> dspy.Prediction:
+        step = self.script.popleft() if self.script else self.default
+        entry = ProgramEntry(current_call.get(), question, step.fault, self.clock.now())
+        self.journal.append(entry)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if step.latency:
+                await self.clock.sleep(step.latency)
+            if step.fault is Fault.HANG:
+                await asyncio.Event().wait()
+            error = fault_error(step.fault, retry_after=step.retry_after, status=step.status)
+            if error is not None:
+                entry.error = error
+                raise error
+            return dspy.Prediction(answer=f"answer to {question}")
+        except asyncio.CancelledError:
+            entry.cancelled = True
+            raise
+        finally:
+            self.in_flight -= 1
+            entry.ended = self.clock.now()
+
+
+class Checkpoint:
+    """A middleware that journals every call passing it (start, end, error): place it below a layer to see exactly
+    what that layer let through, e.g. admissions below a RateLimiter or probes below a CircuitBreaker."""
+
+    def __init__(self, name: str = "Checkpoint") -> None:
+        self.name = name
+        self.journal: list[ProgramEntry] = []
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        values = list(call.inputs.values())
+        question = str(values[0]) if values else ""
+        entry = ProgramEntry(current_call.get(), question, None, call.clock.now())
+        self.journal.append(entry)
+        try:
+            return await next(call)
+        except asyncio.CancelledError:
+            entry.cancelled = True
+            raise
+        except Exception as error:
+            entry.error = error
+            raise
+        finally:
+            entry.ended = call.clock.now()
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """A pipeline configuration in the recommended order, built fresh (new layer instances) by :meth:`build`.
+
+    Fallback(Static) ▶ Timeout(total) ▶ RateLimiter ▶ Retry ▶ CircuitBreaker ▶ Bulkhead ▶ Timeout(attempt) ▶
+    Cache ▶ program; each layer is present when its options are given. Checkpoints are placed right below the
+    limiter, the breaker and the bulkhead so the invariants can see what each let through.
+    """
+
+    total_timeout: float | None = None
+    limiter: tuple[Limit, ...] = ()
+    limiter_max_wait: float | None = None
+    retry: Mapping[str, Any] | None = None
+    breaker: Mapping[str, Any] | None = None
+    bulkhead: Mapping[str, Any] | None = None
+    attempt_timeout: float | None = None
+    cache_ttl: float | None = None
+    cache: bool = False
+    fallback: bool = False
+
+    def build(
+        self, program: Any, *, clock: Clock | None = None, rng: random.Random | None = None, name: str = "chaos"
+    ) -> Built:
+        layers: list[Any] = []
+        found: dict[str, Any] = {}
+        if self.fallback:
+            found["fallback"] = Fallback(Static(answer="fallback"))
+            layers.append(found["fallback"])
+        if self.total_timeout is not None:
+            layers.append(Timeout(self.total_timeout))
+        if self.limiter:
+            found["limiter"] = RateLimiter(*self.limiter, max_wait=self.limiter_max_wait)
+            found["admitted"] = Checkpoint("admitted")
+            layers += [found["limiter"], found["admitted"]]
+        if self.retry is not None:
+            found["retry"] = Retry(**self.retry)
+            layers.append(found["retry"])
+        if self.breaker is not None:
+            found["breaker"] = CircuitBreaker(**self.breaker)
+            found["probed"] = Checkpoint("probed")
+            layers += [found["breaker"], found["probed"]]
+        if self.bulkhead is not None:
+            found["bulkhead"] = Bulkhead(**self.bulkhead)
+            found["running"] = Checkpoint("running")
+            layers += [found["bulkhead"], found["running"]]
+        if self.attempt_timeout is not None:
+            layers.append(Timeout(self.attempt_timeout))
+        if self.cache:
+            found["cache"] = Cache(ttl=self.cache_ttl)
+            layers.append(found["cache"])
+        pipeline = Pipeline(program, *layers, clock=clock, rng=rng or random.Random(0), name=name)
+        return Built(self, pipeline, found)
+
+
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A built :class:`StackConfig`: the pipeline and its named layers and checkpoints (``layers["breaker"]``...)."""
+
+    config: StackConfig
+    pipeline: Pipeline
+    layers: Mapping[str, Any]
+
+    def checkpoint(self, name: str) -> list[ProgramEntry]:
+        """The journal of the checkpoint ``name`` (``admitted``, ``probed``, ``running``), empty when absent."""
+        point = self.layers.get(name)
+        return point.journal if isinstance(point, Checkpoint) else []
+
+
+@dataclass(slots=True)
+class Run:
+    """Everything one :func:`run_calls` recorded."""
+
+    calls: list[CallResult]
+    events: list[RecordedEvent]
+    orphans: list[str]
+    started: float
+    ended: float
+    horizon: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def of_type(self, kind: type[E]) -> list[tuple[int | None, E]]:
+        return [(r.call, r.event) for r in self.events if isinstance(r.event, kind)]
+
+    @property
+    def questions(self) -> dict[str, int]:
+        """Question → call index (questions are unique per run)."""
+        return {c.question: c.index for c in self.calls}
+
+
+async def run_calls(
+    pipeline: Pipeline,
+    calls: int | Sequence[str],
+    *,
+    arrivals: Sequence[float] | None = None,
+    concurrency: int | None = None,
+    cancel_after: Mapping[int, float] | None = None,
+    horizon: float = 3600.0,
+    field_name: str | None = None,
+) -> Run:
+    """Run ``calls`` (a count, or the questions) through ``pipeline`` and record everything.
+
+    ``arrivals`` are start offsets (seconds from the start; default all at once); ``concurrency`` bounds calls in
+    flight; ``cancel_after[i]`` cancels call ``i`` that many seconds after it started, as a caller would. A call
+    still running ``horizon`` seconds after the start is cancelled and marked ``hung`` (a lost call).
+    """
+    questions = [f"q{i}" for i in range(calls)] if isinstance(calls, int) else list(calls)
+    if arrivals is not None and len(arrivals) != len(questions):
+        raise ValueError(f"arrivals has {len(arrivals)} offsets for {len(questions)} calls")
+    name = field_name or (pipeline.input_fields[0] if pipeline.input_fields else "question")
+    loop = asyncio.get_running_loop()
+    clock = pipeline.clock
+    recorder = EventRecorder()
+    runtime = pipeline.runtime
+    listened = dataclasses.replace(runtime, listeners=(*runtime.listeners, recorder))
+    gate = asyncio.Semaphore(concurrency) if concurrency else None
+    before = set(asyncio.all_tasks())
+    start = clock.now()
+    results: dict[int, CallResult] = {}
+    cancels = dict(cancel_after or {})
+    requested: set[int] = set()
+
+    async def one(index: int, question: str) -> None:
+        current_call.set(index)
+        if arrivals is not None:
+            await clock.sleep(max(0.0, start + arrivals[index] - clock.now()))
+        if gate is not None:
+            await gate.acquire()
+        try:
+            call = pipeline.new_call({name: question})
+            call.runtime = listened
+            started = clock.now()
+            task = asyncio.current_task()
+            handle = None
+            if index in cancels and task is not None:
+                handle = loop.call_later(cancels[index], lambda: requested.add(index) if task.cancel() else None)
+            value: Any = None
+            error: BaseException | None = None
+            try:
+                value = await pipeline.run(call)
+            except BaseException as caught:  # recorded, and a cancellation re-raised below
+                error = caught
+            finally:
+                if handle is not None:
+                    handle.cancel()
+            record = call.record
+            results[index] = CallResult(
+                index,
+                question,
+                started,
+                clock.now(),
+                value,
+                error,
+                cancel_requested=index in requested,
+                attempts=record.attempts,
+                retries=record.retries,
+                served_by=record.served_by,
+            )
+            if isinstance(error, asyncio.CancelledError) and index not in requested:
+                raise error
+        finally:
+            if gate is not None:
+                gate.release()
+
+    tasks = [asyncio.create_task(one(i, q), name=f"harness-call-{i}") for i, q in enumerate(questions)]
+    _, pending = await asyncio.wait(tasks, timeout=horizon) if tasks else (set(), set())
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+    hung = {tasks.index(task) for task in pending}
+    ended = clock.now()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    current = asyncio.current_task()
+    orphans = sorted(
+        repr(task) for task in asyncio.all_tasks() if task not in before and task is not current and not task.done()
+    )
+    calls_out: list[CallResult] = []
+    for index, question in enumerate(questions):
+        result = results.get(index)
+        if index in hung or result is None:
+            error = asyncio.CancelledError("still running at the horizon")
+            base = result or CallResult(index, question, start, ended, error=error)
+            result = dataclasses.replace(base, hung=True, ended=ended, error=error)
+        calls_out.append(result)
+    return Run(calls_out, recorder.events, orphans, start, ended, horizon)

@@ -1,0 +1,87 @@
+"""Each invariant checker catches a hand-made violation with a message naming the call, and passes a clean run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dspy
+
+from resilient_dspy import RetryBudget, TimeoutExceededError
+from resilient_dspy.middleware.ratelimit import Limit
+from resilient_dspy.middleware.retry import RetryScheduled
+from resilient_dspy.testing import Fault
+from resilient_dspy.testing.harness import CallResult, ProgramEntry, RecordedEvent
+from resilient_dspy.testing.invariants import (
+    attempts_within_bounds,
+    bulkhead_limit_respected,
+    cancellation_not_retried,
+    deadline_respected,
+    limiter_respected,
+    no_lost_call,
+    no_orphan_tasks,
+    permanent_errors_not_retried,
+    retry_budget_respected,
+)
+
+
+def call(index: int, ended: float = 1.0, **kw: object) -> CallResult:
+    return CallResult(index, f"q{index}", 0.0, ended, **kw)  # type: ignore[arg-type]
+
+
+def test_no_lost_call_names_hung_swallowed_and_untyped_calls() -> None:
+    calls = [
+        call(0, value="ok"),
+        call(1, error=TimeoutExceededError(1.0)),
+        call(2, error=dspy.LMServerError("503", status=503)),
+        call(3, hung=True, error=asyncio.CancelledError()),
+        call(4, cancel_requested=True, value="late"),
+        call(5, error=KeyError("boom")),
+        call(6, error=asyncio.CancelledError()),
+    ]
+    found = no_lost_call(calls)
+    assert [(v.call, v.message.split(" ")[0]) for v in found] == [
+        (3, "still"),
+        (4, "the"),
+        (5, "untyped"),
+        (6, "cancelled"),
+    ]
+
+
+def test_deadline_and_attempts() -> None:
+    assert deadline_respected([call(0, ended=2.0005)], 2.0) == []
+    [late] = deadline_respected([call(0, ended=2.5)], 2.0)
+    assert late.call == 0 and "took 2.5s, deadline 2s" in late.message
+    assert deadline_respected([call(0, ended=99.0)], None) == []
+    [many] = attempts_within_bounds([call(0, attempts=4)], 3)
+    assert "4 attempts > max 3" in many.message
+    journal = [ProgramEntry(0, "q0", Fault.OK, 0.0, 0.1)] * 3
+    [hidden] = attempts_within_bounds([call(0, attempts=1)], 3, journal=journal, requests_per_attempt=2)
+    assert "3 requests for 1 attempt(s) > 2" in hidden.message
+
+
+def test_retry_budget_counts_retries_against_calls() -> None:
+    budget = RetryBudget(ratio=0.0, min_per_second=1.0, window=2.0)
+    events = [
+        RecordedEvent(
+            0, RetryScheduled(pipeline="p", layer="Retry", time=t, attempt=1, delay=0.0, reason="x", error=None)
+        )
+        for t in (0.1, 0.2, 0.3)
+    ]
+    assert retry_budget_respected([call(0)], events[:2], budget) == []
+    [over] = retry_budget_respected([call(0)], events, budget)
+    assert "3 retries" in over.message and "budget 2" in over.message
+
+
+def test_cancellation_permanent_errors_bulkhead_limiter_orphans() -> None:
+    cancelled = call(0, ended=1.0, cancel_requested=True, error=asyncio.CancelledError())
+    after = [ProgramEntry(0, "q0", Fault.OK, 1.5, 2.0)]
+    assert "started after the call was cancelled" in cancellation_not_retried([cancelled], [], after)[0].message
+    journal = [ProgramEntry(0, "q0", Fault.CONTEXT_WINDOW, 0.0, 0.1), ProgramEntry(0, "q0", Fault.OK, 0.2, 0.3)]
+    assert "context_window was followed by 1" in permanent_errors_not_retried([call(0)], journal)[0].message
+    overlapping = [ProgramEntry(i, f"q{i}", None, 0.0, 1.0) for i in range(3)]
+    assert bulkhead_limit_respected(overlapping, 3) == []
+    assert "3 runs in flight" in bulkhead_limit_respected(overlapping, 2)[0].message
+    assert limiter_respected([0.0, 0.5, 1.0], [Limit.requests(2, 1.0)]) == []
+    assert "3 admissions in [0, 1)" in limiter_respected([0.0, 0.5, 0.9], [Limit.requests(2, 1.0)])[0].message
+    assert "bucket bound" in limiter_respected([0.0, 0.0, 0.0], [Limit.requests(1, 1.0, burst=2)])[0].message
+    assert no_orphan_tasks([]) == [] and "left running" in no_orphan_tasks(["<Task x>"])[0].message
