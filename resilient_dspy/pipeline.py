@@ -95,17 +95,56 @@ class Call:
 
     def replace(self, **changes: Any) -> Call:
         """A copy with ``changes``; a hand copy, as ``dataclasses.replace`` costs ~1 µs on the hot path."""
-        copy = Call.__new__(Call)
-        for name in _CALL_FIELDS:
-            setattr(copy, name, getattr(self, name))
-        for name, value in changes.items():
-            if name not in _CALL_FIELDS:
-                raise TypeError(f"Call has no field {name!r}")
-            setattr(copy, name, value)
+        copy = Call(
+            self.inputs,
+            self.runtime,
+            self.record,
+            self.deadline,
+            self.attempt,
+            self.bypass_cache,
+            self.partition_key,
+            self.properties,
+        )
+        if changes:
+            if not _CALL_FIELD_SET.issuperset(changes):
+                unknown = sorted(changes.keys() - _CALL_FIELD_SET)
+                raise TypeError(f"Call has no field {unknown[0]!r}")
+            for name, value in changes.items():
+                setattr(copy, name, value)
         return copy
+
+    def with_deadline(self, deadline: float | None) -> Call:
+        """``replace(deadline=deadline)`` without the keyword handling (a Timeout, every call)."""
+        return Call(
+            self.inputs,
+            self.runtime,
+            self.record,
+            deadline,
+            self.attempt,
+            self.bypass_cache,
+            self.partition_key,
+            self.properties,
+        )
+
+    def for_attempt(self, attempt: int, bypass_cache: bool) -> Call:
+        """``replace(attempt=attempt, bypass_cache=bypass_cache)`` without the keyword handling (Retry, every retry)."""
+        return Call(
+            self.inputs,
+            self.runtime,
+            self.record,
+            self.deadline,
+            attempt,
+            bypass_cache,
+            self.partition_key,
+            self.properties,
+        )
 
 
 _CALL_FIELDS = tuple(f.name for f in dataclasses.fields(Call))
+_CALL_FIELD_SET = frozenset(_CALL_FIELDS)
+_HAND_COPIED = ("inputs", "runtime", "record", "deadline", "attempt", "bypass_cache", "partition_key", "properties")
+if _CALL_FIELDS != _HAND_COPIED:  # pragma: no cover
+    raise AssertionError("Call's fields changed: update Call.replace, with_deadline and for_attempt")
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,34 @@ def test_error_info_is_frozen() -> None:
         info.retryable = True  # type: ignore[misc]
 
 
+def test_classify_per_type_rules_match_isinstance_every_time() -> None:
+    """The rules learnt once per type give what the isinstance chain gives, on first and later sight."""
+    from resilient_dspy.errors import _by_attributes, _rule
+
+    for _, error, *_ in CASES:
+        rule = _rule(lambda types, error=error: isinstance(error, types))
+        expected = _by_attributes(error) if rule is None else rule[0]
+        for _ in range(2):
+            info = classify(error)
+            assert (info.kind, info.retryable, info.needs_fresh_response) == (
+                expected.kind,
+                expected.retryable,
+                expected.needs_fresh_response,
+            )
+
+
+def test_classify_follows_a_disguised_class() -> None:
+    """An object whose ``__class__`` is not its type is classified by isinstance, as before the per-type rules."""
+
+    class Disguised(ValueError):
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:
+            return ConnectionError
+
+    assert classify(Disguised()).kind is K.TRANSPORT
+    assert classify(ValueError()).kind is K.UNKNOWN
+
+
 # ------------------------------------------------------------------------------------------- our error types
 
 

@@ -333,6 +333,9 @@ async def test_call_replace_matches_dataclasses_replace_for_every_field() -> Non
         assert call.replace(**{name: value}) == dataclasses.replace(call, **{name: value})
     with pytest.raises(TypeError, match="no field"):
         call.replace(nonsense=1)
+    assert call.with_deadline(1.0) == dataclasses.replace(call, deadline=1.0)
+    assert call.for_attempt(3, True) == dataclasses.replace(call, attempt=3, bypass_cache=True)
+    assert call.for_attempt(3, True).properties is call.properties
 
 
 @pytest.mark.parametrize(

@@ -66,7 +66,7 @@ class Timeout:
         scope = clock.deadline(deadline)
         try:
             async with scope:
-                return await next(call.replace(deadline=deadline))
+                return await next(call.with_deadline(deadline))
         except TimeoutError:
             if not scope.expired():
                 raise
