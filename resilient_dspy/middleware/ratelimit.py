@@ -209,6 +209,17 @@ class _RequestWindow:
     def charge(self, weight: int, now: float) -> None:
         self.log.append(now + self.per)
 
+    def try_admit(self, now: float) -> bool:
+        """``ready_at(1, now) <= now`` then ``charge``, in one pass: the uncontended requests-only fast path."""
+        log = self.log
+        horizon = now + _SLACK
+        while log and log[0] <= horizon:
+            log.popleft()
+        if len(log) < self.amount:
+            log.append(now + self.per)
+            return True
+        return False
+
     def adjust(self, entry: _Entry | None, delta: int, now: float) -> None:
         """Requests are never reconciled."""
 
@@ -466,6 +477,8 @@ class RateLimiter:
         self._token_limits = tuple(lim for lim in options.limits if lim.unit == "tokens")
         self._key_of = options.key
         self._single = _Lane(self._limits)
+        only = self._single.meters
+        self._sole = only[0] if len(only) == 1 and isinstance(only[0], _RequestWindow) else None
         self._partitions: Partitions[_Lane] = Partitions(
             self._new_lane, max_keys=options.max_keys, idle_after=options.idle_after
         )
@@ -500,6 +513,9 @@ class RateLimiter:
         key_of = self._key_of
         if key_of is None:
             lane, key = self._single, None
+            sole = self._sole
+            if sole is not None and not lane.queue and sole.try_admit(now):
+                return await next(call)
         else:
             key = key_of(call)
             lane = self._partitions.get(key, now)
