@@ -491,7 +491,8 @@ class CircuitBreaker:
             lambda k: _Circuit(options, k), max_keys=options.max_keys, idle_after=options.idle_after
         )
         self._slow = options.slow_call_duration
-        self._timed = options.slow_call_duration is not None or options.window_seconds is not None
+        time_window = options.consecutive is None and options.window is None  # window_seconds, or the default 60 s
+        self._timed = options.slow_call_duration is not None or time_window
         self._failure_on = options.failure_on
         self._exclude = options.exclude
         self._pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
