@@ -43,7 +43,14 @@ def test_usage_example_runs(page: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "page", [ROOT / "README.md", ROOT / "docs" / "concepts" / "traces.md", ROOT / "docs" / "concepts" / "health.md"]
+    "page",
+    [
+        ROOT / "README.md",
+        ROOT / "docs" / "concepts" / "traces.md",
+        ROOT / "docs" / "concepts" / "health.md",
+        ROOT / "docs" / "concepts" / "order-of-layers.md",
+    ],
+    ids=lambda p: p.name,
 )
 def test_first_example_of_page_runs(page: Path, tmp_path: Path) -> None:
     """The README quickstart and the concept pages' examples run as written."""
