@@ -13,9 +13,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-import dspy
 from pydantic import Field
 
+from resilient_dspy.dspy_binding import setting
 from resilient_dspy.options import Options
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class PartitionOptions(Options):
 
 def by_model(call: Call) -> Hashable:
     """Partition by the model of the LM in effect for this call (``dspy.context(lm=...)`` or configured)."""
-    lm = dspy.settings.lm
+    lm = setting("lm")
     return getattr(lm, "model", None) or "default"
 
 

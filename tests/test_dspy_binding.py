@@ -129,6 +129,45 @@ async def test_module_acall_records_usage() -> None:
     assert usage["custom/fault/local"]["completion_tokens"] == entry.output_tokens > 0
 
 
+def test_setting_reads_dspy_settings_in_the_current_context() -> None:
+    from resilient_dspy.dspy_binding import setting
+
+    lm = FaultInjectingLM()
+    for name in ("lm", "adapter", "track_usage", "usage_tracker"):
+        assert setting(name) is getattr(dspy.settings, name)
+    with dspy.context(lm=lm, track_usage=True):
+        assert setting("lm") is lm
+        assert setting("track_usage") is True
+    assert setting("lm") is dspy.settings.lm
+    assert setting("no_such_setting") is None
+
+
+async def test_usage_scope_measures_rolls_up_and_restores_the_context() -> None:
+    """Like ``dspy.track_usage``: usage inside is measured, rolled up into an enclosing tracker, and on exit (even
+    by an error) the context is what it was; settings read inside are the ones outside."""
+    from resilient_dspy.dspy_binding import usage_scope
+
+    lm = FaultInjectingLM()
+    program = dspy.Predict("question -> answer")
+    with dspy.context(lm=lm), dspy.track_usage() as outer:
+        with usage_scope() as scope:
+            assert dspy.settings.lm is lm
+            assert dspy.settings.usage_tracker is scope.tracker
+            await program.acall(question="one")
+        assert dspy.settings.usage_tracker is outer
+        measured = scope.by_model()["custom/fault/local"]
+        assert measured["prompt_tokens"] == lm.journal[0].input_tokens > 0
+        assert scope.total_tokens() == scope.total_tokens(scope.by_model()) == measured["total_tokens"]
+        with pytest.raises(RuntimeError), usage_scope():
+            raise RuntimeError("boom")
+        assert dspy.settings.usage_tracker is outer
+    assert outer.get_total_tokens()["custom/fault/local"]["prompt_tokens"] == measured["prompt_tokens"]
+    assert dspy.settings.usage_tracker is None
+    with usage_scope() as empty:
+        pass
+    assert empty.by_model() == {} and empty.total_tokens() == 0
+
+
 # --- LM and nested pipeline targets --------------------------------------------------------------------
 
 

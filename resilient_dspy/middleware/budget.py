@@ -22,10 +22,9 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import dspy
 from pydantic import Field, field_validator, model_validator
 
-from resilient_dspy.dspy_binding import UsageScope, attach_usage, usage_scope
+from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
 from resilient_dspy.errors import BudgetExceededError, RequestTooLargeError
 from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
@@ -318,7 +317,7 @@ class Budget:
         chars = self._prompt_chars
         for value in call.inputs.values():
             chars += len(value) if isinstance(value, str) else len(str(value))
-        completion = self._pinned_max_tokens or lm_max_tokens(dspy.settings.lm) or DEFAULT_MAX_TOKENS
+        completion = self._pinned_max_tokens or lm_max_tokens(setting("lm")) or DEFAULT_MAX_TOKENS
         return chars // 4, completion
 
     def _price_of(self, usage: Mapping[str, Mapping[str, Any]]) -> float:
@@ -329,7 +328,7 @@ class Budget:
         return float(value)
 
     def _estimate_dollars(self, prompt: int, completion: int) -> float:
-        model = self._pinned_model or getattr(dspy.settings.lm, "model", None) or "unknown"
+        model = self._pinned_model or getattr(setting("lm"), "model", None) or "unknown"
         usage = {model: {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
         return self._price_of(usage)
 
@@ -410,7 +409,7 @@ class Budget:
         account.roll(now)
         account.in_flight -= 1
         usage = scope.by_model()
-        actual_tokens = scope.total_tokens() if usage else 0
+        actual_tokens = scope.total_tokens(usage) if usage else 0
         actual_dollars = 0.0
         if account.dollars is not None and usage:
             try:

@@ -43,6 +43,7 @@ from resilient_dspy.dspy_binding import (
     PipelineTarget,
     Target,
     attach_usage,
+    setting,
     usage_scope,
 )
 from resilient_dspy.errors import ConfigurationError
@@ -85,6 +86,9 @@ def _is_secret(name: str) -> bool:
 
 def _type_name(cls: type[Any]) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 def _canonical(value: Any) -> Any:
@@ -222,18 +226,33 @@ class KeyBuilder:
     instructions change after compiling); an LM's identity is memoised and re-checked against its current kwargs.
     """
 
-    __slots__ = ("_lms", "namespace", "target")
+    __slots__ = ("_function", "_lms", "namespace", "target")
 
     def __init__(self, namespace: str, target: Target) -> None:
         self.namespace = namespace
         self.target = target
         self._lms: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
+        # a function target's name, as JSON text: its identity is then assembled without encoding a list per call
+        self._function = _dumps(_callable_name(target.function)) if isinstance(target, CallableTarget) else None
 
     def key(self, inputs: dict[str, Any]) -> str:
         """``"<namespace>:<sha256 hex>"`` for ``inputs``, under the LM and adapter in ``dspy.settings`` now."""
-        settings = dspy.settings
-        identity = self._identity(self.target, settings.lm, settings.adapter)
-        return f"{self.namespace}:{_digest([KEY_VERSION, identity, _canonical(inputs)])}"
+        lm = setting("lm")
+        adapter = setting("adapter")
+        if self._function is not None:
+            # the text _dumps gives the identity list below, without building and encoding it
+            digest = self._lm(lm)
+            lm_text = "null" if digest is None else f'"{digest}"'
+            adapter_text = "null" if adapter is None else _dumps(_adapter_identity(adapter))
+            identity = f'["function",{self._function},{lm_text},{adapter_text}]'
+        else:
+            identity = _dumps(self._identity(self.target, lm, adapter))
+        for name, value in inputs.items():  # flat inputs (str keys, scalar values) are their own canonical form
+            if type(value) not in _SCALARS or type(name) is not str or name[:1] == "$":
+                inputs = _canonical(inputs)
+                break
+        text = f"[{KEY_VERSION},{identity},{_dumps(inputs)}]"
+        return f"{self.namespace}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
     def _identity(self, target: Target, settings_lm: Any, adapter: Any) -> Any:
         if isinstance(target, ModuleTarget):
@@ -692,7 +711,7 @@ class Cache:
             value = await next(call)
         attach_usage(value, scope)
         usage = scope.by_model()
-        tokens = scope.total_tokens()
+        tokens = scope.total_tokens(usage)
         data = self._encode(value, usage, tokens)
         return value, _Answer(value, data, record.served_by, usage, tokens, record.served_by != served_by)
 
@@ -760,7 +779,7 @@ class Cache:
                 logger.exception("%s: the price function failed; saved_cost leaves this answer out", self.label)
 
     def _with_usage(self, value: Any, usage: dict[str, Any]) -> Any:
-        if type(value) is dspy.Prediction and dspy.settings.track_usage:
+        if type(value) is dspy.Prediction and setting("track_usage"):
             value.set_lm_usage(usage)
         return value
 

@@ -18,10 +18,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import dspy
 from pydantic import Field, ValidationError, field_validator
 
-from resilient_dspy.dspy_binding import UsageScope, attach_usage, usage_scope
+from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
 from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
 from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
@@ -503,7 +502,7 @@ class RateLimiter:
         chars = self._prompt_chars
         for value in call.inputs.values():
             chars += len(value) if isinstance(value, str) else len(str(value))
-        completion = self._pinned_max_tokens or lm_max_tokens(dspy.settings.lm) or DEFAULT_MAX_TOKENS
+        completion = self._pinned_max_tokens or lm_max_tokens(setting("lm")) or DEFAULT_MAX_TOKENS
         return chars // 4 + completion
 
     async def __call__(self, call: Call, next: Handler) -> Any:
@@ -571,9 +570,10 @@ class RateLimiter:
         """Reconcile the estimate with measured usage (True if any was measured); a call that measured nothing keeps
         its estimate, and a failed one at least its estimate."""
         lane.in_flight -= 1
-        if not scope.by_model():
+        usage = scope.by_model()
+        if not usage:
             return False
-        actual = scope.total_tokens()
+        actual = scope.total_tokens(usage)
         charged = max(actual, estimate) if failed else actual
         delta = charged - estimate
         if delta:

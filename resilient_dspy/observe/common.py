@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-import dspy
-
-from resilient_dspy.dspy_binding import UsageScope, attach_usage
+from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
 from resilient_dspy.errors import RejectedError, TimeoutExceededError
 from resilient_dspy.events import Event
 from resilient_dspy.observe.redact import to_plain
@@ -120,15 +118,15 @@ class UsageWindow:
     __slots__ = ("_context", "_marks", "_token", "_tracker")
 
     def __enter__(self) -> UsageWindow:
-        tracker = dspy.settings.usage_tracker
+        tracker = setting("usage_tracker")
         opened = _OPENED.get()
         task = asyncio.current_task()
         if tracker is not None and opened is not None and opened[1] is tracker and opened[0] is task:
             self._context: Any = None
             self._token: Token[tuple[asyncio.Task[Any] | None, Any] | None] | None = None
         else:
-            self._context = dspy.track_usage()
-            tracker = self._context.__enter__()
+            self._context = usage_scope()
+            tracker = self._context.__enter__().tracker
             self._token = _OPENED.set((task, tracker))
         self._tracker = tracker
         self._marks = {lm: len(entries) for lm, entries in tracker.usage_data.items()}

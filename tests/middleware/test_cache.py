@@ -412,6 +412,29 @@ def test_the_key_is_the_namespace_and_a_sha256() -> None:
     assert len(digest) == 64 and int(digest, 16) >= 0
 
 
+def test_the_key_is_the_digest_of_version_identity_and_canonical_inputs() -> None:
+    """The fast paths (a function's identity assembled as text, flat inputs not walked) hash the same bytes."""
+    import hashlib
+
+    from resilient_dspy.middleware.cache import KEY_VERSION, _canonical, _dumps
+
+    async def ask(question: str, context: Any = None) -> str:
+        return question
+
+    def expected(cache: Cache, inputs: dict[str, Any]) -> str:
+        keys = cache._keys
+        assert keys is not None
+        identity = keys._identity(keys.target, dspy.settings.lm, dspy.settings.adapter)
+        text = _dumps([KEY_VERSION, identity, _canonical(inputs)])
+        return f"default:{hashlib.sha256(text.encode()).hexdigest()}"
+
+    for cache in (keyed(ask), keyed(dspy.Predict("question, context -> answer"))):
+        for inputs in ({"question": "q"}, {"question": "q", "context": ["a", ("b",)]}, {"question": 1.5}):
+            assert cache.key_for(**inputs) == expected(cache, inputs)
+            with dspy.context(lm=FaultInjectingLM(temperature=0.2), adapter=dspy.JSONAdapter()):
+                assert cache.key_for(**inputs) == expected(cache, inputs)
+
+
 def test_the_key_follows_the_lm_model_endpoint_and_sampling_kwargs_but_not_secrets() -> None:
     cache = keyed(dspy.Predict("question -> answer"))
 
