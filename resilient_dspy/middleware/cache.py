@@ -15,7 +15,6 @@ import enum
 import functools
 import hashlib
 import inspect
-import json
 import logging
 import math
 import re
@@ -34,6 +33,7 @@ from resilient_dspy.cache_backends import (
     MemoryBackend,
     UnencodableError,
     UnknownTypeError,
+    compact_json,
     is_backend,
 )
 from resilient_dspy.dspy_binding import (
@@ -125,27 +125,12 @@ def _canonical(value: Any) -> Any:
     return {"$repr": _type_name(kind), "r": repr(value)}
 
 
-_ENCODER = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-
-
 def _not_json(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-# The C encoder that ``_ENCODER.encode`` builds afresh on every call, built once: the same bytes out, about half
-# the cost per key. No circular-reference markers: ``_canonical`` has already walked (and bounded) the value.
-_C_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
-_C_ENCODE = (
-    None
-    if _C_MAKE_ENCODER is None
-    else _C_MAKE_ENCODER(None, _not_json, json.encoder.encode_basestring, None, ":", ",", True, False, True)
-)
-
-
-def _dumps(value: Any) -> str:
-    if _C_ENCODE is None:
-        return _ENCODER.encode(value)
-    return "".join(_C_ENCODE(value, 0))
+# sorted keys; ``_canonical`` has already walked (and bounded) every value it encodes
+_dumps = compact_json(sort_keys=True, default=_not_json)
 
 
 def _describe_type(annotation: Any) -> Any:
