@@ -1,6 +1,13 @@
 """resilient_dspy: reliability middleware (timeout, retry, fallback, …) for async DSPy programs."""
 
-from resilient_dspy.cache_backends import AiocacheBackend, CacheBackend, DiskBackend, MemoryBackend, TieredBackend
+from resilient_dspy.cache_backends import (
+    AiocacheBackend,
+    CacheBackend,
+    DiskBackend,
+    MemoryBackend,
+    NowaitBackend,
+    TieredBackend,
+)
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import no_dspy_retries
 from resilient_dspy.errors import (
@@ -133,6 +140,7 @@ __all__ = [
     "LoopClock",
     "MemoryBackend",
     "Middleware",
+    "NowaitBackend",
     "Outcome",
     "Pipeline",
     "RateLimitReconciled",

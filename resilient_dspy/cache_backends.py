@@ -44,6 +44,7 @@ __all__ = [
     "CorruptEntryError",
     "DiskBackend",
     "MemoryBackend",
+    "NowaitBackend",
     "TieredBackend",
     "UnencodableError",
     "UnknownTypeError",
@@ -64,7 +65,8 @@ class CacheBackend(Protocol):
 
     Optional extras a backend may offer: ``get_with_ttl(key)`` (value and remaining seconds, for
     :class:`TieredBackend`), ``bind_clock(clock)`` (the pipeline clock, for TTLs on virtual time) and
-    ``blocking = False`` (its operations never wait on I/O, so the Cache skips the timeout scope).
+    ``blocking = False`` (its operations never wait on I/O, so the Cache skips the timeout scope), and with it
+    the synchronous pair of :class:`NowaitBackend`, which the Cache then calls without an ``await``.
     """
 
     async def get(self, key: str) -> bytes | None:
@@ -85,6 +87,29 @@ class CacheBackend(Protocol):
 
 
 _BACKEND_METHODS = ("get", "set", "delete", "clear")
+
+
+@runtime_checkable
+class NowaitBackend(Protocol):
+    """A backend that never waits (``blocking = False``) may also offer these: the Cache calls them instead of
+    ``get``/``set``, which saves two coroutines per call (~0.6 µs of a ~4 µs hit)."""
+
+    def get_nowait(self, key: str) -> bytes | None: ...
+
+    def set_nowait(self, key: str, value: bytes, ttl: float | None) -> None: ...
+
+
+def is_nowait(candidate: object) -> bool:
+    """True when ``candidate`` declares ``blocking = False`` and its class defines ``get_nowait`` with ``get`` and
+    ``set_nowait`` with ``set``: a subclass that overrides only ``get``/``set`` keeps its overrides in use."""
+    if getattr(candidate, "blocking", True) is not False or not isinstance(candidate, NowaitBackend):
+        return False
+    cls = type(candidate)
+    return _owner(cls, "get") is _owner(cls, "get_nowait") and _owner(cls, "set") is _owner(cls, "set_nowait")
+
+
+def _owner(cls: type, name: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
 
 
 def is_backend(candidate: object) -> bool:
@@ -145,9 +170,12 @@ class MemoryBackend:
         self._entries.move_to_end(key)
         return entry
 
-    async def get(self, key: str) -> bytes | None:
+    def get_nowait(self, key: str) -> bytes | None:
         entry = self._lookup(key)
         return None if entry is None else entry[1]
+
+    async def get(self, key: str) -> bytes | None:
+        return self.get_nowait(key)
 
     async def get_with_ttl(self, key: str) -> tuple[bytes, float | None] | None:
         entry = self._lookup(key)
@@ -156,12 +184,15 @@ class MemoryBackend:
         expires_at, value = entry
         return value, None if expires_at is None else expires_at - self._clock.now()
 
-    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+    def set_nowait(self, key: str, value: bytes, ttl: float | None) -> None:
         entries = self._entries
         entries[key] = (None if ttl is None else self._clock.now() + ttl, value)
         entries.move_to_end(key)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        self.set_nowait(key, value, ttl)
 
     async def delete(self, key: str) -> bool:
         return self._entries.pop(key, None) is not None

@@ -31,10 +31,12 @@ from resilient_dspy.cache_backends import (
     CacheSerializer,
     CorruptEntryError,
     MemoryBackend,
+    NowaitBackend,
     UnencodableError,
     UnknownTypeError,
     compact_json,
     is_backend,
+    is_nowait,
 )
 from resilient_dspy.dspy_binding import (
     CallableTarget,
@@ -506,6 +508,7 @@ class Cache:
         self.backend = self.options.backend
         self.label = self.options.name or "Cache"
         self._blocking = bool(getattr(self.backend, "blocking", True))
+        self._nowait: NowaitBackend | None = self.backend if is_nowait(self.backend) else None
         self._serializer = CacheSerializer(self.options.types)
         self._pipeline: Pipeline | None = None
         self._target: Target | None = None
@@ -632,14 +635,13 @@ class Cache:
         if call.bypass_cache:
             self._count.bypassed += 1
             self._missed(call, key, bypassed=True)
-            value, answer = await self._run(call, next)
-            await self._store(call, key, answer)
-            return value
+            return await self._lead(call, next, key, None)
         single_flight = self.options.single_flight
+        nowait = self._nowait
         while True:
             flight = self._flight(key) if single_flight else None
             if flight is None:
-                data = await self._read(call, key)
+                data = self._read_now(call, key, nowait) if nowait is not None else await self._read(call, key)
                 if data is not None:
                     entry = self._decode(key, data)
                     if entry is not None:
@@ -648,10 +650,9 @@ class Cache:
                 if flight is None:
                     self._missed(call, key, bypassed=False)
                     if single_flight:
-                        return await self._lead(call, next, key)
-                    value, answer = await self._run(call, next)
-                    await self._store(call, key, answer)
-                    return value
+                        flight = asyncio.get_running_loop().create_future()
+                        self._flights[key] = flight
+                    return await self._lead(call, next, key, flight)
             try:
                 outcome = await asyncio.shield(flight)
             except Exception as error:
@@ -669,36 +670,41 @@ class Cache:
             return None
         return flight
 
-    async def _lead(self, call: Call, next: Handler, key: str) -> Any:
-        flight: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._flights[key] = flight
-        try:
-            try:
-                value, answer = await self._run(call, next)
-            except Exception as error:
-                flight.set_exception(error)
-                flight.exception()
-                raise
-            except BaseException:
-                flight.set_result(_RETRY)
-                raise
-            flight.set_result(answer)
-            await self._store(call, key, answer)
-            return value
-        finally:
-            if self._flights.get(key) is flight:
-                del self._flights[key]
-
-    async def _run(self, call: Call, next: Handler) -> tuple[Any, _Answer]:
+    async def _lead(self, call: Call, next: Handler, key: str, flight: asyncio.Future[Any] | None) -> Any:
+        """Run the call, hand the answer to the followers waiting on ``flight`` (if any), and store it."""
         record = call.record
         served_by = record.served_by
-        with usage_scope() as scope:
-            value = await next(call)
-        attach_usage(value, scope)
-        usage = scope.by_model()
-        tokens = scope.total_tokens(usage)
-        data = self._encode(value, usage, tokens)
-        return value, _Answer(value, data, record.served_by, usage, tokens, record.served_by != served_by)
+        try:
+            try:
+                with usage_scope() as scope:
+                    value = await next(call)
+            except Exception as error:
+                if flight is not None:
+                    flight.set_exception(error)
+                    flight.exception()
+                raise
+            except BaseException:
+                if flight is not None:
+                    flight.set_result(_RETRY)
+                raise
+            attach_usage(value, scope)
+            usage = scope.by_model()
+            tokens = scope.total_tokens(usage)
+            data = self._encode(value, usage, tokens)
+            answer = _Answer(value, data, record.served_by, usage, tokens, record.served_by != served_by)
+            if flight is not None:
+                flight.set_result(answer)
+            data = self._storable(call, key, answer)
+            if data is not None:
+                nowait = self._nowait
+                if nowait is not None:
+                    self._store_now(call, key, data, nowait)
+                else:
+                    await self._store(call, key, data)
+            return value
+        finally:
+            if flight is not None and self._flights.get(key) is flight:
+                del self._flights[key]
 
     def _hit(self, call: Call, key: str, entry: CachedEntry) -> Any:
         count = self._count
@@ -828,6 +834,13 @@ class Cache:
 
     # ---------------------------------------------------------------- the backend, failing open
 
+    def _read_now(self, call: Call, key: str, backend: NowaitBackend) -> bytes | None:
+        try:
+            return backend.get_nowait(key)
+        except Exception as error:
+            self._failed(call, "get", key, error, timed_out=False)
+            return None
+
     async def _read(self, call: Call, key: str) -> bytes | None:
         backend = self.backend
         try:
@@ -847,18 +860,28 @@ class Cache:
             self._failed(call, "get", key, error, timed_out=False)
             return None
 
-    async def _store(self, call: Call, key: str, answer: _Answer) -> None:
+    def _storable(self, call: Call, key: str, answer: _Answer) -> bytes | None:
+        """The bytes to store, or None (and a CacheNotStored event) for a fallback's or an unencodable answer."""
         reason = "fallback" if answer.fallback else "unencodable" if answer.data is None else None
-        if reason is not None:
-            if call.listening:
-                call.emit(
-                    CacheNotStored(
-                        pipeline=call.runtime.name, layer=self.label, time=call.clock.now(), key=key, reason=reason
-                    )
+        if reason is None:
+            return answer.data
+        if call.listening:
+            call.emit(
+                CacheNotStored(
+                    pipeline=call.runtime.name, layer=self.label, time=call.clock.now(), key=key, reason=reason
                 )
+            )
+        return None
+
+    def _store_now(self, call: Call, key: str, data: bytes, backend: NowaitBackend) -> None:
+        try:
+            backend.set_nowait(key, data, self.options.ttl)
+        except Exception as error:
+            self._failed(call, "set", key, error, timed_out=False)
             return
-        data = answer.data
-        assert data is not None
+        self._stored(call, key, data)
+
+    async def _store(self, call: Call, key: str, data: bytes) -> None:
         ttl = self.options.ttl
         backend = self.backend
         try:
@@ -878,6 +901,9 @@ class Cache:
         except Exception as error:
             self._failed(call, "set", key, error, timed_out=False)
             return
+        self._stored(call, key, data)
+
+    def _stored(self, call: Call, key: str, data: bytes) -> None:
         self._count.stores += 1
         if call.listening:
             call.emit(
@@ -886,7 +912,7 @@ class Cache:
                     layer=self.label,
                     time=call.clock.now(),
                     key=key,
-                    ttl=ttl,
+                    ttl=self.options.ttl,
                     size=len(data),
                 )
             )

@@ -30,7 +30,7 @@ from resilient_dspy import (
     Static,
     UseLM,
 )
-from resilient_dspy.cache_backends import CacheSerializer, DiskBackend, MemoryBackend
+from resilient_dspy.cache_backends import CacheSerializer, DiskBackend, MemoryBackend, is_nowait
 from resilient_dspy.middleware.cache import (
     Cache,
     CacheBackendFailed,
@@ -637,6 +637,75 @@ async def test_a_backend_that_raises_fails_open(caplog: pytest.LogCaptureFixture
         ("set", OSError, False),
     ]
     assert sum("backend get failed" in r.getMessage() for r in caplog.records) == 2
+
+
+class NowaitOnly:
+    """A non-blocking backend whose async get/set must never be awaited: the Cache calls the nowait pair."""
+
+    blocking = False
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.entries: dict[str, bytes] = {}
+        self.fail = fail
+
+    def get_nowait(self, key: str) -> bytes | None:
+        if self.fail:
+            raise ConnectionError("backend down (get_nowait)")
+        return self.entries.get(key)
+
+    def set_nowait(self, key: str, value: bytes, ttl: float | None) -> None:
+        if self.fail:
+            raise OSError("backend down (set_nowait)")
+        self.entries[key] = value
+
+    async def get(self, key: str) -> bytes | None:
+        raise AssertionError("the Cache awaited get() of a backend with get_nowait()")
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        raise AssertionError("the Cache awaited set() of a backend with set_nowait()")
+
+    async def delete(self, key: str) -> bool:
+        return self.entries.pop(key, None) is not None
+
+    async def clear(self, namespace: str | None = None) -> int:
+        count = len(self.entries)
+        self.entries.clear()
+        return count
+
+
+async def test_a_nowait_backend_is_read_and_written_without_await() -> None:
+    program = Program()
+    backend = NowaitOnly()
+    events: list[Event] = []
+    pipeline = Pipeline(program, Cache(backend), listeners=[events.append])
+    assert (await pipeline("q")).answer == "answer to q"
+    assert (await pipeline("q")).answer == "answer to q"
+    assert program.calls == 1
+    assert len(backend.entries) == 1
+    assert [type(e) for e in events] == [CacheMiss, CacheStored, CacheHit]
+
+
+async def test_a_nowait_backend_that_raises_fails_open() -> None:
+    program = Program()
+    cache = Cache(NowaitOnly(fail=True))
+    events: list[Event] = []
+    pipeline = Pipeline(program, cache, listeners=[events.append])
+    assert (await pipeline("q")).answer == "answer to q"
+    assert program.calls == 1
+    assert (cache.stats.errors, cache.stats.stores) == (2, 0)
+    failures = of_type(events, CacheBackendFailed)
+    assert [(f.operation, type(f.error), f.timed_out) for f in failures] == [
+        ("get", ConnectionError, False),
+        ("set", OSError, False),
+    ]
+
+
+def test_the_nowait_pair_is_used_only_where_the_class_defines_it_with_get_and_set() -> None:
+    assert is_nowait(MemoryBackend())
+    assert is_nowait(NowaitOnly())
+    assert not is_nowait(BrokenBackend())  # overrides get/set only: its overrides must run
+    blocking = type("Blocking", (NowaitOnly,), {"blocking": True})
+    assert not is_nowait(blocking())
 
 
 async def test_a_backend_that_raises_only_on_set_still_serves_nothing_stale() -> None:
