@@ -12,7 +12,9 @@ would see, scheduling delays included. Four figures per limiter:
 - **utilisation**: admissions in the saturated run / (100 per second x its length).
 - **fairness**: 100 one-unit acquirers loop (a flood); 0.5 s in, one 50-unit request arrives. How long until it is
   admitted. aiolimiter orders waiters by amount, so it waits until the flood stops (at ``--cap`` seconds); the
-  figure is then reported as "> cap".
+  figure is then reported as "> cap". Next to it, the **FIFO bound**: (1-unit requests already waiting when it
+  arrives + 50) / 100 per second, the earliest any first-come first-served limiter that never exceeds the limit
+  can admit it, since the window is full when it arrives.
 
 The three limiters run each scenario side by side in one event loop (each with its own limiter and tasks); the
 load is a few hundred admissions per second in all, and they share the same scheduling noise.
@@ -143,17 +145,22 @@ async def fairness(acquire: Acquire, cap: float) -> dict[str, Any]:
     """A flood of 1-unit acquirers; one 50-unit request at +0.5 s. The flood stops when it is admitted, or at
     ``cap`` seconds after it arrived; the wait is measured on the loop clock."""
     loop = asyncio.get_running_loop()
-    small = 0
+    small = waiting = 0
 
     async def flooder() -> None:
-        nonlocal small
+        nonlocal small, waiting
         while True:
-            await acquire(1)
+            waiting += 1
+            try:
+                await acquire(1)
+            finally:
+                waiting -= 1
             small += 1
 
     flood = [asyncio.create_task(flooder()) for _ in range(FLOOD)]
     await asyncio.sleep(0.5)
     asked = loop.time()
+    ahead = waiting
     large = asyncio.create_task(acquire(LARGE))
     done, _ = await asyncio.wait({large}, timeout=cap)
     starved = not done
@@ -168,6 +175,10 @@ async def fairness(acquire: Acquire, cap: float) -> dict[str, Any]:
         "starved_until_flood_stopped": starved,
         "cap_s": cap,
         "small_admitted_meanwhile": small_during,
+        "waiting_ahead": ahead,
+        # first-come first-served and never over the limit: the requests ahead pass first, then the 50 units
+        # need 50 free places in a window that is full when it arrives
+        "fifo_bound_s": (ahead + LARGE) / RATE,
     }
 
 
@@ -253,14 +264,15 @@ def main() -> None:
     results["wall_s"] = time.perf_counter() - began
 
     print(f"{ACQUIRERS} acquirers at {RATE}/s for {seconds:g} s; fairness: {FLOOD} flooders + one {LARGE}-unit request")
-    header = ("limiter", "max in any 1s", "first 1s", "utilisation", "steady", "50-unit wait")
-    print("{:<18} {:>13} {:>9} {:>12} {:>8} {:>13}".format(*header))
+    header = ("limiter", "max in any 1s", "first 1s", "utilisation", "steady", "50-unit wait", "FIFO bound")
+    print("{:<18} {:>13} {:>9} {:>12} {:>8} {:>13} {:>11}".format(*header))
     for name, row in results["limiters"].items():
         window, fair = row["window"], row["fairness"]
         wait = f"> {fair['cap_s']:g} s" if fair["starved_until_flood_stopped"] else f"{fair['waited_s']:.2f} s"
         print(
             f"{name:<18} {window['max_in_any_1s_window']:>13} {window['first_second']:>9} "
-            f"{window['utilisation']:>11.1%} {window['steady_utilisation']:>8.1%} {wait:>13}"
+            f"{window['utilisation']:>11.1%} {window['steady_utilisation']:>8.1%} {wait:>13} "
+            f"{fair['fifo_bound_s']:>9.2f} s"
         )
     print("uncontended, µs per acquisition (ours: over a bare Pipeline):")
     for name, value in results["uncontended_us"].items():
