@@ -52,7 +52,7 @@ Program = Callable[..., Awaitable[Any]]
 Wrap = Callable[[Program], Program]
 
 BIG = 10**9  # a rate limit that never binds
-PATTERNS = ("timeout", "retry", "breaker", "bulkhead", "limiter", "cache")
+PATTERNS = ("timeout", "limiter", "retry", "breaker", "bulkhead", "cache")  # our stack order, outermost first
 PEER_PACKAGES = (
     "tenacity",
     "stamina",
@@ -920,10 +920,6 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     if "ours_over_best_peer" in miss:
         r = miss["ours_over_best_peer"]
         out.append(("full stack (miss) ≤ 0.5x the best peer composite", r <= 0.5, f"{r:.2f}x ({miss['best_peer']})"))
-    if "cache_first_over_best_peer" in miss:
-        r = miss["cache_first_over_best_peer"]
-        label = "full stack (miss), ours with the Cache outermost, ≤ 0.5x the best peer composite"
-        out.append((label, r <= 0.5, f"{r:.2f}x ({miss['best_peer']})"))
     hit = stack.get("hit", {})
     if "ours_over_floor" in hit:
         r = hit["ours_over_floor"]
