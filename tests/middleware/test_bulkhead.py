@@ -13,7 +13,7 @@ from typing import Any
 
 import looptime
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import BulkheadFullError, ConfigurationError, Event, Pipeline, Retry
@@ -518,6 +518,12 @@ Arrival = tuple[float, float, float | None]  # gap before arriving, run time, ca
 
 
 @settings(max_examples=120, deadline=None)
+@example(  # a waiter handed a permit at t=1 and a newcomer admitted to a slot freed at t=1 resume in one step
+    max_concurrent=4,
+    max_queue=2,
+    max_wait=None,
+    arrivals=[(0.0, 1.0, None)] * 3 + [(0.0, 2.0, None), (0.5, 0.1, None), (0.0, 0.1, None), (0.5, 0.1, None)],
+)
 @given(
     max_concurrent=st.integers(1, 4),
     max_queue=st.integers(0, 6),
@@ -535,12 +541,31 @@ Arrival = tuple[float, float, float | None]  # gap before arriving, run time, ca
 def test_property_bound_fifo_and_no_leak(
     max_concurrent: int, max_queue: int, max_wait: float | None, arrivals: list[Arrival]
 ) -> None:
-    """Any arrivals, run times and cancellations: never more than max_concurrent running, admissions in arrival
-    order among the calls that waited, every call accounted for, and the full capacity usable at the end."""
+    """Any arrivals, run times and cancellations: never more than max_concurrent running, permits granted in
+    arrival order (waiters start in order; nobody is admitted at once while an earlier call still waits), every
+    call accounted for, and the full capacity usable at the end.
+
+    Program start order alone is not the grant order: a waiter handed a permit resumes one loop step later, so a
+    newcomer that takes a slot freed in that same step (hypothesis found this) may start first without barging.
+    """
 
     async def scenario() -> None:
         active = peak = 0
         started: list[int] = []
+        waited: set[int] = set()
+        barged: list[tuple[int, int]] = []
+
+        class ArrivalSpy:
+            """Directly above the bulkhead: sees its occupancy in the same step as its admission decision."""
+
+            async def __call__(self, call: Call, next: Handler) -> Any:
+                index = int(call.inputs["question"])
+                snapshot = bulkhead.snapshot()
+                if snapshot.in_flight >= max_concurrent:
+                    waited.add(index)
+                elif snapshot.queued:
+                    barged.append((index, snapshot.queued))
+                return await next(call)
 
         async def program(question: str) -> str:
             nonlocal active, peak
@@ -555,7 +580,7 @@ def test_property_bound_fifo_and_no_leak(
             return question
 
         bulkhead = Bulkhead(max_concurrent, max_queue=max_queue, max_wait=max_wait)
-        pipeline = Pipeline(program, bulkhead)
+        pipeline = Pipeline(program, ArrivalSpy(), bulkhead)
         tasks: list[asyncio.Task[Any]] = []
         cancels: list[Awaitable[None]] = []
 
@@ -577,7 +602,9 @@ def test_property_bound_fifo_and_no_leak(
             if isinstance(outcome, BulkheadFullError):
                 assert index not in started
         assert peak <= max_concurrent
-        assert started == sorted(started)  # each call arrives after the previous one: FIFO means increasing
+        assert barged == []  # admitted at once only when nobody earlier is still waiting
+        queued_starts = [index for index in started if index in waited]
+        assert queued_starts == sorted(queued_starts)  # each call arrives after the previous one: FIFO
         assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, max_concurrent, max_queue)
 
         release = asyncio.Event()
