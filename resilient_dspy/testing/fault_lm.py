@@ -255,6 +255,9 @@ class FaultSchedule:
             self.script = deque(steps)
 
 
+CANCELLED_BY_CALLER = "cancelled by the caller"  # a JournalEntry.detail: its fault never took effect
+
+
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
     """One request and what was done with it; ``time`` is when its fault or answer took effect (after latency)."""
@@ -627,7 +630,7 @@ class _AsyncEngine:
             return core.respond(request, step)
         except asyncio.CancelledError:
             if not recorded:
-                core.record(request, step, detail="cancelled by the caller")
+                core.record(request, step, detail=CANCELLED_BY_CALLER)
             raise
         finally:
             core.in_flight -= 1

@@ -23,7 +23,7 @@ from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
 from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryScheduled
 from resilient_dspy.middleware.timeout import Timeout
 from resilient_dspy.pipeline import Pipeline
-from resilient_dspy.testing.fault_lm import Fault
+from resilient_dspy.testing.fault_lm import CANCELLED_BY_CALLER, Fault
 from resilient_dspy.testing.harness import Built, CallResult, RecordedEvent, Run
 
 __all__ = [
@@ -166,17 +166,29 @@ def attempts_within_bounds(
 
 
 def retry_budget_respected(
-    calls: Sequence[CallResult], events: Sequence[RecordedEvent], budget: RetryBudget, *, buckets: int = 10
+    calls: Sequence[CallResult],
+    events: Sequence[RecordedEvent],
+    budget: RetryBudget,
+    *,
+    journal: Sequence[Any] = (),
+    buckets: int = 10,
 ) -> list[Violation]:
     """Retries never outrun the budget: for each retry at t, retries in the last window·(1 - 1/buckets) ≤
-    ratio * calls started in the last window + min_per_second * window (the budget's own bucketed bound)."""
+    ratio * calls that reached the Retry in the last window + min_per_second * window (its bucketed bound).
+
+    A layer above the Retry (a limiter, a bulkhead) may hold a call before it reaches the Retry, which the checker
+    cannot see; so a call counts if it reached it by t and no earlier than the window: it started by t, and its
+    first program run in ``journal`` (else its end) is inside the window or later. An upper bound: no false alarm.
+    """
     retries = sorted(e.event.time for e in events if isinstance(e.event, RetryScheduled))
-    starts = sorted(c.started for c in calls)
+    runs = _runs_by_call(calls, journal)
+    reached = [(c.started, min((_start(r) for r in runs.get(c.index, ())), default=c.ended)) for c in calls]
     short = budget.window * (1 - 1 / buckets)
     found = []
     for at in retries:
         recent = sum(1 for t in retries if at - short < t <= at + EPSILON)
-        started = sum(1 for t in starts if at - budget.window - EPSILON <= t <= at + EPSILON)
+        opened = at - budget.window - EPSILON
+        started = sum(1 for earliest, latest in reached if earliest <= at + EPSILON and latest >= opened)
         allowed = budget.ratio * started + budget.min_per_second * budget.window
         if recent > allowed + EPSILON:
             found.append(
@@ -222,14 +234,16 @@ def permanent_errors_not_retried(
 ) -> list[Violation]:
     """After a run of a call ends in a permanent fault (auth, context window), that call runs the program no more.
 
-    ``journal`` entries need ``question``, ``fault`` and a start time (``started``, or ``time`` for the LM journal).
+    A run cancelled before its fault took effect (an attempt timeout during its latency) does not count: nobody saw
+    the fault. ``journal`` entries need ``question``, ``fault`` and a start time (``started``, or ``time`` for the
+    LM journal).
     """
     runs = _runs_by_call(calls, journal)
     found = []
     for call in calls:
         entries = sorted(runs.get(call.index, ()), key=_start)
         for position, entry in enumerate(entries):
-            if entry.fault in permanent and position + 1 < len(entries):
+            if entry.fault in permanent and not _cut_short(entry) and position + 1 < len(entries):
                 found.append(
                     Violation(
                         "permanent_errors_not_retried",
@@ -384,6 +398,11 @@ def _runs_by_call(calls: Sequence[CallResult], journal: Iterable[Any]) -> dict[i
     return runs
 
 
+def _cut_short(entry: Any) -> bool:
+    """A program run or LM request cancelled before its fault or answer took effect."""
+    return bool(getattr(entry, "cancelled", False)) or getattr(entry, "detail", "") == CANCELLED_BY_CALLER
+
+
 def _start(entry: Any) -> float:
     """When a journal entry's request started: ``started``, or an LM journal's ``time`` minus its latency."""
     value = getattr(entry, "started", None)
@@ -453,7 +472,7 @@ def check_run(
         run.calls, expected.max_attempts, journal=journal, requests_per_attempt=requests_per_attempt
     )
     if expected.retry_budget is not None:
-        found += retry_budget_respected(run.calls, run.events, expected.retry_budget)
+        found += retry_budget_respected(run.calls, run.events, expected.retry_budget, journal=journal)
     found += cancellation_not_retried(run.calls, run.events, journal)
     found += permanent_errors_not_retried(run.calls, journal)
     for layer in pipeline.layers:

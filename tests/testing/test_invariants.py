@@ -10,6 +10,7 @@ from resilient_dspy import RetryBudget, TimeoutExceededError
 from resilient_dspy.middleware.ratelimit import Limit
 from resilient_dspy.middleware.retry import RetryScheduled
 from resilient_dspy.testing import Fault
+from resilient_dspy.testing.fault_lm import JournalEntry
 from resilient_dspy.testing.harness import CallResult, ProgramEntry, RecordedEvent
 from resilient_dspy.testing.invariants import (
     attempts_within_bounds,
@@ -72,12 +73,34 @@ def test_retry_budget_counts_retries_against_calls() -> None:
     assert "3 retries" in over.message and "budget 2" in over.message
 
 
+def test_retry_budget_counts_calls_held_above_the_retry_when_they_reach_it() -> None:
+    """Calls all started at 0 but a limiter above the Retry let them through at 0.5, 1.0 and 1.5: the budget
+    counted them then, so a retry at 1.5 may spend the calls of 1.0 and 1.5 (seen by their first program run)."""
+    budget = RetryBudget(ratio=0.5, min_per_second=0.0, window=1.0)
+    calls = [call(i, ended=2.0) for i in range(3)]
+    retry = RecordedEvent(
+        2, RetryScheduled(pipeline="p", layer="Retry", time=1.5, attempt=1, delay=0.0, reason="x", error=None)
+    )
+    journal = [ProgramEntry(i, f"q{i}", Fault.OK, 0.5 * (i + 1), 0.5 * (i + 1)) for i in range(3)]
+    assert retry_budget_respected(calls, [retry], budget, journal=journal) == []
+    early = [ProgramEntry(i, f"q{i}", Fault.OK, 0.1, 0.1) for i in range(3)]  # all reached the Retry by 0.1
+    [over] = retry_budget_respected(calls, [retry], budget, journal=early)
+    assert "1 retries" in over.message and "budget 0" in over.message and "0.5 * 0 calls" in over.message
+
+
 def test_cancellation_permanent_errors_bulkhead_limiter_orphans() -> None:
     cancelled = call(0, ended=1.0, cancel_requested=True, error=asyncio.CancelledError())
     after = [ProgramEntry(0, "q0", Fault.OK, 1.5, 2.0)]
     assert "started after the call was cancelled" in cancellation_not_retried([cancelled], [], after)[0].message
     journal = [ProgramEntry(0, "q0", Fault.CONTEXT_WINDOW, 0.0, 0.1), ProgramEntry(0, "q0", Fault.OK, 0.2, 0.3)]
     assert "context_window was followed by 1" in permanent_errors_not_retried([call(0)], journal)[0].message
+    timed_out = ProgramEntry(0, "q0", Fault.CONTEXT_WINDOW, 0.0, 0.3, cancelled=True)  # cut before its fault
+    assert permanent_errors_not_retried([call(0)], [timed_out, ProgramEntry(0, "q0", Fault.OK, 0.3, 0.4)]) == []
+    lm_cut = JournalEntry(0.3, "m", Fault.AUTH, "q0", 5, 0, latency=0.3, detail="cancelled by the caller")
+    lm_retry = JournalEntry(0.5, "m", Fault.OK, "q0", 5, 3)
+    assert permanent_errors_not_retried([call(0)], [lm_cut, lm_retry]) == []
+    lm_seen = JournalEntry(0.3, "m", Fault.AUTH, "q0", 5, 0, latency=0.3)
+    assert "auth was followed by 1" in permanent_errors_not_retried([call(0)], [lm_seen, lm_retry])[0].message
     overlapping = [ProgramEntry(i, f"q{i}", None, 0.0, 1.0) for i in range(3)]
     assert bulkhead_limit_respected(overlapping, 3) == []
     assert "3 runs in flight" in bulkhead_limit_respected(overlapping, 2)[0].message
