@@ -10,6 +10,7 @@ so). Cancellation is never handled. If every eligible alternative fails, :class:
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,15 +46,15 @@ def matches(on: ErrorFilter, error: Exception) -> bool:
     return isinstance(error, RetriesExhaustedError) and isinstance(error.last_error, on)
 
 
-class Alternative:
+class Alternative(ABC):
     """One fallback: ``name`` labels it in the outcome; ``on`` narrows which errors it handles."""
 
     name: str
     on: ErrorFilter | None
 
+    @abstractmethod
     async def run(self, call: Call, primary: Handler) -> Any:
         """Produce the answer; ``primary`` is the fallback's inner stack, for alternatives that rerun it."""
-        raise NotImplementedError
 
 
 class UseLM(Alternative):

@@ -23,6 +23,8 @@ from resilient_dspy import (
     UseLM,
     UseProgram,
 )
+from resilient_dspy.middleware.fallback import Alternative
+from resilient_dspy.pipeline import Call, Handler
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile
 from tests.conftest import other_tasks
 
@@ -482,3 +484,25 @@ def test_describe_lists_alternatives_and_filter() -> None:
     """Fallback.describe() names the alternatives in order and the handled error types."""
     fallback = Fallback(UseLM(FaultInjectingLM("fault/big"), name="big"), Static(answer="x"), on=dspy.LMError)
     assert fallback.describe() == {"layer": "Fallback", "alternatives": ["big", "static"], "on": ["LMError"]}
+
+
+async def test_a_custom_alternative_runs_and_one_without_run_cannot_be_built() -> None:
+    class Cached(Alternative):
+        """A user-written alternative: the last good answer."""
+
+        def __init__(self) -> None:
+            self.name, self.on = "cached", None
+
+        async def run(self, call: Call, primary: Handler) -> Any:
+            return f"cached {call.inputs['question']}"
+
+    class Incomplete(Alternative):
+        name, on = "incomplete", None
+
+    async def failing(question: str) -> str:
+        raise dspy.LMServerError("503", status=503)
+
+    outcome = await Pipeline(failing, Fallback(Cached())).invoke("q")
+    assert (outcome.value, outcome.served_by) == ("cached q", "cached")
+    with pytest.raises(TypeError, match="abstract method.*run"):
+        Incomplete()  # type: ignore[abstract]
