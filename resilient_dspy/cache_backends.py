@@ -18,6 +18,7 @@ import json.scanner
 import logging
 import math
 import os
+import re
 import sqlite3
 import time
 import typing
@@ -443,13 +444,32 @@ def _identity(value: Any) -> Any:
     return value
 
 
+_REDIS_BATCH = 500
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+async def _clear_redis(client: Any, prefix: str) -> int:
+    """Delete every key under ``prefix`` with ``SCAN`` in batches: ``KEYS`` would block a shared server."""
+    removed = 0
+    batch: list[Any] = []
+    async for key in client.scan_iter(match=_GLOB_SPECIAL.sub(r"\\\1", prefix) + "*", count=_REDIS_BATCH):
+        batch.append(key)
+        if len(batch) >= _REDIS_BATCH:
+            removed += int(await client.delete(*batch))
+            batch.clear()
+    if batch:
+        removed += int(await client.delete(*batch))
+    return removed
+
+
 class AiocacheBackend:
     """Any aiocache cache (``SimpleMemoryCache`` now; Redis or memcached for sharing between processes).
 
     Values bypass aiocache's own serializer and carry their wall-clock expiry, checked on read: the store's
     TTL is rounded *up* to whole seconds (memcached and Redis ``EX`` want ints) only to free memory. Keys go
-    through the aiocache cache's own ``namespace`` prefix. ``clear(namespace)`` removes exactly our prefix;
-    it needs a key listing, which only ``SimpleMemoryCache`` offers for now (Redis follows in a later issue).
+    through the aiocache cache's own ``namespace`` prefix. ``clear(namespace)`` removes exactly our prefix; it
+    needs a key listing: ``SimpleMemoryCache`` lists its dict, Redis is walked with ``SCAN`` (never ``KEYS``, which
+    blocks the server); memcached has none, so clearing it raises :class:`ConfigurationError`.
     """
 
     def __init__(self, cache: BaseCache, *, wall_clock: WallClock = time.time) -> None:
@@ -462,7 +482,9 @@ class AiocacheBackend:
             raise ConfigurationError(problems)
         self.cache = cache
         self._wall = wall_clock
-        self._memcached = any(base.__name__ == "MemcachedBackend" for base in type(cache).__mro__)
+        bases = {base.__name__ for base in type(cache).__mro__}
+        self._memcached = "MemcachedBackend" in bases
+        self._redis = "RedisBackend" in bases
 
     def _store_ttl(self, ttl: float | None) -> int | None:
         if ttl is None:
@@ -489,11 +511,19 @@ class AiocacheBackend:
 
     async def clear(self, namespace: str | None = None) -> int:
         cache = self.cache
-        if not isinstance(cache, SimpleMemoryBackend):
-            raise NotImplementedError(
-                f"AiocacheBackend.clear needs a key listing, which {type(cache).__name__} does not offer yet"
-            )
         prefix = cache.build_key(_namespace_prefix(namespace))
+        if self._redis:
+            return await _clear_redis(cache.client, prefix)
+        if not isinstance(cache, SimpleMemoryBackend):
+            raise ConfigurationError(
+                [
+                    (
+                        "AiocacheBackend.cache",
+                        f"clear() needs a store that lists its keys (SimpleMemoryCache, RedisCache); "
+                        f"{type(cache).__name__} cannot",
+                    )
+                ]
+            )
         doomed = [key for key in list(await cache.raw("keys")) if isinstance(key, str) and key.startswith(prefix)]
         removed = 0
         for key in doomed:

@@ -15,8 +15,10 @@ from typing import Any
 
 import diskcache
 import dspy
+import fakeredis
 import pytest
-from aiocache import SimpleMemoryCache
+from aiocache import RedisCache, SimpleMemoryCache
+from aiocache.base import BaseCache
 from pydantic import BaseModel
 
 from resilient_dspy import ConfigurationError
@@ -379,6 +381,41 @@ async def test_aiocache_ignores_foreign_values() -> None:
     await store.set("ns:b", b"raw bytes")
     assert await backend.get("ns:a") is None
     assert await backend.get("ns:b") is None
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex")  # aiocache 0.12 on redis-py 5+
+async def test_aiocache_redis_round_trip_and_clear_scans_exactly_our_prefix() -> None:
+    """On Redis, clear(ns) walks SCAN in batches of 500 and deletes only our keys, glob characters escaped."""
+    store = RedisCache(namespace="app|")
+    store.client = fakeredis.FakeAsyncRedis()
+    backend = AiocacheBackend(store)
+    await backend.set("one:a", b'{"rdc": 1}', 60.0)
+    assert await backend.get("one:a") == b'{"rdc": 1}'
+    for index in range(1200):
+        await backend.set(f"one:{index}", b"v", None)
+    await backend.set("o*e:x", b"v", None)  # "o*e" would match "one" as a glob
+    await backend.set("onetwo:c", b"v", None)
+    await store.client.set("other|one:not-ours", b"x")
+    assert await backend.clear("o*e") == 1
+    assert await backend.clear("one") == 1201
+    assert await backend.get("onetwo:c") == b"v"
+    assert await backend.clear(None) == 1
+    assert await store.client.keys("*") == [b"other|one:not-ours"]
+
+
+async def test_aiocache_clear_on_a_store_without_a_key_listing_names_the_field() -> None:
+    class KeylessBackend(BaseCache):  # type: ignore[misc]
+        """Like memcached: get and set, but no way to list keys."""
+
+    backend = AiocacheBackend(KeylessBackend())
+    with pytest.raises(ConfigurationError) as caught:
+        await backend.clear("one")
+    assert caught.value.problems == (
+        (
+            "AiocacheBackend.cache",
+            "clear() needs a store that lists its keys (SimpleMemoryCache, RedisCache); KeylessBackend cannot",
+        ),
+    )
 
 
 def test_aiocache_validates_the_cache() -> None:

@@ -504,5 +504,5 @@ async def test_a_custom_alternative_runs_and_one_without_run_cannot_be_built() -
 
     outcome = await Pipeline(failing, Fallback(Cached())).invoke("q")
     assert (outcome.value, outcome.served_by) == ("cached q", "cached")
-    with pytest.raises(TypeError, match="abstract method.*run"):
+    with pytest.raises(TypeError, match=r"abstract method.*run"):
         Incomplete()  # type: ignore[abstract]
