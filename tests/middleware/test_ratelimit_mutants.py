@@ -26,21 +26,9 @@ from resilient_dspy.middleware.ratelimit import (
     RateLimitWaited,
 )
 from resilient_dspy.testing import FaultInjectingLM
+from resilient_dspy.testing.plugin import ManualClock
 
-
-def now() -> float:
-    return asyncio.get_running_loop().time()
-
-
-def report_usage(tokens: int) -> None:
-    tracker = dspy.settings.usage_tracker
-    if tracker is not None:
-        tracker.add_usage("test/model", {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens})
-
-
-def by_tokens(call: Any) -> int:
-    tokens: int = call.inputs.get("tokens", 1)
-    return tokens
+from .test_ratelimit import Recorder, by_tokens_input, now, report_usage, settle, spawn
 
 
 def first_char(call: Any) -> str:
@@ -48,52 +36,12 @@ def first_char(call: Any) -> str:
     return key
 
 
-class Recorder:
-    """Records (time, question) at admission; sleeps ``latency``, reports ``actual`` tokens, may fail."""
-
-    def __init__(self) -> None:
-        self.admitted: list[tuple[float, str]] = []
-
-    def time_of(self, name: str) -> float:
-        return next(t for t, n in self.admitted if n == name)
-
-    async def __call__(
-        self, question: str, tokens: int = 1, actual: int | None = None, latency: float = 0.0, fail: bool = False
-    ) -> str:
-        self.admitted.append((now(), question))
-        if latency:
-            await asyncio.sleep(latency)
-        if actual is not None:
-            report_usage(actual)
-        if fail:
-            raise ValueError(question)
-        return question
-
-
-class HandClock:
-    """A clock the test sets by hand; a deadline jumps the clock to it and fires at once."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def now(self) -> float:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        self.t += seconds
+class HandClock(ManualClock):
+    """A :class:`ManualClock` whose deadline jumps the clock to it and fires at once."""
 
     def deadline(self, when: float) -> asyncio.Timeout:
-        self.t = max(self.t, when)
+        self.time = max(self.time, when)
         return asyncio.timeout(0)
-
-
-def spawn(pipeline: Pipeline, question: str, **inputs: Any) -> asyncio.Task[Any]:
-    return asyncio.create_task(pipeline(question=question, **inputs))
-
-
-async def settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
 
 
 async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
@@ -156,7 +104,7 @@ def test_snapshot_before_any_call() -> None:
 async def test_snapshot_usage_of_a_window_a_token_window_and_a_bucket() -> None:
     """Bucket 100 tokens / 25 s (0.25 s a token), burst 40: its debt is (tat - now) / 0.25 tokens."""
     requests, window, bucket = Limit.requests(3, 10.0), Limit.tokens(40, 10.0), Limit.tokens(100, 25.0, burst=40)
-    limiter = RateLimiter(requests, window, bucket, estimate_tokens=by_tokens)
+    limiter = RateLimiter(requests, window, bucket, estimate_tokens=by_tokens_input)
     pipeline = Pipeline(Recorder(), limiter)
     await asyncio.sleep(1.0)
     await pipeline(question="a", tokens=30)
@@ -190,7 +138,7 @@ async def test_snapshot_of_a_key() -> None:
 async def test_a_token_bucket_counts_tokens_and_a_refund_lowers_its_debt() -> None:
     """Estimate 50 then actual 20 at 0.25 s a token: the debt is 20 tokens (tat 5.0 moved back to 5.0 - 7.5)."""
     bucket = Limit.tokens(100, 25.0, burst=100)
-    limiter = RateLimiter(bucket, estimate_tokens=by_tokens)
+    limiter = RateLimiter(bucket, estimate_tokens=by_tokens_input)
     pipeline = Pipeline(Recorder(), limiter)
     await pipeline(question="a", tokens=50, actual=20)
     assert limiter.snapshot().limits == (LimitUsage(bucket, 20.0, 80.0),)
@@ -203,7 +151,7 @@ async def test_a_token_bucket_counts_tokens_and_a_refund_lowers_its_debt() -> No
 
 async def test_a_token_call_one_token_over_waits_for_the_window() -> None:
     program = Recorder()
-    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens))
+    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input))
     await pipeline(question="a", tokens=60)
     await pipeline(question="b", tokens=41)
     assert program.time_of("b") == 10.0
@@ -212,7 +160,7 @@ async def test_a_token_call_one_token_over_waits_for_the_window() -> None:
 async def test_a_token_call_waits_until_enough_admissions_have_expired() -> None:
     """50 at t=0 and 50 at t=1: a 51-token call needs both gone (t=11), not only the first (t=10)."""
     program = Recorder()
-    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens))
+    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input))
     await pipeline(question="a", tokens=50)
     await asyncio.sleep(1.0)
     await pipeline(question="b", tokens=50)
@@ -236,7 +184,7 @@ async def test_a_request_waits_for_the_oldest_admission_to_expire() -> None:
 async def test_a_token_call_whose_exact_wait_exceeds_max_wait_is_rejected_at_once() -> None:
     """50 at t=0 and 50 at t=1; at t=2 a 51-token call needs t=11, beyond max_wait 8.5: rejected now, not at t=10."""
     program = Recorder()
-    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), max_wait=8.5, estimate_tokens=by_tokens))
+    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), max_wait=8.5, estimate_tokens=by_tokens_input))
     await pipeline(question="a", tokens=50)
     await asyncio.sleep(1.0)
     await pipeline(question="b", tokens=50)
@@ -248,7 +196,7 @@ async def test_a_token_call_whose_exact_wait_exceeds_max_wait_is_rejected_at_onc
 
 async def test_a_requests_bucket_beside_a_token_limit_counts_one_per_call() -> None:
     bucket, tokens = Limit.requests(1, 1.0, burst=3), Limit.tokens(1000, 1.0)
-    limiter = RateLimiter(bucket, tokens, estimate_tokens=by_tokens)
+    limiter = RateLimiter(bucket, tokens, estimate_tokens=by_tokens_input)
     await Pipeline(Recorder(), limiter)(question="a", tokens=2)
     assert limiter.snapshot().limits == (LimitUsage(bucket, 1.0, 2.0), LimitUsage(tokens, 2.0, 998.0))
 
@@ -256,7 +204,7 @@ async def test_a_requests_bucket_beside_a_token_limit_counts_one_per_call() -> N
 async def test_a_token_bucket_paces_by_tokens() -> None:
     """Bucket of 50 tokens refilled at 10/s: 40 tokens, then 40 more once 30 have dripped back (t=3)."""
     program = Recorder()
-    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0, burst=50), estimate_tokens=by_tokens))
+    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0, burst=50), estimate_tokens=by_tokens_input))
     await pipeline(question="a", tokens=40)
     await pipeline(question="b", tokens=40)
     assert program.time_of("b") == pytest.approx(3.0, abs=1e-6)
@@ -273,7 +221,7 @@ async def test_a_wait_of_exactly_max_wait_is_admitted() -> None:
 async def test_a_zero_token_call_fits_a_full_token_window() -> None:
     """Estimate 0 is allowed, and needs no room: it follows the 100-token head in at t=10, not at t=20."""
     program = Recorder()
-    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens))
+    pipeline = Pipeline(program, RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input))
     await pipeline(question="a", tokens=100)
     head = spawn(pipeline, "head", tokens=100)
     zero = spawn(pipeline, "zero", tokens=0)
@@ -336,7 +284,7 @@ async def rejected_in_queue(
 async def test_token_backlog_estimate_in_whole_windows(
     ahead: list[int], tokens: int, behind: list[int], retry_after: float
 ) -> None:
-    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens, key=lambda call: "k")
+    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input, key=lambda call: "k")
     error, events = await rejected_in_queue(limiter, [100], ahead, tokens, behind)
     assert error.retry_after == retry_after
     assert events[-1] == RateLimitRejected(
@@ -401,7 +349,7 @@ async def test_the_earlier_of_max_wait_and_deadline_is_the_reason() -> None:
 
 async def test_waited_and_reconciled_events_carry_every_field() -> None:
     events: list[Event] = []
-    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens, key=lambda call: "k", name="tok")
+    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input, key=lambda call: "k", name="tok")
     pipeline = Pipeline(Recorder(), limiter, name="p", listeners=[events.append])
     first = spawn(pipeline, "a", tokens=100, actual=80, latency=2.0)
     await asyncio.sleep(1.0)
@@ -436,7 +384,7 @@ async def test_an_uncontended_token_call_without_usage_emits_nothing_and_attache
 async def test_a_token_lane_is_kept_while_a_call_is_in_flight_and_evicted_after() -> None:
     """Tokens per 1 s, max_keys=1: key a, with one of its two calls still running at t=4, is kept; at t=10 it
     is evicted with b."""
-    limiter = RateLimiter(Limit.tokens(100, 1.0), estimate_tokens=by_tokens, key=first_char, max_keys=1)
+    limiter = RateLimiter(Limit.tokens(100, 1.0), estimate_tokens=by_tokens_input, key=first_char, max_keys=1)
     pipeline = Pipeline(Recorder(), limiter)
     running = [spawn(pipeline, "a1", tokens=10, latency=3.0), spawn(pipeline, "a2", tokens=10, latency=8.0)]
     await asyncio.sleep(4.0)
@@ -500,7 +448,7 @@ async def test_an_admission_due_within_a_nanosecond_has_left_the_window() -> Non
     requests, tokens = Limit.requests(1, 1.0), Limit.tokens(10, 1.0)
     limiter = RateLimiter(requests, tokens, estimate_tokens=lambda call: 4)
     await Pipeline(Recorder(), limiter, clock=clock)(question="a")
-    clock.t = 1.0 - 1e-9
+    clock.time = 1.0 - 1e-9
     assert limiter.snapshot().limits == (LimitUsage(requests, 0.0, 1.0), LimitUsage(tokens, 0.0, 10.0))
 
 
@@ -511,7 +459,7 @@ async def test_usage_measured_as_the_admission_leaves_the_window_is_not_charged(
     limiter = RateLimiter(tokens, estimate_tokens=lambda call: 4)
 
     async def program(question: str) -> str:
-        clock.t = 1.0 - 1e-9
+        clock.time = 1.0 - 1e-9
         report_usage(7)
         return question
 
@@ -525,7 +473,7 @@ async def test_a_bucket_due_within_a_nanosecond_admits_without_waiting() -> None
     program = Recorder()
     pipeline = Pipeline(program, RateLimiter(Limit.requests(1, 1.0, burst=1)), clock=clock, listeners=[events.append])
     await pipeline(question="a")
-    clock.t = 1.0 - 1e-9
+    clock.time = 1.0 - 1e-9
     await pipeline(question="b")
-    assert clock.t == 1.0 - 1e-9
+    assert clock.time == 1.0 - 1e-9
     assert events == []
