@@ -22,7 +22,16 @@ from resilient_dspy.errors import ResilienceWarning
 if TYPE_CHECKING:
     from resilient_dspy.pipeline import Call, Pipeline
 
-__all__ = ["Target", "UsageScope", "adapt_program", "attach_usage", "no_dspy_retries", "setting", "usage_scope"]
+__all__ = [
+    "Target",
+    "UsageScope",
+    "adapt_program",
+    "attach_usage",
+    "lm_identity",
+    "no_dspy_retries",
+    "setting",
+    "usage_scope",
+]
 
 
 class Target(Protocol):
@@ -62,6 +71,30 @@ def setting(name: str) -> Any:
     if name in overrides:
         return overrides[name]
     return _MAIN_CONFIG.get(name)
+
+
+_ENDPOINT_KEYS = ("api_base", "base_url")
+
+
+def lm_identity(lm: Any) -> str | None:
+    """Which deployment answers an LM's requests: its model, ``@`` its endpoint when it has one, ``#`` its
+    deployment id when given. Cache keys and per-model partitions (:func:`~resilient_dspy.by_model`) both use it,
+    so a backup deployment of the same model is another circuit and another cache entry.
+    """
+    if lm is None:
+        return None
+    identity = str(getattr(lm, "model", None) or type(lm).__name__)
+    kwargs = getattr(lm, "kwargs", None)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    for name in _ENDPOINT_KEYS:
+        endpoint = getattr(lm, name, None) or kwargs.get(name)
+        if isinstance(endpoint, str) and endpoint:
+            identity += f"@{endpoint}"
+            break
+    deployment = kwargs.get("deployment_id")
+    if isinstance(deployment, str) and deployment:
+        identity += f"#{deployment}"
+    return identity
 
 
 class UsageScope:
@@ -290,7 +323,6 @@ class PipelineTarget:
         self.pipeline.target.watch_dspy_retries()
 
     async def __call__(self, call: Call) -> Any:
-        call.record.attempts += 1
         nested = self.pipeline.new_call(
             call.inputs,
             deadline=call.deadline,
@@ -298,7 +330,10 @@ class PipelineTarget:
             partition_key=call.partition_key,
             bypass_cache=call.bypass_cache,
         )
-        return await self.pipeline.run(nested)
+        try:
+            return await self.pipeline.run(nested)
+        finally:
+            call.record.absorb(nested.record)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": "program", "target": self.name, "pipeline": self.pipeline.describe()}

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
-from resilient_dspy.dspy_binding import setting
+from resilient_dspy.dspy_binding import lm_identity, setting
 from resilient_dspy.options import Options
 
 if TYPE_CHECKING:
@@ -44,9 +44,9 @@ class PartitionOptions(Options):
 
 
 def by_model(call: Call) -> Hashable:
-    """Partition by the model of the LM in effect for this call (``dspy.context(lm=...)`` or configured)."""
-    lm = setting("lm")
-    return getattr(lm, "model", None) or "default"
+    """Partition by the LM in effect for this call (``dspy.context(lm=...)`` or configured): its model and endpoint,
+    as :func:`~resilient_dspy.dspy_binding.lm_identity` gives them, so two deployments of one model stay apart."""
+    return lm_identity(setting("lm")) or "default"
 
 
 def by_partition_key(call: Call) -> Hashable:

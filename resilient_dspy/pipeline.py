@@ -46,13 +46,29 @@ class Runtime:
 
 @dataclass(slots=True)
 class CallRecord:
-    """Shared by every view of one call: what happened, for :class:`Outcome` and reports."""
+    """Shared by every view of one call: what happened, for :class:`Outcome` and reports.
+
+    ``attempts`` counts the times the call reached the program (or a fault injected in its place): a layer that
+    judges the provider compares it before and after ``await next(call)``, so a cache hit, a coalesced follower
+    or an inner rejection counts as no provider outcome. ``blocked_until`` is set by an inner layer that will
+    refuse this call's next attempt until then (an opened circuit), so a Retry above waits exactly that long.
+    """
 
     started_at: float
     attempts: int = 0
     retries: int = 0
     served_by: str = "primary"
     trace: Trace | None = None
+    blocked_until: float | None = None
+
+    def absorb(self, nested: CallRecord) -> None:
+        """Take in what a nested pipeline's call did: its program runs, retries, and who served it."""
+        self.attempts += nested.attempts
+        self.retries += nested.retries
+        if nested.served_by != "primary":
+            self.served_by = nested.served_by
+        if nested.blocked_until is not None:
+            self.blocked_until = nested.blocked_until
 
 
 @dataclass(slots=True)

@@ -527,12 +527,15 @@ class CircuitBreaker:
         if single is not None and single.state is CircuitState.CLOSED and not self._timed:
             # The common case, unpartitioned and closed with no clock-based counting: no clock read on success.
             generation = single.generation
+            record = call.record
+            reached = record.attempts
             try:
                 result = await next(call)
             except Exception as error:
-                self._failed(call, single, generation, error, 0.0)
+                if record.attempts != reached:
+                    self._failed(call, single, generation, error, 0.0)
                 raise
-            if generation == single.generation:
+            if generation == single.generation and record.attempts != reached:
                 if single.window is None:
                     single.consecutive = 0
                 else:
@@ -558,14 +561,22 @@ class CircuitBreaker:
             raise
         if transition is not None:
             self._announce(call, circuit.key, transition, started)
+        record = call.record
+        reached = record.attempts
         try:
             result = await next(call)
         except Exception as error:
-            self._failed(call, circuit, ticket, error, started)
+            if record.attempts == reached:  # a cache's follower or an inner rejection: the provider was not asked
+                circuit.release(ticket)
+            else:
+                self._failed(call, circuit, ticket, error, started)
             raise
         except BaseException:
             circuit.release(ticket)
             raise
+        if record.attempts == reached:  # a cache hit or a coalesced answer says nothing about the provider
+            circuit.release(ticket)
+            return result
         now = clock.now()
         slow = self._slow is not None and now - started >= self._slow
         transition = circuit.succeeded(ticket, slow, now)
@@ -582,6 +593,8 @@ class CircuitBreaker:
         transition = circuit.failed(ticket, slow, classify(error).retry_after, now)
         if transition is not None:
             self._announce(call, circuit.key, transition, now)
+        if circuit.state is CircuitState.OPEN:
+            call.record.blocked_until = circuit.open_until
 
     def _announce(self, call: Call | None, key: Hashable, transition: Transition, now: float) -> None:
         old, new, reason, _ = transition

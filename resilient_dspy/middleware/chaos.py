@@ -5,7 +5,8 @@ the next entry of an exact ``script`` (fault kinds shared with :class:`~resilien
 the script is spent, applies the one strategy given (``fault``, ``latency``, ``outcome`` or ``effect``) with
 probability ``rate``, drawn from the pipeline's random source (or the Chaos's own ``seed``). A disabled Chaos is
 transparent and consumes nothing. Latency sleeps on the pipeline clock and is cancellable; a ``hang`` waits until
-cancelled; cancellation is never caught.
+cancelled; cancellation is never caught. A fault or answer injected in the program's place counts as an attempt
+(``call.record.attempts``), so the layers above judge it as they would the provider's.
 """
 
 from __future__ import annotations
@@ -314,6 +315,7 @@ class Chaos:
         """Inject a named fault: raise its DSPy error, or hang until cancelled."""
         if step.fault is Fault.HANG:
             self._emit(call, "fault", "hang", Fault.HANG, scripted)
+            call.record.attempts += 1
             await _forever()
         retry_after = step.retry_after
         if retry_after is None and step.fault is Fault.RATE_LIMIT:
@@ -322,6 +324,7 @@ class Chaos:
         if error is None:
             return
         self._emit(call, "fault", f"{step.fault.value}: {_describe_error(error)}", step.fault, scripted)
+        call.record.attempts += 1
         raise error
 
     async def _scripted(self, call: Call, next: Handler, step: FaultStep, rng: random.Random) -> Any:
@@ -357,6 +360,7 @@ class Chaos:
         if fault is not None:
             error = self._error(call)
             self._emit(call, "fault", _describe_error(error))
+            call.record.attempts += 1
             raise error
         if options.latency is not None:
             low, high = options.latency
@@ -375,6 +379,7 @@ class Chaos:
             corrupted = _corrupt(outcome, await next(call))
             self._emit(call, "outcome", outcome)
             return corrupted
+        call.record.attempts += 1  # the injected answer stands in for the program's
         if callable(outcome):
             self._emit(call, "outcome", f"factory {getattr(outcome, '__name__', repr(outcome))}")
             value = outcome(call)

@@ -181,6 +181,7 @@ class Fallback:
         self.on: ErrorFilter = self.options.on
 
     async def __call__(self, call: Call, next: Handler) -> Any:
+        call.record.served_by = "primary"  # a retry above us starts afresh: an earlier pass's alternative is gone
         try:
             return await next(call)
         except Exception as error:

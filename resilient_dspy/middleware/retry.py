@@ -73,7 +73,7 @@ class RetryScheduled(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryGaveUp(Event):
-    """Retry stopped with the last attempt failed; ``reason`` is max_attempts, deadline or budget."""
+    """Retry stopped with the last attempt failed; ``reason`` is max_attempts, deadline, budget or circuit_open."""
 
     attempts: int
     reason: str
@@ -202,9 +202,12 @@ class Retry:
         previous = options.base_delay
         attempt_call = call
         attempt = 1
+        record = call.record
         while True:
             error: Exception | None = None
             info: ErrorInfo | None = None
+            reached = record.attempts
+            record.blocked_until = None
             try:
                 result = await next(attempt_call)
             except Exception as caught:
@@ -229,10 +232,15 @@ class Retry:
                 previous = delay
                 if info is not None and info.retry_after is not None and options.respect_retry_after:
                     delay = max(delay, min(info.retry_after, options.max_retry_after))
+                blocked = record.blocked_until
+                if blocked is not None:  # the failure opened a circuit below: an earlier attempt is refused anyway
+                    delay = max(delay, blocked - clock.now())
                 if call.deadline is not None and delay >= call.deadline - clock.now():
                     stop = "deadline"
-                elif budget is not None and not budget.try_spend(clock.now()):
-                    stop = "budget"
+                elif blocked is not None and delay > options.max_retry_after:
+                    stop = "circuit_open"
+                elif budget is not None and record.attempts != reached and not budget.try_spend(clock.now()):
+                    stop = "budget"  # a retry of a failure that never reached the provider (shared) spends nothing
             if stop is not None:
                 if call.runtime.listeners:
                     call.emit(

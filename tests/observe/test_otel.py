@@ -117,15 +117,18 @@ async def test_breaker_metrics_rejections_and_events_on_the_attempt_span() -> No
     otel = Otel()
     telemetry = OpenTelemetry(otel.tracer_provider, otel.meter_provider)
     breaker = CircuitBreaker(1, break_duration=30)
-    pipeline = Pipeline(AlwaysFailing(), telemetry, Retry(2, base_delay=0.1), telemetry.attempts(), breaker, name="qa")
+    retry = Retry(2, base_delay=0.1, max_retry_after=10.0)  # the 30 s break outlasts it: Retry gives up at once
+    pipeline = Pipeline(AlwaysFailing(), telemetry, retry, telemetry.attempts(), breaker, name="qa")
     assert otel.value("resilient_dspy.circuit.state", layer="CircuitBreaker", key="") == 0
+    with pytest.raises(RetriesExhaustedError):
+        await pipeline("q")
     with pytest.raises(CircuitOpenError):
         await pipeline("q")
     assert otel.value("resilient_dspy.circuit.state", pipeline="qa", layer="CircuitBreaker", key="") == 2
     assert otel.value("resilient_dspy.circuit.transitions", to="open") == 1
     assert otel.value("resilient_dspy.rejections", pipeline="qa", layer="CircuitBreaker", reason="open") == 1
     assert otel.value("resilient_dspy.calls", pipeline="qa", outcome="rejected") == 1
-    first, second = sorted(by_name(otel.spans(), "attempt qa"), key=lambda s: s.attributes["resilient_dspy.attempt"])
+    first, second = sorted(by_name(otel.spans(), "attempt qa"), key=lambda s: s.start_time)
     assert [e.name for e in first.events] == ["CircuitStateChanged", "exception"]
     assert first.events[0].attributes["new"] == "open"
     assert [e.name for e in second.events] == ["CircuitRejected", "exception"]
