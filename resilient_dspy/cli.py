@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve a local OpenAI-compatible chat endpoint that answers DSPy prompts or fails on purpose",
         description="Serves POST /v1/chat/completions with answers in DSPy's Chat or JSON format, and injects "
         "faults: 429 with Retry-After, 5xx, hangs, dropped connections, bad JSON, malformed answers, context-window "
-        "errors, quotas. Change them at run time with POST /control/faults; read GET /control/journal. "
+        "errors, quotas. Read and change them at run time with GET/POST /control/faults; read GET /control/journal. "
         "Serves only loopback addresses unless --allow-remote.",
     )
     chaos.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -211,7 +211,10 @@ def _chaos_server(args: argparse.Namespace) -> int:
                 f'  dspy.LM("openai/chaos", api_base="{server.api_base}", api_key="x", cache=False, num_retries=0)',
                 flush=True,
             )
-            print("  control: POST /control/faults, POST /control/reset, GET /control/journal, GET /health", flush=True)
+            print(
+                "  control: GET/POST /control/faults, POST /control/reset, GET /control/journal, GET /health",
+                flush=True,
+            )
             print("Press Ctrl-C to stop.", flush=True)
             await stop.wait()
 
