@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -114,6 +115,8 @@ def load_target(spec: str) -> Callable[[], Any]:
     A zero-argument factory is called once per scenario, so each starts from clean state; a Pipeline instance is
     reused as is.
     """
+    import dspy
+
     from resilient_dspy.pipeline import Pipeline
 
     module_name, sep, attr = spec.rpartition(":")
@@ -144,14 +147,23 @@ def load_target(spec: str) -> Callable[[], Any]:
     value = getattr(module, attr)
     if isinstance(value, Pipeline):
         return lambda: value
+    if isinstance(value, dspy.Module):
+        rule = "wrap it, e.g. Pipeline(program, Timeout(30), Retry(3))"
+        raise TargetError(f"{spec} is a DSPy {type(value).__name__}, not a Pipeline: {rule}")
     if not callable(value):
         raise TargetError(f"{spec} is a {type(value).__name__}, not a Pipeline or a zero-argument factory of one")
+    try:
+        inspect.signature(value).bind()
+    except TypeError as error:
+        raise TargetError(f"{spec} must be a Pipeline or a zero-argument factory of one ({error})") from None
+    except ValueError:  # no signature to read (some builtins): let the call say
+        pass
 
     def factory() -> Pipeline:
         try:
             built = value()
-        except TypeError as error:
-            raise TargetError(f"{spec} must be a Pipeline or a zero-argument factory of one ({error})") from error
+        except Exception as error:  # the factory's own failure (no API key, bad settings): report it, exit 2
+            raise TargetError(f"{spec}() raised {type(error).__name__}: {error}") from error
         if not isinstance(built, Pipeline):
             raise TargetError(f"{spec}() returned a {type(built).__name__}, not a Pipeline")
         return built
@@ -292,9 +304,11 @@ def _render(target: str, scores: list[ScenarioScore]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``resilient-dspy chaos`` (shared by the main CLI and ``python -m resilient_dspy.chaos_cli``)."""
     parser.add_argument("target", metavar="TARGET", help="module:attr or path/to/file.py:attr (Pipeline or factory)")
-    parser.add_argument("--calls", type=int, default=40, help="calls per scenario (default 40)")
-    parser.add_argument("--concurrency", type=int, default=10, help="calls in flight (default 10)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default 0)")
+    from resilient_dspy.cli import _integer
+
+    parser.add_argument("--calls", type=_integer, default=40, help="calls per scenario (default 40)")
+    parser.add_argument("--concurrency", type=_integer, default=10, help="calls in flight (default 10)")
+    parser.add_argument("--seed", type=_integer, default=0, help="seed of the fault draws (default 0)")
     parser.add_argument(
         "--scenarios", help=f"comma-separated subset of: {', '.join(_BY_NAME)} (default: all)", default=None
     )
@@ -316,16 +330,15 @@ def command(args: argparse.Namespace) -> int:
         if unknown:
             problems.append(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(_BY_NAME)}")
         chosen = [_BY_NAME[name] for name in names if name in _BY_NAME]
+    from resilient_dspy.cli import fail
+
     if problems:
-        for problem in problems:
-            print(f"resilient-dspy chaos: {problem}", file=sys.stderr)
-        return 2
+        return fail("chaos", "; ".join(problems))
     try:
         factory = load_target(args.target)
         scores = run_battery(factory, chosen, calls=args.calls, seed=args.seed, concurrency=args.concurrency)
     except TargetError as error:
-        print(f"resilient-dspy chaos: {error}", file=sys.stderr)
-        return 2
+        return fail("chaos", error)
     passed = all(score.handled for score in scores)
     if args.json:
         report = {

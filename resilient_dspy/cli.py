@@ -13,25 +13,54 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["fail", "main"]
+
+
+def one_line(message: object) -> str:
+    """``message`` on one line (a multi-line ConfigurationError joined up), for a one-line CLI error."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def fail(command: str, message: object) -> int:
+    """Print ``resilient-dspy COMMAND: message`` as one line on stderr; return the bad-input exit status, 2."""
+    print(f"resilient-dspy {command}: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def _integer(text: str) -> int:
+    """An int option's value; the error names the value, not this function (argparse would say its name)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})") from None
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0 (got {text})")
     return value
 
 
 def _parser() -> argparse.ArgumentParser:
+    from resilient_dspy import __version__
+
     parser = argparse.ArgumentParser(prog="resilient-dspy", description="Reliability middleware for DSPy programs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo",
@@ -42,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--questions", type=_positive_int, default=40, help="batch size (default 40)")
     demo.add_argument("--concurrency", type=_positive_int, default=10, help="calls in flight (default 10)")
-    demo.add_argument("--seed", type=int, default=7, help="fault schedule seed (default 7)")
+    demo.add_argument("--seed", type=_integer, default=7, help="fault schedule seed (default 7)")
     demo.add_argument(
         "--chaos", type=_non_negative_float, default=1.0, help="scale of the injected fault rates (default 1.0)"
     )
@@ -56,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve a local OpenAI-compatible chat endpoint that answers DSPy prompts or fails on purpose",
         description="Serves POST /v1/chat/completions with answers in DSPy's Chat or JSON format, and injects "
         "faults: 429 with Retry-After, 5xx, hangs, dropped connections, bad JSON, malformed answers, context-window "
-        "errors, quotas. Change them at run time with POST /control/faults; read GET /control/journal. "
+        "errors, quotas. Read and change them at run time with GET/POST /control/faults; read GET /control/journal. "
         "Serves only loopback addresses unless --allow-remote.",
     )
     chaos.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -76,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     chaos.add_argument("--rpm", type=_positive_int, help="requests-per-minute quota (429 + Retry-After beyond it)")
     chaos.add_argument("--tpm", type=_positive_int, help="tokens-per-minute quota")
-    chaos.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default 0)")
+    chaos.add_argument("--seed", type=_integer, default=0, help="seed of the fault draws (default 0)")
     chaos.add_argument(
         "--max-hang", type=_positive_float, default=30.0, help="longest a hang lasts before the connection is dropped"
     )
@@ -95,21 +124,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be from 0 to 65535 (got {value})")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0 (got {text})")
     return value
 
 
 def _span(text: str) -> tuple[float, float]:
-    parts = [_non_negative_float(part) for part in text.split(",")]
+    try:
+        parts = [_non_negative_float(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        parts = []
     if len(parts) not in (1, 2) or parts[0] > parts[-1]:
         raise argparse.ArgumentTypeError(f"must be SECONDS or LOW,HIGH with LOW <= HIGH (got {text})")
     return parts[0], parts[-1]
@@ -197,8 +229,7 @@ def _chaos_server(args: argparse.Namespace) -> int:
             allow_remote=args.allow_remote,
         )
     except ConfigurationError as error:
-        print(f"resilient-dspy chaos-server: {error}", file=sys.stderr)
-        return 2
+        return fail("chaos-server", error)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -211,19 +242,40 @@ def _chaos_server(args: argparse.Namespace) -> int:
                 f'  dspy.LM("openai/chaos", api_base="{server.api_base}", api_key="x", cache=False, num_retries=0)',
                 flush=True,
             )
-            print("  control: POST /control/faults, POST /control/reset, GET /control/journal, GET /health", flush=True)
+            print(
+                "  control: GET/POST /control/faults, POST /control/reset, GET /control/journal, GET /health",
+                flush=True,
+            )
             print("Press Ctrl-C to stop.", flush=True)
             await stop.wait()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve())
+    except OSError as error:  # the port is taken, the address is not this machine's, no permission
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        return fail("chaos-server", f"cannot serve on {args.host}:{args.port}: {reason}")
     print("chaos server stopped", flush=True)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``resilient-dspy``: 0 success, 1 a failed check (``chaos``), 2 bad input or unwritable output."""
     parser = _parser()
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except BrokenPipeError:
+        # the reader went away (``| head``): say so once, and keep the interpreter's final flush from failing again
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return fail(args.command, "the output was closed before it was all written (broken pipe)")
+    except KeyboardInterrupt:
+        print(f"resilient-dspy {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "chaos":

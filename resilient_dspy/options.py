@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import types
+import typing
+from typing import Any, ClassVar, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from resilient_dspy.errors import ConfigurationError
 
@@ -17,6 +19,60 @@ class Options(BaseModel):
     """Frozen, strict options; unknown fields are an error, not a silent no-op."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True, arbitrary_types_allowed=True)
+
+    _collection_fields: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Remember the fields typed as a tuple or a set: the ones where a list (as JSON has) must be accepted."""
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._collection_fields = {
+            name: field.annotation for name, field in cls.model_fields.items() if _takes_collection(field.annotation)
+        }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_collections(cls, data: Any) -> Any:
+        """Strict mode refuses a list for a tuple (a range, a set of types); JSON and most callers only have lists."""
+        fields = cls._collection_fields
+        if not fields or not isinstance(data, dict):
+            return data
+        converted = {}
+        for name, value in data.items():
+            annotation = fields.get(name)
+            converted[name] = value if annotation is None else _as_collection(annotation, value)
+        return converted
+
+
+def _arms(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of a union (``X | Y``, ``Optional[X]``), or the annotation itself; ``Annotated`` unwrapped."""
+    origin = get_origin(annotation)
+    if origin is typing.Annotated:
+        return _arms(get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        return tuple(arm for part in get_args(annotation) for arm in _arms(part))
+    return (annotation,)
+
+
+def _takes_collection(annotation: Any) -> bool:
+    return any(get_origin(arm) in (tuple, frozenset, set) for arm in _arms(annotation))
+
+
+def _as_collection(annotation: Any, value: Any) -> Any:
+    """``value`` with lists turned into the tuple (or set) that ``annotation`` takes, nested ones included."""
+    if not isinstance(value, list | set | frozenset):
+        return value
+    for arm in _arms(annotation):
+        origin, args = get_origin(arm), get_args(arm)
+        if origin is tuple and isinstance(value, list):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_as_collection(args[0], item) for item in value)
+            if len(args) == len(value):
+                return tuple(_as_collection(arg, item) for arg, item in zip(args, value, strict=True))
+            return tuple(value)  # the wrong length: let pydantic say so, about a tuple
+        if origin in (frozenset, set) and not isinstance(value, origin):
+            return origin(value)
+    return value
 
 
 class FieldProblem(ValueError):

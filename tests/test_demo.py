@@ -69,7 +69,7 @@ def test_cli_demo_table(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureF
     [
         (["demo", "--questions", "0"], "--questions: must be at least 1"),
         (["demo", "--chaos", "-1"], "--chaos: must be a number >= 0"),
-        (["demo", "--concurrency", "x"], "--concurrency: invalid"),
+        (["demo", "--concurrency", "x"], "--concurrency: must be a whole number"),
     ],
 )
 def test_cli_rejects_bad_flags(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

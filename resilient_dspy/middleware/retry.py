@@ -149,7 +149,7 @@ class Retry:
         base_delay: float = 0.5,
         max_delay: float = 30.0,
         jitter: Jitter = "full",
-        retry_on: tuple[type[Exception], ...] | type[Exception] | ErrorPredicate | None = None,
+        retry_on: tuple[type[Exception], ...] | list[type[Exception]] | type[Exception] | ErrorPredicate | None = None,
         retry_on_result: Callable[[Any], bool] | None = None,
         respect_retry_after: bool = True,
         max_retry_after: float = 60.0,

@@ -1,24 +1,44 @@
 """Redaction of secrets and personal data from anything about to be logged or exported.
 
 A :class:`Redactor` holds named regular expressions; a match is replaced by ``replacement`` (only the group named
-``secret`` when the pattern has one, so ``api_key=`` stays readable). :meth:`Redactor.redact` walks nested
-mappings, sequences, exceptions, pydantic models and dataclasses, returns a JSON-safe copy, and also blanks the
-value of any mapping key that names a secret (``api_key``, ``authorization``, ``password``, …).
+``secret`` when the pattern has one, so ``api_key=`` stays readable). A pattern may carry a check of the matched
+text (a card's Luhn digit, an IBAN's mod-97 checksum): a match the check refuses is kept.
+:meth:`Redactor.redact` walks nested mappings, sequences, exceptions, pydantic models and dataclasses, returns a
+JSON-safe copy, and also blanks the value of any mapping key that names a secret (``api_key``, ``authorization``,
+``password``, …).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["DEFAULT_PATTERNS", "DEFAULT_SECRET_KEYS", "Redactor", "to_plain"]
+__all__ = [
+    "DEFAULT_CHECKS",
+    "DEFAULT_PATTERNS",
+    "DEFAULT_SECRET_KEYS",
+    "Redactor",
+    "iban_valid",
+    "ipv6_valid",
+    "luhn_valid",
+    "ssn_valid",
+    "to_plain",
+]
+
+_BYTE = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 
 DEFAULT_PATTERNS: Mapping[str, str] = {
+    "payment_card": r"(?<![\w\-])[2-6](?:[ \-]?[0-9]){12,18}(?![\w\-])",
+    "iban": r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}(?![A-Za-z0-9])",
+    "ssn_us": r"(?<![\w\-])[0-9]{3}([ \-])[0-9]{2}\1[0-9]{4}(?![\w\-])",
+    "ipv4": rf"(?<![\w.])(?:{_BYTE}\.){{3}}{_BYTE}(?!\.?[0-9])(?!\w)",
+    "ipv6": r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|[0-9]{1,3}(?:\.[0-9]{1,3}){3})?(?![\w:])",
     "bearer": r"(?i)\bbearer\s+(?P<secret>[A-Za-z0-9\-._~+/]{8,}+=*)",
     "anthropic_key": r"sk-ant-(?<![\w\-]sk-ant-)[A-Za-z0-9_\-]{8,}+",
     "openai_key": r"sk-(?<![\w\-]sk-)(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{16,}+",
@@ -30,8 +50,11 @@ DEFAULT_PATTERNS: Mapping[str, str] = {
     "phone_international": r"(?<![\w+])\+(?:\d[ .\-()]{0,2}){7,14}\d(?!\w)",
     "phone_us": r"(?<![\w+])(?:\(\d{3}\)[ .\-]?|\d{3}[ .\-])\d{3}[ .\-]\d{4}(?!\w)",
 }
-"""The default patterns, applied in this order: API keys, bearer tokens, ``api_key=…``-style assignments, emails,
-international (``+`` and 8 to 15 digits) and US (``(555) 123-4567``, ``555-123-4567``) phone numbers."""
+"""The default patterns, applied in this order: payment cards (13 to 19 digits starting 2-6, in groups split by
+single spaces or dashes, Luhn-checked), IBANs (uppercase, compact or in groups of 4, mod-97-checked), US SSNs
+(``123-45-6789`` or ``123 45 6789``, valid area/group/serial), IPv4 (dotted quad) and IPv6 (any form
+``ipaddress`` accepts), bearer tokens, API keys, ``api_key=…``-style assignments, emails, international (``+`` and
+8 to 15 digits) and US (``(555) 123-4567``, ``555-123-4567``) phone numbers."""
 
 DEFAULT_SECRET_KEYS = (
     r"(?i)api[_\-]?key|apikey|secret|passw|authorization|cookie|credential|private[_\-]?key|(?:^|[_\-])token$"
@@ -39,9 +62,67 @@ DEFAULT_SECRET_KEYS = (
 """Mapping keys whose whole value is replaced, whatever it looks like (``max_tokens`` and ``saved_tokens`` are not)."""
 
 Pattern = str | re.Pattern[str]
+Check = Callable[[str], bool]
+"""Called with the matched text (the ``secret`` group when there is one): True redacts it, False keeps it."""
+PatternSpec = Pattern | tuple[Pattern, Check]
+"""A pattern, or a pattern with its check."""
+
+
+def luhn_valid(text: str) -> bool:
+    """True when the digits of ``text`` (separators ignored) end in a correct Luhn check digit."""
+    total = 0
+    for index, char in enumerate(reversed([c for c in text if "0" <= c <= "9"])):
+        digit = ord(char) - 48
+        if index % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def iban_valid(text: str) -> bool:
+    """True when ``text`` (spaces ignored) is 15 to 34 characters whose ISO 13616 mod-97 checksum is 1."""
+    compact = text.replace(" ", "")
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(char, 36)) for char in rearranged)) % 97 == 1
+
+
+def ssn_valid(text: str) -> bool:
+    """True for a US SSN that can be issued: area not 000, 666 or 9xx; group not 00; serial not 0000."""
+    area, group, serial = text[:3], text[4:6], text[7:]
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def ipv6_valid(text: str) -> bool:
+    """True for an IPv6 address with a decimal digit (``::1``, ``2001:db8::1``, ``::ffff:10.0.0.1``, the full form).
+
+    Wanting a digit keeps ``a::b`` (C++, Rust paths) as it is; an all-letter address such as ``dead::beef`` is kept too.
+    """
+    if not any("0" <= char <= "9" for char in text):
+        return False
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+DEFAULT_CHECKS: Mapping[str, Check] = {
+    "payment_card": luhn_valid,
+    "iban": iban_valid,
+    "ssn_us": ssn_valid,
+    "ipv6": ipv6_valid,
+}
+"""The checks of the default patterns that a regex alone would over-match."""
 
 _DIGITS = "0123456789"
 _TRIGGERS: Mapping[str, Callable[[str, str], bool]] = {
+    "payment_card": lambda text, lower: any(digit in text for digit in _DIGITS),
+    "iban": lambda text, lower: any(digit in text for digit in _DIGITS),
+    "ssn_us": lambda text, lower: any(digit in text for digit in _DIGITS),
+    "ipv4": lambda text, lower: "." in text,
+    "ipv6": lambda text, lower: "::" in text or text.count(":") >= 7,
     "bearer": lambda text, lower: "bearer" in lower,
     "anthropic_key": lambda text, lower: "sk-ant-" in text,
     "openai_key": lambda text, lower: "sk-" in text,
@@ -57,6 +138,38 @@ _TRIGGERS: Mapping[str, Callable[[str, str], bool]] = {
 
 def _compile(pattern: Pattern) -> re.Pattern[str]:
     return pattern if isinstance(pattern, re.Pattern) else re.compile(pattern)
+
+
+def _separators(text: str, start: int, end: int) -> list[int]:
+    return [index for index in range(start + 1, end - 1) if text[index] in " -"]
+
+
+def _checked_span(pattern: re.Pattern[str], check: Check, text: str, match: re.Match[str]) -> tuple[int, int] | None:
+    """The first, longest part of ``match`` that the pattern still matches whole and ``check`` accepts.
+
+    The regex is greedy: a card number followed by `` 12`` matches as one longer, Luhn-invalid number. Trying the
+    spans between separators finds the real one inside it, whatever digits or letters stand around it.
+    """
+    start, end = match.span()
+    if check(_checked_text(match)):
+        return start, end
+    cuts = _separators(text, start, end)
+    starts = [start, *(cut + 1 for cut in cuts)]
+    ends = [end, *reversed(cuts)]
+    for low in starts:
+        for high in ends:
+            if high <= low:
+                break
+            inner = pattern.fullmatch(text[:high], low)
+            if inner is not None and check(_checked_text(inner)):
+                return low, high
+    return None
+
+
+def _checked_text(match: re.Match[str]) -> str:
+    if "secret" in match.re.groupindex and match.start("secret") >= 0:
+        return match.group("secret")
+    return match.group(0)
 
 
 def to_plain(
@@ -159,7 +272,8 @@ class Redactor:
     """Replace secrets and personal data in text and in nested structures (see the module docstring).
 
     ``patterns`` replaces the defaults (pass a filtered :data:`DEFAULT_PATTERNS` to drop one); ``extra_patterns``
-    adds to them. A pattern is a string or compiled regex; with a group named ``secret`` only that group goes.
+    adds to them. A pattern is a string or compiled regex, or a ``(pattern, check)`` pair whose check of the matched
+    text decides (e.g. ``(r"\\b\\d{16}\\b", luhn_valid)``); with a group named ``secret`` only that group goes.
     """
 
     __slots__ = ("_clean", "_patterns", "_secret_key", "max_depth", "names", "replacement")
@@ -169,26 +283,29 @@ class Redactor:
 
     def __init__(
         self,
-        patterns: Mapping[str, Pattern] | None = None,
-        extra_patterns: Mapping[str, Pattern] | Iterable[Pattern] = (),
+        patterns: Mapping[str, PatternSpec] | None = None,
+        extra_patterns: Mapping[str, PatternSpec] | Iterable[PatternSpec] = (),
         replacement: str = "[REDACTED]",
         *,
         secret_keys: Pattern | None = DEFAULT_SECRET_KEYS,
         max_depth: int = 8,
     ) -> None:
-        named = dict(DEFAULT_PATTERNS if patterns is None else patterns)
+        named: dict[str, PatternSpec] = dict(DEFAULT_PATTERNS if patterns is None else patterns)
         if isinstance(extra_patterns, Mapping):
             named.update(extra_patterns)
         else:
             for index, pattern in enumerate(extra_patterns):
                 named[f"extra_{index}"] = pattern
         self.names: tuple[str, ...] = tuple(named)
-        self._patterns = tuple(
-            (
-                _compile(pattern),
-                _TRIGGERS.get(name) if isinstance(pattern, str) and pattern == DEFAULT_PATTERNS.get(name) else None,
-            )
-            for name, pattern in named.items()
+        compiled = []
+        for name, spec in named.items():
+            pattern, check = spec if isinstance(spec, tuple) else (spec, None)
+            default = isinstance(pattern, str) and pattern == DEFAULT_PATTERNS.get(name)
+            if default and check is None:
+                check = DEFAULT_CHECKS.get(name)
+            compiled.append((_compile(pattern), _TRIGGERS.get(name) if default else None, check))
+        self._patterns: tuple[tuple[re.Pattern[str], Callable[[str, str], bool] | None, Check | None], ...] = tuple(
+            compiled
         )
         self._clean: set[str] = set()
         self.replacement = replacement
@@ -201,6 +318,26 @@ class Redactor:
         whole, start = match.group(0), match.start()
         return whole[: match.start("secret") - start] + self.replacement + whole[match.end("secret") - start :]
 
+    def _sub_checked(self, pattern: re.Pattern[str], check: Check, text: str) -> str:
+        """``pattern.sub`` for a pattern with a check: only the spans the check accepts are replaced."""
+        pieces: list[str] = []
+        done = 0
+        for match in pattern.finditer(text):
+            if match.start() < done:
+                continue
+            span = _checked_span(pattern, check, text, match)
+            if span is None:
+                continue
+            inner = pattern.fullmatch(text[: span[1]], span[0])
+            assert inner is not None
+            pieces.append(text[done : span[0]])
+            pieces.append(self._replace(inner))
+            done = span[1]
+        if not pieces:
+            return text
+        pieces.append(text[done:])
+        return "".join(pieces)
+
     def redact_text(self, text: str) -> str:
         """``text`` with every pattern match replaced (short texts found clean are remembered as clean)."""
         clean = self._clean
@@ -208,9 +345,9 @@ class Redactor:
             return text
         original = text
         lower = text.lower()
-        for pattern, trigger in self._patterns:
+        for pattern, trigger, check in self._patterns:
             if trigger is None or trigger(text, lower):
-                text = pattern.sub(self._replace, text)
+                text = pattern.sub(self._replace, text) if check is None else self._sub_checked(pattern, check, text)
         if text is original and len(text) <= self._CLEAN_LENGTH:
             if len(clean) >= self._CLEAN_MAX:
                 clean.clear()

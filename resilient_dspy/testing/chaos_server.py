@@ -190,6 +190,7 @@ class ChaosServer:
         app.router.add_post("/v1/chat/completions", self._complete)
         app.router.add_post("/chat/completions", self._complete)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/control/faults", self._control_state)
         app.router.add_post("/control/faults", self._control_faults)
         app.router.add_post("/control/reset", self._control_reset)
         app.router.add_get("/control/journal", self._control_journal)
@@ -328,6 +329,9 @@ class ChaosServer:
             self.set_quota(quota)
         return web.json_response(self._state())
 
+    async def _control_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self._state())
+
     async def _control_reset(self, request: web.Request) -> web.Response:
         self.reset()
         return web.json_response(self._state())
@@ -336,9 +340,10 @@ class ChaosServer:
         return web.json_response({"entries": [dataclasses.asdict(entry) for entry in self.journal]})
 
     def _state(self) -> dict[str, Any]:
+        """The fault settings in the shape ``POST /control/faults`` takes, so they can be saved and posted back."""
         window = self._window
         return {
-            "pending": [dataclasses.asdict(step) for step in self.schedule.script],
+            "script": [dataclasses.asdict(step) for step in self.schedule.script],
             "profile": self.schedule.profile.model_dump(mode="json"),
             "quota": window.quota.model_dump(mode="json") if window is not None else None,
         }

@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pytest
+try:
+    import pytest
+except ImportError as error:  # an optional extra: say which one, not just "No module named"
+    raise ImportError("resilient_dspy.testing.plugin needs pytest: pip install 'resilient-dspy[testing]'") from error
 
 try:  # the chaos_server fixture is async; without pytest-asyncio the plugin offers the others
     import pytest_asyncio
-except ImportError:  # pragma: no cover - pytest-asyncio is in the dev extra
+except ImportError:  # pragma: no cover - pytest-asyncio is in the testing and dev extras
     pytest_asyncio = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # heavy imports (dspy) wait for a fixture that needs them: the plugin loads in every session

@@ -2,7 +2,7 @@
 
 Faults speak the shared vocabulary (:class:`~resilient_dspy.testing.Fault`, :class:`~resilient_dspy.testing.FaultStep`);
 configurations are :class:`~resilient_dspy.testing.harness.StackConfig` values whose every option is within its
-valid range, so ``config.build(program)`` always succeeds. Needs ``hypothesis`` (a dev dependency).
+valid range, so ``config.build(program)`` always succeeds. Needs ``hypothesis``: the ``testing`` extra.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hypothesis import strategies as st
+try:
+    from hypothesis import strategies as st
+except ImportError as error:  # an optional extra: say which one, not just "No module named"
+    raise ImportError(
+        "resilient_dspy.testing.strategies needs hypothesis: pip install 'resilient-dspy[testing]'"
+    ) from error
 
 from resilient_dspy.middleware.ratelimit import Limit
 from resilient_dspy.middleware.retry import RetryBudget

@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from resilient_dspy.observe import DEFAULT_PATTERNS, Redactor
@@ -28,6 +30,17 @@ PLANTED = {
     "phone_us_parens": ("(555) 123-4567 is the desk", "123-4567"),
     "phone_us_dashes": ("or 555-123-4567", "555-123-4567"),
     "phone_us_dots": ("or 555.123.4567", "555.123.4567"),
+    "ssn": ("SSN 123-45-6789 on file", "123-45-6789"),
+    "card_visa": ("card 4111 1111 1111 1111 exp 12/29", "4111 1111 1111 1111"),
+    "card_compact": ("paid with 5555555555554444.", "5555555555554444"),
+    "card_amex_dashes": ("amex 3782-822463-10005", "3782-822463-10005"),
+    "iban_grouped": ("IBAN: DE89 3704 0044 0532 0130 00, thanks", "DE89 3704 0044 0532 0130 00"),
+    "iban_compact": ("to GB82WEST12345698765432 today", "GB82WEST12345698765432"),
+    "ipv4": ("from 192.168.1.10 at noon", "192.168.1.10"),
+    "ipv4_end_of_sentence": ("client was 8.8.8.8.", "8.8.8.8"),
+    "ipv6": ("peer 2001:db8:85a3::8a2e:370:7334 closed", "2001:db8:85a3::8a2e:370:7334"),
+    "ipv6_loopback": ("bound to ::1 only", "::1"),
+    "ipv6_full": ("fe80:0000:0000:0000:0202:b3ff:fe1e:8329", "fe80:0000:0000:0000:0202:b3ff:fe1e:8329"),
 }
 
 
@@ -53,8 +66,14 @@ def test_assignment_keeps_the_name_and_redacts_only_the_value() -> None:
         "2026-11-23T18:10:57.348+00:00",
         "max_tokens=512 saved_tokens=1234 1e+10",
         "cache key default:3f2a9c0d1e",
-        "version 1.2.3 on 192.168.1.10",
+        "version 1.2.3 on host db-1",
         "sk-short",
+        "order 4111 1111 1111 1112 (not a card: the Luhn digit is wrong)",
+        "id 1234567890123456",
+        "ticket 000-12-3456 and 123-00-4567 are not SSNs",
+        "GB82WEST12345698765433 fails mod 97",
+        "at 18:10:57 and 10:30, a::b is C++-ish",
+        "999.1.1.1 is not an address",
     ],
 )
 def test_ordinary_text_is_left_alone(text: str) -> None:
@@ -116,3 +135,62 @@ def test_depth_is_bounded() -> None:
         node.append(child)
         node = child
     assert "..." in repr(Redactor(max_depth=5).redact(deep))
+
+
+def luhn_digit(body: str) -> str:
+    total = 0
+    for index, char in enumerate(reversed(body)):
+        digit = int(char)
+        if index % 2 == 0:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return str((10 - total % 10) % 10)
+
+
+def grouped(compact: str, separator: str) -> str:
+    return separator.join(compact[i : i + 4] for i in range(0, len(compact), 4))
+
+
+@st.composite
+def cards(draw: st.DrawFn, valid: bool = True) -> str:
+    length = draw(st.integers(13, 19) if valid else st.just(16))
+    body = draw(st.sampled_from("23456")) + draw(st.text("0123456789", min_size=length - 2, max_size=length - 2))
+    check = luhn_digit(body)
+    if not valid:
+        check = draw(st.sampled_from([d for d in "0123456789" if d != check]))
+    return grouped(body + check, draw(st.sampled_from(["", " ", "-"])))
+
+
+@st.composite
+def ibans(draw: st.DrawFn) -> str:
+    country = draw(st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=2, max_size=2))
+    bban = draw(st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=11, max_size=30))
+    numeric = "".join(str(int(char, 36)) for char in bban + country + "00")
+    compact = f"{country}{98 - int(numeric) % 97:02d}{bban}"
+    return grouped(compact, draw(st.sampled_from(["", " "])))
+
+
+@st.composite
+def ssns(draw: st.DrawFn) -> str:
+    area = draw(st.integers(1, 899).filter(lambda n: n != 666))
+    return f"{area:03d}-{draw(st.integers(1, 99)):02d}-{draw(st.integers(1, 9999)):04d}"
+
+
+@given(secret=st.one_of(cards(), ibans(), ssns()), before=st.text(max_size=30), after=st.text(max_size=30))
+def test_a_valid_card_iban_or_ssn_in_any_text_is_always_redacted(secret: str, before: str, after: str) -> None:
+    redacted = Redactor().redact_text(f"{before} {secret} {after}")
+    assert secret not in redacted
+    assert R in redacted
+
+
+@given(number=cards(valid=False), before=st.text("abcdefghij .,", max_size=20), after=st.text("xyz .,", max_size=20))
+def test_a_luhn_invalid_16_digit_number_is_left_alone(number: str, before: str, after: str) -> None:
+    assume("bearer" not in before)
+    text = f"{before} {number} {after}"
+    assert Redactor().redact_text(text) == text
+
+
+def test_extra_patterns_can_carry_a_check() -> None:
+    """A ``(pattern, check)`` pair redacts only matches the check accepts, like the card and IBAN checksums."""
+    even = Redactor(extra_patterns={"even_ticket": (r"T-\d+", lambda found: int(found[2:]) % 2 == 0)})
+    assert even.redact_text("T-12 and T-13") == f"{R} and T-13"

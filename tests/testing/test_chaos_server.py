@@ -256,7 +256,7 @@ async def test_the_control_api_scripts_sets_profiles_reads_the_journal_and_reset
         async with session.get(f"{server.url}/health") as response:
             assert (response.status, await response.json()) == (200, {"status": "ok", "pending": 0, "requests": 0})
         status, state = await post(session, f"{server.url}/control/faults", {"script": ["auth", None]})
-        assert status == 200 and [step["fault"] for step in state["pending"]] == ["auth", "ok"]
+        assert status == 200 and [step["fault"] for step in state["script"]] == ["auth", "ok"]
         statuses = []
         for _ in range(2):
             async with session.post(f"{server.url}/v1/chat/completions", json=completion) as response:
@@ -275,6 +275,34 @@ async def test_the_control_api_scripts_sets_profiles_reads_the_journal_and_reset
         ]
         status, state = await post(session, f"{server.url}/control/reset", {})
         assert status == 200 and state["profile"]["server_error"] == 0 and server.journal == []
+
+
+async def test_the_guides_latency_range_is_accepted_over_http(server: ChaosServer) -> None:
+    """The guide's ``{"profile": {"server_error": 0.2, "latency": [0.1, 0.5]}}``: JSON has lists, not tuples."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        body = {"profile": {"server_error": 0.2, "latency": [0.1, 0.5], "retry_after": [1, 2]}}
+        status, state = await post(session, f"{server.url}/control/faults", body)
+    assert status == 200, state
+    assert state["profile"]["latency"] == [0.1, 0.5]
+    assert server.schedule.profile.latency == (0.1, 0.5) and server.schedule.profile.retry_after == (1.0, 2.0)
+
+
+async def test_the_fault_settings_read_back_post_back_unchanged(server: ChaosServer) -> None:
+    """GET /control/faults answers exactly the body POST takes: POSTing it back is accepted and changes nothing."""
+    server.script("auth", {"fault": "rate_limit", "retry_after": 0.5}, {"fault": "server_error", "status": 502}, None)
+    server.set_profile({"server_error": 0.1, "latency": (0.0, 0.2), "retry_after": (1.0, 3.0)})
+    server.set_quota(Quota(requests_per_minute=30, window=5.0))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with session.get(f"{server.url}/control/faults") as response:
+            assert response.status == 200
+            before = await response.json()
+        status, answered = await post(session, f"{server.url}/control/faults", before)
+        assert status == 200, answered
+        async with session.get(f"{server.url}/control/faults") as response:
+            after = await response.json()
+    assert answered == before == after
+    assert [step.fault for step in server.pending] == [Fault.AUTH, Fault.RATE_LIMIT, Fault.SERVER_ERROR, Fault.OK]
+    assert server.schedule.profile.latency == (0.0, 0.2)
 
 
 async def test_invalid_control_requests_change_nothing(server: ChaosServer) -> None:
