@@ -556,9 +556,9 @@ class CircuitBreaker:
                     )
                 )
             raise
-        if transition is not None:
-            self._announce(call, circuit.key, transition, started)
         try:
+            if transition is not None:  # inside: a listener's BaseException must give the probe back too
+                self._announce(call, circuit.key, transition, started)
             result = await next(call)
         except Exception as error:
             self._failed(call, circuit, ticket, error, started)
