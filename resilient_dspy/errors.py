@@ -17,6 +17,7 @@ from typing import Any
 import dspy
 
 __all__ = [
+    "MAX_RETRY_AFTER",
     "BudgetExceededError",
     "BulkheadFullError",
     "CircuitOpenError",
@@ -185,15 +186,22 @@ class ErrorInfo:
         return self.kind is ErrorKind.CANCELLED
 
 
+MAX_RETRY_AFTER = 86_400.0
+"""The longest ``retry_after`` :func:`classify` reports (one day): a larger value (1e12 s, an int past float range)
+is a provider's bug, not a plan, and would otherwise stall a breaker or a scheduler for centuries."""
+
 _RETRYABLE_STATUS = frozenset({200, 408, 409, 425, 429, 500, 502, 503, 504})  # 200: a body that did not parse
 
 
 def _retry_after(error: BaseException) -> float | None:
+    """The error's ``retry_after`` if a number >= 0 and finite, capped at :data:`MAX_RETRY_AFTER`; else None."""
     value: Any = getattr(error, "retry_after", None)
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return None
+    if value > MAX_RETRY_AFTER:  # compared before float(): an int may be too large for one
+        return MAX_RETRY_AFTER if isinstance(value, int) or math.isfinite(value) else None
     seconds = float(value)
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    return seconds if seconds >= 0 else None  # NaN fails this test too
 
 
 _Rule = tuple[ErrorInfo, bool]
@@ -227,7 +235,7 @@ def _rule(is_a: Callable[[type[BaseException] | tuple[type[BaseException], ...]]
         return ErrorInfo(ErrorKind.SERVER, retryable=True), True
     if is_a(dspy.LMTimeoutError):
         return ErrorInfo(ErrorKind.TIMEOUT, retryable=True), True
-    if is_a(dspy.LMTransportError):
+    if is_a((dspy.LMTransportError, dspy.LMStreamAssemblyError)):  # a truncated stream is a dropped connection
         return ErrorInfo(ErrorKind.TRANSPORT, retryable=True), True
     if is_a((dspy.LMAuthError, dspy.LMBillingError, dspy.LMInvalidRequestError)):
         return ErrorInfo(ErrorKind.CLIENT, retryable=False), True
@@ -263,8 +271,9 @@ def classify(error: BaseException) -> ErrorInfo:
 
     Rules (first match wins): cancellation and other ``BaseException`` are never retried; our own
     rejections, give-ups and total timeouts are final; our attempt timeout is retryable; DSPy rate-limit,
-    5xx, timeout and transport errors are retryable; auth, billing, invalid-request and context-window errors are not;
-    ``AdapterParseError`` is retryable only with a fresh (uncached) response; anything else fails closed.
+    5xx, timeout and transport errors (a truncated stream included) are retryable; auth, billing,
+    invalid-request and context-window errors are not; ``AdapterParseError`` is retryable only with a fresh
+    (uncached) response; anything else fails closed. ``retry_after`` is capped at :data:`MAX_RETRY_AFTER`.
 
     The rules that depend on the type alone are decided once per exception type (every failed attempt
     classifies, and the ``isinstance`` chain costs ~2 µs); ``retry_after``, our timeout's scope and a provider

@@ -1,7 +1,8 @@
 """Typed events that layers emit, and the per-pipeline sink that delivers them to listeners.
 
 Each pattern module defines its own event classes (subclasses of :class:`Event`); this module only holds
-the base and the delivery rule: with no listener nothing is built, and a failing listener never fails a call.
+the base and the delivery rule: with no listener nothing is built, and a listener's ``Exception`` never fails a call
+(any other ``BaseException`` propagates: see :func:`deliver`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def listener_problem(listener: object) -> str | None:
 
 
 def deliver(listeners: tuple[Listener, ...], event: Event) -> None:
-    """Give ``event`` to every listener; a listener's exception is logged and swallowed."""
+    """Give ``event`` to every listener; a listener's ``Exception`` is logged and swallowed, so it never fails a call.
+
+    Any other ``BaseException`` (``KeyboardInterrupt``, ``SystemExit``, ``CancelledError``, a subclass of one's own)
+    asks to stop rather than reports an error: it propagates at once, so layers emit only where an exit gives back
+    what they hold.
+    """
     for listener in listeners:
         try:
             listener(event)

@@ -6,6 +6,7 @@ runs the rest of the stack. The first layer listed is the outermost (as in Polly
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import random
@@ -324,7 +325,8 @@ class Pipeline:
     async def traced(self, *args: Any, **kwargs: Any) -> Outcome:
         """Like :meth:`invoke`, and ``outcome.trace`` holds every layer's span and event (see :mod:`.trace`).
 
-        On failure the error carries the trace too, as ``error.trace``, so a failed call can be debugged.
+        On failure the error carries the trace too, as ``error.trace``, so a failed call can be debugged; an error
+        that refuses the attribute (a frozen dataclass) is raised as it is, without it.
         """
         runtime = self._runtime
         trace = Trace(self.name, runtime.clock.now())
@@ -338,7 +340,9 @@ class Pipeline:
             value = await handler(call)
         except Exception as error:
             trace.close(trace.root, runtime.clock.now(), error)
-            error.trace = trace  # type: ignore[attr-defined]
+            # a frozen dataclass or a read-only ``trace`` refuses it: the caller still gets its own error, untraced
+            with contextlib.suppress(Exception):
+                error.trace = trace  # type: ignore[attr-defined]
             raise
         except BaseException as error:
             trace.close(trace.root, runtime.clock.now(), error)

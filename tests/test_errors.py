@@ -7,6 +7,8 @@ from typing import Any
 
 import dspy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilient_dspy import (
     BudgetExceededError,
@@ -23,8 +25,11 @@ from resilient_dspy import (
     TimeoutExceededError,
     classify,
 )
+from resilient_dspy.errors import MAX_RETRY_AFTER
 
 K = ErrorKind
+MAX = MAX_RETRY_AFTER
+HUGE = 10**400  # an int too large for a float
 
 
 class WithRetryAfter(Exception):
@@ -50,6 +55,16 @@ CASES: list[tuple[str, BaseException, ErrorKind, bool, float | None, bool, bool]
     ("server_after", dspy.LMServerError("x", status=500, retry_after=1.5), K.SERVER, True, 1.5, False, False),
     ("lm_timeout", dspy.LMTimeoutError("slow"), K.TIMEOUT, True, None, False, False),
     ("lm_transport", dspy.LMTransportError("reset"), K.TRANSPORT, True, None, False, False),
+    ("stream_truncated", dspy.LMStreamAssemblyError("stream ended early"), K.TRANSPORT, True, None, False, False),
+    (
+        "stream_truncated_after",
+        dspy.LMStreamAssemblyError("cut", partial="half", retry_after=2),
+        K.TRANSPORT,
+        True,
+        2.0,
+        False,
+        False,
+    ),
     ("auth", dspy.LMAuthError("key", status=401), K.CLIENT, False, None, False, False),
     ("billing", dspy.LMBillingError("credit", status=402), K.CLIENT, False, None, False, False),
     ("invalid_request", dspy.LMInvalidRequestError("bad", status=400), K.CLIENT, False, None, False, False),
@@ -69,6 +84,11 @@ CASES: list[tuple[str, BaseException, ErrorKind, bool, float | None, bool, bool]
     ("retry_after_inf", dspy.LMRateLimitError("x", retry_after=float("inf")), K.RATE_LIMIT, True, None, False, False),
     ("retry_after_bool", dspy.LMRateLimitError("x", retry_after=True), K.RATE_LIMIT, True, None, False, False),
     ("retry_after_str", dspy.LMRateLimitError("x", retry_after="5"), K.RATE_LIMIT, True, None, False, False),
+    # a huge Retry-After is capped (DSPy stores an int as given, even one too large for a float)
+    ("retry_after_huge_int", dspy.LMRateLimitError("x", retry_after=HUGE), K.RATE_LIMIT, True, MAX, False, False),
+    ("retry_after_huge_float", dspy.LMServerError("x", retry_after=1e12), K.SERVER, True, MAX, False, False),
+    ("huge_status", dspy.LMProviderError("x", status=503, retry_after=HUGE), K.SERVER, True, MAX, False, False),
+    ("retry_after_at_cap", dspy.LMRateLimitError("x", retry_after=MAX), K.RATE_LIMIT, True, MAX, False, False),
     # our errors
     ("circuit_open", CircuitOpenError(retry_after=2.5), K.REJECTED, False, 2.5, False, False),
     ("bulkhead_full", BulkheadFullError(), K.REJECTED, False, None, False, False),
@@ -113,6 +133,27 @@ def test_classify(
     assert info.retry_after == retry_after
     assert info.cancellation is cancellation
     assert info.needs_fresh_response is fresh
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=10**300, max_value=10**1000),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=3),
+    ),
+    error_type=st.sampled_from([dspy.LMRateLimitError, dspy.LMServerError, dspy.LMProviderError, WithRetryAfter]),
+)
+def test_classify_never_raises_and_bounds_every_retry_after(value: Any, error_type: type[Exception]) -> None:
+    """Whatever ``retry_after`` an error carries, classify() answers, with None or a number in [0, MAX_RETRY_AFTER]."""
+    error = WithRetryAfter(value) if error_type is WithRetryAfter else error_type("x", status=503, retry_after=value)
+    info = classify(error)
+    assert info.retry_after is None or 0.0 <= info.retry_after <= MAX_RETRY_AFTER
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 and value != float("inf"):
+        assert info.retry_after == min(float(min(value, MAX_RETRY_AFTER)), MAX_RETRY_AFTER)
 
 
 def test_error_info_is_frozen() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import dspy
 import pytest
@@ -92,6 +93,33 @@ async def test_a_failed_traced_call_carries_its_trace_on_the_error() -> None:
     trace = caught.value.trace  # type: ignore[attr-defined]
     assert trace.root.outcome == "RetriesExhaustedError"
     assert [s.outcome for s in trace.root.children[0].children] == ["LMServerError", "LMServerError"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    """A program's own error that refuses new attributes (``error.trace = ...`` raises FrozenInstanceError)."""
+
+    code: int
+
+
+class ReadOnlyTraceError(Exception):
+    """A program's own error that already has a read-only ``trace``."""
+
+    @property
+    def trace(self) -> str:
+        return "mine"
+
+
+@pytest.mark.parametrize("error", [FrozenError(7), ReadOnlyTraceError("x")], ids=["frozen_dataclass", "read_only"])
+async def test_a_traced_call_raises_the_programs_own_error_even_when_the_trace_cannot_be_attached(
+    error: Exception,
+) -> None:
+    pipeline = Pipeline(Flaky(error), Retry(2, base_delay=0, retry_on=ValueError, budget=None), name="qa")
+    with pytest.raises(type(error)) as caught:
+        await pipeline.traced("q")
+    assert caught.value is error
+    if isinstance(error, ReadOnlyTraceError):
+        assert caught.value.trace == "mine"
 
 
 async def test_untraced_calls_are_not_traced_and_tracing_leaves_the_pipeline_listeners_alone() -> None:

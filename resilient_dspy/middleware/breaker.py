@@ -559,11 +559,11 @@ class CircuitBreaker:
                     )
                 )
             raise
-        if transition is not None:
-            self._announce(call, circuit.key, transition, started)
         record = call.record
         reached = record.attempts
         try:
+            if transition is not None:  # inside: a listener's BaseException must give the probe back too
+                self._announce(call, circuit.key, transition, started)
             result = await next(call)
         except Exception as error:
             if record.attempts == reached:  # a cache's follower or an inner rejection: the provider was not asked

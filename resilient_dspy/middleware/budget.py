@@ -26,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
 from resilient_dspy.errors import BudgetExceededError, RequestTooLargeError
-from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, lm_max_tokens, program_parts
+from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, Status, key_name, worst
 from resilient_dspy.options import FieldProblem, build_options
@@ -316,7 +316,7 @@ class Budget:
             return 0, _tokens(value)
         chars = self._prompt_chars
         for value in call.inputs.values():
-            chars += len(value) if isinstance(value, str) else len(str(value))
+            chars += len(value) if isinstance(value, str) else estimate_chars(value)
         completion = self._pinned_max_tokens or lm_max_tokens(setting("lm")) or DEFAULT_MAX_TOKENS
         return chars // 4, completion
 

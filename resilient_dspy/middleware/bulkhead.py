@@ -4,7 +4,8 @@ At most ``max_concurrent`` calls run (per key); up to ``max_queue`` more wait in
 most ``max_wait`` seconds and never past the call's deadline. A call that finds the queue full, or whose deadline
 has already passed when it would have to queue, is rejected at once with :class:`BulkheadFullError`. A finishing
 call hands its permit straight to the first live waiter, so no newcomer can barge in; a waiter cancelled after it
-was handed a permit passes it on, so cancellation never leaks a permit. No background task is involved.
+was handed a permit passes it on, so cancellation never leaks a permit, nor does a listener that raises on an event
+of this layer. No background task is involved.
 """
 
 from __future__ import annotations
@@ -192,12 +193,14 @@ class Bulkhead:
 
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters.append(waiter)
-        if call.listening:
-            call.emit(
-                BulkheadQueued(pipeline=call.runtime.name, layer=self.name, time=now, key=key, position=len(waiters))
-            )
         expired = False
-        try:
+        try:  # from here on every exit gives the place (or the permit handed to it) back, a listener's included
+            if call.listening:
+                call.emit(
+                    BulkheadQueued(
+                        pipeline=call.runtime.name, layer=self.name, time=now, key=key, position=len(waiters)
+                    )
+                )
             if give_up is None:
                 await waiter
             else:
@@ -220,7 +223,13 @@ class Bulkhead:
             raise self._reject(call, compartment, key, reason, clock.now() - now)
         if call.listening:
             at = clock.now()
-            call.emit(BulkheadAcquired(pipeline=call.runtime.name, layer=self.name, time=at, key=key, waited=at - now))
+            try:
+                call.emit(
+                    BulkheadAcquired(pipeline=call.runtime.name, layer=self.name, time=at, key=key, waited=at - now)
+                )
+            except BaseException:  # a listener's KeyboardInterrupt & co.: the call ends, its permit goes on
+                compartment.release()
+                raise
 
     def _reject(
         self, call: Call, compartment: _Compartment, key: Hashable, reason: str, waited: float

@@ -21,6 +21,7 @@ import dspy
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from resilient_dspy.errors import ConfigurationError, InvalidInputError, InvalidOutputError
+from resilient_dspy.estimate import measure_chars
 from resilient_dspy.events import Event
 from resilient_dspy.options import FieldProblem, Options, build_options, problems_of
 
@@ -51,7 +52,8 @@ class InputRules(Options):
     """Common input checks; every problem is reported, each naming its field.
 
     ``max_chars`` bounds every input (an int) or the named ones (a mapping); non-string values are measured as
-    ``str(value)``. ``required`` inputs must be present, not None and not blank. ``forbidden`` patterns (regex
+    ``str(value)`` (counted without recursion when nested too deep for it); one whose ``str()`` raises breaks the
+    rule, named by its field. ``required`` inputs must be present, not None and not blank. ``forbidden`` patterns (regex
     strings or compiled, searched with ``re.search``; add ``(?i)`` to ignore case) must not occur in any string input.
     """
 
@@ -90,15 +92,24 @@ class InputRules(Options):
             if value is None or (isinstance(value, str) and not value.strip()):
                 problems.append((name, "is required" if value is None else "must not be blank"))
         max_chars = self.max_chars
-        total = 0
+        max_total = self.max_total_chars
+        total: int | None = 0
         for name, value in inputs.items():
-            size = len(value) if isinstance(value, str) else len(str(value))
-            total += size
             limit = max_chars.get(name) if isinstance(max_chars, dict) else max_chars
+            if limit is None and max_total is None:
+                continue  # no length rule applies: a non-string input need not be printed
+            size = len(value) if isinstance(value, str) else measure_chars(value)
+            if size is None:
+                rule = "max_chars" if limit is not None else "max_total_chars"
+                problems.append((name, f"{rule}: cannot be measured (str() of this {type(value).__name__} fails)"))
+                total = None
+                continue
+            if total is not None:
+                total += size
             if limit is not None and size > limit:
                 problems.append((name, f"max_chars: {size} characters > {limit}"))
-        if self.max_total_chars is not None and total > self.max_total_chars:
-            problems.append(("inputs", f"max_total_chars: {total} characters > {self.max_total_chars}"))
+        if max_total is not None and total is not None and total > max_total:
+            problems.append(("inputs", f"max_total_chars: {total} characters > {max_total}"))
         for pattern in self.forbidden:
             for name, value in inputs.items():
                 if isinstance(value, str) and pattern.search(value) is not None:

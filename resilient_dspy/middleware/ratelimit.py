@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
 from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
-from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, lm_max_tokens, program_parts
+from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, key_name
 from resilient_dspy.options import Options, build_options, problems_of
@@ -501,7 +501,7 @@ class RateLimiter:
         """(characters of the inputs + the program's instructions and demos) / 4 + the LM's ``max_tokens``."""
         chars = self._prompt_chars
         for value in call.inputs.values():
-            chars += len(value) if isinstance(value, str) else len(str(value))
+            chars += len(value) if isinstance(value, str) else estimate_chars(value)
         completion = self._pinned_max_tokens or lm_max_tokens(setting("lm")) or DEFAULT_MAX_TOKENS
         return chars // 4 + completion
 

@@ -9,6 +9,7 @@ because DSPy caches the malformed answer before parsing fails.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,7 +36,8 @@ ErrorPredicate = Callable[[Exception], bool]
 
 
 class RetryBudget(Options):
-    """Retries allowed over a sliding ``window``: ``ratio`` * calls in the window + ``min_per_second`` * window."""
+    """At every retry at ``t``, the retries of ``(t - window, t]`` (that one included) never exceed ``ratio`` * the
+    calls that reached the Retry in that span + ``min_per_second`` * ``window``: a true sliding bound."""
 
     ratio: float = Field(default=0.2, ge=0, allow_inf_nan=False)
     min_per_second: float = Field(default=1.0, ge=0, allow_inf_nan=False)
@@ -102,39 +104,55 @@ def compute_delay(
 
 
 class _BudgetWindow:
-    """Counts calls and retries in ``buckets`` time slots spanning the budget window."""
+    """The retry budget as a true sliding bound: at each retry at ``t``, retries in ``(t - window, t]`` (exact
+    timestamps) must stay within ``ratio`` * calls in that span + ``min_per_second`` * ``window``.
 
-    __slots__ = ("budget", "calls", "retries", "stamps", "width")
+    Calls are counted per slot of ``window / slots`` seconds, and only slots wholly inside the span count: the call
+    count is never over-stated (at most one slot's calls are left out), so the bound holds exactly while memory stays
+    ``slots`` entries whatever the traffic. The retry timestamps are bounded by the budget itself. Each operation is
+    O(1) amortised.
+    """
 
-    def __init__(self, budget: RetryBudget, buckets: int = 10) -> None:
-        self.budget = budget
-        self.width = budget.window / buckets
-        self.stamps = [-1] * buckets
-        self.calls = [0] * buckets
-        self.retries = [0] * buckets
+    __slots__ = ("calls", "floor", "ratio", "retries", "total", "width", "window")
 
-    def _slot(self, now: float) -> int:
-        stamp = int(now // self.width)
-        slot = stamp % len(self.stamps)
-        if self.stamps[slot] != stamp:
-            self.stamps[slot], self.calls[slot], self.retries[slot] = stamp, 0, 0
-        return slot
+    def __init__(self, budget: RetryBudget, slots: int = 100) -> None:
+        self.ratio = budget.ratio
+        self.window = budget.window
+        self.floor = budget.min_per_second * budget.window
+        self.width = budget.window / slots
+        self.calls: deque[list[int]] = deque()  # [slot number, calls recorded in it], oldest first
+        self.total = 0  # calls in ``calls``
+        self.retries: deque[float] = deque()  # times of the retries spent, oldest first
 
     def record_call(self, now: float) -> None:
-        self.calls[self._slot(now)] += 1
+        """Count a call that reached the Retry at ``now`` (times are non-decreasing: they are read from the clock)."""
+        stamp = int(now // self.width)
+        calls = self.calls
+        if calls and calls[-1][0] >= stamp:
+            calls[-1][1] += 1
+        else:
+            calls.append([stamp, 1])
+            self._expire_calls(now)
+        self.total += 1
+
+    def _expire_calls(self, now: float) -> None:
+        """Drop the slots that start at or before ``now - window``: not wholly inside the span any more."""
+        calls = self.calls
+        opened = now - self.window
+        width = self.width
+        while calls and calls[0][0] * width <= opened:
+            self.total -= calls.popleft()[1]
 
     def try_spend(self, now: float) -> bool:
-        slot = self._slot(now)
-        oldest = int(now // self.width) - len(self.stamps)
-        calls = retries = 0
-        for index, stamp in enumerate(self.stamps):
-            if stamp > oldest:
-                calls += self.calls[index]
-                retries += self.retries[index]
-        budget = self.budget
-        if retries + 1 > budget.ratio * calls + budget.min_per_second * budget.window:
+        """Spend one retry at ``now`` if the budget of ``(now - window, now]`` has room for it."""
+        retries = self.retries
+        opened = now - self.window
+        while retries and retries[0] <= opened:
+            retries.popleft()
+        self._expire_calls(now)
+        if len(retries) + 1 > self.ratio * self.total + self.floor:
             return False
-        self.retries[slot] += 1
+        retries.append(now)
         return True
 
 

@@ -2,12 +2,14 @@
 
 The deadline is written into the call context, so inner layers (Retry) see how much time is left; the
 effective deadline is the earlier of ours and any deadline from outside. When it passes, the body is
-cancelled (asyncio's own timeout) and :class:`TimeoutExceededError` is raised; a cancellation that comes from
-the caller stays a cancellation. Nothing keeps running afterwards: the body runs in the caller's task.
+cancelled (asyncio's own timeout) and :class:`TimeoutExceededError` is raised, also when the body answers the
+cancellation with an error of its own (a TaskGroup's ExceptionGroup); a cancellation that comes from the caller stays
+a cancellation. Nothing keeps running afterwards: the body runs in the caller's task.
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,12 @@ class TimeoutFired(Event):
 
     timeout: float
     scope: str
+
+
+def _cancel_pending() -> bool:
+    """Whether the running task has a cancellation request not yet handled (by its canceller's ``uncancel``)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Timeout:
@@ -64,23 +72,31 @@ class Timeout:
             deadline = call.deadline
             seconds = max(0.0, deadline - started)
         scope = clock.deadline(deadline)
+        cause: Exception | None = None
         try:
             async with scope:
                 return await next(call.with_deadline(deadline))
         except TimeoutError:
             if not scope.expired():
                 raise
-            if call.listening:
-                call.emit(
-                    TimeoutFired(
-                        pipeline=call.runtime.name,
-                        layer=self.options.name or f"Timeout({self.scope})",
-                        time=clock.now(),
-                        timeout=seconds,
-                        scope=self.scope,
-                    )
+        except Exception as error:
+            # Our deadline cancelled the body and it answered with an error of its own (a TaskGroup's ExceptionGroup,
+            # a client turning CancelledError into a transport error): that is our timeout, unless a cancellation
+            # from outside (the caller, an enclosing deadline) is also pending, which then goes on as it is.
+            if not scope.expired() or _cancel_pending():
+                raise
+            cause = error
+        if call.listening:
+            call.emit(
+                TimeoutFired(
+                    pipeline=call.runtime.name,
+                    layer=self.options.name or f"Timeout({self.scope})",
+                    time=clock.now(),
+                    timeout=seconds,
+                    scope=self.scope,
                 )
-            raise TimeoutExceededError(seconds, scope=self.scope) from None
+            )
+        raise TimeoutExceededError(seconds, scope=self.scope) from cause
 
     def describe(self) -> dict[str, Any]:
         described = {"layer": "Timeout", "scope": self.scope, "options": self.options.model_dump()}

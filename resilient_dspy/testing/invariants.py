@@ -171,10 +171,9 @@ def retry_budget_respected(
     budget: RetryBudget,
     *,
     journal: Sequence[Any] = (),
-    buckets: int = 10,
 ) -> list[Violation]:
-    """Retries never outrun the budget: for each retry at t, retries in the last window·(1 - 1/buckets) ≤
-    ratio * calls that reached the Retry in the last window + min_per_second * window (its bucketed bound).
+    """Retries never outrun the budget, a true sliding bound: for each retry at t, the retries in (t - window, t] ≤
+    ratio * calls that reached the Retry in that span + min_per_second * window.
 
     A layer above the Retry (a limiter, a bulkhead) may hold a call before it reaches the Retry, which the checker
     cannot see; so a call counts if it reached it by t and no earlier than the window: it started by t, and its
@@ -183,18 +182,17 @@ def retry_budget_respected(
     retries = sorted(e.event.time for e in events if isinstance(e.event, RetryScheduled))
     runs = _runs_by_call(calls, journal)
     reached = [(c.started, min((_start(r) for r in runs.get(c.index, ())), default=c.ended)) for c in calls]
-    short = budget.window * (1 - 1 / buckets)
     found = []
     for at in retries:
-        recent = sum(1 for t in retries if at - short < t <= at + EPSILON)
-        opened = at - budget.window - EPSILON
-        started = sum(1 for earliest, latest in reached if earliest <= at + EPSILON and latest >= opened)
+        opened = at - budget.window
+        recent = sum(1 for t in retries if opened + EPSILON < t <= at + EPSILON)
+        started = sum(1 for earliest, latest in reached if earliest <= at + EPSILON and latest >= opened - EPSILON)
         allowed = budget.ratio * started + budget.min_per_second * budget.window
         if recent > allowed + EPSILON:
             found.append(
                 Violation(
                     "retry_budget_respected",
-                    f"{recent} retries in the {short:g}s before t={at:g} > budget {allowed:g} "
+                    f"{recent} retries in the {budget.window:g}s up to t={at:g} > budget {allowed:g} "
                     f"({budget.ratio:g} * {started} calls + {budget.min_per_second:g}/s * {budget.window:g}s)",
                 )
             )

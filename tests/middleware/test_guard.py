@@ -335,3 +335,46 @@ def test_describe_shows_what_is_checked() -> None:
         "input": None,
         "output": {"model": "Answer", "fields": ["answer"]},
     }
+
+
+class Unprintable:
+    """An input whose ``str()`` and ``repr()`` raise."""
+
+    def __str__(self) -> str:
+        raise ValueError("no text for you")
+
+    __repr__ = __str__
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "rules", [InputRules(max_chars=1_000), InputRules(max_total_chars=1_000), InputRules(max_chars={"question": 9})]
+)
+async def test_input_rules_reject_an_unmeasurable_input_naming_its_field(rules: InputRules) -> None:
+    pipeline = Pipeline(predict(), Guard(input=rules))
+    error = await rejected_input(pipeline, FaultInjectingLM(), question=Unprintable())
+    assert error.field == "question"
+
+
+async def test_input_rules_measure_a_deeply_nested_input() -> None:
+    """A list 100,000 deep is 200,000 characters: too long for max_chars=1000, fine for a larger limit."""
+    pipeline = Pipeline(predict(), Guard(input=InputRules(max_chars=1_000)))
+    error = await rejected_input(pipeline, FaultInjectingLM(), question=nested(100_000))
+    assert error.field == "question" and "200000" in error.rule
+
+
+async def test_input_rules_without_a_length_rule_pass_an_unmeasurable_input() -> None:
+    """Only a length rule needs the text of a non-string input; ``required`` and ``forbidden`` do not."""
+
+    async def echo(question: Any) -> str:
+        return "answered"
+
+    rules = InputRules(required=["question"], forbidden=["DROP TABLE"])
+    assert await Pipeline(echo, Guard(input=rules))(Unprintable()) == "answered"
+    assert await Pipeline(echo, Guard(input=InputRules(max_chars=10**6)))(nested(100_000)) == "answered"

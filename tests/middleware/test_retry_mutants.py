@@ -185,22 +185,20 @@ async def test_the_budget_counts_only_real_calls_in_its_first_window() -> None:
     assert (caught.value.attempts, caught.value.reason, program.calls) == (2, "budget", 3)
 
 
-def test_budget_window_defaults_to_ten_buckets() -> None:
-    window = _BudgetWindow(RetryBudget(ratio=0.5, min_per_second=0.0, window=10.0))
-    window.record_call(0.95)  # bucket 0 of 1 s buckets
-    window.record_call(10.0)  # bucket 10 reuses slot 0: the call at 0.95 is out of the window
-    assert window.try_spend(10.0) is False  # 1 retry > 0.5 * 1 call
+def test_budget_window_counts_a_call_while_its_slot_is_wholly_in_the_window() -> None:
+    budget = RetryBudget(ratio=0.5, min_per_second=0.0, window=10.0)  # 100 slots of 0.1 s
+    kept = _BudgetWindow(budget)
+    kept.record_call(0.95)  # slot [0.9, 1.0)
+    kept.record_call(10.85)
+    assert kept.try_spend(10.85) is True  # (0.85, 10.85] holds the whole slot: 1 retry <= 0.5 * 2 calls
+    dropped = _BudgetWindow(budget)
+    dropped.record_call(0.95)
+    dropped.record_call(10.9)
+    assert dropped.try_spend(10.9) is False  # the slot is not wholly inside (0.9, 10.9]: 1 retry > 0.5 * 1 call
 
 
-def test_budget_window_buckets_by_floor_division() -> None:
-    budget = RetryBudget(
-        ratio=0.5, min_per_second=0.0, window=1.0
-    )  # 0.1 s buckets: 1.0 // 0.1 == 9.0, 1.0 / 0.1 == 10.0
-    late = _BudgetWindow(budget)
-    late.record_call(1.0)  # bucket 9
-    late.record_call(1.95)  # bucket 19: bucket 9 is one window old
-    assert late.try_spend(1.95) is False
-    early = _BudgetWindow(budget)
-    early.record_call(0.05)  # bucket 0
-    early.record_call(1.0)  # bucket 9: bucket 0 is still in the window
-    assert early.try_spend(1.0) is True  # 1 retry <= 0.5 * 2 calls
+def test_budget_window_forgets_a_retry_exactly_one_window_later() -> None:
+    window = _BudgetWindow(RetryBudget(ratio=0.0, min_per_second=0.1, window=10.0))  # one retry per window
+    assert window.try_spend(0.5) is True
+    assert window.try_spend(10.499) is False  # (0.499, 10.499] still holds the retry at 0.5
+    assert window.try_spend(10.5) is True  # (0.5, 10.5] does not

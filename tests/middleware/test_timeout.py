@@ -362,3 +362,108 @@ def test_the_timeout_name_shows_in_describe() -> None:
         return question
 
     assert Pipeline(program, Timeout(1, name="llm-budget")).describe()[0]["name"] == "llm-budget"
+
+
+async def _answers_cancellation_with(error: Exception) -> None:
+    """A child task that, when cancelled, raises ``error`` instead (as a wrapper around a client may do)."""
+    try:
+        await asyncio.sleep(FOREVER)
+    except asyncio.CancelledError:
+        raise error from None
+
+
+def task_group_program(error: Exception | None, calls: list[float] | None = None) -> Callable[[str], Awaitable[str]]:
+    """A program that fans out in a TaskGroup; its first run hangs, and a child answers cancellation with ``error``."""
+    seen: list[float] = [] if calls is None else calls
+
+    async def program(question: str) -> str:
+        seen.append(now())
+        if len(seen) > 1:
+            return f"answer to {question}"
+        async with asyncio.TaskGroup() as group:
+            group.create_task(asyncio.sleep(FOREVER))
+            if error is not None:
+                group.create_task(_answers_cancellation_with(error))
+        return "unreachable"
+
+    return program
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionError("aborted"), ValueError("cleanup failed"), None], ids=["transport", "bug", "none"]
+)
+async def test_a_task_group_cut_by_the_timeout_raises_timeout_exceeded(error: Exception | None) -> None:
+    """A TaskGroup whose children answer our cancellation with errors surfaces TimeoutExceededError, not a group."""
+    events: list[Event] = []
+    pipeline = Pipeline(task_group_program(error), Timeout(1), listeners=[events.append])
+    start = now()
+    with pytest.raises(TimeoutExceededError) as raised:
+        await pipeline("q")
+    assert raised.value.scope == "total"
+    assert now() - start == pytest.approx(1.0, abs=1e-3)
+    assert [type(event) for event in events] == [TimeoutFired]
+    assert not other_tasks()
+
+
+async def test_a_task_group_cut_by_the_attempt_timeout_is_retried() -> None:
+    """Under Retry, the cut attempt is an attempt timeout (retryable): the next attempt answers."""
+    calls: list[float] = []
+    pipeline = Pipeline(
+        task_group_program(ConnectionError("aborted"), calls), Retry(3, base_delay=0, jitter="none"), Timeout(1)
+    )
+    assert await pipeline("q") == "answer to q"
+    assert len(calls) == 2
+    assert not other_tasks()
+
+
+async def test_a_program_answering_our_cancellation_with_its_own_error_raises_timeout_exceeded() -> None:
+    """A body that turns our cancellation into its own error (no TaskGroup) still reports our timeout."""
+
+    async def program(question: str) -> str:
+        await _answers_cancellation_with(dspy.LMTransportError("connection closed"))
+        return "unreachable"
+
+    with pytest.raises(TimeoutExceededError) as raised:
+        await Pipeline(program, Timeout(1))("q")
+    assert isinstance(raised.value.__cause__, dspy.LMTransportError)
+
+
+async def test_a_task_group_error_before_the_deadline_passes_through_unchanged() -> None:
+    """A TaskGroup that fails on its own, before our deadline, keeps its ExceptionGroup."""
+
+    async def failing() -> None:
+        await asyncio.sleep(0.5)
+        raise ValueError("child failed")
+
+    async def program(question: str) -> str:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(failing())
+            group.create_task(asyncio.sleep(FOREVER))
+        return "unreachable"
+
+    with pytest.raises(ExceptionGroup) as raised:
+        await Pipeline(program, Timeout(5))("q")
+    assert not isinstance(raised.value, TimeoutExceededError)
+
+
+async def test_caller_cancellation_of_a_task_group_program_stays_a_cancellation() -> None:
+    """The caller cancelling a TaskGroup program (children answering with errors) is not reported as our timeout."""
+    pipeline = Pipeline(task_group_program(ConnectionError("aborted")), Timeout(5))
+    task = asyncio.create_task(pipeline("q"))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(BaseException) as raised:
+        await task
+    assert not isinstance(raised.value, TimeoutExceededError)
+    assert not other_tasks()
+
+
+async def test_a_task_group_cut_by_both_deadlines_at_once_reports_the_total_timeout() -> None:
+    """An attempt deadline clamped to the total one: both fire together, and the call's total timeout is reported."""
+    pipeline = Pipeline(
+        task_group_program(ConnectionError("aborted")), Timeout(1), Retry(3, base_delay=0, jitter="none"), Timeout(5)
+    )
+    with pytest.raises(TimeoutExceededError) as raised:
+        await pipeline("q")
+    assert raised.value.scope == "total"
+    assert not other_tasks()

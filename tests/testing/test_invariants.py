@@ -73,6 +73,28 @@ def test_retry_budget_counts_retries_against_calls() -> None:
     assert "3 retries" in over.message and "budget 2" in over.message
 
 
+def test_retry_budget_is_checked_over_the_whole_sliding_window() -> None:
+    """20 retries within 9.1 s under min 1/s over 10 s break the bound (the bucketed budget used to allow them)."""
+    budget = RetryBudget(ratio=0.0, min_per_second=1.0, window=10.0)
+    retries = [
+        RecordedEvent(
+            i, RetryScheduled(pipeline="p", layer="Retry", time=t, attempt=1, delay=0.0, reason="x", error=None)
+        )
+        for i, t in enumerate([0.95] * 10 + [10.05] * 10)
+    ]
+    calls = [CallResult(i, f"q{i}", e.event.time, e.event.time) for i, e in enumerate(retries)]
+    [over] = retry_budget_respected(calls, retries, budget)
+    assert "20 retries" in over.message and "budget 10" in over.message
+    assert retry_budget_respected(calls, retries[:10] + retries[10:11], budget) != []
+    later = [
+        RecordedEvent(
+            i, RetryScheduled(pipeline="p", layer="Retry", time=t, attempt=1, delay=0.0, reason="x", error=None)
+        )
+        for i, t in enumerate([0.95] * 10 + [10.95] * 10)
+    ]
+    assert retry_budget_respected(calls, later, budget) == []
+
+
 def test_retry_budget_counts_calls_held_above_the_retry_when_they_reach_it() -> None:
     """Calls all started at 0 but a limiter above the Retry let them through at 0.5, 1.0 and 1.5: the budget
     counted them then, so a retry at 1.5 may spend the calls of 1.0 and 1.5 (seen by their first program run)."""
