@@ -322,17 +322,18 @@ class Redactor:
         """``pattern.sub`` for a pattern with a check: only the spans the check accepts are replaced."""
         pieces: list[str] = []
         done = 0
-        for match in pattern.finditer(text):
-            if match.start() < done:
-                continue
+        match = pattern.search(text)
+        while match is not None:
             span = _checked_span(pattern, check, text, match)
-            if span is None:
+            if span is None:  # refused whole: a real one may start inside it and end past it ("2000000 <card>")
+                match = pattern.search(text, match.start() + 1)
                 continue
             inner = pattern.fullmatch(text[: span[1]], span[0])
             assert inner is not None
             pieces.append(text[done : span[0]])
             pieces.append(self._replace(inner))
             done = span[1]
+            match = pattern.search(text, done)
         if not pieces:
             return text
         pieces.append(text[done:])
