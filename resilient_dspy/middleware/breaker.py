@@ -348,7 +348,11 @@ class _Circuit:
         if window is None:
             return None
         window.add(_SLOW if slow else 0, now)
-        return self._check_rates(now, None) if slow else None
+        # Every outcome is judged once min_calls are seen. A fast success never raises a rate, so on a count window
+        # (rates checked at each earlier outcome) it can cross one only by bringing the window to min_calls.
+        if slow or isinstance(window, _TimeWindow) or window.filled == self.options.min_calls:
+            return self._check_rates(now, None)
+        return None
 
     def failed(self, ticket: int | _Probe, slow: bool, retry_after: float | None, now: float) -> Transition | None:
         if type(ticket) is _Probe:
