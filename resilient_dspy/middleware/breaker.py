@@ -185,6 +185,9 @@ class CircuitSnapshot:
 
 _FAILED, _SLOW = 1, 2
 
+RETRY_AFTER_CEILING = 3600.0
+"""Longest break a trip's Retry-After can ask for without ``max_break_duration`` (then that is the ceiling)."""
+
 
 class _CountWindow:
     """Outcomes of the last ``size`` calls in a ring, with running totals: O(1) per call."""
@@ -394,7 +397,11 @@ class _Circuit:
         return old, new, reason, retry_after
 
     def _open(self, now: float, reason: str, retry_after: float | None) -> Transition:
-        duration = self.break_duration if retry_after is None else max(self.break_duration, retry_after)
+        duration = self.break_duration
+        if retry_after is not None and retry_after > duration:
+            options = self.options
+            ceiling = options.max_break_duration or max(options.break_duration, RETRY_AFTER_CEILING)
+            duration = max(duration, min(retry_after, ceiling))
         self.open_until = now + duration
         self.consecutive = 0
         self.window = self._new_window()

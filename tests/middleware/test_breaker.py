@@ -349,6 +349,61 @@ def test_property_a_count_window_opens_at_every_outcome_that_crosses_a_rate_once
         runner.run(scenario())
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    retry_after=st.one_of(st.floats(0.0, 1e300), st.sampled_from([1e12, 3600.0, 3600.5, 7200.0])),
+    break_duration=st.sampled_from([0.5, 10.0, 30.0, 5000.0]),
+    cap=st.one_of(st.none(), st.sampled_from([1.0, 60.0, 86400.0])),
+    reopen=st.booleans(),
+)
+def test_property_a_retry_after_driven_break_never_exceeds_the_cap(
+    retry_after: float, break_duration: float, cap: float | None, reopen: bool
+) -> None:
+    """A trip's break is at least ``break_duration`` and at least the error's Retry-After, but never longer than
+    ``max_break_duration`` when set, else than max(break_duration, 3600 s): a huge Retry-After cannot open a
+    circuit for centuries."""
+    if cap is not None and cap < break_duration:
+        cap = break_duration
+    clock = SteppedClock()
+    events: list[Event] = []
+    breaker = CircuitBreaker(1, break_duration=break_duration, max_break_duration=cap)
+    limit = cap if cap is not None else max(break_duration, 3600.0)
+
+    async def program(question: str) -> str:
+        raise dspy.LMRateLimitError("429", status=429, retry_after=retry_after)
+
+    pipeline = Pipeline(program, breaker, clock=clock, listeners=[events.append])
+
+    async def scenario() -> None:
+        with contextlib.suppress(dspy.LMRateLimitError):
+            await pipeline("q")
+        if reopen:  # a failing probe opens it again with the same Retry-After
+            clock.advance(breaker.snapshot().retry_after or 0.0)
+            with contextlib.suppress(dspy.LMRateLimitError):
+                await pipeline("q")
+
+    with asyncio.Runner() as runner:
+        runner.run(scenario())
+    opened = [e.retry_after for e in events if isinstance(e, CircuitStateChanged) and e.new is OPEN]
+    assert len(opened) == 1 + reopen
+    for duration in opened:
+        assert duration is not None
+        assert min(max(break_duration, retry_after), limit) <= duration <= limit
+    assert breaker.state is OPEN and 0 < (breaker.snapshot().retry_after or 0) <= limit
+
+
+async def test_a_huge_retry_after_opens_only_until_max_break_duration() -> None:
+    breaker = CircuitBreaker(1, break_duration=10, max_break_duration=60)
+    program = Scripted()
+    pipeline = Pipeline(program, breaker)
+    assert await run_step(pipeline, program, "rl:1e12") == (True, "error")
+    await asyncio.sleep(59.9)
+    assert await run_step(pipeline, program, "ok") == (False, "rejected")
+    await asyncio.sleep(0.1)
+    assert await run_step(pipeline, program, "ok") == (True, "ok")
+    assert breaker.state is CLOSED
+
+
 async def test_rejection_carries_the_time_left_and_does_not_run_the_program() -> None:
     program = Scripted()
     pipeline = Pipeline(program, CircuitBreaker(1, break_duration=30))
@@ -779,7 +834,7 @@ class BreakerModel:
 
     def _open(self, now: float, retry_after: float | None) -> None:
         self.state, self.era, self.failures = OPEN, self.era + 1, 0
-        self.until = now + max(self.brk, retry_after or 0.0)
+        self.until = now + max(self.brk, min(retry_after or 0.0, self.cap))  # Retry-After capped by the max break
         self.in_flight, self.successes = {}, 0
 
     def finish(self, ident: int, era: int, outcome: str, now: float, retry_after: float | None) -> None:
