@@ -89,6 +89,25 @@ async def test_a_tenant_circuit_keeps_protecting_while_many_other_tenants_churn(
     assert breaker.health().details["evicted_protecting"] == 0
 
 
+async def test_every_admitted_call_gives_its_hold_back_however_it_ends() -> None:
+    """Calls that end after the circuit changed state, cancelled calls and excluded errors all release the circuit:
+    once reset, A is an ordinary harmless circuit that churn evicts (a leaked in-flight count would pin it)."""
+    program = Tenants()
+    breaker = CircuitBreaker(failure_threshold=2, key=by_tenant, max_keys=2, exclude=dspy.LMServerError)
+    pipeline = Pipeline(program, breaker)
+    cancelled = asyncio.create_task(outcome(pipeline, "A|sleep:5:ok"))
+    excluded = asyncio.create_task(outcome(pipeline, "A|sleep:1:fail"))
+    await asyncio.sleep(0)
+    breaker.isolate("A")  # the two calls now end in another era
+    await asyncio.sleep(2)
+    cancelled.cancel()
+    await asyncio.gather(cancelled, excluded, return_exceptions=True)
+    breaker.reset("A")
+    for index in range(3):
+        await outcome(pipeline, f"t{index}|ok")
+    assert "A" not in breaker.snapshots()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     max_keys=st.integers(2, 6),  # A and the tenant being served: with max_keys=1 the bound evicts A on purpose
