@@ -25,7 +25,7 @@ from resilient_dspy.errors import CircuitOpenError, ErrorKind, classify
 from resilient_dspy.events import Event, deliver
 from resilient_dspy.health import LayerHealth, Status, key_name
 from resilient_dspy.options import FieldProblem, build_options
-from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.pipeline import Call, Handler, Pipeline
@@ -185,6 +185,9 @@ class CircuitSnapshot:
 
 _FAILED, _SLOW = 1, 2
 
+RETRY_AFTER_CEILING = 3600.0
+"""Longest break a trip's Retry-After can ask for without ``max_break_duration`` (then that is the ceiling)."""
+
 
 class _CountWindow:
     """Outcomes of the last ``size`` calls in a ring, with running totals: O(1) per call."""
@@ -263,6 +266,7 @@ class _Circuit:
         "break_duration",
         "consecutive",
         "generation",
+        "in_flight",
         "key",
         "open_until",
         "options",
@@ -283,6 +287,7 @@ class _Circuit:
         self.probes: dict[_Probe, None] = {}
         self.probes_succeeded = 0
         self.window = self._new_window()
+        self.in_flight = 0  # counted by _KeyedCircuit only: the unpartitioned circuit is never evicted
 
     def _new_window(self) -> _CountWindow | _TimeWindow | None:
         options = self.options
@@ -292,11 +297,20 @@ class _Circuit:
             return _CountWindow(options.window)
         return _TimeWindow(options.window_seconds or 60.0, options.buckets)
 
-    def idle(self, now: float) -> bool:
-        """Evictable: closed with nothing remembered worth keeping, or open with the break over."""
-        if self.state is CircuitState.CLOSED:
-            return self.consecutive == 0 and (self.window is None or self.window.totals(now)[1] == 0)
-        return self.state is CircuitState.OPEN and now >= self.open_until
+    def hold(self, now: float) -> Hold:
+        """Calls in flight or isolation pin it; open or half-open (even with the break over, until a probe closes
+        it), a failure count or a failure or slow call in the window protect. Successes alone protect nothing: a
+        fresh window only opens sooner."""
+        state = self.state
+        if self.in_flight or state is CircuitState.ISOLATED:
+            return Hold.CALLS
+        if state is not CircuitState.CLOSED or self.consecutive:
+            return Hold.PROTECTION
+        if self.window is not None:
+            _, failures, slows = self.window.totals(now)
+            if failures or slows:
+                return Hold.PROTECTION
+        return Hold.NOTHING
 
     # ----------------------------------------------------------------------------------------- admission
 
@@ -348,7 +362,11 @@ class _Circuit:
         if window is None:
             return None
         window.add(_SLOW if slow else 0, now)
-        return self._check_rates(now, None) if slow else None
+        # Every outcome is judged once min_calls are seen. A fast success never raises a rate, so on a count window
+        # (rates checked at each earlier outcome) it can cross one only by bringing the window to min_calls.
+        if slow or isinstance(window, _TimeWindow) or window.filled == self.options.min_calls:
+            return self._check_rates(now, None)
+        return None
 
     def failed(self, ticket: int | _Probe, slow: bool, retry_after: float | None, now: float) -> Transition | None:
         if type(ticket) is _Probe:
@@ -390,7 +408,11 @@ class _Circuit:
         return old, new, reason, retry_after
 
     def _open(self, now: float, reason: str, retry_after: float | None) -> Transition:
-        duration = self.break_duration if retry_after is None else max(self.break_duration, retry_after)
+        duration = self.break_duration
+        if retry_after is not None and retry_after > duration:
+            options = self.options
+            ceiling = options.max_break_duration or max(options.break_duration, RETRY_AFTER_CEILING)
+            duration = max(duration, min(retry_after, ceiling))
         self.open_until = now + duration
         self.consecutive = 0
         self.window = self._new_window()
@@ -432,6 +454,31 @@ class _Circuit:
             probes_in_flight=len(self.probes),
             probes_succeeded=self.probes_succeeded,
         )
+
+
+class _KeyedCircuit(_Circuit):
+    """A circuit kept in :class:`Partitions`: it counts its admitted calls until their outcome, so it is never
+    evicted with calls in flight (their outcomes would land on a detached circuit). Every admitted call ends in
+    exactly one of release, succeeded or failed."""
+
+    __slots__ = ()
+
+    def admit(self, now: float) -> tuple[int | _Probe, Transition | None]:
+        admitted = super().admit(now)
+        self.in_flight += 1
+        return admitted
+
+    def release(self, ticket: int | _Probe) -> None:
+        self.in_flight -= 1
+        super().release(ticket)
+
+    def succeeded(self, ticket: int | _Probe, slow: bool, now: float) -> Transition | None:
+        self.in_flight -= 1
+        return super().succeeded(ticket, slow, now)
+
+    def failed(self, ticket: int | _Probe, slow: bool, retry_after: float | None, now: float) -> Transition | None:
+        self.in_flight -= 1
+        return super().failed(ticket, slow, retry_after, now)
 
 
 class CircuitBreaker:
@@ -488,7 +535,10 @@ class CircuitBreaker:
         self._key = options.key
         self._single = _Circuit(options, None) if options.key is None else None
         self._partitions: Partitions[_Circuit] = Partitions(
-            lambda k: _Circuit(options, k), max_keys=options.max_keys, idle_after=options.idle_after
+            lambda k: _KeyedCircuit(options, k),
+            max_keys=options.max_keys,
+            idle_after=options.idle_after,
+            on_evict=self._evicted,
         )
         self._slow = options.slow_call_duration
         time_window = options.consecutive is None and options.window is None  # window_seconds, or the default 60 s
@@ -496,6 +546,16 @@ class CircuitBreaker:
         self._failure_on = options.failure_on
         self._exclude = options.exclude
         self._pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+    def _evicted(self, key: Hashable, circuit: _Circuit) -> None:
+        """A circuit that still protected was evicted: more keys need protection than ``max_keys`` allows."""
+        logger.warning(
+            "circuit %s[%r] evicted while still protecting (%s): more than max_keys=%d circuits remember failures",
+            self.name,
+            key,
+            circuit.state.value,
+            self.options.max_keys,
+        )
 
     def on_build(self, pipeline: Pipeline) -> None:
         self._pipelines.add(pipeline)
@@ -673,7 +733,8 @@ class CircuitBreaker:
         return list(self._partitions.items())
 
     def health(self) -> LayerHealth:
-        """Down when the (only) circuit refuses calls; degraded when some partitions do."""
+        """Down when the (only) circuit refuses calls; degraded when some partitions do, or when a protecting
+        circuit was evicted within the last ``idle_after`` seconds (``max_keys`` too small for the failing keys)."""
         snapshots = self.snapshots()
         refusing = {
             key_name(key): snap.state.value
@@ -688,7 +749,14 @@ class CircuitBreaker:
         else:
             status = "degraded"
         states = {key_name(key): snap.state.value for key, snap in snapshots.items()}
-        return LayerHealth(self.name, status, {"circuits": states, "refusing": sorted(refusing)})
+        details: dict[str, Any] = {"circuits": states, "refusing": sorted(refusing)}
+        if self._single is None:
+            partitions = self._partitions
+            details["evicted_protecting"] = partitions.evicted_protective
+            last = partitions.last_evicted_at
+            if last is not None and self._now() - last < self.options.idle_after:
+                status = "degraded"
+        return LayerHealth(self.name, status, details)
 
     @property
     def state(self) -> CircuitState:

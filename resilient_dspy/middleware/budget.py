@@ -30,7 +30,7 @@ from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_t
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, Status, key_name, worst
 from resilient_dspy.options import FieldProblem, build_options
-from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.clock import Clock
@@ -231,9 +231,13 @@ class _Account:
             meter.forget()
         self.start = None
 
-    def idle(self, now: float) -> bool:
+    def hold(self, now: float) -> Hold:
+        """Calls in flight or spending in the current window pin it: forgetting spend would let a key overspend, so
+        a budget is never evicted under pressure (unchanged rule; see docs/patterns/budget.md)."""
         self.roll(now)
-        return not self.in_flight and all(meter.spent == 0 for meter in self.meters)
+        if self.in_flight or any(meter.spent for meter in self.meters):
+            return Hold.CALLS
+        return Hold.NOTHING
 
 
 def _tokens(value: Any) -> int:

@@ -23,7 +23,7 @@ from resilient_dspy.errors import BulkheadFullError
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, key_name
 from resilient_dspy.options import build_options
-from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.pipeline import Call, Handler
@@ -99,8 +99,9 @@ class _Compartment:
         self.in_flight = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
 
-    def idle(self, now: float) -> bool:
-        return self.in_flight == 0 and not self.waiters
+    def hold(self, now: float) -> Hold:
+        """Holders or waiters are calls; an empty compartment protects nothing (a fresh one admits the same)."""
+        return Hold.CALLS if self.in_flight or self.waiters else Hold.NOTHING
 
     def queued(self) -> int:
         """Waiters still waiting (a cancelled one stays in the deque until its task runs its cleanup)."""

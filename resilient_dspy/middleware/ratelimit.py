@@ -26,7 +26,7 @@ from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_t
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, key_name
 from resilient_dspy.options import Options, build_options, problems_of
-from resilient_dspy.partition import KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.clock import Clock
@@ -417,8 +417,12 @@ class _Lane:
         else:
             queue.remove(waiter)
 
-    def idle(self, now: float) -> bool:
-        return not self.queue and not self.in_flight and all(meter.idle(now) for meter in self.meters)
+    def hold(self, now: float) -> Hold:
+        """Queued or unreconciled calls are calls; admissions still in a window protect (a fresh lane would let a
+        second burst through)."""
+        if self.queue or self.in_flight:
+            return Hold.CALLS
+        return Hold.NOTHING if all(meter.idle(now) for meter in self.meters) else Hold.PROTECTION
 
 
 class RateLimiter:

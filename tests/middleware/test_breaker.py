@@ -8,13 +8,14 @@ exactly 10 s at no cost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import dspy
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -33,6 +34,7 @@ from resilient_dspy import (
 from resilient_dspy.middleware.breaker import CircuitRejected, CircuitState, CircuitStateChanged
 from resilient_dspy.partition import by_model
 from resilient_dspy.testing import FaultInjectingLM
+from resilient_dspy.testing import ManualClock as SteppedClock
 from tests.conftest import other_tasks
 
 CLOSED, OPEN, HALF_OPEN, ISOLATED = (
@@ -170,6 +172,37 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[tuple[str, CircuitState, str]]]]
             ("ok", OPEN, "rejected"),
         ],
     ),
+    "count window: a success that brings the window to min_calls evaluates the rate": (
+        {"failure_rate": 0.5, "window": 5, "min_calls": 5, "break_duration": 5},
+        [
+            ("fail", CLOSED, "error"),
+            ("fail", CLOSED, "error"),
+            ("fail", CLOSED, "error"),
+            ("ok", CLOSED, "ok"),
+            ("ok", OPEN, "ok"),  # 3 of 5 = 0.6 once min_calls is reached, on a success
+            ("ok", OPEN, "rejected"),
+        ],
+    ),
+    "time window: a success that brings the window to min_calls evaluates the rate": (
+        {"failure_rate": 0.5, "window_seconds": 60, "min_calls": 5, "break_duration": 5},
+        [
+            ("fail", CLOSED, "error"),
+            ("fail", CLOSED, "error"),
+            ("fail", CLOSED, "error"),
+            ("ok", CLOSED, "ok"),
+            ("ok", OPEN, "ok"),
+            ("ok", OPEN, "rejected"),
+        ],
+    ),
+    "slow calls: a fast success that brings the window to min_calls evaluates the slow-call rate": (
+        {"slow_call_rate": 0.5, "slow_call_duration": 2.0, "window": 4, "min_calls": 4, "break_duration": 5},
+        [
+            ("slow:3", CLOSED, "ok"),
+            ("slow:3", CLOSED, "ok"),
+            ("ok", CLOSED, "ok"),
+            ("ok", OPEN, "ok"),  # 2 of 4 slow
+        ],
+    ),
     "count window: below min_calls nothing opens": (
         {"failure_rate": 0.5, "window": 10, "min_calls": 3, "break_duration": 5},
         [
@@ -179,12 +212,12 @@ SCENARIOS: dict[str, tuple[dict[str, Any], list[tuple[str, CircuitState, str]]]]
         ],
     ),
     "count window: old outcomes slide out": (
-        {"failure_rate": 0.5, "window": 2, "min_calls": 2, "break_duration": 5},
+        {"failure_rate": 1.0, "window": 2, "min_calls": 2, "break_duration": 5},
         [
             ("fail", CLOSED, "error"),
-            ("ok", CLOSED, "ok"),
-            ("ok", CLOSED, "ok"),
-            ("fail", OPEN, "error"),
+            ("ok", CLOSED, "ok"),  # 1 of 2
+            ("fail", CLOSED, "error"),  # [ok fail]: the first failure slid out
+            ("fail", OPEN, "error"),  # [fail fail]
         ],
     ),
     "time window: failures older than the window no longer count": (
@@ -264,6 +297,111 @@ async def test_scenario(name: str) -> None:
         assert got == outcome, where
         assert ran == (outcome in ("ok", "error", "cancelled")), where
         assert breaker.state is state, where
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    window=st.integers(1, 8),
+    min_share=st.floats(0.0, 1.0),
+    failure_rate=st.sampled_from([0.25, 0.5, 0.6, 1.0]),
+    slow_call_rate=st.sampled_from([0.3, 0.5, 1.0]),
+    outcomes=st.lists(st.sampled_from(["ok", "fail", "slow", "slow_fail"]), max_size=30),
+)
+def test_property_a_count_window_opens_at_every_outcome_that_crosses_a_rate_once_min_calls_are_seen(
+    window: int, min_share: float, failure_rate: float, slow_call_rate: float, outcomes: list[str]
+) -> None:
+    """Every recorded outcome (success or failure, fast or slow) re-evaluates both rates once the window holds
+    ``min_calls``: the circuit opens exactly at the first outcome where a reference sliding list crosses one."""
+    min_calls = 1 + round(min_share * (window - 1))
+    clock = SteppedClock()
+    breaker = CircuitBreaker(
+        failure_rate=failure_rate,
+        slow_call_rate=slow_call_rate,
+        slow_call_duration=1.0,
+        window=window,
+        min_calls=min_calls,
+    )
+
+    async def program(question: str) -> str:
+        if question.startswith("slow"):
+            clock.advance(2.0)
+        if question.endswith("fail"):
+            raise server_error()
+        return "answer"
+
+    async def scenario() -> None:
+        pipeline = Pipeline(program, breaker, clock=clock)
+        recent: list[str] = []
+        for outcome in outcomes:
+            with contextlib.suppress(dspy.LMServerError):
+                await pipeline(outcome)
+            recent = [*recent, outcome][-window:]
+            fails = sum(o.endswith("fail") for o in recent)
+            slows = sum(o.startswith("slow") for o in recent)
+            crossed = len(recent) >= min_calls and (
+                fails >= failure_rate * len(recent) or slows >= slow_call_rate * len(recent)
+            )
+            assert breaker.state is (OPEN if crossed else CLOSED), (outcome, recent)
+            if crossed:
+                return
+
+    with asyncio.Runner() as runner:
+        runner.run(scenario())
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    retry_after=st.one_of(st.floats(0.0, 1e300), st.sampled_from([1e12, 3600.0, 3600.5, 7200.0])),
+    break_duration=st.sampled_from([0.5, 10.0, 30.0, 5000.0]),
+    cap=st.one_of(st.none(), st.sampled_from([1.0, 60.0, 86400.0])),
+    reopen=st.booleans(),
+)
+def test_property_a_retry_after_driven_break_never_exceeds_the_cap(
+    retry_after: float, break_duration: float, cap: float | None, reopen: bool
+) -> None:
+    """A trip's break is at least ``break_duration`` and at least the error's Retry-After, but never longer than
+    ``max_break_duration`` when set, else than max(break_duration, 3600 s): a huge Retry-After cannot open a
+    circuit for centuries."""
+    if cap is not None and cap < break_duration:
+        cap = break_duration
+    clock = SteppedClock()
+    events: list[Event] = []
+    breaker = CircuitBreaker(1, break_duration=break_duration, max_break_duration=cap)
+    limit = cap if cap is not None else max(break_duration, 3600.0)
+
+    async def program(question: str) -> str:
+        raise dspy.LMRateLimitError("429", status=429, retry_after=retry_after)
+
+    pipeline = Pipeline(program, breaker, clock=clock, listeners=[events.append])
+
+    async def scenario() -> None:
+        with contextlib.suppress(dspy.LMRateLimitError):
+            await pipeline("q")
+        if reopen:  # a failing probe opens it again with the same Retry-After
+            clock.advance(breaker.snapshot().retry_after or 0.0)
+            with contextlib.suppress(dspy.LMRateLimitError):
+                await pipeline("q")
+
+    with asyncio.Runner() as runner:
+        runner.run(scenario())
+    opened = [e.retry_after for e in events if isinstance(e, CircuitStateChanged) and e.new is OPEN]
+    assert len(opened) == 1 + reopen
+    for duration in opened:
+        assert duration is not None
+        assert min(max(break_duration, retry_after), limit) <= duration <= limit
+    assert breaker.state is OPEN and 0 < (breaker.snapshot().retry_after or 0) <= limit
+
+
+async def test_a_huge_retry_after_opens_only_until_max_break_duration() -> None:
+    breaker = CircuitBreaker(1, break_duration=10, max_break_duration=60)
+    program = Scripted()
+    pipeline = Pipeline(program, breaker)
+    assert await run_step(pipeline, program, "rl:1e12") == (True, "error")
+    await asyncio.sleep(59.9)
+    assert await run_step(pipeline, program, "ok") == (False, "rejected")
+    await asyncio.sleep(0.1)
+    assert await run_step(pipeline, program, "ok") == (True, "ok")
+    assert breaker.state is CLOSED
 
 
 async def test_rejection_carries_the_time_left_and_does_not_run_the_program() -> None:
@@ -696,7 +834,7 @@ class BreakerModel:
 
     def _open(self, now: float, retry_after: float | None) -> None:
         self.state, self.era, self.failures = OPEN, self.era + 1, 0
-        self.until = now + max(self.brk, retry_after or 0.0)
+        self.until = now + max(self.brk, min(retry_after or 0.0, self.cap))  # Retry-After capped by the max break
         self.in_flight, self.successes = {}, 0
 
     def finish(self, ident: int, era: int, outcome: str, now: float, retry_after: float | None) -> None:

@@ -553,7 +553,7 @@ async def test_log_lines_and_levels(caplog: pytest.LogCaptureFixture) -> None:
 
 
 async def test_a_closed_circuit_with_failures_is_not_evicted_but_a_clean_one_is() -> None:
-    breaker = CircuitBreaker(2, key=by_prefix, max_keys=1)
+    breaker = CircuitBreaker(2, key=by_prefix, max_keys=2)
     pipeline = Pipeline(program, breaker)
     await run(pipeline, "a|fail")
     await run(pipeline, "b|ok")
@@ -566,7 +566,7 @@ async def test_a_closed_circuit_with_failures_is_not_evicted_but_a_clean_one_is(
 
 
 async def test_a_time_window_circuit_with_failures_is_not_evicted() -> None:
-    breaker = CircuitBreaker(failure_rate=0.5, window_seconds=10, key=by_prefix, max_keys=1)
+    breaker = CircuitBreaker(failure_rate=0.5, window_seconds=10, key=by_prefix, max_keys=2)
     pipeline = Pipeline(program, breaker)
     await asyncio.sleep(20)
     await run(pipeline, "a|fail")
@@ -591,16 +591,30 @@ async def test_an_isolated_or_half_open_circuit_is_not_evicted() -> None:
     assert await probe == "answer"
 
 
-async def test_an_open_circuit_is_evicted_exactly_when_its_break_is_over() -> None:
-    breaker = CircuitBreaker(1, break_duration=10, key=by_prefix, max_keys=1)
+async def test_an_open_circuit_is_kept_after_its_break_until_a_probe_closes_it() -> None:
+    breaker = CircuitBreaker(1, break_duration=10, key=by_prefix, max_keys=2, idle_after=5)
     pipeline = Pipeline(program, breaker)
     await run(pipeline, "a|fail")
-    await asyncio.sleep(9.9)
+    await asyncio.sleep(100)
     await run(pipeline, "b|ok")
-    assert set(breaker.snapshots()) == {"a", "b"}
-    await asyncio.sleep(0.1)
     await run(pipeline, "c|ok")
-    assert set(breaker.snapshots()) == {"c"}  # b was clean, a's break is exactly over
+    assert set(breaker.snapshots()) == {"a", "c"}  # b was clean; a is open, its break long over
+    assert await run(pipeline, "a|ok") == "answer"
+    await asyncio.sleep(100)
+    await run(pipeline, "d|ok")
+    assert set(breaker.snapshots()) == {"d"}  # closed by the probe, clean, unused past idle_after
+
+
+async def test_beyond_max_keys_the_oldest_protecting_circuit_goes_and_is_logged(caplog: Any) -> None:
+    breaker = CircuitBreaker(2, key=by_prefix, max_keys=1, name="cb")
+    pipeline = Pipeline(program, breaker)
+    await run(pipeline, "a|fail")
+    with caplog.at_level(logging.WARNING, logger="resilient_dspy.breaker"):
+        await run(pipeline, "b|ok")
+    assert set(breaker.snapshots()) == {"b"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "circuit cb['a'] evicted while still protecting (closed): more than max_keys=1 circuits remember failures"
+    ]
 
 
 # ------------------------------------------------------------------------------------------- health
@@ -625,8 +639,8 @@ async def test_health_partitioned_is_degraded_even_when_every_circuit_refuses() 
     pipeline = Pipeline(program, breaker)
     await run(pipeline, "b|fail")
     await run(pipeline, "a|ok")
-    details = {"circuits": {"b": "open", "a": "closed"}, "refusing": ["b"]}
+    details = {"circuits": {"b": "open", "a": "closed"}, "refusing": ["b"], "evicted_protecting": 0}
     assert breaker.health() == LayerHealth("CircuitBreaker", "degraded", details)
     breaker.isolate("a")
-    details = {"circuits": {"b": "open", "a": "isolated"}, "refusing": ["a", "b"]}
+    details = {"circuits": {"b": "open", "a": "isolated"}, "refusing": ["a", "b"], "evicted_protecting": 0}
     assert breaker.health() == LayerHealth("CircuitBreaker", "degraded", details)

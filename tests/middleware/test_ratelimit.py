@@ -592,16 +592,18 @@ async def test_keys_are_limited_independently() -> None:
 async def test_idle_keys_are_evicted_once_their_windows_are_empty() -> None:
     """A key is evicted only when its log is empty and nothing waits: old windows keep it, then it goes."""
     program = Recorder()
-    limiter = RateLimiter(requests=5, per=10.0, key=lambda call: call.inputs["question"], max_keys=2)
+    limiter = RateLimiter(requests=5, per=10.0, key=lambda call: call.inputs["question"], max_keys=3, idle_after=5)
     pipeline = Pipeline(program, limiter)
     for name in ("k1", "k2", "k3"):
         await pipeline(question=name)
+    await asyncio.sleep(6.0)
+    await pipeline(question="k3")
     partitions = limiter._partitions
-    assert {"k1", "k2", "k3"} <= set(dict(partitions.items()))  # windows still hold their admissions
+    assert {"k1", "k2", "k3"} <= set(dict(partitions.items()))  # unused past idle_after, but windows hold admissions
     await asyncio.sleep(10.0)
     await pipeline(question="k4")
-    assert len(partitions) == 2
-    assert "k4" in partitions
+    await pipeline(question="k4")
+    assert set(dict(partitions.items())) == {"k4"}  # every window has emptied and every key is stale
 
 
 # ------------------------------------------------------------------------------------------ 9. burst

@@ -398,7 +398,7 @@ async def test_a_token_lane_is_kept_while_a_call_is_in_flight_and_evicted_after(
 
 async def test_a_bucket_lane_is_idle_once_its_debt_is_paid() -> None:
     """1/s, burst 1: key a's bucket is full again at exactly t=1 and is evicted then; b's (due at 1.5) is kept."""
-    limiter = RateLimiter(Limit.requests(1, 1.0, burst=1), key=first_char, max_keys=1)
+    limiter = RateLimiter(Limit.requests(1, 1.0, burst=1), key=first_char, max_keys=2)
     pipeline = Pipeline(Recorder(), limiter)
     await pipeline(question="a")
     await asyncio.sleep(0.5)
