@@ -371,7 +371,7 @@ class CacheOptions(Options):
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """Counts since the Cache was created. Every lookup is exactly one of hit, miss or coalesced.
+    """Counts since the Cache was created. Every lookup is exactly one of hit, miss, coalesced or bypassed.
 
     ``saved_tokens`` / ``saved_cost`` add up the LM usage of the answers served without running the program
     (hits and coalesced followers); ``errors`` counts backend failures (each also logged).
@@ -389,7 +389,7 @@ class CacheStats:
     @property
     def hit_rate(self) -> float:
         """Share of lookups served without running the program (hits + coalesced), 0.0 before any lookup."""
-        total = self.hits + self.misses + self.coalesced
+        total = self.hits + self.misses + self.coalesced + self.bypassed
         return (self.hits + self.coalesced) / total if total else 0.0
 
 
@@ -429,7 +429,8 @@ class CacheNotStored(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheCoalesced(Event):
-    """This call waited for an identical call in flight and got its answer (saving its usage), or its ``error``."""
+    """This call waited for an identical call in flight and got its answer (saving its usage), or its ``error``
+    (the leader's, or this follower's own ``CancelledError`` when its wait was cancelled or timed out)."""
 
     key: str
     error: BaseException | None
@@ -586,13 +587,12 @@ class Cache:
     def health(self) -> LayerHealth:
         """Degraded after backend failures (the cache fails open, so calls still pass); hit rate and savings."""
         stats = self.stats
-        served = stats.hits + stats.coalesced
-        looked_up = served + stats.misses
         details = {
-            "hit_rate": served / looked_up if looked_up else 0.0,
+            "hit_rate": stats.hit_rate,
             "hits": stats.hits,
             "misses": stats.misses,
             "coalesced": stats.coalesced,
+            "bypassed": stats.bypassed,
             "backend_errors": stats.errors,
             "saved_tokens": stats.saved_tokens,
             "saved_cost": stats.saved_cost,
@@ -655,7 +655,7 @@ class Cache:
                     return await self._lead(call, next, key, flight)
             try:
                 outcome = await asyncio.shield(flight)
-            except Exception as error:
+            except BaseException as error:  # the leader's error, or this follower's own cancellation / timeout
                 self._count.coalesced += 1
                 if call.listening:
                     call.emit(self._coalesced_event(call, key, error))
@@ -751,7 +751,8 @@ class Cache:
         )
 
     def _missed(self, call: Call, key: str, *, bypassed: bool) -> None:
-        self._count.misses += 1
+        if not bypassed:  # a bypassed call is counted as bypassed only: each lookup is one of the four
+            self._count.misses += 1
         if call.listening:
             call.emit(
                 CacheMiss(
@@ -859,6 +860,9 @@ class Cache:
         except Exception as error:
             self._failed(call, "get", key, error, timed_out=False)
             return None
+        except BaseException:  # cancelled while reading: the lookup ends here, as a miss that runs nothing
+            self._missed(call, key, bypassed=False)
+            raise
 
     def _storable(self, call: Call, key: str, answer: _Answer) -> bytes | None:
         """The bytes to store, or None (and a CacheNotStored event) for a fallback's or an unencodable answer."""

@@ -267,6 +267,49 @@ async def test_a_follower_with_its_own_deadline_times_out_alone() -> None:
     assert other_tasks() == set()
 
 
+async def test_a_follower_that_times_out_is_counted_once_as_coalesced() -> None:
+    """A follower whose own timeout ends its wait made a lookup: it counts (and emits) once, as coalesced."""
+    program = Program(latency=5.0)
+    cache = Cache()
+    events: list[Event] = []
+    pipeline = Pipeline(program, cache, listeners=[events.append])
+    leader = asyncio.create_task(pipeline("q"))
+    await asyncio.sleep(0)
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(2.0):
+            await pipeline("q")
+    await leader
+
+    assert cache.stats == CacheStats(misses=1, coalesced=1, stores=1)
+    [coalesced] = of_type(events, CacheCoalesced)
+    assert isinstance(coalesced.error, asyncio.CancelledError)
+
+
+async def test_a_follower_re_leading_after_a_cancelled_leader_is_counted_once() -> None:
+    """Leader cancelled: the follower that takes over counts as one miss, the one that follows it as coalesced."""
+    program = Program(latency=10.0)
+    cache = Cache()
+    pipeline = Pipeline(program, cache)
+    leader = asyncio.create_task(pipeline("q"))
+    await asyncio.sleep(0)
+    followers = [asyncio.create_task(pipeline("q")) for _ in range(2)]
+    await asyncio.sleep(1.0)
+    leader.cancel()
+    await asyncio.gather(leader, *followers, return_exceptions=True)
+    stats = cache.stats
+    assert (stats.hits, stats.misses, stats.coalesced, stats.bypassed) == (0, 2, 1, 0)
+
+
+async def test_a_bypassed_call_counts_as_bypassed_not_as_a_miss() -> None:
+    cache = Cache()
+    pipeline = Pipeline(Program(), cache)
+    await pipeline.run(pipeline.new_call({"question": "q"}, bypass_cache=True))
+    await pipeline("q")
+    assert cache.stats == CacheStats(hits=1, bypassed=1, stores=1)
+    assert cache.stats.hit_rate == 0.5
+
+
 # ----------------------------------------------------------------------------------------------------- 3. TTL
 
 

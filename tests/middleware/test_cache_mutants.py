@@ -721,6 +721,7 @@ def test_health_details_and_state() -> None:
         "hits": 0,
         "misses": 0,
         "coalesced": 0,
+        "bypassed": 0,
         "backend_errors": 0,
         "saved_tokens": 0,
         "saved_cost": 0.0,
