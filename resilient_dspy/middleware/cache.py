@@ -10,6 +10,7 @@ with its LM usage; errors and fallback answers are never stored. Identical misse
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import enum
 import functools
@@ -474,6 +475,12 @@ class _Answer:
 
 _RETRY = object()
 
+# The flights this task chain leads (inherited by the program's coroutine and every task it creates): a call that
+# finds one of them in flight is reentrant, and waiting on it would wait on itself.
+_LEADING: contextvars.ContextVar[tuple[asyncio.Future[Any], ...]] = contextvars.ContextVar(
+    "resilient_dspy_cache_leading", default=()
+)
+
 
 class Cache:
     """Serve identical calls from ``backend``; share one call between concurrent identical misses."""
@@ -653,6 +660,10 @@ class Cache:
                         flight = asyncio.get_running_loop().create_future()
                         self._flights[key] = flight
                     return await self._lead(call, next, key, flight)
+            if flight in _LEADING.get():
+                # reentrant: an ancestor of this call leads the flight, so it can only end after this call
+                self._missed(call, key, bypassed=False)
+                return await next(call)
             try:
                 outcome = await asyncio.shield(flight)
             except BaseException as error:  # the leader's error, or this follower's own cancellation / timeout
@@ -674,10 +685,15 @@ class Cache:
         """Run the call, hand the answer to the followers waiting on ``flight`` (if any), and store it."""
         record = call.record
         served_by = record.served_by
+        leading = None if flight is None else _LEADING.set((*_LEADING.get(), flight))
         try:
             try:
                 with usage_scope() as scope:
-                    value = await next(call)
+                    try:
+                        value = await next(call)
+                    finally:
+                        if leading is not None:
+                            _LEADING.reset(leading)
             except Exception as error:
                 if flight is not None:
                     flight.set_exception(error)

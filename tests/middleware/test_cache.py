@@ -310,6 +310,62 @@ async def test_a_bypassed_call_counts_as_bypassed_not_as_a_miss() -> None:
     assert cache.stats.hit_rate == 0.5
 
 
+async def test_a_reentrant_call_with_the_same_key_runs_uncached_instead_of_waiting_on_itself() -> None:
+    """The program calls its own pipeline with the same inputs: the inner call runs the program uncached (it
+    cannot wait for the flight its own ancestor leads); the outer answer is stored as usual."""
+    calls = 0
+
+    async def program(question: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return f"outer({await pipeline(question)})"
+        return "inner"
+
+    cache = Cache()
+    events: list[Event] = []
+    pipeline = Pipeline(program, cache, listeners=[events.append])
+    async with asyncio.timeout(600.0):
+        assert await pipeline("q") == "outer(inner)"
+    assert await pipeline("q") == "outer(inner)"
+    assert calls == 2
+    assert cache.stats == CacheStats(hits=1, misses=2, stores=1)
+    assert [e.key for e in of_type(events, CacheStored)] == [cache.key_for("q")]
+    assert other_tasks() == set()
+
+
+async def test_a_reentrant_call_from_a_child_task_runs_uncached() -> None:
+    """Child tasks of the leader's program inherit what it leads: two of them calling with its key both run."""
+    calls = 0
+
+    async def program(question: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            inner = await asyncio.gather(*(asyncio.create_task(pipeline(question)) for _ in range(2)))
+            return f"outer({'+'.join(sorted(inner))})"
+        number = calls
+        await asyncio.sleep(1.0)
+        return f"inner{number}"
+
+    cache = Cache()
+    pipeline = Pipeline(program, cache)
+    async with asyncio.timeout(600.0):
+        assert await pipeline("q") == "outer(inner2+inner3)"
+    assert now() == pytest.approx(1.0)
+    assert (cache.stats.misses, cache.stats.coalesced, cache.stats.stores) == (3, 0, 1)
+    assert other_tasks() == set()
+
+
+async def test_an_unrelated_identical_call_still_follows_the_leader() -> None:
+    """Only the leader's own descendants skip its flight: another caller with the same key still coalesces."""
+    program = Program(latency=1.0)
+    cache = Cache()
+    pipeline = Pipeline(program, cache)
+    await asyncio.gather(pipeline("q"), pipeline("q"))
+    assert (program.calls, cache.stats.misses, cache.stats.coalesced) == (1, 1, 1)
+
+
 # ----------------------------------------------------------------------------------------------------- 3. TTL
 
 
