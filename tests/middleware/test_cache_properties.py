@@ -17,13 +17,19 @@ from resilient_dspy import Event, Pipeline
 from resilient_dspy.cache_backends import MemoryBackend
 from resilient_dspy.middleware.cache import Cache, CacheCoalesced, CacheHit, CacheMiss
 from resilient_dspy.pipeline import Call, Handler
+from tests.conftest import other_tasks
 
 
 def run_virtual(scenario: Awaitable[None]) -> None:
     """Run ``scenario`` on a fresh looptime loop (virtual time; a hang fails at once instead of blocking)."""
+
+    async def bounded() -> None:
+        async with asyncio.timeout(100_000):  # virtual: a hang fails at once
+            await scenario
+
     loop = looptime.new_event_loop()
     try:
-        loop.run_until_complete(asyncio.wait_for(scenario, timeout=100_000))
+        loop.run_until_complete(bounded())
     finally:
         loop.close()
 
@@ -116,6 +122,8 @@ def test_every_lookup_is_counted_exactly_once(
                 cancels.append(cancel_later(task, cancel_after))
         await asyncio.gather(*cancels)
         await asyncio.gather(*tasks, return_exceptions=True)
+        await cache.drain()
+        assert other_tasks() == set()
 
         stats = cache.stats
         assert stats.hits + stats.misses + stats.coalesced + stats.bypassed == spy.lookups
