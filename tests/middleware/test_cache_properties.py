@@ -13,7 +13,7 @@ import looptime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import Event, Pipeline
+from resilient_dspy import Event, Pipeline, Retry, Timeout
 from resilient_dspy.cache_backends import MemoryBackend
 from resilient_dspy.middleware.cache import Cache, CacheCoalesced, CacheHit, CacheMiss
 from resilient_dspy.pipeline import Call, Handler
@@ -72,6 +72,7 @@ Arrival = tuple[float, str, float | None, float | None, bool]
     backend_latency=st.none() | st.sampled_from([0.0, 0.2, 0.6]),
     program_latency=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
     ttl=st.none() | st.sampled_from([0.3, 1.5]),
+    attempt_timeout=st.none() | st.sampled_from([0.4, 1.2]),
     arrivals=st.lists(
         st.tuples(
             st.sampled_from([0.0, 0.0, 0.1, 0.4, 1.0]),
@@ -85,7 +86,11 @@ Arrival = tuple[float, str, float | None, float | None, bool]
     ),
 )
 def test_every_lookup_is_counted_exactly_once(
-    backend_latency: float | None, program_latency: float, ttl: float | None, arrivals: list[Arrival]
+    backend_latency: float | None,
+    program_latency: float,
+    ttl: float | None,
+    attempt_timeout: float | None,
+    arrivals: list[Arrival],
 ) -> None:
     """Any mix of identical and different calls, failures, bypasses, cancellations and own timeouts:
     hits + misses + coalesced + bypassed == lookups made, and each lookup emits one hit, miss or coalesced event."""
@@ -102,7 +107,8 @@ def test_every_lookup_is_counted_exactly_once(
         cache = Cache(backend, ttl=ttl)
         spy = LookupSpy()
         events: list[Event] = []
-        pipeline = Pipeline(program, spy, cache, listeners=[events.append])
+        timeout = [] if attempt_timeout is None else [Timeout(attempt_timeout)]
+        pipeline = Pipeline(program, *timeout, spy, cache, listeners=[events.append])
 
         async def one(question: str, own_timeout: float | None, bypass: bool) -> Any:
             async with asyncio.timeout(own_timeout):
@@ -130,5 +136,77 @@ def test_every_lookup_is_counted_exactly_once(
         looked_up = [e for e in events if isinstance(e, CacheHit | CacheMiss | CacheCoalesced)]
         assert len(looked_up) == spy.lookups
         assert sum(isinstance(e, CacheMiss) and e.bypassed for e in looked_up) == stats.bypassed
+
+    run_virtual(scenario())
+
+
+class LatencyBackend(MemoryBackend):
+    """A blocking memory backend whose get and set take the given seconds, or hang forever (None)."""
+
+    blocking = True
+
+    def __init__(self, get_latency: float | None, set_latency: float | None) -> None:
+        super().__init__()
+        self.get_latency = get_latency
+        self.set_latency = set_latency
+
+    @staticmethod
+    async def _wait(latency: float | None) -> None:
+        if latency is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(latency)
+
+    async def get(self, key: str) -> bytes | None:
+        await self._wait(self.get_latency)
+        return await super().get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        await self._wait(self.set_latency)
+        await super().set(key, value, ttl)
+
+
+LATENCIES = st.none() | st.sampled_from([0.0, 0.05, 0.5, 1.0, 3.0])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    get_latency=LATENCIES,
+    set_latency=LATENCIES,
+    program_latency=st.sampled_from([0.0, 0.3, 0.85]),
+    arrivals=st.lists(st.tuples(st.sampled_from([0.0, 0.2, 1.0]), st.sampled_from("abc")), min_size=1, max_size=15),
+)
+def test_a_slow_or_hanging_backend_never_fails_or_delays_a_call_past_its_read_share(
+    get_latency: float | None,
+    set_latency: float | None,
+    program_latency: float,
+    arrivals: list[tuple[float, str]],
+) -> None:
+    """Under Timeout(1.0) per attempt, whatever the backend's get and set latencies (hangs included): every call
+    answers on its first attempt, within a tenth of the attempt's time plus the program's own time."""
+
+    async def scenario() -> None:
+        async def program(question: str) -> str:
+            await asyncio.sleep(program_latency)
+            return f"answer to {question}"
+
+        cache = Cache(LatencyBackend(get_latency, set_latency))
+        pipeline = Pipeline(program, Retry(3, base_delay=0.1), Timeout(1.0), cache)
+
+        async def one(question: str) -> tuple[str, float]:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            outcome = await pipeline.invoke(question)
+            assert outcome.retries == 0 and outcome.attempts <= 1  # a follower or a hit runs nothing
+            return outcome.value, loop.time() - start
+
+        tasks = []
+        for gap, question in arrivals:
+            await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(one(question)))
+        for (_, question), (answer, took) in zip(arrivals, await asyncio.gather(*tasks), strict=True):
+            assert answer == f"answer to {question}"
+            assert took <= 0.1 + program_latency + 1e-9
+        await cache.drain()
+        assert other_tasks() == set()
 
     run_virtual(scenario())
