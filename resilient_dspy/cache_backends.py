@@ -366,20 +366,26 @@ class DiskBackend:
 class TieredBackend:
     """A fast ``near`` tier (usually :class:`MemoryBackend`) in front of a shared or persistent ``far`` tier.
 
-    Reads go near, then far; a far hit is copied near with its *remaining* TTL, so promotion never extends an
-    entry's life (a far tier that cannot tell the remaining TTL is not promoted from). Writes go to both.
+    An entry's expiry is absolute and travels with it: a far hit is copied near with its *remaining* TTL, so a
+    promotion never extends its life, also through nested tiers. A far tier that cannot tell the remaining TTL
+    (no ``get_with_ttl``) gets the values stamped with their wall-clock expiry (``wall_clock``), checked on read.
     """
 
-    def __init__(self, near: CacheBackend, far: CacheBackend) -> None:
+    def __init__(self, near: CacheBackend, far: CacheBackend, *, wall_clock: WallClock = time.time) -> None:
         problems = [
             (f"TieredBackend.{name}", f"must implement async get/set/delete/clear (got {tier!r:.80})")
             for name, tier in (("near", near), ("far", far))
             if not is_backend(tier)
         ]
+        if not callable(wall_clock):
+            problems.append(("TieredBackend.wall_clock", f"must be callable (got {wall_clock!r})"))
         if problems:
             raise ConfigurationError(problems)
         self.near = near
         self.far = far
+        self._wall = wall_clock
+        # a far tier that cannot tell an entry's remaining TTL holds stamped values: the expiry travels with them
+        self._stamped = getattr(far, "get_with_ttl", None) is None
 
     def bind_clock(self, clock: Clock) -> None:
         for tier in (self.near, self.far):
@@ -403,11 +409,13 @@ class TieredBackend:
         return await self._far_get(key)
 
     async def _far_get(self, key: str) -> tuple[bytes, float | None] | None:
-        far_get = getattr(self.far, "get_with_ttl", None)
-        if far_get is None:
-            value = await self.far.get(key)
-            return None if value is None else (value, None)
-        found: tuple[bytes, float | None] | None = await far_get(key)
+        """The far entry and its remaining seconds (None: it never expires), copied near with exactly that TTL."""
+        found: tuple[bytes, float | None] | None
+        if self._stamped:
+            raw = await self.far.get(key)
+            found = None if raw is None else _live(raw, self._wall, "TieredBackend", key)
+        else:
+            found = await self.far.get_with_ttl(key)  # type: ignore[attr-defined]
         if found is None:
             return None
         value, remaining = found
@@ -418,6 +426,8 @@ class TieredBackend:
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
         await self.near.set(key, value, ttl)
+        if self._stamped:
+            value = _stamp(value, None if ttl is None else self._wall() + ttl)
         await self.far.set(key, value, ttl)
 
     async def delete(self, key: str) -> bool:

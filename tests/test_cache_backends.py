@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,12 @@ from typing import Any
 import diskcache
 import dspy
 import fakeredis
+import looptime
 import pytest
 from aiocache import RedisCache, SimpleMemoryCache
 from aiocache.base import BaseCache
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from resilient_dspy import ConfigurationError
@@ -306,36 +310,30 @@ async def test_tiered_writes_through_and_deletes_both() -> None:
     assert await tiered.clear("ns") == 2
 
 
-async def test_tiered_does_not_promote_when_the_far_tier_cannot_tell_the_ttl() -> None:
-    class Opaque:
-        def __init__(self) -> None:
-            self.data: dict[str, bytes] = {}
-
-        async def get(self, key: str) -> bytes | None:
-            return self.data.get(key)
-
-        async def set(self, key: str, value: bytes, ttl: float | None) -> None:
-            self.data[key] = value
-
-        async def delete(self, key: str) -> bool:
-            return self.data.pop(key, None) is not None
-
-        async def clear(self, namespace: str | None = None) -> int:
-            count = len(self.data)
-            self.data.clear()
-            return count
-
-    near, far = MemoryBackend(), Opaque()
-    await far.set("ns:a", b"v", 10.0)
-    tiered = TieredBackend(near, far)
+async def test_a_far_tier_without_a_ttl_read_holds_values_stamped_with_their_expiry() -> None:
+    """The far tier cannot tell the remaining TTL, so the tiered backend stamps what it writes there: a far hit is
+    promoted with what is left of it; a value someone else wrote there unstamped cannot be proven live: a miss."""
+    near, far = MemoryBackend(), TtlKeepingOpaque(honours_ttl=False)
+    tiered = TieredBackend(near, far, wall_clock=loop_wall)
+    await tiered.set("ns:a", b"v", 10.0)
+    await near.delete("ns:a")
+    await asyncio.sleep(7.0)
     assert await tiered.get("ns:a") == b"v"
-    assert await near.get("ns:a") is None
+    promoted = await near.get_with_ttl("ns:a")
+    assert promoted is not None and promoted[1] == pytest.approx(3.0)
+
+    await far.set("ns:foreign", b"v", 10.0)
+    assert await tiered.get("ns:foreign") is None
+    assert await near.get("ns:foreign") is None
 
 
 def test_tiered_validates_its_tiers() -> None:
     with pytest.raises(ConfigurationError) as caught:
         TieredBackend(object(), MemoryBackend())  # type: ignore[arg-type]
     assert caught.value.problems[0][0] == "TieredBackend.near"
+    with pytest.raises(ConfigurationError) as caught:
+        TieredBackend(MemoryBackend(), MemoryBackend(), wall_clock="now")  # type: ignore[arg-type]
+    assert [field for field, _ in caught.value.problems] == ["TieredBackend.wall_clock"]
 
 
 # ---------------------------------------------------------------------------------------------------- aiocache
@@ -541,3 +539,137 @@ def test_the_envelope_is_json_not_pickle() -> None:
     assert envelope["rdc"] == 1
     with pytest.raises(pickle.UnpicklingError):
         pickle.loads(data)
+
+
+class TtlKeepingOpaque:
+    """A far tier without ``get_with_ttl``: it honours each entry's TTL itself (on the loop clock) but cannot
+    tell how much of it is left; with ``honours_ttl=False`` it keeps entries forever (a store that ignores TTLs)."""
+
+    def __init__(self, *, honours_ttl: bool = True) -> None:
+        self.data: dict[str, tuple[float | None, bytes]] = {}
+        self.honours_ttl = honours_ttl
+
+    async def get(self, key: str) -> bytes | None:
+        found = self.data.get(key)
+        if found is None:
+            return None
+        expires_at, value = found
+        if self.honours_ttl and expires_at is not None and asyncio.get_running_loop().time() >= expires_at:
+            return None
+        return value
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        now = asyncio.get_running_loop().time()
+        self.data[key] = (None if ttl is None else now + ttl, value)
+
+    async def delete(self, key: str) -> bool:
+        return self.data.pop(key, None) is not None
+
+    async def clear(self, namespace: str | None = None) -> int:
+        count = len(self.data)
+        self.data.clear()
+        return count
+
+
+def loop_wall() -> float:
+    """A wall clock that follows the (virtual) loop time, so wall-clock TTLs and the memory tiers agree."""
+    return asyncio.get_running_loop().time()
+
+
+async def test_nested_tiers_over_a_far_tier_without_a_ttl_read_never_extend_an_entry() -> None:
+    """ttl=10, both near tiers lose the entry at 5 s: the far copy is promoted with its 5 s left, not forever."""
+    near, middle = MemoryBackend(max_entries=1), MemoryBackend(max_entries=1)
+    tiered = TieredBackend(near, TieredBackend(middle, TtlKeepingOpaque(), wall_clock=loop_wall), wall_clock=loop_wall)
+    await tiered.set("ns:a", b"v", 10.0)
+    await asyncio.sleep(5.0)
+    await near.set("ns:evict", b"x", None)
+    await middle.set("ns:evict", b"x", None)
+
+    assert await tiered.get("ns:a") == b"v"
+    found = await tiered.get_with_ttl("ns:a")
+    assert found is not None and found[1] == pytest.approx(5.0)
+    await asyncio.sleep(5.0)
+    assert await tiered.get("ns:a") is None
+    await asyncio.sleep(95.0)
+    assert await tiered.get("ns:a") is None
+
+
+async def test_a_far_tier_that_ignores_ttls_is_never_served_past_the_entrys_expiry() -> None:
+    far = TtlKeepingOpaque(honours_ttl=False)
+    tiered = TieredBackend(MemoryBackend(), far, wall_clock=loop_wall)
+    await tiered.set("ns:a", b"v", 10.0)
+    await asyncio.sleep(9.0)
+    assert await tiered.get("ns:a") == b"v"
+    await asyncio.sleep(1.0)
+    assert await tiered.get("ns:a") is None
+    assert await tiered.get_with_ttl("ns:a") is None
+
+
+def _far_tier(kind: str) -> Any:
+    if kind == "memory":
+        return MemoryBackend(max_entries=2)
+    if kind == "aiocache":
+        return AiocacheBackend(SimpleMemoryCache(), wall_clock=loop_wall)
+    return TtlKeepingOpaque(honours_ttl=kind == "opaque")
+
+
+def _tiers(shape: str, far: str) -> TieredBackend:
+    """Tiered backends nested in several ways, with one- or two-entry near tiers so entries get evicted."""
+    if shape == "flat":
+        return TieredBackend(MemoryBackend(max_entries=1), _far_tier(far), wall_clock=loop_wall)
+    if shape == "nested-far":
+        inner = TieredBackend(MemoryBackend(max_entries=2), _far_tier(far), wall_clock=loop_wall)
+        return TieredBackend(MemoryBackend(max_entries=1), inner, wall_clock=loop_wall)
+    inner = TieredBackend(MemoryBackend(max_entries=1), MemoryBackend(max_entries=2), wall_clock=loop_wall)
+    return TieredBackend(inner, _far_tier(far), wall_clock=loop_wall)
+
+
+# (operation, key, argument): set with a TTL, get, get_with_ttl, or let time pass
+TierOp = tuple[str, str, float | None]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.sampled_from(["flat", "nested-far", "nested-near"]),
+    far=st.sampled_from(["memory", "aiocache", "opaque", "opaque-ignoring-ttl"]),
+    ops=st.lists(
+        st.one_of(
+            st.tuples(st.just("set"), st.sampled_from("abc"), st.none() | st.sampled_from([0.5, 2.0, 10.0])),
+            st.tuples(st.sampled_from(["get", "get_with_ttl"]), st.sampled_from("abc"), st.none()),
+            st.tuples(st.just("sleep"), st.just(""), st.sampled_from([0.25, 1.0, 3.0, 20.0])),
+        ),
+        max_size=40,
+    ),
+)
+def test_tiers_never_serve_an_entry_past_its_ttl(shape: str, far: str, ops: list[TierOp]) -> None:
+    """Any nesting of tiers, any far tier (one that cannot tell the remaining TTL or ignores TTLs included), any
+    interleaving of writes, reads, evictions and time: no value is served at or after its expiry, and no
+    remaining TTL reported reaches past it."""
+
+    async def scenario() -> None:
+        tiered = _tiers(shape, far)
+        expiry: dict[bytes, float] = {}
+        for number, (op, key, argument) in enumerate(ops):
+            now = loop_wall()
+            if op == "sleep":
+                assert argument is not None
+                await asyncio.sleep(argument)
+            elif op == "set":
+                value = f"v{number}".encode()
+                expiry[value] = math.inf if argument is None else now + argument
+                await tiered.set(f"ns:{key}", value, argument)
+            elif op == "get":
+                value = await tiered.get(f"ns:{key}")
+                assert value is None or now < expiry[value]
+            else:
+                found = await tiered.get_with_ttl(f"ns:{key}")
+                if found is not None:
+                    value, remaining = found
+                    assert now < expiry[value]
+                    assert (math.inf if remaining is None else now + remaining) <= expiry[value] + 1e-6
+
+    loop = looptime.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), timeout=100_000))
+    finally:
+        loop.close()

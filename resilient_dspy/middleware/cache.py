@@ -4,12 +4,14 @@ The key is ``"<namespace>:<sha256>"`` of the program's identity (each predictor'
 and config; the program class or function name), the LM in effect (model, endpoint, sampling kwargs — never
 secrets), the adapter and the inputs. A miss runs the layers below inside a usage scope and stores the answer
 with its LM usage; errors and fallback answers are never stored. Identical misses in flight share one call
-(single-flight). A broken or slow backend fails open: the call goes through, the failure is logged.
+(single-flight). A broken or slow backend fails open: the call goes through, the failure is logged; every backend
+wait is clamped to the call's remaining time, and a blocking backend's store runs in the background (see drain()).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import enum
 import functools
@@ -295,6 +297,10 @@ def compute_key(namespace: str, target: Target, inputs: dict[str, Any]) -> str:
     return KeyBuilder(namespace, target).key(inputs)
 
 
+def _prefixed(prefix: str) -> Callable[[str], bool]:
+    return lambda key: key.startswith(prefix)
+
+
 def _custom_key(namespace: str, raw: object) -> str:
     text = raw if type(raw) is str else _dumps(_canonical(raw))
     return f"{namespace}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
@@ -334,6 +340,9 @@ class CacheOptions(Options):
     backend_timeout: float = Field(
         default=1.0, gt=0, allow_inf_nan=False, description="Seconds a backend call may take."
     )
+    max_pending_stores: int = Field(
+        default=100, ge=1, description="Background stores in flight at most; beyond it an answer is not stored."
+    )
     price: PriceFunction | None = Field(
         default=None, description="Dollars for a usage dict (by model), for saved_cost."
     )
@@ -371,10 +380,11 @@ class CacheOptions(Options):
 
 @dataclass(frozen=True, slots=True)
 class CacheStats:
-    """Counts since the Cache was created. Every lookup is exactly one of hit, miss or coalesced.
+    """Counts since the Cache was created. Every lookup is exactly one of hit, miss, coalesced or bypassed.
 
     ``saved_tokens`` / ``saved_cost`` add up the LM usage of the answers served without running the program
-    (hits and coalesced followers); ``errors`` counts backend failures (each also logged).
+    (hits and coalesced followers); ``errors`` counts backend failures, ``timeouts`` those of them that ran out of
+    time; ``skipped_stores`` the answers not stored because ``max_pending_stores`` stores were still running.
     """
 
     hits: int = 0
@@ -385,11 +395,13 @@ class CacheStats:
     errors: int = 0
     saved_tokens: int = 0
     saved_cost: float = 0.0
+    timeouts: int = 0
+    skipped_stores: int = 0
 
     @property
     def hit_rate(self) -> float:
         """Share of lookups served without running the program (hits + coalesced), 0.0 before any lookup."""
-        total = self.hits + self.misses + self.coalesced
+        total = self.hits + self.misses + self.coalesced + self.bypassed
         return (self.hits + self.coalesced) / total if total else 0.0
 
 
@@ -421,7 +433,7 @@ class CacheStored(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheNotStored(Event):
-    """A successful answer was not stored: ``reason`` is ``"fallback"`` or ``"unencodable"``."""
+    """A successful answer was not stored: ``reason`` is ``"fallback"``, ``"unencodable"`` or ``"backlog"``."""
 
     key: str
     reason: str
@@ -429,7 +441,8 @@ class CacheNotStored(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheCoalesced(Event):
-    """This call waited for an identical call in flight and got its answer (saving its usage), or its ``error``."""
+    """This call waited for an identical call in flight and got its answer (saving its usage), or its ``error``
+    (the leader's, or this follower's own ``CancelledError`` when its wait was cancelled or timed out)."""
 
     key: str
     error: BaseException | None
@@ -451,12 +464,36 @@ class CacheBackendFailed(Event):
 
 
 class _Counters:
-    __slots__ = ("bypassed", "coalesced", "errors", "hits", "misses", "saved_cost", "saved_tokens", "stores")
+    __slots__ = (
+        "bypassed",
+        "coalesced",
+        "errors",
+        "hits",
+        "misses",
+        "saved_cost",
+        "saved_tokens",
+        "skipped_stores",
+        "stores",
+        "timeouts",
+    )
 
     def __init__(self) -> None:
         self.hits = self.misses = self.coalesced = self.bypassed = self.stores = self.errors = 0
+        self.timeouts = self.skipped_stores = 0
         self.saved_tokens = 0
         self.saved_cost = 0.0
+
+
+@dataclass(slots=True)
+class _PendingStore:
+    """An answer being stored in the background: served to identical calls (until it expires) meanwhile."""
+
+    data: bytes
+    expires_at: float | None
+
+
+# a blocking backend's read may take at most this share of the call's remaining time (and backend_timeout)
+_READ_SHARE = 0.1
 
 
 @dataclass(slots=True)
@@ -473,6 +510,12 @@ class _Answer:
 
 _RETRY = object()
 
+# The flights this task chain leads (inherited by the program's coroutine and every task it creates): a call that
+# finds one of them in flight is reentrant, and waiting on it would wait on itself.
+_LEADING: contextvars.ContextVar[tuple[asyncio.Future[Any], ...]] = contextvars.ContextVar(
+    "resilient_dspy_cache_leading", default=()
+)
+
 
 class Cache:
     """Serve identical calls from ``backend``; share one call between concurrent identical misses."""
@@ -486,6 +529,7 @@ class Cache:
         key: KeyFunction | None = None,
         single_flight: bool = True,
         backend_timeout: float = 1.0,
+        max_pending_stores: int = 100,
         price: PriceFunction | None = None,
         types: tuple[type, ...] | list[type] = (),
         name: str | None = None,
@@ -500,6 +544,7 @@ class Cache:
                 "key": key,
                 "single_flight": single_flight,
                 "backend_timeout": backend_timeout,
+                "max_pending_stores": max_pending_stores,
                 "price": price,
                 "types": tuple(types) if isinstance(types, list | tuple) else types,
                 "name": name,
@@ -516,6 +561,10 @@ class Cache:
         self._flights: dict[str, asyncio.Future[Any]] = {}
         self._count = _Counters()
         self._reported: set[str] = set()
+        self._store_tasks: dict[asyncio.Task[None], str] = {}  # background stores of a blocking backend, by key
+        self._pending: dict[str, _PendingStore] = {}  # the latest pending store of each key
+        self._timing_out: set[str] = set()  # operations whose last attempt timed out (logged once until they answer)
+        self._backlogged = False
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program (for keys and allowed answer types) and hand the pipeline clock to the backend."""
@@ -551,6 +600,8 @@ class Cache:
             count.errors,
             count.saved_tokens,
             count.saved_cost,
+            count.timeouts,
+            count.skipped_stores,
         )
 
     def key_for(self, *args: Any, **inputs: Any) -> str:
@@ -568,8 +619,23 @@ class Cache:
             return _custom_key(self.options.namespace, self.options.key(call))
         return self._keys.key(merged)
 
+    async def drain(self) -> None:
+        """Wait until the stores running in the background (each bounded by ``backend_timeout``) are done: call it
+        before shutdown, or in a test before reading the backend."""
+        while self._store_tasks:
+            await asyncio.wait(list(self._store_tasks))
+
+    async def _settle(self, doomed: Callable[[str], bool]) -> None:
+        """Wait for the pending stores of the keys ``doomed`` selects, so none lands after an invalidation."""
+        for key in [key for key in self._pending if doomed(key)]:
+            del self._pending[key]
+        tasks = [task for task, key in self._store_tasks.items() if doomed(key)]
+        if tasks:
+            await asyncio.wait(tasks)
+
     async def invalidate(self, key: str) -> bool:
         """Remove one entry (a key from :meth:`key_for` or an event); True if it was there."""
+        await self._settle(key.__eq__)
         return await self.backend.delete(key)  # type: ignore[no-any-return]
 
     async def invalidate_namespace(self, namespace: str | None = None) -> int:
@@ -577,23 +643,27 @@ class Cache:
         namespace = self.options.namespace if namespace is None else namespace
         if not _NAMESPACE.fullmatch(namespace):
             raise ValueError(f"not a valid namespace: {namespace!r}")
+        await self._settle(_prefixed(f"{namespace}:"))
         return await self.backend.clear(namespace)  # type: ignore[no-any-return]
 
     async def clear(self) -> int:
         """Remove every entry in the backend, whatever its namespace; how many were removed."""
+        await self._settle(_prefixed(""))
         return await self.backend.clear(None)  # type: ignore[no-any-return]
 
     def health(self) -> LayerHealth:
         """Degraded after backend failures (the cache fails open, so calls still pass); hit rate and savings."""
         stats = self.stats
-        served = stats.hits + stats.coalesced
-        looked_up = served + stats.misses
         details = {
-            "hit_rate": served / looked_up if looked_up else 0.0,
+            "hit_rate": stats.hit_rate,
             "hits": stats.hits,
             "misses": stats.misses,
             "coalesced": stats.coalesced,
+            "bypassed": stats.bypassed,
             "backend_errors": stats.errors,
+            "backend_timeouts": stats.timeouts,
+            "stores_pending": len(self._store_tasks),
+            "stores_skipped": stats.skipped_stores,
             "saved_tokens": stats.saved_tokens,
             "saved_cost": stats.saved_cost,
         }
@@ -611,6 +681,7 @@ class Cache:
                 "key": None if options.key is None else _callable_name(options.key),
                 "single_flight": options.single_flight,
                 "backend_timeout": options.backend_timeout,
+                "max_pending_stores": options.max_pending_stores,
                 "price": None if options.price is None else _callable_name(options.price),
                 "types": [_type_name(t) for t in options.types],
             },
@@ -653,9 +724,13 @@ class Cache:
                         flight = asyncio.get_running_loop().create_future()
                         self._flights[key] = flight
                     return await self._lead(call, next, key, flight)
+            if flight in _LEADING.get():
+                # reentrant: an ancestor of this call leads the flight, so it can only end after this call
+                self._missed(call, key, bypassed=False)
+                return await next(call)
             try:
                 outcome = await asyncio.shield(flight)
-            except Exception as error:
+            except BaseException as error:  # the leader's error, or this follower's own cancellation / timeout
                 self._count.coalesced += 1
                 if call.listening:
                     call.emit(self._coalesced_event(call, key, error))
@@ -674,10 +749,15 @@ class Cache:
         """Run the call, hand the answer to the followers waiting on ``flight`` (if any), and store it."""
         record = call.record
         served_by = record.served_by
+        leading = None if flight is None else _LEADING.set((*_LEADING.get(), flight))
         try:
             try:
                 with usage_scope() as scope:
-                    value = await next(call)
+                    try:
+                        value = await next(call)
+                    finally:
+                        if leading is not None:
+                            _LEADING.reset(leading)
             except Exception as error:
                 if flight is not None:
                     flight.set_exception(error)
@@ -699,6 +779,8 @@ class Cache:
                 nowait = self._nowait
                 if nowait is not None:
                     self._store_now(call, key, data, nowait)
+                elif self._blocking:
+                    self._store_later(call, key, data)  # never on the caller's critical path
                 else:
                     await self._store(call, key, data)
             return value
@@ -751,7 +833,8 @@ class Cache:
         )
 
     def _missed(self, call: Call, key: str, *, bypassed: bool) -> None:
-        self._count.misses += 1
+        if not bypassed:  # a bypassed call is counted as bypassed only: each lookup is one of the four
+            self._count.misses += 1
         if call.listening:
             call.emit(
                 CacheMiss(
@@ -847,18 +930,35 @@ class Cache:
             if not self._blocking:
                 return await backend.get(key)  # type: ignore[no-any-return]
             clock = call.clock
-            scope = clock.deadline(clock.now() + self.options.backend_timeout)
+            now = clock.now()
+            if self._pending:
+                pending = self._pending.get(key)
+                if pending is not None and (pending.expires_at is None or now < pending.expires_at):
+                    return pending.data
+            budget = self.options.backend_timeout
+            deadline = call.deadline
+            if deadline is not None:  # leave the program most of the time left
+                budget = min(budget, (deadline - now) * _READ_SHARE)
+                if budget <= 0:
+                    return None
+            scope = clock.deadline(now + budget)
             try:
                 async with scope:
-                    return await backend.get(key)  # type: ignore[no-any-return]
+                    data: bytes | None = await backend.get(key)
             except TimeoutError as error:
                 if not scope.expired():
                     raise
-                self._failed(call, "get", key, error, timed_out=True)
+                self._failed(call, "get", key, error, timed_out=True, budget=budget)
                 return None
+            if self._timing_out:
+                self._answered("get")
+            return data
         except Exception as error:
             self._failed(call, "get", key, error, timed_out=False)
             return None
+        except BaseException:  # cancelled while reading: the lookup ends here, as a miss that runs nothing
+            self._missed(call, key, bypassed=False)
+            raise
 
     def _storable(self, call: Call, key: str, answer: _Answer) -> bytes | None:
         """The bytes to store, or None (and a CacheNotStored event) for a fallback's or an unencodable answer."""
@@ -881,6 +981,40 @@ class Cache:
             return
         self._stored(call, key, data)
 
+    def _store_later(self, call: Call, key: str, data: bytes) -> None:
+        """Store in a background task, kept referenced and bounded; when ``max_pending_stores`` are running, skip."""
+        tasks = self._store_tasks
+        if len(tasks) >= self.options.max_pending_stores:
+            self._count.skipped_stores += 1
+            if not self._backlogged:
+                self._backlogged = True
+                logger.warning(
+                    "%s: %d stores still running on a slow backend; answers are not stored until one ends",
+                    self.label,
+                    len(tasks),
+                )
+            if call.listening:
+                call.emit(
+                    CacheNotStored(
+                        pipeline=call.runtime.name, layer=self.label, time=call.clock.now(), key=key, reason="backlog"
+                    )
+                )
+            return
+        ttl = self.options.ttl
+        pending = _PendingStore(data, None if ttl is None else call.clock.now() + ttl)
+        self._pending[key] = pending
+        task = asyncio.get_running_loop().create_task(self._store(call, key, data))
+        tasks[task] = key
+
+        def forget(task: asyncio.Task[None]) -> None:
+            del tasks[task]
+            if self._pending.get(key) is pending:
+                del self._pending[key]
+            if not tasks:
+                self._backlogged = False
+
+        task.add_done_callback(forget)
+
     async def _store(self, call: Call, key: str, data: bytes) -> None:
         ttl = self.options.ttl
         backend = self.backend
@@ -889,15 +1023,18 @@ class Cache:
                 await backend.set(key, data, ttl)
             else:
                 clock = call.clock
-                scope = clock.deadline(clock.now() + self.options.backend_timeout)
+                budget = self.options.backend_timeout
+                scope = clock.deadline(clock.now() + budget)
                 try:
                     async with scope:
                         await backend.set(key, data, ttl)
                 except TimeoutError as error:
                     if not scope.expired():
                         raise
-                    self._failed(call, "set", key, error, timed_out=True)
+                    self._failed(call, "set", key, error, timed_out=True, budget=budget)
                     return
+                if self._timing_out:
+                    self._answered("set")
         except Exception as error:
             self._failed(call, "set", key, error, timed_out=False)
             return
@@ -917,14 +1054,27 @@ class Cache:
                 )
             )
 
-    def _failed(self, call: Call, operation: str, key: str, error: BaseException, *, timed_out: bool) -> None:
-        self._count.errors += 1
+    def _answered(self, operation: str) -> None:
+        if operation in self._timing_out:
+            self._timing_out.discard(operation)
+            logger.info("%s: backend %s answers in time again", self.label, operation)
+
+    def _failed(
+        self, call: Call, operation: str, key: str, error: BaseException, *, timed_out: bool, budget: float = 0.0
+    ) -> None:
+        count = self._count
+        count.errors += 1
         if timed_out:
-            logger.warning(
+            count.timeouts += 1
+            # logged once per outage: a hung backend would otherwise log every call; each one is counted
+            first = operation not in self._timing_out
+            self._timing_out.add(operation)
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
                 "%s: backend %s took over %gs for %s; going on without it",
                 self.label,
                 operation,
-                self.options.backend_timeout,
+                budget,
                 key,
             )
         else:

@@ -21,13 +21,17 @@ import pytest
 from pydantic import BaseModel
 
 from resilient_dspy import (
+    Bulkhead,
+    CircuitBreaker,
     ConfigurationError,
     Event,
     Fallback,
     LoopClock,
     Pipeline,
+    RateLimiter,
     Retry,
     Static,
+    Timeout,
     UseLM,
 )
 from resilient_dspy.cache_backends import CacheSerializer, DiskBackend, MemoryBackend, is_nowait
@@ -265,6 +269,105 @@ async def test_a_follower_with_its_own_deadline_times_out_alone() -> None:
     assert program.calls == 1
     assert cache.stats.stores == 1
     assert other_tasks() == set()
+
+
+async def test_a_follower_that_times_out_is_counted_once_as_coalesced() -> None:
+    """A follower whose own timeout ends its wait made a lookup: it counts (and emits) once, as coalesced."""
+    program = Program(latency=5.0)
+    cache = Cache()
+    events: list[Event] = []
+    pipeline = Pipeline(program, cache, listeners=[events.append])
+    leader = asyncio.create_task(pipeline("q"))
+    await asyncio.sleep(0)
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(2.0):
+            await pipeline("q")
+    await leader
+
+    assert cache.stats == CacheStats(misses=1, coalesced=1, stores=1)
+    [coalesced] = of_type(events, CacheCoalesced)
+    assert isinstance(coalesced.error, asyncio.CancelledError)
+
+
+async def test_a_follower_re_leading_after_a_cancelled_leader_is_counted_once() -> None:
+    """Leader cancelled: the follower that takes over counts as one miss, the one that follows it as coalesced."""
+    program = Program(latency=10.0)
+    cache = Cache()
+    pipeline = Pipeline(program, cache)
+    leader = asyncio.create_task(pipeline("q"))
+    await asyncio.sleep(0)
+    followers = [asyncio.create_task(pipeline("q")) for _ in range(2)]
+    await asyncio.sleep(1.0)
+    leader.cancel()
+    await asyncio.gather(leader, *followers, return_exceptions=True)
+    stats = cache.stats
+    assert (stats.hits, stats.misses, stats.coalesced, stats.bypassed) == (0, 2, 1, 0)
+
+
+async def test_a_bypassed_call_counts_as_bypassed_not_as_a_miss() -> None:
+    cache = Cache()
+    pipeline = Pipeline(Program(), cache)
+    await pipeline.run(pipeline.new_call({"question": "q"}, bypass_cache=True))
+    await pipeline("q")
+    assert cache.stats == CacheStats(hits=1, bypassed=1, stores=1)
+    assert cache.stats.hit_rate == 0.5
+
+
+async def test_a_reentrant_call_with_the_same_key_runs_uncached_instead_of_waiting_on_itself() -> None:
+    """The program calls its own pipeline with the same inputs: the inner call runs the program uncached (it
+    cannot wait for the flight its own ancestor leads); the outer answer is stored as usual."""
+    calls = 0
+
+    async def program(question: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return f"outer({await pipeline(question)})"
+        return "inner"
+
+    cache = Cache()
+    events: list[Event] = []
+    pipeline = Pipeline(program, cache, listeners=[events.append])
+    async with asyncio.timeout(600.0):
+        assert await pipeline("q") == "outer(inner)"
+    assert await pipeline("q") == "outer(inner)"
+    assert calls == 2
+    assert cache.stats == CacheStats(hits=1, misses=2, stores=1)
+    assert [e.key for e in of_type(events, CacheStored)] == [cache.key_for("q")]
+    assert other_tasks() == set()
+
+
+async def test_a_reentrant_call_from_a_child_task_runs_uncached() -> None:
+    """Child tasks of the leader's program inherit what it leads: two of them calling with its key both run."""
+    calls = 0
+
+    async def program(question: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            inner = await asyncio.gather(*(asyncio.create_task(pipeline(question)) for _ in range(2)))
+            return f"outer({'+'.join(sorted(inner))})"
+        number = calls
+        await asyncio.sleep(1.0)
+        return f"inner{number}"
+
+    cache = Cache()
+    pipeline = Pipeline(program, cache)
+    async with asyncio.timeout(600.0):
+        assert await pipeline("q") == "outer(inner2+inner3)"
+    assert now() == pytest.approx(1.0)
+    assert (cache.stats.misses, cache.stats.coalesced, cache.stats.stores) == (3, 0, 1)
+    assert other_tasks() == set()
+
+
+async def test_an_unrelated_identical_call_still_follows_the_leader() -> None:
+    """Only the leader's own descendants skip its flight: another caller with the same key still coalesces."""
+    program = Program(latency=1.0)
+    cache = Cache()
+    pipeline = Pipeline(program, cache)
+    await asyncio.gather(pipeline("q"), pipeline("q"))
+    assert (program.calls, cache.stats.misses, cache.stats.coalesced) == (1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------------- 3. TTL
@@ -727,10 +830,140 @@ async def test_a_hanging_backend_costs_at_most_backend_timeout_per_operation() -
 
     assert (await pipeline("q")).answer == "answer to q"
 
+    assert now() - start == pytest.approx(0.5)  # the read; the store goes on in the background
+    await cache.drain()
     assert now() - start == pytest.approx(1.0)
     assert [(f.operation, f.timed_out) for f in of_type(events, CacheBackendFailed)] == [("get", True), ("set", True)]
     assert cache.stats.errors == 2
     assert other_tasks() == set()
+
+
+class SlowSetBackend(MemoryBackend):
+    """A blocking memory backend whose reads are instant and whose writes take ``set_latency`` (or hang: None)."""
+
+    blocking = True
+
+    def __init__(self, set_latency: float | None) -> None:
+        super().__init__()
+        self.set_latency = set_latency
+
+    async def get(self, key: str) -> bytes | None:
+        return await super().get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        if self.set_latency is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(self.set_latency)
+        await super().set(key, value, ttl)
+
+
+def recommended_stack(program: Any, cache: Cache, **options: Any) -> Pipeline:
+    """The stack of docs/concepts/order-of-layers.md (minus Fallback, so a failure shows), 1 s per attempt."""
+    return Pipeline(
+        program,
+        Timeout(20.0),
+        RateLimiter(requests=100, per=1.0),
+        Retry(3, base_delay=0.1),
+        CircuitBreaker(failure_rate=0.5, window=20, min_calls=10),
+        Bulkhead(8, max_queue=32),
+        Timeout(1.0),
+        cache,
+        **options,
+    )
+
+
+async def test_a_hanging_backend_fails_no_call_in_the_recommended_stack() -> None:
+    """get and set hang forever, Timeout(1.0) per attempt: every call answers, on its first attempt; the read
+    gets a tenth of the attempt's time, the store runs in the background, bounded by backend_timeout."""
+    program = Program(latency=0.5)
+    cache = Cache(HangingBackend())
+    events: list[Event] = []
+    pipeline = recommended_stack(program, cache, listeners=[events.append])
+    start = now()
+
+    answers = await asyncio.gather(*(pipeline(f"q{i % 4}") for i in range(12)))
+
+    assert [a.answer for a in answers] == [f"answer to q{i % 4}" for i in range(12)]
+    assert now() - start == pytest.approx(0.6)
+    assert program.calls == 4
+    assert cache.stats.misses == 4
+    assert cache.stats.hits + cache.stats.coalesced == 8  # the 4 queued in the bulkhead read the pending stores
+    await cache.drain()
+    assert now() - start == pytest.approx(1.6)
+    assert (cache.stats.errors, cache.stats.timeouts, cache.stats.stores) == (12, 12, 0)  # 8 reads, 4 stores
+    assert other_tasks() == set()
+
+
+async def test_a_slow_store_never_delays_the_answer_and_later_calls_read_it() -> None:
+    """The store takes 5 s: the call answers after the program's 1 s; an identical call meanwhile is a hit."""
+    program = Program(latency=1.0)
+    backend = SlowSetBackend(5.0)
+    cache = Cache(backend, backend_timeout=10.0)
+    pipeline = Pipeline(program, cache)
+
+    assert (await pipeline("q")).answer == "answer to q"
+    assert now() == pytest.approx(1.0)
+    assert (await pipeline("q")).answer == "answer to q"
+    assert program.calls == 1
+    assert cache.stats == CacheStats(hits=1, misses=1)
+    await cache.drain()
+    assert now() == pytest.approx(6.0)
+    assert cache.stats.stores == 1
+    assert await backend.get(cache.key_for("q")) is not None
+    assert other_tasks() == set()
+
+
+async def test_an_answer_waiting_to_be_stored_is_never_served_past_its_ttl() -> None:
+    program = Program()
+    cache = Cache(SlowSetBackend(5.0), ttl=2.0, backend_timeout=10.0)
+    pipeline = Pipeline(program, cache)
+    await pipeline("q")
+    await asyncio.sleep(1.999)
+    await pipeline("q")
+    assert program.calls == 1
+    await asyncio.sleep(0.001)
+    await pipeline("q")
+    assert program.calls == 2
+    await cache.drain()
+
+
+async def test_pending_stores_are_bounded_and_a_store_beyond_the_bound_is_skipped_and_counted() -> None:
+    program = Program()
+    cache = Cache(SlowSetBackend(None), backend_timeout=1.0, max_pending_stores=2)
+    events: list[Event] = []
+    pipeline = Pipeline(program, cache, listeners=[events.append])
+    for i in range(5):
+        assert (await pipeline(f"q{i}")).answer == f"answer to q{i}"
+    assert cache.stats.skipped_stores == 3
+    assert cache.health().details["stores_pending"] == 2
+    assert [e.reason for e in of_type(events, CacheNotStored)] == ["backlog"] * 3
+    await cache.drain()
+    assert now() == pytest.approx(1.0)
+    assert (cache.stats.timeouts, cache.health().details["stores_pending"]) == (2, 0)
+    assert other_tasks() == set()
+
+
+async def test_invalidating_waits_for_a_pending_store_so_it_cannot_come_back() -> None:
+    program = Program()
+    cache = Cache(SlowSetBackend(0.5))
+    pipeline = Pipeline(program, cache)
+    await pipeline("q")
+    assert await cache.invalidate(cache.key_for("q")) is True
+    await pipeline("q")
+    assert program.calls == 2
+    await cache.drain()
+
+
+async def test_a_backend_timing_out_is_logged_once_until_it_answers_again(caplog: pytest.LogCaptureFixture) -> None:
+    program = Program()
+    cache = Cache(HangingBackend(), backend_timeout=0.5)
+    pipeline = Pipeline(program, cache)
+    with caplog.at_level(logging.WARNING, logger="resilient_dspy.cache"):
+        for i in range(3):
+            await pipeline(f"q{i}")
+        await cache.drain()
+    assert [r.getMessage().split(" took")[0] for r in caplog.records] == ["Cache: backend get", "Cache: backend set"]
+    assert cache.stats.timeouts == 6
 
 
 async def test_the_callers_cancellation_propagates_through_a_hanging_backend() -> None:
@@ -868,9 +1101,11 @@ async def test_a_bypass_call_skips_a_present_entry_and_replaces_it() -> None:
 async def test_a_disk_backed_cache_serves_a_new_pipeline(tmp_path: Path) -> None:
     """A second Cache on a second DiskBackend over the same directory (another process, say) gets a hit."""
     lm = FaultInjectingLM()
-    first = Pipeline(dspy.Predict("question -> answer"), Cache(DiskBackend(tmp_path)))
+    first_cache = Cache(DiskBackend(tmp_path))
+    first = Pipeline(dspy.Predict("question -> answer"), first_cache)
     with dspy.context(lm=lm):
         answer = await first("Persist me")
+    await first_cache.drain()  # the store runs in the background
     second_cache = Cache(DiskBackend(tmp_path))
     second = Pipeline(dspy.Predict("question -> answer"), second_cache)
     with dspy.context(lm=lm):

@@ -653,6 +653,7 @@ async def test_a_hanging_backend_logs_the_timeout(caplog: pytest.LogCaptureFixtu
     pipeline = Pipeline(Program(), cache, listeners=[events.append])
     with caplog.at_level(logging.WARNING, logger="resilient_dspy.cache"):
         await pipeline("q")
+        await cache.drain()
     key = cache.key_for("q")
     assert [r.getMessage() for r in caplog.records] == [
         f"c: backend get took over 0.25s for {key}; going on without it",
@@ -721,7 +722,11 @@ def test_health_details_and_state() -> None:
         "hits": 0,
         "misses": 0,
         "coalesced": 0,
+        "bypassed": 0,
         "backend_errors": 0,
+        "backend_timeouts": 0,
+        "stores_pending": 0,
+        "stores_skipped": 0,
         "saved_tokens": 0,
         "saved_cost": 0.0,
     }
@@ -928,6 +933,7 @@ async def test_a_blocking_backend_is_written_with_the_key_bytes_and_ttl() -> Non
     cache = Cache(backend, ttl=30.0)
     pipeline = Pipeline(Program(), cache, listeners=[events.append])
     await pipeline("q")
+    await cache.drain()
     key = cache.key_for("q")
     [(written_key, data, ttl)] = backend.writes
     assert (written_key, ttl) == (key, 30.0)
