@@ -250,6 +250,48 @@ def test_a_demo_edited_inside_is_noticed_once_it_is_replaced() -> None:
     assert after != before
 
 
+class Hidden(dspy.Module):  # type: ignore[misc]
+    """Exposes a predictor kept where DSPy's walk would not find it, through its own named_predictors()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._inner = {"kept": (dspy.Predict("question -> answer"),)}
+
+    def named_predictors(self) -> list[tuple[str, Any]]:
+        return [("inner", self._inner["kept"][0])]
+
+
+class Wrapper(dspy.Module):  # type: ignore[misc]
+    """A sub-module with its own named_parameters() walk inside an ordinary program."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = HiddenParameters()
+
+
+class HiddenParameters(dspy.Module):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self._kept = [dspy.Predict("question -> answer")]
+
+    def named_parameters(self) -> list[tuple[str, Any]]:
+        return [("kept", self._kept[0])]
+
+
+@pytest.mark.parametrize("make", [Hidden, Wrapper])
+def test_a_class_with_its_own_walk_is_keyed_by_it_and_its_predictors_are_re_checked(make: Any) -> None:
+    program = make()
+    predictor = program.named_predictors()[0][1]
+    cache = keyed(program)
+    with dspy.context(lm=FaultInjectingLM()):
+        before = cache.key_for("q")
+        assert before == reference_key(program, {"question": "q"})
+        predictor.demos.append(dspy.Example(question="1+1?", answer="2"))
+        after = cache.key_for("q")
+        assert after == reference_key(program, {"question": "q"})
+    assert after != before
+
+
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
