@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import warnings
 import weakref
 from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import dspy
+from dspy.predict.parameter import Parameter
+from dspy.predict.predict import Predict
+from dspy.primitives.base_module import BaseModule
 
 from resilient_dspy.errors import ResilienceWarning
 
@@ -23,10 +27,12 @@ if TYPE_CHECKING:
     from resilient_dspy.pipeline import Call, Pipeline
 
 __all__ = [
+    "ProgramShape",
     "Target",
     "UsageScope",
     "adapt_program",
     "attach_usage",
+    "find_predictors",
     "lm_identity",
     "no_dspy_retries",
     "setting",
@@ -205,11 +211,120 @@ def _module_inputs(program: dspy.Module) -> tuple[str, ...]:
     ]
     if parameters:
         return tuple(p.name for p in parameters)
-    for _, predictor in program.named_predictors():
+    for _, predictor in find_predictors(program)[0]:
         found = _signature_inputs(predictor.signature)
         if found:
             return found
     return ()
+
+
+def _is_call_log(name: str, value: Any) -> bool:
+    """DSPy's ``history``: a list of LM call records (up to 10,000), never holding a predictor."""
+    return name == "history" and isinstance(value, list)
+
+
+def _parameters(module: Any, owners: list[Any]) -> list[tuple[str, Any]]:
+    """``module.named_parameters()``, same names and order, without reading ``history``; adds to ``owners``
+    every object whose attributes decide the answer (the module, sub-modules, parameters, frozen sub-modules)."""
+    owners.append(module)
+    if type(module).named_parameters is not BaseModule.named_parameters:  # its own walk: used as it is
+        found = list(module.named_parameters())
+        owners.extend(value for _, value in found)
+        return found
+    visited: set[int] = set()
+    found = []
+
+    def add(name: str, value: Any) -> None:
+        if isinstance(value, Parameter):
+            if id(value) not in visited:
+                visited.add(id(value))
+                found.append((name, value))
+                owners.append(value)
+        elif isinstance(value, dspy.Module):
+            if getattr(value, "_compiled", False):  # frozen: not searched, but un-freezing it must be noticed
+                owners.append(value)
+            else:
+                for sub_name, param in _parameters(value, owners):
+                    add(f"{name}.{sub_name}", param)
+
+    if isinstance(module, Parameter):
+        add("self", module)
+    for name, value in module.__dict__.items():
+        if isinstance(value, list | tuple):
+            if not _is_call_log(name, value):
+                for index, item in enumerate(value):
+                    add(f"{name}[{index}]", item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                add(f"{name}['{key}']", item)
+        else:
+            add(name, value)
+    return found
+
+
+def find_predictors(program: dspy.Module) -> tuple[list[tuple[str, Any]], list[Any]]:
+    """``program.named_predictors()`` (same names, same order) without walking any ``history``, and the objects
+    whose attributes decide that list and each predictor's identity. A class's own ``named_predictors`` is used."""
+    owners: list[Any] = []
+    if type(program).named_predictors is not dspy.Module.named_predictors:
+        found = list(program.named_predictors())
+        return found, [program, *(predictor for _, predictor in found)]
+    found = [(name, param) for name, param in _parameters(program, owners) if isinstance(param, Predict)]
+    return found, list({id(owner): owner for owner in owners}.values())
+
+
+# one comparison: a live view (an object's attribute values, a dict's values, a list) and the values it held,
+# compared by identity; for a dict, its live keys and the keys it held, compared by ==
+_Check = tuple[Any, tuple[Any, ...], Any, tuple[Any, ...]]
+
+
+class ProgramShape:
+    """The named predictors of a module, found once, and what must stay the same for them and their identity
+    (signature, instructions, demos, config, lm) to hold; :meth:`holds` re-checks that without any walk.
+
+    Compared, by identity: the attributes of the program, of each sub-module and each predictor, and the items
+    of their lists and dicts one level deep (a demo replaced is seen, a demo object edited in place is not);
+    each signature's instructions. DSPy's ``history`` lists are left out.
+    """
+
+    __slots__ = ("_checks", "_dicts", "_instructions", "predictors")
+
+    def __init__(self, program: dspy.Module) -> None:
+        found, owners = find_predictors(program)
+        self.predictors: tuple[tuple[str, Any], ...] = tuple(found)
+        owners = [owner for owner in owners if isinstance(getattr(owner, "__dict__", None), dict)]
+        self._dicts = tuple((owner, owner.__dict__) for owner in owners)
+        checks: list[_Check] = []
+        for owner in owners:
+            state = owner.__dict__
+            checks.append((state.values(), tuple(state.values()), state.keys(), tuple(state)))
+            for name, value in state.items():
+                if isinstance(value, dict):
+                    checks.append((value.values(), tuple(value.values()), value.keys(), tuple(value)))
+                elif isinstance(value, list) and not _is_call_log(name, value):  # a tuple cannot change
+                    checks.append((value, tuple(value), None, ()))
+        self._checks = tuple(checks)
+        signatures = [getattr(predictor, "signature", None) for _, predictor in found]
+        self._instructions = tuple((s, s.__doc__) for s in signatures if s is not None)
+
+    def holds(self) -> bool:
+        """True while nothing compared changed: no attribute set, added or deleted, no list or dict item changed."""
+        is_, eq = operator.is_, operator.eq
+        try:
+            for owner, state in self._dicts:
+                if owner.__dict__ is not state:
+                    return False
+            for live, values, keys, names in self._checks:
+                if len(live) != len(values):
+                    return False
+                if values and not (all(map(is_, live, values)) and (keys is None or all(map(eq, keys, names)))):
+                    return False
+            for signature, doc in self._instructions:
+                if signature.__doc__ is not doc:
+                    return False
+        except Exception:  # an odd attribute (a key whose == raises): treat the program as changed
+            return False
+        return True
 
 
 class ModuleTarget:
@@ -220,10 +335,22 @@ class ModuleTarget:
         self.name = type(program).__name__
         self.input_fields = _module_inputs(program)
         self._watch = _RetryWatch(self.name)
+        self._shape: ProgramShape | None = None
+
+    def shape(self) -> ProgramShape:
+        """The program's predictors, found on first use and found again only after the program changed."""
+        shape = self._shape
+        if shape is None or not shape.holds():
+            shape = self._shape = ProgramShape(self.program)
+        return shape
+
+    def named_predictors(self) -> tuple[tuple[str, Any], ...]:
+        """``program.named_predictors()`` as it is now, without DSPy's walk of every ``history`` entry."""
+        return self.shape().predictors
 
     def watch_dspy_retries(self) -> None:
         self._watch.enabled = True
-        for predictor in self.program.predictors():
+        for _, predictor in self.named_predictors():
             self._watch.check(predictor.lm, stacklevel=5)
 
     def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
@@ -236,15 +363,16 @@ class ModuleTarget:
         return self.program.acall(**call.inputs)  # type: ignore[no-any-return]
 
     async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
-        fresh = self.program.deepcopy()
-        for (_, original), (_, copy) in zip(self.program.named_predictors(), fresh.named_predictors(), strict=True):
+        fresh = self.program.deepcopy()  # a copy drops its history (Module.__getstate__): walking it is cheap
+        copies = find_predictors(fresh)[0]
+        for (_, original), (_, copy) in zip(self.named_predictors(), copies, strict=True):
             if original.lm is not None:
                 copy.lm = original.lm.copy(cache=False)
         with _uncached_settings_lm():
             return await fresh.acall(**inputs)
 
     def describe(self) -> dict[str, Any]:
-        signatures = [str(p.signature.signature) for p in self.program.predictors()]
+        signatures = [str(p.signature.signature) for _, p in self.named_predictors()]
         return {"layer": "program", "target": self.name, "inputs": list(self.input_fields), "signatures": signatures}
 
 

@@ -211,11 +211,12 @@ def _callable_name(function: Any) -> str:
 
 
 class KeyBuilder:
-    """Computes the keys of one target's calls. The program part is read afresh on every call (demos and
-    instructions change after compiling); an LM's identity is memoised and re-checked against its current kwargs.
+    """Computes the keys of one target's calls. A module's part (each predictor's signature, demos, config) is
+    encoded once and again only when :meth:`ModuleTarget.shape` reports a change; an LM's identity is memoised and
+    re-checked against its current kwargs; the LM in effect and the adapter are read on every call.
     """
 
-    __slots__ = ("_function", "_lms", "namespace", "target")
+    __slots__ = ("_class", "_function", "_lms", "_parts", "_shape", "namespace", "target")
 
     def __init__(self, namespace: str, target: Target) -> None:
         self.namespace = namespace
@@ -223,6 +224,10 @@ class KeyBuilder:
         self._lms: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
         # a function target's name, as JSON text: its identity is then assembled without encoding a list per call
         self._function = _dumps(_callable_name(target.function)) if isinstance(target, CallableTarget) else None
+        # a module target: the ProgramShape encoded, its class, and per predictor the JSON text before its LM
+        self._shape: Any = None
+        self._class: tuple[type[Any], str] | None = None
+        self._parts: tuple[tuple[Any, str], ...] = ()
 
     def key(self, inputs: dict[str, Any]) -> str:
         """``"<namespace>:<sha256 hex>"`` for ``inputs``, under the LM and adapter in ``dspy.settings`` now."""
@@ -235,7 +240,7 @@ class KeyBuilder:
             adapter_text = "null" if adapter is None else _dumps(_adapter_identity(adapter))
             identity = f'["function",{self._function},{lm_text},{adapter_text}]'
         else:
-            identity = _dumps(self._identity(self.target, lm, adapter))
+            identity = self._identity_text(self.target, lm, adapter)
         for name, value in inputs.items():  # flat inputs (str keys, scalar values) are their own canonical form
             if type(value) not in _SCALARS or type(name) is not str or name[:1] == "$":
                 inputs = _canonical(inputs)
@@ -243,10 +248,32 @@ class KeyBuilder:
         text = f"[{KEY_VERSION},{identity},{_dumps(inputs)}]"
         return f"{self.namespace}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
+    def _identity_text(self, target: Target, settings_lm: Any, adapter: Any) -> str:
+        """``_dumps(self._identity(...))``; a module's part comes from the memo, without walking the program."""
+        if isinstance(target, ModuleTarget):
+            shape = target.shape()
+            if shape is not self._shape:
+                self._parts = tuple(
+                    (predictor, _dumps(self._fixed(name, predictor))[:-1] + ",") for name, predictor in shape.predictors
+                )
+                self._shape = shape
+            cls = type(target.program)
+            if self._class is None or self._class[0] is not cls:
+                self._class = (cls, _dumps(_type_name(cls)))
+            predictors = []
+            for predictor, head in self._parts:
+                digest = self._lm(getattr(predictor, "lm", None) or settings_lm)
+                predictors.append(f"{head}null]" if digest is None else f'{head}"{digest}"]')
+            adapter_text = "null" if adapter is None else _dumps(_adapter_identity(adapter))
+            return f'["module",{self._class[1]},[{",".join(predictors)}],{adapter_text}]'
+        if isinstance(target, PipelineTarget):
+            return f'["pipeline",{self._identity_text(target.pipeline.target, settings_lm, adapter)}]'
+        return _dumps(self._identity(target, settings_lm, adapter))
+
     def _identity(self, target: Target, settings_lm: Any, adapter: Any) -> Any:
         if isinstance(target, ModuleTarget):
             program = target.program
-            predictors = [self._predictor(name, p, settings_lm) for name, p in program.named_predictors()]
+            predictors = [self._predictor(name, p, settings_lm) for name, p in target.named_predictors()]
             return ["module", _type_name(type(program)), predictors, _adapter_identity(adapter)]
         if isinstance(target, LMTarget):
             return ["lm", self._lm(target.lm)]
@@ -257,6 +284,11 @@ class KeyBuilder:
         return ["target", _type_name(type(target)), target.name, self._lm(settings_lm), _adapter_identity(adapter)]
 
     def _predictor(self, name: str, predictor: Any, settings_lm: Any) -> Any:
+        return [*self._fixed(name, predictor), self._lm(getattr(predictor, "lm", None) or settings_lm)]
+
+    @staticmethod
+    def _fixed(name: str, predictor: Any) -> list[Any]:
+        """A predictor's identity but its LM: name, signature, demos, config (no secrets), field criteria."""
         signature = predictor.signature
         config = getattr(predictor, "config", None)
         return [
@@ -265,7 +297,6 @@ class KeyBuilder:
             _canonical(list(predictor.demos)),
             _canonical({k: v for k, v in config.items() if not _is_secret(k)}) if config else None,
             _canonical(getattr(predictor, "fields", None) or None),
-            self._lm(getattr(predictor, "lm", None) or settings_lm),
         ]
 
     def _lm(self, lm: Any) -> str | None:
@@ -309,7 +340,7 @@ def _custom_key(namespace: str, raw: object) -> str:
 def _annotations_of(target: Target) -> Iterator[Any]:
     """Every type annotation the target's answers may contain: signature fields, or a function's return type."""
     if isinstance(target, ModuleTarget):
-        for predictor in target.program.predictors():
+        for _, predictor in target.named_predictors():
             for info in predictor.signature.fields.values():
                 yield info.annotation
     elif isinstance(target, CallableTarget):
