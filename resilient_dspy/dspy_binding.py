@@ -80,6 +80,8 @@ def setting(name: str) -> Any:
 
 
 _ENDPOINT_KEYS = ("api_base", "base_url")
+DEPLOYMENT_KEYS = frozenset({*_ENDPOINT_KEYS, "deployment_id"})
+"""The LM kwargs that say which deployment answers; :func:`lm_identity` reads them."""
 
 
 def lm_identity(lm: Any) -> str | None:
@@ -92,11 +94,13 @@ def lm_identity(lm: Any) -> str | None:
     identity = str(getattr(lm, "model", None) or type(lm).__name__)
     kwargs = getattr(lm, "kwargs", None)
     kwargs = kwargs if isinstance(kwargs, dict) else {}
+    endpoints = []
     for name in _ENDPOINT_KEYS:
-        endpoint = getattr(lm, name, None) or kwargs.get(name)
-        if isinstance(endpoint, str) and endpoint:
-            identity += f"@{endpoint}"
-            break
+        for endpoint in (getattr(lm, name, None), kwargs.get(name)):
+            if isinstance(endpoint, str) and endpoint and endpoint not in endpoints:
+                endpoints.append(endpoint)
+    if endpoints:
+        identity += "@" + ",".join(endpoints)
     deployment = kwargs.get("deployment_id")
     if isinstance(deployment, str) and deployment:
         identity += f"#{deployment}"
@@ -224,8 +228,9 @@ def _is_call_log(name: str, value: Any) -> bool:
 
 
 def _parameters(module: Any, owners: list[Any]) -> list[tuple[str, Any]]:
-    """``module.named_parameters()``, same names and order, without reading ``history``; adds to ``owners``
-    every object whose attributes decide the answer (the module, sub-modules, parameters, frozen sub-modules)."""
+    """``module.named_parameters()``, same names and order, without reading ``history`` and with the parameters of
+    compiled sub-modules too (they run, so they decide the answer); adds to ``owners`` every object whose
+    attributes decide it (the module, sub-modules, parameters)."""
     owners.append(module)
     if type(module).named_parameters is not BaseModule.named_parameters:  # its own walk: used as it is
         found = list(module.named_parameters())
@@ -241,11 +246,9 @@ def _parameters(module: Any, owners: list[Any]) -> list[tuple[str, Any]]:
                 found.append((name, value))
                 owners.append(value)
         elif isinstance(value, dspy.Module):
-            if getattr(value, "_compiled", False):  # frozen: not searched, but un-freezing it must be noticed
-                owners.append(value)
-            else:
-                for sub_name, param in _parameters(value, owners):
-                    add(f"{name}.{sub_name}", param)
+            # a compiled (frozen) sub-module too: DSPy's walk hides it from optimizers, but its predictors run
+            for sub_name, param in _parameters(value, owners):
+                add(f"{name}.{sub_name}", param)
 
     if isinstance(module, Parameter):
         add("self", module)
@@ -263,8 +266,10 @@ def _parameters(module: Any, owners: list[Any]) -> list[tuple[str, Any]]:
 
 
 def find_predictors(program: dspy.Module) -> tuple[list[tuple[str, Any]], list[Any]]:
-    """``program.named_predictors()`` (same names, same order) without walking any ``history``, and the objects
-    whose attributes decide that list and each predictor's identity. A class's own ``named_predictors`` is used."""
+    """Every predictor that runs in ``program`` — ``program.named_predictors()`` (same names, same order) plus
+    those of compiled sub-modules, which DSPy's walk leaves out for optimizers — without walking any ``history``,
+    and the objects whose attributes decide that list and each predictor's identity. A class's own
+    ``named_predictors`` is used."""
     owners: list[Any] = []
     if type(program).named_predictors is not dspy.Module.named_predictors:
         found = list(program.named_predictors())

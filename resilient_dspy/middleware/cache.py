@@ -41,12 +41,14 @@ from resilient_dspy.cache_backends import (
     is_nowait,
 )
 from resilient_dspy.dspy_binding import (
+    DEPLOYMENT_KEYS,
     CallableTarget,
     LMTarget,
     ModuleTarget,
     PipelineTarget,
     Target,
     attach_usage,
+    lm_identity,
     setting,
     usage_scope,
 )
@@ -72,7 +74,8 @@ __all__ = [
 
 logger = logging.getLogger("resilient_dspy.cache")
 
-KEY_VERSION = 1
+KEY_VERSION = 2
+"""Bumped whenever the key text changes (2: an LM is identified by :func:`lm_identity`)."""
 KeyFunction = Callable[[Call], object]
 PriceFunction = Callable[[dict[str, dict[str, Any]]], float]
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.\-/]{1,100}")
@@ -182,17 +185,18 @@ def _digest(value: Any) -> str:
 
 
 def _lm_identity(lm: Any) -> Any:
-    """What makes an LM answer differently: class, model, model type, endpoint and sampling kwargs; no secrets."""
+    """What makes an LM answer differently: its class, which deployment answers (:func:`lm_identity`: model,
+    endpoint, deployment id — the same identity :func:`~resilient_dspy.by_model` partitions by), its model type
+    and its other kwargs (sampling); no secrets."""
     if lm is None:
         return None
     kwargs = getattr(lm, "kwargs", None)
-    public = {k: v for k, v in kwargs.items() if not _is_secret(k)} if isinstance(kwargs, dict) else {}
-    identity = [_type_name(type(lm)), getattr(lm, "model", None), getattr(lm, "model_type", None), _canonical(public)]
-    for attribute in ("api_base", "base_url"):
-        endpoint = getattr(lm, attribute, None)
-        if isinstance(endpoint, str):
-            identity.append([attribute, endpoint])
-    return identity
+    public = (
+        {k: v for k, v in kwargs.items() if not _is_secret(k) and k not in DEPLOYMENT_KEYS}
+        if isinstance(kwargs, dict)
+        else {}
+    )
+    return [_type_name(type(lm)), lm_identity(lm), getattr(lm, "model_type", None), _canonical(public)]
 
 
 def _adapter_identity(adapter: Any) -> Any:

@@ -234,18 +234,18 @@ def test_the_key_text_is_frozen() -> None:
     }
     direct = keyed(ask, namespace="golden")
     nested = keyed(Pipeline(ask), namespace="golden")
-    assert KEY_VERSION == 1
+    assert KEY_VERSION == 2
     assert direct.key_for(**inputs) == "golden:" + sha(
-        '[1,["function","tests.middleware.test_cache_mutants.ask",null,null],{"context":[1.5,{"$float":"nan"},'
+        '[2,["function","tests.middleware.test_cache_mutants.ask",null,null],{"context":[1.5,{"$float":"nan"},'
         '{"$tuple":[1]},{"$dict":[[2,"b"]]},{"$set":["s"]},{"$bytes":"78"},'
         '{"$enum":"tests.middleware.test_cache_mutants.Color","v":"red"},{"$type":"builtins.int"},null,true,'
         '{"k":"v"}],"question":"q"}]'
     )
     assert nested.key_for(question="q") == "golden:" + sha(
-        '[1,["pipeline",["function","tests.middleware.test_cache_mutants.ask",null,null]],{"question":"q"}]'
+        '[2,["pipeline",["function","tests.middleware.test_cache_mutants.ask",null,null]],{"question":"q"}]'
     )
     assert direct.key_for("q") == "golden:" + sha(
-        '[1,["function","tests.middleware.test_cache_mutants.ask",null,null],{"question":"q"}]'
+        '[2,["function","tests.middleware.test_cache_mutants.ask",null,null],{"question":"q"}]'
     )
 
 
@@ -308,17 +308,17 @@ def test_a_predictors_identity_is_its_name_signature_demos_config_criteria_and_l
 
 
 def test_the_identity_of_an_lm_and_an_adapter_is_exact() -> None:
-    assert _lm_identity(TinyLM()) == [
+    assert _lm_identity(TinyLM()) == [f"{HERE}.TinyLM", "tiny/m@http://a.local/v1", "text", {"temperature": 0.2}]
+    assert _lm_identity(TinyLM(api_base="http://b.local/v1", deployment_id="d1")) == [
         f"{HERE}.TinyLM",
-        "tiny/m",
+        "tiny/m@http://a.local/v1,http://b.local/v1#d1",
         "text",
         {"temperature": 0.2},
-        ["api_base", "http://a.local/v1"],
     ]
-    assert _lm_identity(BareLM()) == [f"{HERE}.BareLM", None, None, {}]
+    assert _lm_identity(BareLM()) == [f"{HERE}.BareLM", "BareLM", None, {}]
     odd = BareLM()
     odd.kwargs = None  # type: ignore[attr-defined]
-    assert _lm_identity(odd) == [f"{HERE}.BareLM", None, None, {}]
+    assert _lm_identity(odd) == [f"{HERE}.BareLM", "BareLM", None, {}]
     assert _adapter_identity(TinyAdapter()) == [
         f"{HERE}.TinyAdapter",
         {"mode": "x", "n": 1, "f": 1.5, "b": True, "none": None},
