@@ -23,7 +23,7 @@ from resilient_dspy.events import Event, Listener, deliver, listener_problem
 from resilient_dspy.health import PipelineHealth, worst
 from resilient_dspy.trace import Trace, traced
 
-__all__ = ["Call", "CallRecord", "Handler", "Middleware", "Outcome", "Pipeline", "Runtime"]
+__all__ = ["Call", "CallRecord", "Handler", "Lease", "Middleware", "Outcome", "Pipeline", "Runtime"]
 
 Handler = Callable[["Call"], Awaitable[Any]]
 
@@ -45,6 +45,17 @@ class Runtime:
     listeners: tuple[Listener, ...] = ()
 
 
+class Lease(Protocol):
+    """Capacity an outer layer holds for a call (a bulkhead permit), which it lends out while the call only waits
+    for another call's work (a cache's single-flight follower) and takes back before the call works again."""
+
+    held: bool
+
+    def lend(self) -> None: ...
+
+    async def reclaim(self, call: Call) -> None: ...
+
+
 @dataclass(slots=True)
 class CallRecord:
     """Shared by every view of one call: what happened, for :class:`Outcome` and reports.
@@ -53,6 +64,7 @@ class CallRecord:
     judges the provider compares it before and after ``await next(call)``, so a cache hit, a coalesced follower
     or an inner rejection counts as no provider outcome. ``blocked_until`` is set by an inner layer that will
     refuse this call's next attempt until then (an opened circuit), so a Retry above waits exactly that long.
+    ``leases`` are the capacities outer layers hold for the call (see :class:`Lease` and :func:`lend_leases`).
     """
 
     started_at: float
@@ -61,6 +73,7 @@ class CallRecord:
     served_by: str = "primary"
     trace: Trace | None = None
     blocked_until: float | None = None
+    leases: list[Lease] | None = None
 
     def absorb(self, nested: CallRecord) -> None:
         """Take in what a nested pipeline's call did: its program runs, retries, and who served it."""
@@ -162,6 +175,23 @@ _CALL_FIELD_SET = frozenset(_CALL_FIELDS)
 _HAND_COPIED = ("inputs", "runtime", "record", "deadline", "attempt", "bypass_cache", "partition_key", "properties")
 if _CALL_FIELDS != _HAND_COPIED:  # pragma: no cover
     raise AssertionError("Call's fields changed: update Call.replace, with_deadline and for_attempt")
+
+
+def leases_lent(call: Call) -> bool:
+    """True when a capacity held for ``call`` is lent out (it must be taken back before the call works)."""
+    return any(not lease.held for lease in call.record.leases or ())
+
+
+def lend_leases(call: Call) -> None:
+    """Lend out every capacity held for ``call``: it is about to wait for another call's work."""
+    for lease in call.record.leases or ():
+        lease.lend()
+
+
+async def reclaim_leases(call: Call) -> None:
+    """Take back every lease :func:`lend_leases` lent, outermost first, before the call does work of its own."""
+    for lease in call.record.leases or ():
+        await lease.reclaim(call)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ from typing import Any
 
 import dspy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilient_dspy import (
     Cache,
@@ -369,3 +371,165 @@ async def test_an_injected_fault_counts_as_an_attempt_of_the_call() -> None:
     pipeline = Pipeline(provider, Retry(3, base_delay=0.0, jitter="none"), Timeout(1.0), chaos)
     outcome = await pipeline.invoke("q")
     assert (outcome.value, outcome.attempts, outcome.retries) == ("answer:q", 3, 2)
+
+
+# ------------------------------------------------------------------ item 2: followers do not hold bulkhead slots
+
+
+class Gauge:
+    """An async program that records how many of its calls run at once."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+        self.running = 0
+        self.peak = 0
+        self.requests = 0
+
+    async def __call__(self, question: str) -> str:
+        self.requests += 1
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            self.running -= 1
+        return f"answer:{question}"
+
+
+async def test_followers_waiting_on_a_shared_call_lend_their_bulkhead_slots_to_other_questions() -> None:
+    from resilient_dspy import Bulkhead
+
+    program = Gauge(latency=1.0)
+    bulkhead = Bulkhead(2, max_queue=10)
+    pipeline = Pipeline(program, bulkhead, Cache())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    followers = [asyncio.create_task(pipeline("same")) for _ in range(5)]
+    await asyncio.sleep(0)
+    other = await pipeline("other")
+    assert other == "answer:other"
+    assert loop.time() - started == pytest.approx(1.0)  # it ran beside the leader, not after it
+    assert await asyncio.gather(*followers) == ["answer:same"] * 5
+    assert program.requests == 2
+    assert bulkhead.snapshot().in_flight == 0
+
+
+async def test_a_follower_whose_leader_is_cancelled_takes_a_slot_again_before_it_leads() -> None:
+    from resilient_dspy import Bulkhead
+
+    program = Gauge(latency=1.0)
+    bulkhead = Bulkhead(2, max_queue=10)
+    pipeline = Pipeline(program, bulkhead, Cache())
+    leader = asyncio.create_task(pipeline("same"))
+    await asyncio.sleep(0)
+    follower = asyncio.create_task(pipeline("same"))
+    await asyncio.sleep(0)
+    others = [asyncio.create_task(pipeline(f"other {i}")) for i in range(3)]
+    await asyncio.sleep(0.5)
+    leader.cancel()
+    results = await asyncio.gather(follower, *others)
+    assert results == ["answer:same", *(f"answer:other {i}" for i in range(3))]
+    assert program.peak <= 2  # the re-leading follower never ran beyond the bulkhead's limit
+    assert bulkhead.snapshot().in_flight == 0
+    with pytest.raises(asyncio.CancelledError):
+        await leader
+
+
+async def test_a_follower_retrying_its_leaders_failure_holds_a_slot_again_when_it_leads() -> None:
+    from resilient_dspy import Bulkhead
+
+    program = Gauge(latency=1.0)
+    failures = iter([server_error()])
+
+    async def flaky(question: str) -> str:
+        error = next(failures, None) if question == "same" else None
+        await program(question)
+        if error is not None:
+            raise error
+        return f"answer:{question}"
+
+    decisions = iter([False])  # the leader gives up on the shared failure; its follower retries and leads
+    retry = Retry(2, base_delay=0.5, jitter="none", budget=None, retry_on=lambda error: next(decisions, True))
+    bulkhead = Bulkhead(2, max_queue=10)
+    pipeline = Pipeline(flaky, bulkhead, retry, Cache())
+    calls = [asyncio.create_task(pipeline("same")) for _ in range(2)]
+    await asyncio.sleep(0)
+    calls += [asyncio.create_task(pipeline(f"other {i}")) for i in range(4)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results[0], dspy.LMServerError)
+    assert results[1:] == ["answer:same", *(f"answer:other {i}" for i in range(4))]
+    assert program.peak <= 2
+    assert bulkhead.snapshot().in_flight == 0
+
+
+# ------------------------------------------------------------------ property: the breaker counts only what reached
+
+
+def run_virtual(scenario: Any) -> None:
+    """One scenario on a fresh looptime loop (hypothesis examples must not share function-scoped fixtures)."""
+    import looptime
+
+    loop = looptime.new_event_loop()
+    try:
+        loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+
+
+class Logged:
+    """A provider that logs each request's outcome (True = success) in the order the requests end."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.log: list[bool] = []
+
+    async def __call__(self, question: str) -> str:
+        try:
+            await asyncio.sleep(0.5 if question.endswith("slow") else 0.1)
+        except asyncio.CancelledError:  # cut by an attempt timeout: a failed request, as the breaker sees it
+            self.log.append(False)
+            raise
+        ok = not self.down
+        self.log.append(ok)
+        if not ok:
+            raise server_error()
+        return f"answer:{question}"
+
+
+def _trailing_failures(log: list[bool]) -> int:
+    count = 0
+    for ok in reversed(log):
+        if ok:
+            break
+        count += 1
+    return count
+
+
+_batches = st.lists(
+    st.tuples(st.booleans(), st.lists(st.sampled_from(["a", "b", "c", "a-slow", "b-slow"]), min_size=1, max_size=8)),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batches=_batches, attempt_timeout=st.sampled_from([None, 0.3, 1.0]))
+def test_property_the_breaker_counts_exactly_the_provider_outcomes(
+    batches: list[tuple[bool, list[str]]], attempt_timeout: float | None
+) -> None:
+    """Whatever mix of hits, coalesced followers (answered, failed or timed out while waiting) and real requests:
+    after every batch the breaker's consecutive-failure count is the provider's own trailing failures."""
+    provider = Logged()
+    breaker = CircuitBreaker(failure_threshold=1_000)
+    layers: list[Any] = [breaker]
+    if attempt_timeout is not None:
+        layers.append(Timeout(attempt_timeout))
+    pipeline = Pipeline(provider, *layers, Cache())
+
+    async def scenario() -> None:
+        for down, questions in batches:
+            provider.down = down
+            await settle(*(pipeline(q) for q in questions))
+            assert breaker.snapshot().consecutive_failures == _trailing_failures(provider.log)
+
+    run_virtual(scenario)

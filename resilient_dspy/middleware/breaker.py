@@ -265,6 +265,8 @@ class _Circuit:
     __slots__ = (
         "break_duration",
         "consecutive",
+        "counted",
+        "counted_failures",
         "generation",
         "in_flight",
         "key",
@@ -282,6 +284,7 @@ class _Circuit:
         self.state = CircuitState.CLOSED
         self.generation = 0
         self.consecutive = 0
+        self.counted = self.counted_failures = 0  # consecutive mode's outcomes since the last state change
         self.open_until = 0.0
         self.break_duration = options.break_duration
         self.probes: dict[_Probe, None] = {}
@@ -360,6 +363,7 @@ class _Circuit:
         self.consecutive = 0
         window = self.window
         if window is None:
+            self.counted += 1
             return None
         window.add(_SLOW if slow else 0, now)
         # Every outcome is judged once min_calls are seen. A fast success never raises a rate, so on a count window
@@ -378,6 +382,8 @@ class _Circuit:
         self.consecutive += 1
         window = self.window
         if window is None:
+            self.counted += 1
+            self.counted_failures += 1
             threshold = self.options.consecutive
             if threshold is not None and self.consecutive >= threshold:
                 return self._open(now, "failure_threshold", retry_after)
@@ -405,6 +411,7 @@ class _Circuit:
         self.generation += 1
         self.probes.clear()
         self.probes_succeeded = 0
+        self.counted = self.counted_failures = 0
         return old, new, reason, retry_after
 
     def _open(self, now: float, reason: str, retry_after: float | None) -> Transition:
@@ -440,7 +447,10 @@ class _Circuit:
         return transition if changed else None
 
     def snapshot(self, now: float) -> CircuitSnapshot:
-        calls, failures, slows = self.window.totals(now) if self.window is not None else (0, 0, 0)
+        if self.window is not None:
+            calls, failures, slows = self.window.totals(now)
+        else:  # consecutive mode: what was counted since the circuit last changed state
+            calls, failures, slows = self.counted, self.counted_failures, 0
         retry_after = max(0.0, self.open_until - now) if self.state is CircuitState.OPEN else None
         return CircuitSnapshot(
             key=self.key,
@@ -598,6 +608,7 @@ class CircuitBreaker:
             if generation == single.generation and record.attempts != reached:
                 if single.window is None:
                     single.consecutive = 0
+                    single.counted += 1
                 else:
                     single.succeeded(generation, False, 0.0)
             return result

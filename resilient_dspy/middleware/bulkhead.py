@@ -26,7 +26,7 @@ from resilient_dspy.options import build_options
 from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Handler
+    from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = [
     "Bulkhead",
@@ -123,6 +123,29 @@ class _Compartment:
             self.waiters.remove(waiter)
 
 
+class _Permit:
+    """A call's permit as a :class:`~resilient_dspy.pipeline.Lease`: lent out (the slot freed for other calls)
+    while a Cache below makes the call wait for an identical call's answer, taken back before it runs itself."""
+
+    __slots__ = ("bulkhead", "compartment", "held", "key")
+
+    def __init__(self, bulkhead: Bulkhead, compartment: _Compartment, key: Hashable) -> None:
+        self.bulkhead = bulkhead
+        self.compartment = compartment
+        self.key = key
+        self.held = True
+
+    def lend(self) -> None:
+        if self.held:
+            self.held = False
+            self.compartment.release()
+
+    async def reclaim(self, call: Call) -> None:
+        if not self.held:
+            self.compartment = await self.bulkhead._take(call, self.key)
+            self.held = True
+
+
 class Bulkhead:
     """Run at most ``max_concurrent`` calls at once below this layer; queue up to ``max_queue`` more (FIFO)."""
 
@@ -157,9 +180,16 @@ class Bulkhead:
         self._partitions: Partitions[_Compartment] = Partitions(
             self._new_compartment, max_keys=self.options.max_keys, idle_after=self.options.idle_after
         )
+        self._lends = False
 
     def _new_compartment(self, key: Hashable) -> _Compartment:
         return _Compartment(key)
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        """Lend permits out only when a layer below may make a call wait for another's work (``coalesces``)."""
+        layers = pipeline.layers
+        below = layers[next(i for i, layer in enumerate(layers) if layer is self) + 1 :]
+        self._lends = any(getattr(layer, "coalesces", False) for layer in below)
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         key_of = self._key_of
@@ -172,10 +202,32 @@ class Bulkhead:
             compartment.in_flight += 1
         else:
             await self._wait(call, compartment, key)
+        if not self._lends:
+            try:
+                return await next(call)
+            finally:
+                compartment.release()
+        permit = _Permit(self, compartment, key)
+        record = call.record
+        leases = record.leases
+        if leases is None:
+            leases = record.leases = []
+        leases.append(permit)
         try:
             return await next(call)
         finally:
-            compartment.release()
+            leases.remove(permit)
+            if permit.held:
+                permit.compartment.release()
+
+    async def _take(self, call: Call, key: Hashable) -> _Compartment:
+        """A permit again for a call that lent its own (see :class:`_Permit`), by the same rules as a new call."""
+        compartment = self._single if self._key_of is None else self._partitions.get(key, call.clock.now())
+        if compartment.in_flight < self._max_concurrent:
+            compartment.in_flight += 1
+        else:
+            await self._wait(call, compartment, key)
+        return compartment
 
     async def _wait(self, call: Call, compartment: _Compartment, key: Hashable) -> None:
         """Queue for a permit; return holding one, or raise :class:`BulkheadFullError` (or the cancellation)."""

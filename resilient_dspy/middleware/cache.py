@@ -56,7 +56,7 @@ from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth
 from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, CallRecord, Handler, Pipeline
+from resilient_dspy.pipeline import Call, CallRecord, Handler, Pipeline, leases_lent, lend_leases, reclaim_leases
 
 __all__ = [
     "Cache",
@@ -587,6 +587,8 @@ class Cache:
         )
         self.backend = self.options.backend
         self.label = self.options.name or "Cache"
+        self.coalesces = self.options.single_flight
+        """A call may wait here for an identical call's answer: a Bulkhead above lends its slot meanwhile."""
         self._blocking = bool(getattr(self.backend, "blocking", True))
         self._nowait: NowaitBackend | None = self.backend if is_nowait(self.backend) else None
         self._serializer = CacheSerializer(self.options.types)
@@ -738,6 +740,8 @@ class Cache:
         except Exception:
             logger.exception("%s: could not compute the key; the call runs uncached", self.label)
             return await next(call)
+        if call.record.leases and leases_lent(call):
+            await reclaim_leases(call)  # an earlier pass of this call (a retry above) lent them as a follower
         if call.bypass_cache:
             self._count.bypassed += 1
             self._missed(call, key, bypassed=True)
@@ -763,6 +767,8 @@ class Cache:
                 # reentrant: an ancestor of this call leads the flight, so it can only end after this call
                 self._missed(call, key, bypassed=False)
                 return await next(call)
+            if call.record.leases:
+                lend_leases(call)  # it only waits: its bulkhead slot serves other questions meanwhile
             try:
                 outcome = await asyncio.shield(flight)
             except BaseException as error:  # the leader's error, or this follower's own cancellation / timeout
@@ -772,6 +778,8 @@ class Cache:
                 raise
             if outcome is not _RETRY:
                 return self._follow(call, key, outcome)
+            if call.record.leases and leases_lent(call):
+                await reclaim_leases(call)  # the leader was cancelled: this call may lead next
 
     def _flight(self, key: str) -> asyncio.Future[Any] | None:
         flight = self._flights.get(key)

@@ -79,10 +79,14 @@ def key_label(key: Hashable) -> str:
     return "" if key is None else str(key)
 
 
-def outcome_of(error: BaseException | None, served_by: str) -> str:
-    """``success`` or ``fallback`` (an alternative served), else ``rejected``, ``timeout``, ``error``, ``cancelled``."""
+def outcome_of(error: BaseException | None, served_by: str, attempts: int | None = None) -> str:
+    """``success``, ``cached`` (answered without reaching the program: a cache hit or a coalesced call; known when
+    ``attempts`` is given) or ``fallback`` (an alternative served), else ``rejected``, ``timeout``, ``error``,
+    ``cancelled``."""
     if error is None:
-        return "success" if served_by == "primary" else "fallback"
+        if served_by != "primary":
+            return "fallback"
+        return "cached" if attempts == 0 else "success"
     if isinstance(error, asyncio.CancelledError):
         return "cancelled"
     if isinstance(error, RejectedError):
@@ -213,7 +217,7 @@ def report_call(call: Call, started: float, window: UsageWindow | None, error: B
     record = call.record
     return CallReport(
         call.runtime.name,
-        outcome_of(error, record.served_by),
+        outcome_of(error, record.served_by, record.attempts),
         call.clock.now() - started,
         record.attempts,
         record.retries,

@@ -324,7 +324,7 @@ class CostTracker:
             account.cost += cost
             account.unpriced_tokens += sum(usage[model].total for model in unpriced)
         if self.on_call is not None:
-            outcome = outcome_of(error, call.record.served_by)
+            outcome = outcome_of(error, call.record.served_by, call.record.attempts)
             self.on_call(CallCost(pipeline, key, outcome, usage, cost, tuple(unpriced)))
 
     def on_event(self, event: Event) -> None:

@@ -167,27 +167,68 @@ class ScriptedProgram:
 
 class Checkpoint:
     """A middleware that journals every call passing it (start, end, error): place it below a layer to see exactly
-    what that layer let through, e.g. admissions below a RateLimiter or probes below a CircuitBreaker."""
+    what that layer let through, e.g. admissions below a RateLimiter or probes below a CircuitBreaker.
 
-    def __init__(self, name: str = "Checkpoint") -> None:
+    With ``follows_leases=True`` (below a Bulkhead) a call's passage pauses while it lends its permit (a Cache's
+    single-flight follower waiting, see :class:`~resilient_dspy.pipeline.Lease`): the journal then holds the spans
+    during which the call held a permit, one entry each."""
+
+    def __init__(self, name: str = "Checkpoint", *, follows_leases: bool = False) -> None:
         self.name = name
+        self.follows_leases = follows_leases
         self.journal: list[ProgramEntry] = []
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         values = list(call.inputs.values())
-        question = str(values[0]) if values else ""
-        entry = ProgramEntry(current_call.get(), question, None, call.clock.now())
-        self.journal.append(entry)
+        span = _Span(self, call, str(values[0]) if values else "")
+        leases = None
+        if self.follows_leases:
+            leases = call.record.leases
+            if leases is None:
+                leases = call.record.leases = []
+            leases.append(span)
         try:
             return await next(call)
         except asyncio.CancelledError:
-            entry.cancelled = True
+            span.entry.cancelled = True
             raise
         except Exception as error:
-            entry.error = error
+            span.entry.error = error
             raise
         finally:
-            entry.ended = call.clock.now()
+            if span.held:
+                span.entry.ended = call.clock.now()
+            if leases is not None:
+                leases.remove(span)
+
+
+class _Span:
+    """A call's passage through a :class:`Checkpoint` as a lease: lending ends its journal entry, reclaiming
+    starts the next one."""
+
+    __slots__ = ("call", "checkpoint", "entry", "held", "question")
+
+    def __init__(self, checkpoint: Checkpoint, call: Call, question: str) -> None:
+        self.checkpoint = checkpoint
+        self.call = call
+        self.question = question
+        self.held = True
+        self.entry = self._start()
+
+    def _start(self) -> ProgramEntry:
+        entry = ProgramEntry(current_call.get(), self.question, None, self.call.clock.now())
+        self.checkpoint.journal.append(entry)
+        return entry
+
+    def lend(self) -> None:
+        if self.held:
+            self.held = False
+            self.entry.ended = self.call.clock.now()
+
+    async def reclaim(self, call: Call) -> None:
+        if not self.held:
+            self.held = True
+            self.entry = self._start()
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +274,7 @@ class StackConfig:
             layers += [found["breaker"], found["probed"]]
         if self.bulkhead is not None:
             found["bulkhead"] = Bulkhead(**self.bulkhead)
-            found["running"] = Checkpoint("running")
+            found["running"] = Checkpoint("running", follows_leases=True)  # a follower's wait holds no permit
             layers += [found["bulkhead"], found["running"]]
         if self.attempt_timeout is not None:
             layers.append(Timeout(self.attempt_timeout))

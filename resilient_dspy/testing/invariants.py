@@ -290,7 +290,8 @@ def half_open_probes_respected(
 
 
 def bulkhead_limit_respected(journal: Sequence[Interval], max_concurrent: int) -> list[Violation]:
-    """At no instant did more than ``max_concurrent`` program runs overlap (bulkhead above the program)."""
+    """At no instant did more than ``max_concurrent`` calls hold a permit below the bulkhead (``journal``: the
+    spans a :class:`~resilient_dspy.testing.harness.Checkpoint` with ``follows_leases`` saw, or program runs)."""
     peak, at = _peak([(entry.started, entry.ended) for entry in journal])
     if peak > max_concurrent:
         return [

@@ -968,3 +968,22 @@ TestBreakerAgainstModel = BreakerMachine.TestCase
 def test_partition_keys_are_hashable_and_default_is_none() -> None:
     key: Hashable = CircuitBreaker(1).snapshot().key
     assert key is None
+
+
+async def test_a_consecutive_mode_snapshot_counts_the_calls_and_failures_since_the_last_state_change() -> None:
+    program = Scripted()
+    breaker = CircuitBreaker(failure_threshold=5)
+    pipeline = Pipeline(program, breaker)
+    for action in ["ok", server_error(), "ok", "ok", server_error(), "ok", "ok"]:
+        program.action = action
+        await asyncio.gather(pipeline("q"), return_exceptions=True)
+    snapshot = breaker.snapshot()
+    assert (snapshot.calls, snapshot.failures, snapshot.consecutive_failures) == (7, 2, 0)
+    assert snapshot.failure_rate == pytest.approx(2 / 7)
+    keyed = CircuitBreaker(failure_threshold=2, key=lambda call: "k")
+    keyed_pipeline = Pipeline(program, keyed)
+    program.action = server_error()
+    for _ in range(2):
+        with pytest.raises(dspy.LMServerError):
+            await keyed_pipeline("q")
+    assert (keyed.snapshot("k").state, keyed.snapshot("k").calls) == (OPEN, 0)  # counts restart at each change

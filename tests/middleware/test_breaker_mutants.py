@@ -178,7 +178,7 @@ async def test_snapshot_of_a_fresh_and_of_an_open_consecutive_circuit() -> None:
     pipeline = Pipeline(program, breaker)
     assert breaker.snapshot() == snap(break_duration=10.0)
     await run(pipeline, "fail")
-    assert breaker.snapshot() == snap(break_duration=10.0, consecutive_failures=1)
+    assert breaker.snapshot() == snap(break_duration=10.0, consecutive_failures=1, calls=1, failures=1)
     await run(pipeline, "fail")
     assert breaker.snapshot() == snap(state=OPEN, break_duration=10.0, retry_after=10.0)
     await asyncio.sleep(9.5)

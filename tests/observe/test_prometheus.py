@@ -204,3 +204,13 @@ def test_events_of_other_layers_are_routed_by_shape() -> None:
     }
     assert value(metrics, "resilient_dspy_chaos_injected_total", pipeline="qa", layer="Chaos", kind="latency") == 1
     assert value(metrics, "resilient_dspy_cache_requests_total", pipeline="qa", layer="Cache", result="bypass") == 1
+
+
+async def test_a_call_the_cache_answered_is_labelled_cached_not_a_provider_success() -> None:
+    metrics = PrometheusMetrics()
+    pipeline = Pipeline(Scripted(), metrics, Retry(2), Cache(), name="qa")
+    await pipeline("q")
+    await pipeline("q")
+    assert value(metrics, "resilient_dspy_calls_total", pipeline="qa", outcome="success") == 1
+    assert value(metrics, "resilient_dspy_calls_total", pipeline="qa", outcome="cached") == 1
+    assert value(metrics, "resilient_dspy_attempts_total", pipeline="qa") == 1

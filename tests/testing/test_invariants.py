@@ -130,3 +130,20 @@ def test_cancellation_permanent_errors_bulkhead_limiter_orphans() -> None:
     assert "3 admissions in [0, 1)" in limiter_respected([0.0, 0.5, 0.9], [Limit.requests(2, 1.0)])[0].message
     assert "bucket bound" in limiter_respected([0.0, 0.0, 0.0], [Limit.requests(1, 1.0, burst=2)])[0].message
     assert no_orphan_tasks([]) == [] and "left running" in no_orphan_tasks(["<Task x>"])[0].message
+
+
+async def test_followers_lending_their_bulkhead_permit_are_not_counted_as_running_below_it() -> None:
+    """Three identical calls through Bulkhead(2) ▶ Cache: one runs, two wait as followers having lent their
+    permits; the running checkpoint sees one span, and no bulkhead violation is reported (hypothesis's example)."""
+    from resilient_dspy.testing import FaultStep
+    from resilient_dspy.testing.harness import ScriptedProgram, StackConfig, run_calls
+    from resilient_dspy.testing.invariants import check_built
+
+    config = StackConfig(bulkhead={"max_concurrent": 2, "max_queue": 0, "max_wait": None}, cache=True)
+    program = ScriptedProgram([FaultStep(Fault.OK, latency=0.01)])
+    built = config.build(program)
+    run = await run_calls(built.pipeline, ["q0"] * 3, arrivals=[0.0, 0.0, 0.0], cancel_after={}, horizon=10.0)
+    assert [result.ok for result in run.calls] == [True, True, True]
+    assert len(program.journal) == 1
+    assert [(entry.started, entry.ended) for entry in built.checkpoint("running")][0] == (0.0, 0.01)
+    assert check_built(run, built, program.journal) == []
