@@ -1,5 +1,7 @@
 """resilient_dspy: reliability middleware (timeout, retry, fallback, …) for async DSPy programs."""
 
+import logging as _logging
+
 from resilient_dspy.cache_backends import (
     AiocacheBackend,
     CacheBackend,
@@ -170,3 +172,6 @@ __all__ = [
     "classify",
     "no_dspy_retries",
 ]
+
+# a library never configures logging: without the application's handlers, its records go nowhere (not stderr)
+_logging.getLogger("resilient_dspy").addHandler(_logging.NullHandler())

@@ -79,12 +79,20 @@ class RetriesExhaustedError(ResilienceError):
         self.__cause__ = last_error
 
 
+def format_seconds(seconds: float) -> str:
+    """``3600s``, ``1.6s``, ``0.012s``: a duration in plain seconds for messages (never ``3.6e+03s``)."""
+    if seconds >= 100 or seconds == int(seconds):
+        return f"{seconds:.0f}s"
+    digits = 3 if seconds < 1 else 2
+    return f"{seconds:.{digits}f}".rstrip("0").rstrip(".") + "s"
+
+
 class RejectedError(ResilienceError):
     """A layer refused to run the call; ``retry_after`` says when trying again may succeed, if known."""
 
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         self.retry_after = retry_after
-        suffix = f" (retry after {retry_after:.3g}s)" if retry_after is not None else ""
+        suffix = f" (retry after {format_seconds(retry_after)})" if retry_after is not None else ""
         super().__init__(f"{message or type(self).__name__}{suffix}")
 
 

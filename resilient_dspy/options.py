@@ -84,20 +84,52 @@ class FieldProblem(ValueError):
         super().__init__(rule)
 
 
-def problems_of(error: ValidationError, owner: str) -> list[tuple[str, str]]:
-    """Turn a pydantic error into ``(field, rule)`` pairs named ``Owner.field``."""
-    problems = []
+def problems_of(error: ValidationError, owner: str, values: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """Turn a pydantic error into ``(field, rule)`` pairs named ``Owner.field`` (``Owner.field.0`` for an item):
+    one per field, in the user's words — a value refused by every arm of a union gets one rule listing what each
+    arm wants, then the value it got, once; pydantic's schema tags never appear."""
+    problems: list[tuple[str, str]] = []
+    fields: dict[str, list[tuple[str, str]]] = {}  # field -> (path inside it, rule), in order
+    given: dict[str, str] = {}
     for item in error.errors():
         cause = item.get("ctx", {}).get("error")
         if isinstance(cause, FieldProblem):
             problems.append((f"{owner}.{cause.field}", cause.rule))
             continue
-        field = ".".join(str(part) for part in item["loc"]) or "options"
-        rule = item["msg"]
-        if "input" in item and item["type"] != "missing":
-            rule = f"{rule} (got {item['input']!r})"
-        problems.append((f"{owner}.{field}", rule))
-    return problems
+        loc = [str(part) for part in item["loc"] if not _is_schema_tag(part)] or ["options"]
+        field, inside = loc[0], ".".join(loc[1:])
+        rule = str(item["msg"]).removeprefix("Value error, ")
+        if field not in fields:
+            fields[field] = []
+            problems.append((f"{owner}.{field}", ""))
+        if (inside, rule) not in fields[field]:
+            fields[field].append((inside, rule))
+        if "input" in item and item["type"] != "missing" and "(got " not in rule and field not in given:
+            value = values[field] if values is not None and field in values else item["input"]
+            given[field] = f" (got {value!r})"
+    merged = []
+    for name, rule in problems:
+        field = name.removeprefix(f"{owner}.")
+        if rule or field not in fields:
+            merged.append((name, rule))
+            continue
+        parts = fields[field]
+        insides = {inside for inside, _ in parts}
+        if len(insides) == 1 and (inside := next(iter(insides))):
+            name = f"{name}.{inside}"
+            rules = [rule for _, rule in parts]
+        else:
+            rules = [f"item {inside}: {rule}" if inside else rule for inside, rule in parts]
+        merged.append((name, " or ".join(rules) + given.get(field, "")))
+    return merged
+
+
+def _is_schema_tag(part: Any) -> bool:
+    """A union member's or validator's tag in pydantic's error path (``tuple[...]``, ``callable``,
+    ``function-after[...]``), not a field name or an index."""
+    return isinstance(part, str) and (
+        "[" in part or part in {"callable", "none", "str", "int", "float", "bool", "list", "tuple", "dict"}
+    )
 
 
 def build_options(model: type[OptionsT], owner: str, values: dict[str, Any]) -> OptionsT:
@@ -105,4 +137,4 @@ def build_options(model: type[OptionsT], owner: str, values: dict[str, Any]) -> 
     try:
         return model(**values)
     except ValidationError as error:
-        raise ConfigurationError(problems_of(error, owner)) from None
+        raise ConfigurationError(problems_of(error, owner, values)) from None

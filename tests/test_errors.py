@@ -295,3 +295,12 @@ def test_configuration_error_lists_every_problem() -> None:
     assert str(ConfigurationError([("x", "bad")])) == "1 invalid setting:\n  - x: bad"
     assert isinstance(error, ValueError)
     assert isinstance(error, ResilienceError)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"), [(3600.0, "3600s"), (1.6, "1.6s"), (0.0123, "0.012s"), (0.0, "0s"), (86400.0, "86400s")]
+)
+def test_a_rejection_shows_its_retry_after_in_plain_seconds(seconds: float, shown: str) -> None:
+    from resilient_dspy import CircuitOpenError
+
+    assert str(CircuitOpenError("open", retry_after=seconds)) == f"open (retry after {shown})"

@@ -126,3 +126,23 @@ def test_options_validated_from_json_shaped_data_hold_tuples() -> None:
 def test_retry_takes_a_list_of_exception_types() -> None:
     """``Retry(retry_on=[...])`` retries exactly those types, as the tuple would."""
     assert Retry(3, retry_on=[ValueError, KeyError]).options.retry_on == (ValueError, KeyError)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: __import__("resilient_dspy").Retry(retry_on=["x"]),
+        lambda: __import__("resilient_dspy").Retry(retry_on=(int,)),
+        lambda: __import__("resilient_dspy").Fallback(__import__("resilient_dspy").Static(answer="x"), on="x"),
+    ],
+)
+def test_a_bad_value_is_reported_once_per_field_without_pydantic_internals(build: Any) -> None:
+    from resilient_dspy import ConfigurationError
+
+    with pytest.raises(ConfigurationError) as caught:
+        build()
+    [(field, rule)] = caught.value.problems
+    assert field.count(".") == 1  # Owner.field, no union member or schema tag in the path
+    for internal in ("tuple[", "is-subclass", "callable:", "Value error", "function-"):
+        assert internal not in f"{field}: {rule}"
+    assert rule.count("(got ") == 1

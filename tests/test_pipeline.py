@@ -353,3 +353,58 @@ def test_options_are_strict(build: Any, field: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
         build()
     assert [name for name, _ in raised.value.problems] == [field]
+
+
+def test_the_library_prints_nothing_unless_the_application_configures_logging(tmp_path: Any) -> None:
+    """A library adds a NullHandler: its warnings (a circuit opening) reach stderr only through the app's logging."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "quiet.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import asyncio, sys, logging
+            import dspy
+            from resilient_dspy import CircuitBreaker, Pipeline
+
+            async def down(question: str) -> str:
+                raise dspy.LMServerError("503", status=503)
+
+            async def main() -> None:
+                pipeline = Pipeline(down, CircuitBreaker(failure_threshold=1))
+                try:
+                    await pipeline("q")
+                except dspy.LMServerError:
+                    pass
+
+            if sys.argv[1:] == ["configured"]:
+                logging.basicConfig(level=logging.WARNING)
+            asyncio.run(main())
+            """
+        )
+    )
+    quiet = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    loud = subprocess.run([sys.executable, str(script), "configured"], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == loud.returncode == 0
+    assert "closed -> open" not in quiet.stderr
+    assert "closed -> open" in loud.stderr
+
+
+async def test_a_fallback_serving_is_logged_at_warning(caplog: Any) -> None:
+    import logging
+
+    import dspy
+
+    from resilient_dspy import Fallback, Static
+
+    async def down(question: str) -> str:
+        raise dspy.LMServerError("503", status=503)
+
+    pipeline = Pipeline(down, Fallback(Static(lambda inputs: "sorry", name="apology")))
+    with caplog.at_level(logging.WARNING, "resilient_dspy"):
+        assert await pipeline("q") == "sorry"
+    [record] = [r for r in caplog.records if r.name == "resilient_dspy.fallback"]
+    assert record.levelno == logging.WARNING
+    assert "apology" in record.getMessage() and "LMServerError" in record.getMessage()

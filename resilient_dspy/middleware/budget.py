@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
-from resilient_dspy.errors import BudgetExceededError, RequestTooLargeError
+from resilient_dspy.errors import BudgetExceededError, ConfigurationError, RequestTooLargeError
 from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
 from resilient_dspy.health import LayerHealth, Status, key_name, worst
@@ -296,6 +296,7 @@ class Budget:
         self._pinned_max_tokens: int | None = None
         self._pinned_model: str | None = None
         self._clock: Clock | None = None
+        self._reported_unpriced: set[str] = set()
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program's instructions, demos and pinned LMs once, for the default estimate and its price."""
@@ -306,6 +307,38 @@ class Budget:
             pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
             self._pinned_max_tokens = max(self._pinned_max_tokens or 0, *pinned)
             self._pinned_model = self._pinned_model or getattr(lms[0], "model", None)
+        unpriced = [
+            model for model in (getattr(lm, "model", None) for lm in [*lms, setting("lm")]) if self._unpriced(model)
+        ]
+        if unpriced:
+            raise ConfigurationError(
+                [
+                    (
+                        "Budget.price",
+                        f"has no price for model {unpriced[0]!r}: a dollar cap would count $0 for it and never trip "
+                        f"(add it, e.g. PriceTable({{{unpriced[0]!r}: (input_per_million, output_per_million)}}))",
+                    )
+                ]
+            )
+
+    def _unpriced(self, model: Any) -> bool:
+        """True for a model a price with ``lookup`` (a :class:`~resilient_dspy.observe.PriceTable`) cannot price."""
+        lookup = getattr(self._price, "lookup", None)
+        return (
+            isinstance(model, str) and self.options.dollars is not None and callable(lookup) and lookup(model) is None
+        )
+
+    def _warn_unpriced(self, usage: Mapping[str, Any]) -> None:
+        """Say once per model, at ERROR, that the dollar cap cannot see a model's spending."""
+        for model in usage:
+            if model not in self._reported_unpriced and self._unpriced(model) and len(self._reported_unpriced) < 256:
+                self._reported_unpriced.add(model)
+                logger.error(
+                    "%s: no price for model %r: its calls count $0 against the dollar cap; give the price a "
+                    "price for it",
+                    self.name,
+                    model,
+                )
 
     # --------------------------------------------------------------------------------------- estimates
 
@@ -417,6 +450,7 @@ class Budget:
         actual_dollars = 0.0
         if account.dollars is not None and usage:
             try:
+                self._warn_unpriced(usage)
                 actual_dollars = self._price_of(usage)
             except Exception:
                 logger.exception("%s: the price function failed; the call is charged its estimate", self.name)

@@ -645,7 +645,9 @@ class Cache:
         """The key a call of the pipeline with these inputs would use, under the current ``dspy.settings`` LM.
 
         Positional inputs map to the program's input fields, as when calling the pipeline. With a ``key=``
-        function, it receives a :class:`Call` holding these inputs (started at 0.0, no deadline).
+        function, it receives a :class:`Call` holding these inputs (started at 0.0, no deadline). A DSPy program
+        whose predictors take the LM from the context raises ``LookupError`` outside ``dspy.context(lm=...)``:
+        no call would use that key, so ``invalidate(key)`` would silently find nothing.
         """
         pipeline = self._pipeline
         if pipeline is None or self._keys is None:
@@ -654,6 +656,16 @@ class Cache:
         if self.options.key is not None:
             call = Call(merged, pipeline.runtime, CallRecord(started_at=0.0))
             return _custom_key(self.options.namespace, self.options.key(call))
+        target = self._target
+        if (
+            isinstance(target, ModuleTarget)
+            and setting("lm") is None
+            and any(getattr(predictor, "lm", None) is None for _, predictor in target.named_predictors())
+        ):
+            raise LookupError(
+                "no LM in effect: a call's key includes the LM it runs with, so call key_for inside the same "
+                "dspy.context(lm=...) (or dspy.configure) as the calls whose entries you mean"
+            )
         return self._keys.key(merged)
 
     async def drain(self) -> None:

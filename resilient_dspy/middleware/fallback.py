@@ -10,6 +10,7 @@ so). Cancellation is never handled. If every eligible alternative fails, :class:
 from __future__ import annotations
 
 import copy
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from resilient_dspy.options import Options, build_options
 from resilient_dspy.pipeline import Call, Handler
 
 __all__ = ["Alternative", "Fallback", "FallbackOptions", "FallbackUsed", "Static", "UseLM", "UseProgram"]
+
+logger = logging.getLogger("resilient_dspy.fallback")
 
 ErrorFilter = tuple[type[Exception], ...] | Callable[[Exception], bool]
 
@@ -212,6 +215,9 @@ class Fallback:
                 latest = error
                 continue
             call.record.served_by = alternative.name
+            logger.warning(
+                "%s: served by %r after %s: %s", call.runtime.name, alternative.name, type(latest).__name__, latest
+            )
             return value
         raise FallbackFailedError(
             f"all {len(tried)} tried of {len(self.alternatives) + 1} options failed ({', '.join(tried)})",

@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 current_call: ContextVar[int | None] = ContextVar("resilient_dspy_harness_call", default=None)
+current_recorder: ContextVar[EventRecorder | None] = ContextVar("resilient_dspy_harness_recorder", default=None)
+"""The run's event recorder, so a :class:`Checkpoint` entry knows which events came before it (same-instant order)."""
 """The harness index of the call the current task runs (None outside a harness call)."""
 
 E = TypeVar("E", bound=Event)
@@ -114,6 +116,8 @@ class ProgramEntry:
     ended: float = math.inf
     error: BaseException | None = None
     cancelled: bool = False
+    reached: bool | None = None  # at a checkpoint: whether the call reached the program below it (None: unknown)
+    events_before: int | None = None  # at a checkpoint: how many of the run's events were recorded when it started
 
     @property
     def finished(self) -> bool:
@@ -181,6 +185,7 @@ class Checkpoint:
     async def __call__(self, call: Call, next: Handler) -> Any:
         values = list(call.inputs.values())
         span = _Span(self, call, str(values[0]) if values else "")
+        attempts = call.record.attempts
         leases = None
         if self.follows_leases:
             leases = call.record.leases
@@ -198,6 +203,7 @@ class Checkpoint:
         finally:
             if span.held:
                 span.entry.ended = call.clock.now()
+            span.entry.reached = call.record.attempts != attempts
             if leases is not None:
                 leases.remove(span)
 
@@ -217,6 +223,8 @@ class _Span:
 
     def _start(self) -> ProgramEntry:
         entry = ProgramEntry(current_call.get(), self.question, None, self.call.clock.now())
+        recorder = current_recorder.get()
+        entry.events_before = None if recorder is None else len(recorder.events)
         self.checkpoint.journal.append(entry)
         return entry
 
@@ -354,6 +362,7 @@ async def run_calls(
 
     async def one(index: int, question: str) -> None:
         current_call.set(index)
+        current_recorder.set(recorder)
         if arrivals is not None:
             await clock.sleep(max(0.0, start + arrivals[index] - clock.now()))
         if gate is not None:

@@ -260,22 +260,31 @@ def half_open_probes_respected(
 
     Valid when the breaker sits right above the program (each program run is one breaker call). A probe holds its
     permit from its start until it ends neutral (cancelled, excluded error) or one break after it started (a hung
-    probe is reclaimed then); a success keeps it until the circuit decides. ``journal`` entries need ``started``,
-    ``ended``, ``error`` and ``cancelled``.
+    probe is reclaimed then, or did not reach the program: a cache hit); a success keeps it until the circuit
+    decides. ``journal`` entries need ``started``, ``ended``, ``error`` and ``cancelled`` (and ``reached`` if known).
     """
     limit = breaker.options.half_open_probes
     brk = breaker.options.break_duration  # the shortest a permit is held (the break only grows): never a false alarm
-    changes = [(e.event.time, e.event) for e in events if isinstance(e.event, CircuitStateChanged)]
+    changes = [(i, e.event.time, e.event) for i, e in enumerate(events) if isinstance(e.event, CircuitStateChanged)]
     found = []
-    for position, (opened, change) in enumerate(changes):
+    for position, (index, opened, change) in enumerate(changes):
         if change.new is not CircuitState.HALF_OPEN:
             continue
-        closes = changes[position + 1][0] if position + 1 < len(changes) else math.inf
+        following = changes[position + 1] if position + 1 < len(changes) else None
+        closes = following[1] if following is not None else math.inf
         held: list[tuple[float, float]] = []
         for entry in journal:
-            if not opened - EPSILON <= entry.started < closes - EPSILON:
+            seen = getattr(entry, "events_before", None)
+            if seen is not None:  # the order of events: exact even for runs at one instant
+                if not index < seen <= (following[0] if following is not None else len(events)):
+                    continue
+            elif not opened - EPSILON <= entry.started < closes - EPSILON:
                 continue
-            neutral = entry.cancelled or (entry.error is not None and breaker.counts_as_failure(entry.error) is None)
+            neutral = (
+                entry.cancelled
+                or getattr(entry, "reached", None) is False  # a cache hit or a coalesced call: not a provider outcome
+                or (entry.error is not None and breaker.counts_as_failure(entry.error) is None)
+            )
             release = min(entry.ended if neutral else math.inf, entry.started + brk, closes)
             held.append((entry.started, release))
         peak, at = _peak(held)

@@ -92,7 +92,7 @@ def transitions(events: list[Event]) -> list[tuple[Any, ...]]:
 
 # ------------------------------------------------------------------------------------------- validation
 
-FILTER_RULE = "Value error, must be exception types or a predicate of the exception"
+FILTER_RULE = "must be exception types or a predicate of the exception"
 
 
 @pytest.mark.parametrize(

@@ -430,3 +430,32 @@ def test_describe_names_the_caps_and_functions() -> None:
     assert (options["tokens"], options["dollars"], options["per"]) == (100, 2.0, 3600.0)
     assert options["price"].endswith("my_price")
     assert (options["estimate_tokens"], options["partitioned"]) == ("default", False)
+
+
+def test_a_dollar_budget_whose_price_table_does_not_know_a_pinned_model_is_refused_at_build() -> None:
+    from resilient_dspy import ConfigurationError
+    from resilient_dspy.observe import PriceTable
+
+    program = dspy.Predict("question -> answer")
+    program.lm = FaultInjectingLM("no-such-model")
+    prices = PriceTable(defaults=False, litellm=False)
+    with pytest.raises(ConfigurationError) as caught:
+        Pipeline(program, Budget(dollars=5.0, price=prices))
+    [(field, rule)] = caught.value.problems
+    assert field == "Budget.price" and "no-such-model" in rule
+    known = PriceTable({"custom/no-such-model": (1.0, 2.0)}, defaults=False, litellm=False)
+    Pipeline(program, Budget(dollars=5.0, price=known))  # priced: builds
+
+
+async def test_a_model_the_price_table_does_not_know_is_reported_once_at_error_level(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from resilient_dspy.observe import PriceTable
+
+    budget = Budget(dollars=5.0, price=PriceTable(defaults=False, litellm=False))
+    pipeline = Pipeline(dspy.Predict("question -> answer"), budget)
+    with dspy.context(lm=FaultInjectingLM("unpriced")), caplog.at_level(logging.ERROR, "resilient_dspy"):
+        for _ in range(3):
+            await pipeline("q")
+    unpriced = [r for r in caplog.records if "custom/unpriced" in r.getMessage()]
+    assert len(unpriced) == 1 and unpriced[0].levelno == logging.ERROR

@@ -531,9 +531,10 @@ def test_the_key_is_the_digest_of_version_identity_and_canonical_inputs() -> Non
         text = _dumps([KEY_VERSION, identity, _canonical(inputs)])
         return f"default:{hashlib.sha256(text.encode()).hexdigest()}"
 
-    for cache in (keyed(ask), keyed(dspy.Predict("question, context -> answer"))):
+    for cache, needs_lm in ((keyed(ask), False), (keyed(dspy.Predict("question, context -> answer")), True)):
         for inputs in ({"question": "q"}, {"question": "q", "context": ["a", ("b",)]}, {"question": 1.5}):
-            assert cache.key_for(**inputs) == expected(cache, inputs)
+            if not needs_lm:  # a DSPy program's key needs the LM in context
+                assert cache.key_for(**inputs) == expected(cache, inputs)
             with dspy.context(lm=FaultInjectingLM(temperature=0.2), adapter=dspy.JSONAdapter()):
                 assert cache.key_for(**inputs) == expected(cache, inputs)
 
@@ -1201,3 +1202,20 @@ def test_the_serializer_allowlist_comes_from_the_signatures() -> None:
     Pipeline(dspy.Predict(signature), cache)
     serializer: CacheSerializer = cache._serializer
     assert serializer.knows(Answer)
+
+
+async def test_key_for_outside_any_lm_context_says_so_instead_of_returning_a_key_no_call_uses() -> None:
+    cache = Cache()
+    pipeline = Pipeline(dspy.Predict("question -> answer"), cache)
+    lm = FaultInjectingLM()
+    with dspy.context(lm=lm):
+        await pipeline("q")
+        key = cache.key_for("q")
+    with pytest.raises(LookupError):
+        cache.key_for("q")
+    assert await cache.invalidate(key)
+    pinned = dspy.Predict("question -> answer")
+    pinned.lm = lm
+    pinned_cache = Cache()
+    Pipeline(pinned, pinned_cache)
+    assert pinned_cache.key_for("q").startswith("default:")  # every predictor has its LM: no context needed
