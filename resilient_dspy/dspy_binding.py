@@ -1,6 +1,7 @@
 """Adapters that turn what a pipeline wraps into its terminal handler.
 
-A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usage tracking), a ``dspy.LM``
+A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usage tracking), or, when it defines only
+a sync ``forward``, in a worker thread (``dspy.asyncify``, settings carried over); a ``dspy.LM``
 with ``acall(prompt=...)``, a :class:`~resilient_dspy.Pipeline` with the parent's deadline, and any
 ``async def`` with its parameters as inputs. Each adapter knows its input fields, so a positional
 argument maps to the first one.
@@ -213,13 +214,20 @@ def _module_inputs(program: dspy.Module) -> tuple[str, ...]:
 
 
 class ModuleTarget:
-    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off."""
+    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off.
+
+    A module that defines only ``forward`` (the usual DSPy style) runs in a worker thread through ``dspy.asyncify``:
+    DSPy's settings (the LM of ``dspy.context``, usage tracking) are carried into the thread, and at most
+    ``dspy.settings.async_max_workers`` such calls (default 8) run at once.
+    """
 
     def __init__(self, program: dspy.Module) -> None:
         self.program = program
         self.name = type(program).__name__
         self.input_fields = _module_inputs(program)
         self._watch = _RetryWatch(self.name)
+        self._threaded = getattr(type(program), "aforward", None) is None
+        self._in_thread: Any = dspy.asyncify(program) if self._threaded else None
 
     def watch_dspy_retries(self) -> None:
         self._watch.enabled = True
@@ -233,6 +241,8 @@ class ModuleTarget:
             self._watch.check(setting("lm"))
         if call.bypass_cache:
             return self._call_uncached(call.inputs)
+        if self._in_thread is not None:
+            return self._in_thread(**call.inputs)  # type: ignore[no-any-return]
         return self.program.acall(**call.inputs)  # type: ignore[no-any-return]
 
     async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
@@ -241,6 +251,8 @@ class ModuleTarget:
             if original.lm is not None:
                 copy.lm = original.lm.copy(cache=False)
         with _uncached_settings_lm():
+            if self._threaded:
+                return await dspy.asyncify(fresh)(**inputs)
             return await fresh.acall(**inputs)
 
     def describe(self) -> dict[str, Any]:
@@ -343,6 +355,30 @@ def _is_async_callable(obj: Any) -> bool:
     return inspect.iscoroutinefunction(obj) or (callable(obj) and inspect.iscoroutinefunction(obj.__call__))
 
 
+def _is_async_generator(obj: Any) -> bool:
+    return inspect.isasyncgenfunction(obj) or (callable(obj) and inspect.isasyncgenfunction(obj.__call__))
+
+
+def _module_problem(program: dspy.Module) -> str | None:
+    """Why ``program`` cannot be run to one result, or None: it needs a ``forward`` or an ``aforward`` to call."""
+    forward = getattr(type(program), "forward", None)
+    aforward = getattr(type(program), "aforward", None)
+    for name, method in (("aforward", aforward), ("forward", forward)):
+        if method is not None and inspect.isasyncgenfunction(method):
+            return (
+                f"{type(program).__name__}.{name} is an async generator; a pipeline runs a program to one result "
+                "(return a dspy.Prediction; stream with dspy.streamify outside the pipeline)"
+            )
+    if forward is None and aforward is None:
+        return f"{type(program).__name__} defines neither forward() nor aforward(); a dspy.Module needs one of them"
+    if aforward is None and forward is not None and inspect.iscoroutinefunction(forward):
+        return (
+            f"{type(program).__name__}.forward is async; name it aforward() (DSPy's acall runs aforward, "
+            "and a sync forward() runs in a worker thread)"
+        )
+    return None
+
+
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
     """The :class:`Target` for ``program``, or None with the reason appended to ``problems``."""
     from resilient_dspy.pipeline import Pipeline
@@ -350,11 +386,24 @@ def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | Non
     if isinstance(program, Pipeline):
         return PipelineTarget(program)
     if isinstance(program, dspy.Module):
+        problem = _module_problem(program)
+        if problem is not None:
+            problems.append(("program", problem))
+            return None
         return ModuleTarget(program)
     if isinstance(program, dspy.BaseLM):
         return LMTarget(program)
     if _is_async_callable(program) and not isinstance(program, type):
         return CallableTarget(program)
+    if _is_async_generator(program) and not isinstance(program, type):
+        problems.append(
+            (
+                "program",
+                f"is an async generator function ({program!r:.80}); a pipeline runs a program to one result: "
+                "make it an async def that returns",
+            )
+        )
+        return None
     kind = "a sync function" if callable(program) else type(program).__name__
     problems.append(
         (
