@@ -13,7 +13,7 @@ import contextlib
 import inspect
 import warnings
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import dspy
@@ -42,6 +42,10 @@ class Target(Protocol):
     input_fields: tuple[str, ...]
 
     async def __call__(self, call: Call) -> Any: ...
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """What is wrong with ``inputs`` (an unknown name, a required one missing), as ``(field, rule)``; [] if none."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -193,24 +197,85 @@ def _signature_inputs(signature: Any) -> tuple[str, ...]:
     return tuple(fields) if fields else ()
 
 
-def _module_inputs(program: dspy.Module) -> tuple[str, ...]:
-    own = _signature_inputs(getattr(program, "signature", None))
-    if own:
-        return own
-    method = getattr(type(program), "forward", None) or getattr(type(program), "aforward", None)
-    parameters = [
-        p
-        for p in (inspect.signature(method).parameters.values() if method is not None else ())
-        if p.name != "self"
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+_DSPY_CALL_OPTIONS = frozenset({"config", "lm", "demos", "signature", "prediction"})
+"""Keywords ``dspy.Predict`` takes besides its signature's fields (per-call LM config, LM, demos, ...)."""
+
+
+class InputRule:
+    """Which input names a program takes: ``required`` ones must be given, and none beyond ``accepted`` (None: any)."""
+
+    __slots__ = ("accepted", "owner", "required")
+
+    def __init__(self, owner: str, required: Iterable[str], accepted: Iterable[str] | None) -> None:
+        self.owner = owner
+        self.required = frozenset(required)
+        self.accepted = None if accepted is None else frozenset(accepted)
+
+    def problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        found = [
+            (name, f"is not an input of {self.owner} (it takes {sorted(self.accepted)})")
+            for name in inputs
+            if self.accepted is not None and name not in self.accepted
+        ]
+        found += [
+            (name, f"is required by {self.owner} and was not given")
+            for name in sorted(self.required)
+            if name not in inputs
+        ]
+        return found
+
+
+def _signature_rule(owner: str, signature: Any) -> InputRule:
+    """DSPy's own rule: a field with a default, or whose annotation allows None, may be left out."""
+    fields = signature.input_fields
+    required = [
+        name
+        for name, info in fields.items()
+        if info.is_required() and not _annotation_allows_none(getattr(info, "annotation", None))
     ]
+    return InputRule(owner, required, (*fields, *_DSPY_CALL_OPTIONS))
+
+
+def _annotation_allows_none(annotation: Any) -> bool:
+    try:
+        from dspy.adapters.utils import annotation_allows_none
+    except ImportError:  # pragma: no cover - a DSPy that moved it: every field is then required unless defaulted
+        return False
+    return bool(annotation_allows_none(annotation))
+
+
+def _parameters_rule(owner: str, parameters: Iterable[inspect.Parameter]) -> InputRule:
+    """A function's rule: parameters without a default are required; ``**kwargs`` accepts any other name."""
+    named = [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    return InputRule(
+        owner,
+        [p.name for p in named if p.default is p.empty],
+        None if takes_any else [p.name for p in named],
+    )
+
+
+def _module_inputs(program: dspy.Module) -> tuple[tuple[str, ...], InputRule]:
+    """The module's input fields (for positionals) and its rule for input names."""
+    owner = type(program).__name__
+    signature = getattr(program, "signature", None)
+    own = _signature_inputs(signature)
+    if own:
+        return own, _signature_rule(owner, signature)
+    method = getattr(type(program), "forward", None) or getattr(type(program), "aforward", None)
+    all_parameters = [
+        p for p in (inspect.signature(method).parameters.values() if method is not None else ()) if p.name != "self"
+    ]
+    parameters = [p for p in all_parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if parameters:
-        return tuple(p.name for p in parameters)
+        return tuple(p.name for p in parameters), _parameters_rule(owner, all_parameters)
     for _, predictor in program.named_predictors():
         found = _signature_inputs(predictor.signature)
         if found:
-            return found
-    return ()
+            if any(p.kind is p.VAR_KEYWORD for p in all_parameters):  # forward(**kwargs) hands them to predictors
+                return found, _signature_rule(owner, predictor.signature)
+            return found, _parameters_rule(owner, all_parameters)
+    return (), _parameters_rule(owner, all_parameters)
 
 
 class ModuleTarget:
@@ -224,7 +289,7 @@ class ModuleTarget:
     def __init__(self, program: dspy.Module) -> None:
         self.program = program
         self.name = type(program).__name__
-        self.input_fields = _module_inputs(program)
+        self.input_fields, self._rule = _module_inputs(program)
         self._watch = _RetryWatch(self.name)
         self._threaded = getattr(type(program), "aforward", None) is None
         self._in_thread: Any = dspy.asyncify(program) if self._threaded else None
@@ -244,6 +309,9 @@ class ModuleTarget:
         if self._in_thread is not None:
             return self._in_thread(**call.inputs)  # type: ignore[no-any-return]
         return self.program.acall(**call.inputs)  # type: ignore[no-any-return]
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self._rule.problems(inputs)
 
     async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
         fresh = self.program.deepcopy()
@@ -284,6 +352,12 @@ class LMTarget:
         self._watch.enabled = True
         self._watch.check(self.lm, stacklevel=5)
 
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """``prompt`` or ``messages`` must be given; any other name is a call kwarg for the LM (temperature, ...)."""
+        if "prompt" in inputs or "messages" in inputs:
+            return []
+        return [("prompt", f"{self.name} needs prompt= or messages= (got {sorted(inputs)})")]
+
     def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
         # a plain def handing back the LM's coroutine: one coroutine frame less per attempt
         call.record.attempts += 1
@@ -306,9 +380,13 @@ class CallableTarget:
             p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
         )
         self._positional_only = tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY)
+        self._rule = _parameters_rule(self.name, parameters)
 
     def watch_dspy_retries(self) -> None:
         """A plain function's LMs are not visible to us; see the retry docs on ``num_retries``."""
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self._rule.problems(inputs)
 
     def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
         # a plain def handing back the function's coroutine: one coroutine frame less per attempt
@@ -333,6 +411,9 @@ class PipelineTarget:
 
     def watch_dspy_retries(self) -> None:
         self.pipeline.target.watch_dspy_retries()
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self.pipeline.target.input_problems(inputs)
 
     async def __call__(self, call: Call) -> Any:
         nested = self.pipeline.new_call(

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
-from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.errors import ConfigurationError, InvalidInputError
 from resilient_dspy.events import Event, Listener, deliver, listener_problem
 from resilient_dspy.health import PipelineHealth, worst
 from resilient_dspy.trace import Trace, traced
@@ -229,6 +229,7 @@ class Pipeline:
         self.layers: tuple[Middleware, ...] = tuple(middleware)
         self.name = name or target.name
         self._target: Target = target
+        self._all_inputs = frozenset(target.input_fields)  # all of them, nothing else: always valid (the fast path)
         self._runtime = Runtime(self.name, clock or LoopClock(), rng or random.Random(), tuple(listeners))
         handler: Handler = target
         for layer in reversed(self.layers):
@@ -266,11 +267,14 @@ class Pipeline:
         self._runtime = dataclasses.replace(self._runtime, listeners=(*self._runtime.listeners, listener))
 
     def inputs_of(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The program's keyword inputs for a call made as ``pipeline(*args, **kwargs)``."""
-        return self._inputs(args, kwargs)
+        """The program's keyword inputs for a call made as ``pipeline(*args, **kwargs)`` (positionals mapped to names;
+        the names are not checked here, as a cache key or a test may be built for any inputs; a call checks them)."""
+        return self._inputs(args, kwargs, check=False)
 
-    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], check: bool = True) -> dict[str, Any]:
         if not args:
+            if check and kwargs.keys() != self._all_inputs:
+                self._check_inputs(kwargs)
             return kwargs
         fields = self._target.input_fields
         if len(args) > len(fields):
@@ -280,7 +284,16 @@ class Pipeline:
         if clash:
             raise TypeError(f"{self.name} got input(s) {sorted(clash)} both positionally and by keyword")
         inputs.update(kwargs)
+        if check and inputs.keys() != self._all_inputs:
+            self._check_inputs(inputs)
         return inputs
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        """Refuse an unknown input name or a missing required one, before any layer runs (not the fast path)."""
+        problems = self._target.input_problems(inputs)
+        if problems:
+            field, rule = problems[0]
+            raise InvalidInputError(field, rule, problems=problems)
 
     def new_call(
         self,
@@ -309,8 +322,12 @@ class Pipeline:
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # new_call inlined: its keyword defaults cost a few hundred ns on every call
+        if args:
+            kwargs = self._inputs(args, kwargs)
+        elif kwargs.keys() != self._all_inputs:
+            self._check_inputs(kwargs)
         runtime = self._runtime
-        call = Call(kwargs if not args else self._inputs(args, kwargs), runtime, CallRecord(runtime.clock.now()))
+        call = Call(kwargs, runtime, CallRecord(runtime.clock.now()))
         return await self._handler(call)
 
     async def invoke(self, *args: Any, **kwargs: Any) -> Outcome:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from resilient_dspy import (
@@ -353,3 +356,126 @@ def test_options_are_strict(build: Any, field: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
         build()
     assert [name for name, _ in raised.value.problems] == [field]
+
+
+# --- input field names are checked before any layer runs ----------------------------------------------
+
+
+class _Count:
+    """A layer that counts the calls reaching it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        self.calls += 1
+        return await next(call)
+
+
+async def test_a_misspelled_or_missing_input_raises_invalid_input_error_before_any_layer() -> None:
+    """Regression: pipeline(qestion=...) and pipeline() reached the LM with an empty question."""
+    import dspy
+
+    from resilient_dspy import InvalidInputError
+    from resilient_dspy.testing import FaultInjectingLM
+
+    lm = FaultInjectingLM()
+    layer = _Count()
+    pipeline = Pipeline(dspy.Predict("question -> answer"), layer)
+    with dspy.context(lm=lm):
+        with pytest.raises(InvalidInputError) as misspelled:
+            await pipeline(qestion="What is DSPy?")
+        with pytest.raises(InvalidInputError) as missing:
+            await pipeline()
+        with pytest.raises(InvalidInputError):
+            await pipeline.invoke(qestion="What is DSPy?")
+        with pytest.raises(InvalidInputError):
+            await pipeline.traced()
+    assert {field for field, _ in misspelled.value.problems} == {"qestion", "question"}
+    assert missing.value.field == "question"
+    assert layer.calls == 0 and lm.requests == 0
+
+
+async def test_inputs_with_defaults_are_optional_and_unknown_ones_are_refused() -> None:
+    """A parameter with a default may be left out; a name the program does not take is refused."""
+    from resilient_dspy import InvalidInputError
+
+    async def search(query: str, k: int = 3) -> list[str]:
+        return [query] * k
+
+    pipeline = Pipeline(search)
+    assert await pipeline("q") == ["q"] * 3
+    assert await pipeline(query="q", k=1) == ["q"]
+    with pytest.raises(InvalidInputError) as raised:
+        await pipeline(query="q", kk=1)
+    assert raised.value.field == "kk"
+    with pytest.raises(InvalidInputError) as raised:
+        await pipeline(k=1)
+    assert raised.value.field == "query"
+
+
+async def test_a_module_takes_its_fields_and_dspys_call_options() -> None:
+    """A module takes its signature's fields (optional ones may be left out) and DSPy's per-call keywords."""
+    import dspy
+
+    from resilient_dspy import InvalidInputError
+    from resilient_dspy.testing import FaultInjectingLM
+
+    class WithHint(dspy.Signature):
+        question: str = dspy.InputField()
+        hint: str | None = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    pipeline = Pipeline(dspy.ChainOfThought(WithHint))
+    with dspy.context(lm=FaultInjectingLM()):
+        assert (await pipeline(question="q")).answer
+        assert (await pipeline(question="q", hint="h", config={"temperature": 0.5})).answer
+        with pytest.raises(InvalidInputError) as raised:
+            await pipeline(question="q", hnit="h")
+    assert raised.value.field == "hnit"
+
+
+async def test_an_lm_takes_prompt_or_messages_and_any_call_kwargs() -> None:
+    """Wrapping a dspy.LM: prompt or messages, plus call kwargs (temperature, ...); neither is refused."""
+    from resilient_dspy import InvalidInputError
+    from resilient_dspy.testing import FaultInjectingLM
+
+    pipeline = Pipeline(FaultInjectingLM())
+    assert await pipeline("hi")
+    assert await pipeline(prompt="hi", temperature=0.1)
+    messages = [{"role": "user", "content": "hi"}]
+    assert pipeline.target.input_problems({"messages": messages, "temperature": 0.1}) == []
+    with pytest.raises(InvalidInputError) as raised:
+        await pipeline(temperature=0.1)
+    assert raised.value.field == "prompt"
+
+
+def _accepts(keys: set[str], required: set[str], known: set[str]) -> bool:
+    return required <= keys <= known
+
+
+_NAMES = st.sets(st.sampled_from(["question", "context", "k", "qestion", "contxt", "extra"]), max_size=6)
+
+
+@given(_NAMES)
+def test_inputs_are_refused_exactly_when_a_name_is_unknown_or_a_required_one_is_missing(names: set[str]) -> None:
+    """Property: every call whose names are not all known, or miss a required one, raises InvalidInputError naming
+    such a field; every other call is accepted."""
+    from resilient_dspy import InvalidInputError
+
+    async def program(question: str, context: str, k: int = 1) -> str:
+        return question
+
+    layer = _Count()
+    pipeline = Pipeline(program, layer)
+    required, known = {"question", "context"}, {"question", "context", "k"}
+    inputs = dict.fromkeys(names, "x")
+    if _accepts(names, required, known):
+        assert asyncio.run(pipeline(**inputs)) == "x"
+        assert layer.calls == 1
+    else:
+        with pytest.raises(InvalidInputError) as raised:
+            asyncio.run(pipeline(**inputs))
+        assert layer.calls == 0
+        wrong = (names - known) | (required - names)
+        assert {field for field, _ in raised.value.problems} == wrong
