@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 import random
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
@@ -18,14 +19,16 @@ from pydantic import BaseModel
 
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
-from resilient_dspy.errors import ConfigurationError, InvalidInputError
+from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
 from resilient_dspy.events import Event, Listener, deliver, listener_problem
-from resilient_dspy.health import PipelineHealth, worst
+from resilient_dspy.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.trace import Trace, traced
 
 __all__ = ["Call", "CallRecord", "Handler", "Middleware", "Outcome", "Pipeline", "Runtime"]
 
 Handler = Callable[["Call"], Awaitable[Any]]
+
+logger = logging.getLogger("resilient_dspy.pipeline")
 
 
 @runtime_checkable
@@ -236,6 +239,8 @@ class Pipeline:
             handler = _bind(layer, handler)
         self._handler = handler
         self._traced_handler: Handler | None = None
+        self._mistake: BaseException | None = None  # the last user mistake, until a call succeeds (health)
+        self._mistakes_logged: set[type[BaseException]] = set()
         for layer in self.layers:
             on_build = getattr(layer, "on_build", None)
             if on_build is not None:
@@ -318,7 +323,31 @@ class Pipeline:
 
     async def run(self, call: Call) -> Any:
         """Run an already-built call through the stack."""
-        return await self._handler(call)
+        try:
+            value = await self._handler(call)
+        except Exception as error:
+            self._failed(error)
+            raise
+        if self._mistake is not None:
+            self._mistake = None
+        return value
+
+    def _failed(self, error: Exception) -> None:
+        """Note a user mistake (a configuration or programming error) for health(), logging it once per type."""
+        if classify(error).kind is not ErrorKind.USER_MISTAKE:
+            return
+        self._mistake = error
+        kind = type(error)
+        if kind not in self._mistakes_logged:
+            self._mistakes_logged.add(kind)
+            logger.error(
+                "pipeline %r: %s is a configuration or programming error: it is not retried and no fallback "
+                "serves it, so every such call fails until it is fixed (logged once per error type): %s",
+                self.name,
+                kind.__name__,
+                error,
+                exc_info=error,
+            )
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # new_call inlined: its keyword defaults cost a few hundred ns on every call
@@ -328,12 +357,19 @@ class Pipeline:
             self._check_inputs(kwargs)
         runtime = self._runtime
         call = Call(kwargs, runtime, CallRecord(runtime.clock.now()))
-        return await self._handler(call)
+        try:
+            value = await self._handler(call)
+        except Exception as error:
+            self._failed(error)
+            raise
+        if self._mistake is not None:
+            self._mistake = None
+        return value
 
     async def invoke(self, *args: Any, **kwargs: Any) -> Outcome:
         """Like calling the pipeline, but returns an :class:`Outcome` (which alternative served, attempts, …)."""
         call = self.new_call(self._inputs(args, kwargs))
-        value = await self._handler(call)
+        value = await self.run(call)
         record = call.record
         return Outcome(
             value, record.served_by, record.attempts, record.retries, self._runtime.clock.now() - record.started_at
@@ -356,6 +392,7 @@ class Pipeline:
         try:
             value = await handler(call)
         except Exception as error:
+            self._failed(error)
             trace.close(trace.root, runtime.clock.now(), error)
             # a frozen dataclass or a read-only ``trace`` refuses it: the caller still gets its own error, untraced
             with contextlib.suppress(Exception):
@@ -364,6 +401,8 @@ class Pipeline:
         except BaseException as error:
             trace.close(trace.root, runtime.clock.now(), error)
             raise
+        if self._mistake is not None:
+            self._mistake = None
         now = runtime.clock.now()
         trace.close(trace.root, now)
         record = call.record
@@ -376,12 +415,25 @@ class Pipeline:
         return handler
 
     def health(self) -> PipelineHealth:
-        """Every stateful layer's status (breaker states, saturation, hit rate, budget left) and readiness."""
+        """Every stateful layer's status (breaker states, saturation, hit rate, budget left) and readiness.
+
+        After a user mistake (a configuration or programming error, see :mod:`.errors`) a ``program`` report says
+        ``down``, naming the error, until a later call succeeds: every call fails the same way until it is fixed.
+        """
         reports = []
         for layer in self.layers:
             report = getattr(layer, "health", None)
             if report is not None:
                 reports.append(report())
+        mistake = self._mistake
+        if mistake is not None:
+            reports.append(
+                LayerHealth(
+                    "program",
+                    "down",
+                    {"error": f"{type(mistake).__name__}: {mistake}", "kind": ErrorKind.USER_MISTAKE.value},
+                )
+            )
         return PipelineHealth(self.name, worst(r.status for r in reports), tuple(reports))
 
     def describe(self) -> list[dict[str, Any]]:
