@@ -278,6 +278,20 @@ def _module_inputs(program: dspy.Module) -> tuple[tuple[str, ...], InputRule]:
     return (), _parameters_rule(owner, all_parameters)
 
 
+def _module_outputs(program: dspy.Module) -> tuple[str, ...] | None:
+    """The output fields every answer of ``program`` has, when certain: its own signature's (``Predict``, ``ReAct``),
+    a ``ChainOfThought``'s without the ``reasoning`` it adds; None for a custom module (its forward decides)."""
+    own = getattr(program, "signature", None)
+    if own is not None and getattr(own, "output_fields", None):
+        return tuple(own.output_fields)
+    if isinstance(program, dspy.ChainOfThought):
+        predict = getattr(program, "predict", None)
+        fields = getattr(getattr(predict, "signature", None), "output_fields", None)
+        if fields:
+            return tuple(name for name in fields if name != "reasoning")
+    return None
+
+
 class ModuleTarget:
     """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off.
 
@@ -290,6 +304,7 @@ class ModuleTarget:
         self.program = program
         self.name = type(program).__name__
         self.input_fields, self._rule = _module_inputs(program)
+        self.output_fields = _module_outputs(program)
         self._watch = _RetryWatch(self.name)
         self._threaded = getattr(type(program), "aforward", None) is None
         self._in_thread: Any = dspy.asyncify(program) if self._threaded else None
@@ -342,6 +357,7 @@ class LMTarget:
     """Runs a ``dspy.LM`` (or any ``BaseLM``): inputs are ``prompt`` or ``messages`` plus call kwargs."""
 
     input_fields: tuple[str, ...] = ("prompt",)
+    output_fields: tuple[str, ...] | None = None
 
     def __init__(self, lm: dspy.BaseLM) -> None:
         self.lm = lm
@@ -381,6 +397,7 @@ class CallableTarget:
         )
         self._positional_only = tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY)
         self._rule = _parameters_rule(self.name, parameters)
+        self.output_fields: tuple[str, ...] | None = None
 
     def watch_dspy_retries(self) -> None:
         """A plain function's LMs are not visible to us; see the retry docs on ``num_retries``."""
@@ -408,6 +425,7 @@ class PipelineTarget:
         self.pipeline = pipeline
         self.name = pipeline.name
         self.input_fields = pipeline.input_fields
+        self.output_fields: tuple[str, ...] | None = getattr(pipeline.target, "output_fields", None)
 
     def watch_dspy_retries(self) -> None:
         self.pipeline.target.watch_dspy_retries()

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import logging
 import random
+import warnings
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -19,7 +20,7 @@ from pydantic import BaseModel
 
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
-from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
+from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, ResilienceWarning, classify
 from resilient_dspy.events import Event, Listener, deliver, listener_problem
 from resilient_dspy.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.trace import Trace, traced
@@ -190,6 +191,45 @@ def layer_label(layer: Any) -> str:
     return f"{kind}({scope})" if isinstance(scope, str) else kind
 
 
+def _warn_about_order(layers: tuple[Middleware, ...]) -> None:
+    """Warn (ResilienceWarning, once per mistake) about the documented order mistakes; they work, but surprise.
+
+    Retry outside Fallback (a fallback answer is a success: never retried); an attempt Timeout as long as the total
+    one (clamped to it: nothing left to retry with); an attempt Timeout with no total one (attempts x seconds plus
+    every sleep). See docs/concepts/order-of-layers.md.
+    """
+    from resilient_dspy.middleware.fallback import Fallback
+    from resilient_dspy.middleware.retry import Retry
+    from resilient_dspy.middleware.timeout import Timeout
+
+    retries = [i for i, layer in enumerate(layers) if isinstance(layer, Retry)]
+    if not retries:
+        return
+    first_retry = retries[0]
+    rules: list[str] = []
+    if any(isinstance(layer, Fallback) for layer in layers[first_retry:]):
+        rules.append(
+            "Retry is listed outside (before) Fallback: the fallback's answer is a success, so the Retry never "
+            "retries and the first hiccup serves the fallback. List Fallback first (outermost)."
+        )
+    totals = [layer.options.seconds for layer in layers[:first_retry] if isinstance(layer, Timeout)]
+    attempts = [layer.options.seconds for layer in layers[first_retry:] if isinstance(layer, Timeout)]
+    if attempts and not totals:
+        rules.append(
+            f"Timeout({attempts[0]:g}) bounds each attempt, but no Timeout above the Retry bounds the total: the call "
+            "can take every attempt's timeout plus every backoff sleep. Add a total Timeout before the Retry "
+            "(unless a pipeline around this one sets a deadline)."
+        )
+    elif attempts and max(attempts) >= min(totals):
+        rules.append(
+            f"the attempt Timeout({max(attempts):g}) is at least the total Timeout({min(totals):g}): the attempt is "
+            "clamped to the total deadline, so one slow attempt uses it all and is never retried. Make the attempt "
+            "timeout a fraction of the total."
+        )
+    for rule in rules:
+        warnings.warn(f"layer order: {rule}", ResilienceWarning, stacklevel=4)
+
+
 def _bind(layer: Middleware, next_handler: Handler) -> Handler:
     def handler(call: Call) -> Awaitable[Any]:
         return layer(call, next_handler)
@@ -221,12 +261,18 @@ class Pipeline:
                 )
         if clock is not None and not isinstance(clock, Clock):
             problems.append(("clock", f"must implement now(), sleep() and deadline() (got {clock!r})"))
+        if rng is not None and not isinstance(rng, random.Random):
+            problems.append(("rng", f"must be a random.Random, e.g. random.Random(seed) (got {rng!r:.80})"))
+        if not isinstance(listeners, list | tuple):
+            problems.append(("listeners", f"must be a list or tuple of callables (got {listeners!r:.80})"))
+            listeners = ()
         for index, listener in enumerate(listeners):
             problem = listener_problem(listener)
             if problem is not None:
                 problems.append((f"listeners[{index}]", problem))
         if problems or target is None:
             raise ConfigurationError(problems)
+        _warn_about_order(middleware)
 
         self.program = program
         self.layers: tuple[Middleware, ...] = tuple(middleware)

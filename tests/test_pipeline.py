@@ -479,3 +479,79 @@ def test_inputs_are_refused_exactly_when_a_name_is_unknown_or_a_required_one_is_
         assert layer.calls == 0
         wrong = (names - known) | (required - names)
         assert {field for field, _ in raised.value.problems} == wrong
+
+
+# --- build-time validation: what is certainly wrong is refused, order mistakes are warned ----------------
+
+
+async def _echo(question: str) -> str:
+    return question
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"rng": 42}, "rng"),
+        ({"rng": random}, "rng"),
+        ({"listeners": print}, "listeners"),
+        ({"listeners": "print"}, "listeners"),
+    ],
+    ids=["rng int", "rng module", "listeners callable", "listeners str"],
+)
+def test_a_wrong_rng_or_listeners_is_refused_naming_the_field(options: dict[str, Any], field: str) -> None:
+    """Regression: Pipeline(rng=42) and listeners=print were accepted (and failed later, or iterated a string)."""
+    with pytest.raises(ConfigurationError) as raised:
+        Pipeline(_echo, **options)
+    assert [name for name, _ in raised.value.problems] == [field]
+
+
+def test_a_static_answer_missing_an_output_field_of_the_module_is_refused() -> None:
+    """Static(answer=...) for a 'question -> answer, confidence' module misses 'confidence': refused at build."""
+    import dspy
+
+    from resilient_dspy import Fallback, Static
+
+    with pytest.raises(ConfigurationError) as raised:
+        Pipeline(dspy.Predict("question -> answer, confidence"), Fallback(Static(answer="sorry")))
+    ((name, rule),) = raised.value.problems
+    assert name.startswith("Fallback") and "confidence" in rule
+    # every output field given (ChainOfThought's reasoning is its own, not the signature's): fine
+    Pipeline(dspy.ChainOfThought("question -> answer"), Fallback(Static(answer="sorry")))
+    Pipeline(dspy.Predict("question -> answer, confidence"), Fallback(Static(answer="?", confidence="0")))
+    Pipeline(dspy.Predict("question -> answer, confidence"), Fallback(Static(lambda inputs: None)))  # unknowable
+
+
+def test_a_retry_outside_the_fallback_is_warned_with_the_rule() -> None:
+    """Retry ▶ Fallback: the static answer is a success, so the Retry never retries; a ResilienceWarning says so."""
+    from resilient_dspy import Fallback, ResilienceWarning, Static
+
+    with pytest.warns(ResilienceWarning, match="Fallback") as warned:
+        Pipeline(_echo, Retry(3), Fallback(Static(answer="sorry")))
+    assert len(warned) == 1
+
+
+def test_an_attempt_timeout_longer_than_the_total_is_warned() -> None:
+    """Timeout(5) ▶ Retry ▶ Timeout(30): the attempt is clamped to the total, so nothing is left to retry."""
+    from resilient_dspy import ResilienceWarning
+
+    with pytest.warns(ResilienceWarning, match="attempt") as warned:
+        Pipeline(_echo, Timeout(5), Retry(3), Timeout(30))
+    assert len(warned) == 1
+
+
+def test_an_attempt_timeout_without_a_total_deadline_is_warned() -> None:
+    """Retry ▶ Timeout(10) alone: the call can take attempts x 10 s plus every sleep; a total Timeout is missing."""
+    from resilient_dspy import ResilienceWarning
+
+    with pytest.warns(ResilienceWarning, match="total") as warned:
+        Pipeline(_echo, Retry(3), Timeout(10))
+    assert len(warned) == 1
+
+
+def test_the_recommended_order_builds_without_a_warning() -> None:
+    """Fallback ▶ Timeout(total) ▶ Retry ▶ Timeout(attempt) warns nothing (warnings are errors in this suite)."""
+    from resilient_dspy import Fallback, Static
+
+    Pipeline(_echo, Fallback(Static(answer="sorry")), Timeout(20), Retry(3), Timeout(2))
+    Pipeline(_echo, Timeout(20), Retry(3))
+    Pipeline(_echo, Retry(3))

@@ -24,7 +24,7 @@ from resilient_dspy.dspy_binding import Target, adapt_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
 from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler
+from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = [
     "DEFAULT_ON",
@@ -217,6 +217,26 @@ class Fallback:
         self.alternatives: tuple[Alternative, ...] = tuple(a for a in converted if a is not None)
         self.on: ErrorFilter = self.options.on
         self._mistakes_pass = self.on is DEFAULT_ON  # then an alternative's user mistake propagates too
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        """Refuse a ``Static`` answer that lacks an output field every answer of the program has."""
+        outputs = getattr(pipeline.target, "output_fields", None)
+        if not outputs:
+            return
+        problems = []
+        for index, alternative in enumerate(self.alternatives):
+            if isinstance(alternative, Static) and alternative.factory is None:
+                missing = [name for name in outputs if name not in alternative.fields]
+                if missing:
+                    problems.append(
+                        (
+                            f"Fallback.alternatives[{index}]",
+                            f"Static {alternative.name!r} lacks output field(s) {missing} of {pipeline.target.name} "
+                            f"(it answers {list(outputs)}): callers reading them would fail",
+                        )
+                    )
+        if problems:
+            raise ConfigurationError(problems)
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         call.record.served_by = "primary"  # a retry above us starts afresh: an earlier pass's alternative is gone
