@@ -194,7 +194,7 @@ def layer_label(layer: Any) -> str:
 def _warn_about_order(layers: tuple[Middleware, ...]) -> None:
     """Warn (ResilienceWarning, once per mistake) about the documented order mistakes; they work, but surprise.
 
-    Retry outside Fallback (a fallback answer is a success: never retried); an attempt Timeout as long as the total
+    Retry outside Fallback (a fallback answer is a success: never retried); an attempt Timeout longer than the total
     one (clamped to it: nothing left to retry with); an attempt Timeout with no total one (attempts x seconds plus
     every sleep). See docs/concepts/order-of-layers.md.
     """
@@ -220,9 +220,9 @@ def _warn_about_order(layers: tuple[Middleware, ...]) -> None:
             "can take every attempt's timeout plus every backoff sleep. Add a total Timeout before the Retry "
             "(unless a pipeline around this one sets a deadline)."
         )
-    elif attempts and max(attempts) >= min(totals):
+    elif attempts and max(attempts) > min(totals):
         rules.append(
-            f"the attempt Timeout({max(attempts):g}) is at least the total Timeout({min(totals):g}): the attempt is "
+            f"the attempt Timeout({max(attempts):g}) is longer than the total Timeout({min(totals):g}): the attempt is "
             "clamped to the total deadline, so one slow attempt uses it all and is never retried. Make the attempt "
             "timeout a fraction of the total."
         )
