@@ -269,12 +269,14 @@ def _module_inputs(program: dspy.Module) -> tuple[tuple[str, ...], InputRule]:
     parameters = [p for p in all_parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if parameters:
         return tuple(p.name for p in parameters), _parameters_rule(owner, all_parameters)
-    for _, predictor in program.named_predictors():
+    predictors = [predictor for _, predictor in program.named_predictors()]
+    for predictor in predictors:
         found = _signature_inputs(predictor.signature)
         if found:
-            if any(p.kind is p.VAR_KEYWORD for p in all_parameters):  # forward(**kwargs) hands them to predictors
+            if len(predictors) == 1 and any(p.kind is p.VAR_KEYWORD for p in all_parameters):
+                # forward(**kwargs) around its one predictor (ChainOfThought, BestOfN(Predict)): it takes its inputs
                 return found, _signature_rule(owner, predictor.signature)
-            return found, _parameters_rule(owner, all_parameters)
+            return found, _parameters_rule(owner, all_parameters)  # several predictors: forward's own parameters
     return (), _parameters_rule(owner, all_parameters)
 
 

@@ -474,7 +474,7 @@ async def test_forward_only_calls_use_a_bounded_number_of_threads() -> None:
     with dspy.context(async_max_workers=2):
         answers = await asyncio.gather(*(pipeline(str(i)) for i in range(8)))
     assert [a.answer for a in answers] == [str(i) for i in range(8)]
-    assert peak == 2
+    assert peak <= 2
 
 
 def test_a_module_with_neither_forward_nor_aforward_is_refused_at_build() -> None:

@@ -555,3 +555,21 @@ def test_the_recommended_order_builds_without_a_warning() -> None:
     Pipeline(_echo, Fallback(Static(answer="sorry")), Timeout(20), Retry(3), Timeout(2))
     Pipeline(_echo, Timeout(20), Retry(3))
     Pipeline(_echo, Retry(3))
+
+
+async def test_a_kwargs_module_with_several_predictors_takes_any_input_name() -> None:
+    """forward(**kwargs) over several predictors: which names it takes is its own business, so none is refused."""
+    import dspy
+
+    class TwoSteps(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.draft = dspy.Predict("topic -> draft")
+            self.polish = dspy.Predict("draft -> text")
+
+        async def aforward(self, **kwargs: Any) -> dspy.Prediction:
+            return dspy.Prediction(text=str(sorted(kwargs)))
+
+    pipeline = Pipeline(TwoSteps())
+    assert pipeline.input_fields == ("topic",)
+    assert (await pipeline(subject="x", style="y")).text == "['style', 'subject']"
