@@ -1,6 +1,7 @@
 """Adapters that turn what a pipeline wraps into its terminal handler.
 
-A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usage tracking), a ``dspy.LM``
+A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usage tracking), or, when it defines only
+a sync ``forward``, in a worker thread (``dspy.asyncify``, settings carried over); a ``dspy.LM``
 with ``acall(prompt=...)``, a :class:`~resilient_dspy.Pipeline` with the parent's deadline, and any
 ``async def`` with its parameters as inputs. Each adapter knows its input fields, so a positional
 argument maps to the first one.
@@ -13,7 +14,7 @@ import inspect
 import operator
 import warnings
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import dspy
@@ -47,6 +48,10 @@ class Target(Protocol):
     input_fields: tuple[str, ...]
 
     async def __call__(self, call: Call) -> Any: ...
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """What is wrong with ``inputs`` (an unknown name, a required one missing), as ``(field, rule)``; [] if none."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -202,24 +207,101 @@ def _signature_inputs(signature: Any) -> tuple[str, ...]:
     return tuple(fields) if fields else ()
 
 
-def _module_inputs(program: dspy.Module) -> tuple[str, ...]:
-    own = _signature_inputs(getattr(program, "signature", None))
-    if own:
-        return own
-    method = getattr(type(program), "forward", None) or getattr(type(program), "aforward", None)
-    parameters = [
-        p
-        for p in (inspect.signature(method).parameters.values() if method is not None else ())
-        if p.name != "self"
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+_DSPY_CALL_OPTIONS = frozenset({"config", "lm", "demos", "signature", "prediction"})
+"""Keywords ``dspy.Predict`` takes besides its signature's fields (per-call LM config, LM, demos, ...)."""
+
+
+class InputRule:
+    """Which input names a program takes: ``required`` ones must be given, and none beyond ``accepted`` (None: any)."""
+
+    __slots__ = ("accepted", "owner", "required")
+
+    def __init__(self, owner: str, required: Iterable[str], accepted: Iterable[str] | None) -> None:
+        self.owner = owner
+        self.required = frozenset(required)
+        self.accepted = None if accepted is None else frozenset(accepted)
+
+    def problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        found = [
+            (name, f"is not an input of {self.owner} (it takes {sorted(self.accepted)})")
+            for name in inputs
+            if self.accepted is not None and name not in self.accepted
+        ]
+        found += [
+            (name, f"is required by {self.owner} and was not given")
+            for name in sorted(self.required)
+            if name not in inputs
+        ]
+        return found
+
+
+def _signature_rule(owner: str, signature: Any) -> InputRule:
+    """DSPy's own rule: a field with a default, or whose annotation allows None, may be left out."""
+    fields = signature.input_fields
+    required = [
+        name
+        for name, info in fields.items()
+        if info.is_required() and not _annotation_allows_none(getattr(info, "annotation", None))
     ]
+    return InputRule(owner, required, (*fields, *_DSPY_CALL_OPTIONS))
+
+
+def _annotation_allows_none(annotation: Any) -> bool:
+    try:
+        from dspy.adapters.utils import annotation_allows_none
+    except ImportError:  # pragma: no cover - a DSPy that moved it: every field is then required unless defaulted
+        return False
+    return bool(annotation_allows_none(annotation))
+
+
+def _parameters_rule(owner: str, parameters: Iterable[inspect.Parameter]) -> InputRule:
+    """A function's rule: parameters without a default are required; ``**kwargs`` accepts any other name."""
+    named = [p for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    return InputRule(
+        owner,
+        [p.name for p in named if p.default is p.empty],
+        None if takes_any else [p.name for p in named],
+    )
+
+
+def _module_inputs(program: dspy.Module) -> tuple[tuple[str, ...], InputRule]:
+    """The module's input fields (for positionals) and its rule for input names."""
+    owner = type(program).__name__
+    signature = getattr(program, "signature", None)
+    own = _signature_inputs(signature)
+    if own:
+        return own, _signature_rule(owner, signature)
+    method = getattr(type(program), "forward", None) or getattr(type(program), "aforward", None)
+    all_parameters = [
+        p for p in (inspect.signature(method).parameters.values() if method is not None else ()) if p.name != "self"
+    ]
+    parameters = [p for p in all_parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if parameters:
-        return tuple(p.name for p in parameters)
-    for _, predictor in find_predictors(program)[0]:
+        return tuple(p.name for p in parameters), _parameters_rule(owner, all_parameters)
+    predictors = [predictor for _, predictor in find_predictors(program)[0]]
+    for predictor in predictors:
         found = _signature_inputs(predictor.signature)
         if found:
-            return found
-    return ()
+            if len(predictors) == 1 and any(p.kind is p.VAR_KEYWORD for p in all_parameters):
+                # forward(**kwargs) around its one predictor (ChainOfThought, BestOfN(Predict)): it takes its inputs
+                return found, _signature_rule(owner, predictor.signature)
+            return found, _parameters_rule(owner, all_parameters)  # several predictors: forward's own parameters
+    return (), _parameters_rule(owner, all_parameters)
+
+
+def _module_outputs(program: dspy.Module) -> tuple[str, ...] | None:
+    """The output fields every answer of ``program`` has, when certain: its own signature's (``Predict``, ``ReAct``),
+    a ``ChainOfThought``'s without the ``reasoning`` it adds; None for a custom module (its forward decides)."""
+    own = getattr(program, "signature", None)
+    if own is not None and getattr(own, "output_fields", None):
+        return tuple(own.output_fields)
+    if isinstance(program, dspy.ChainOfThought):
+        predict = getattr(program, "predict", None)
+        fields = getattr(getattr(predict, "signature", None), "output_fields", None)
+        if fields:
+            return tuple(name for name in fields if name != "reasoning")
+    return None
 
 
 def _is_call_log(name: str, value: Any) -> bool:
@@ -333,13 +415,21 @@ class ProgramShape:
 
 
 class ModuleTarget:
-    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off."""
+    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off.
+
+    A module that defines only ``forward`` (the usual DSPy style) runs in a worker thread through ``dspy.asyncify``:
+    DSPy's settings (the LM of ``dspy.context``, usage tracking) are carried into the thread, and at most
+    ``dspy.settings.async_max_workers`` such calls (default 8) run at once.
+    """
 
     def __init__(self, program: dspy.Module) -> None:
         self.program = program
         self.name = type(program).__name__
-        self.input_fields = _module_inputs(program)
+        self.input_fields, self._rule = _module_inputs(program)
+        self.output_fields = _module_outputs(program)
         self._watch = _RetryWatch(self.name)
+        self._threaded = getattr(type(program), "aforward", None) is None
+        self._in_thread: Any = dspy.asyncify(program) if self._threaded else None
         self._shape: ProgramShape | None = None
 
     def shape(self) -> ProgramShape:
@@ -365,7 +455,12 @@ class ModuleTarget:
             self._watch.check(setting("lm"))
         if call.bypass_cache:
             return self._call_uncached(call.inputs)
+        if self._in_thread is not None:
+            return self._in_thread(**call.inputs)  # type: ignore[no-any-return]
         return self.program.acall(**call.inputs)  # type: ignore[no-any-return]
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self._rule.problems(inputs)
 
     async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
         fresh = self.program.deepcopy()  # a copy drops its history (Module.__getstate__): walking it is cheap
@@ -374,6 +469,8 @@ class ModuleTarget:
             if original.lm is not None:
                 copy.lm = original.lm.copy(cache=False)
         with _uncached_settings_lm():
+            if self._threaded:
+                return await dspy.asyncify(fresh)(**inputs)
             return await fresh.acall(**inputs)
 
     def describe(self) -> dict[str, Any]:
@@ -395,6 +492,7 @@ class LMTarget:
     """Runs a ``dspy.LM`` (or any ``BaseLM``): inputs are ``prompt`` or ``messages`` plus call kwargs."""
 
     input_fields: tuple[str, ...] = ("prompt",)
+    output_fields: tuple[str, ...] | None = None
 
     def __init__(self, lm: dspy.BaseLM) -> None:
         self.lm = lm
@@ -404,6 +502,12 @@ class LMTarget:
     def watch_dspy_retries(self) -> None:
         self._watch.enabled = True
         self._watch.check(self.lm, stacklevel=5)
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """``prompt`` or ``messages`` must be given; any other name is a call kwarg for the LM (temperature, ...)."""
+        if "prompt" in inputs or "messages" in inputs:
+            return []
+        return [("prompt", f"{self.name} needs prompt= or messages= (got {sorted(inputs)})")]
 
     def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
         # a plain def handing back the LM's coroutine: one coroutine frame less per attempt
@@ -427,9 +531,14 @@ class CallableTarget:
             p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
         )
         self._positional_only = tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY)
+        self._rule = _parameters_rule(self.name, parameters)
+        self.output_fields: tuple[str, ...] | None = None
 
     def watch_dspy_retries(self) -> None:
         """A plain function's LMs are not visible to us; see the retry docs on ``num_retries``."""
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self._rule.problems(inputs)
 
     def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
         # a plain def handing back the function's coroutine: one coroutine frame less per attempt
@@ -451,9 +560,13 @@ class PipelineTarget:
         self.pipeline = pipeline
         self.name = pipeline.name
         self.input_fields = pipeline.input_fields
+        self.output_fields: tuple[str, ...] | None = getattr(pipeline.target, "output_fields", None)
 
     def watch_dspy_retries(self) -> None:
         self.pipeline.target.watch_dspy_retries()
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self.pipeline.target.input_problems(inputs)
 
     async def __call__(self, call: Call) -> Any:
         nested = self.pipeline.new_call(
@@ -476,6 +589,30 @@ def _is_async_callable(obj: Any) -> bool:
     return inspect.iscoroutinefunction(obj) or (callable(obj) and inspect.iscoroutinefunction(obj.__call__))
 
 
+def _is_async_generator(obj: Any) -> bool:
+    return inspect.isasyncgenfunction(obj) or (callable(obj) and inspect.isasyncgenfunction(obj.__call__))
+
+
+def _module_problem(program: dspy.Module) -> str | None:
+    """Why ``program`` cannot be run to one result, or None: it needs a ``forward`` or an ``aforward`` to call."""
+    forward = getattr(type(program), "forward", None)
+    aforward = getattr(type(program), "aforward", None)
+    for name, method in (("aforward", aforward), ("forward", forward)):
+        if method is not None and inspect.isasyncgenfunction(method):
+            return (
+                f"{type(program).__name__}.{name} is an async generator; a pipeline runs a program to one result "
+                "(return a dspy.Prediction; stream with dspy.streamify outside the pipeline)"
+            )
+    if forward is None and aforward is None:
+        return f"{type(program).__name__} defines neither forward() nor aforward(); a dspy.Module needs one of them"
+    if aforward is None and forward is not None and inspect.iscoroutinefunction(forward):
+        return (
+            f"{type(program).__name__}.forward is async; name it aforward() (DSPy's acall runs aforward, "
+            "and a sync forward() runs in a worker thread)"
+        )
+    return None
+
+
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
     """The :class:`Target` for ``program``, or None with the reason appended to ``problems``."""
     from resilient_dspy.pipeline import Pipeline
@@ -483,11 +620,24 @@ def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | Non
     if isinstance(program, Pipeline):
         return PipelineTarget(program)
     if isinstance(program, dspy.Module):
+        problem = _module_problem(program)
+        if problem is not None:
+            problems.append(("program", problem))
+            return None
         return ModuleTarget(program)
     if isinstance(program, dspy.BaseLM):
         return LMTarget(program)
     if _is_async_callable(program) and not isinstance(program, type):
         return CallableTarget(program)
+    if _is_async_generator(program) and not isinstance(program, type):
+        problems.append(
+            (
+                "program",
+                f"is an async generator function ({program!r:.80}); a pipeline runs a program to one result: "
+                "make it an async def that returns",
+            )
+        )
+        return None
     kind = "a sync function" if callable(program) else type(program).__name__
     problems.append(
         (

@@ -177,6 +177,9 @@ class ErrorKind(StrEnum):
     REJECTED = "rejected"
     GAVE_UP = "gave_up"
     CLIENT = "client"
+    USER_MISTAKE = "user_mistake"
+    """A configuration or programming error (no LM configured, ``TypeError``, ``AttributeError``, our
+    ``ConfigurationError``): never retried, never served by a default Fallback, neutral for a breaker."""
     UNKNOWN = "unknown"
 
 
@@ -229,6 +232,8 @@ def _rule(is_a: Callable[[type[BaseException] | tuple[type[BaseException], ...]]
         return ErrorInfo(ErrorKind.REJECTED, retryable=False), True
     if is_a((RequestTooLargeError, InvalidInputError)):
         return ErrorInfo(ErrorKind.CLIENT, retryable=False), False
+    if is_a((ConfigurationError, TypeError, AttributeError)):
+        return _USER_MISTAKE, False
     if is_a(InvalidOutputError):
         return ErrorInfo(ErrorKind.PARSE, retryable=True, needs_fresh_response=True), False
     if is_a((RetriesExhaustedError, FallbackFailedError)):
@@ -253,7 +258,14 @@ def _rule(is_a: Callable[[type[BaseException] | tuple[type[BaseException], ...]]
         return ErrorInfo(ErrorKind.TIMEOUT, retryable=True), True
     if is_a(ConnectionError):
         return ErrorInfo(ErrorKind.TRANSPORT, retryable=True), True
+    if is_a(ValueError):
+        return None  # DSPy's "no LM is loaded" is a plain ValueError: its message decides
     return ErrorInfo(ErrorKind.UNKNOWN, retryable=False), True
+
+
+_USER_MISTAKE = ErrorInfo(ErrorKind.USER_MISTAKE, retryable=False)
+_DSPY_SETUP_ERRORS = ("No LM is loaded", "LM must be")
+"""How DSPy 3.4's ``Predict`` words its ``ValueError`` when no LM is configured (or a string was given for one)."""
 
 
 _NO_RULE: Any = object()  # a dict.get default that no rule equals
@@ -263,9 +275,15 @@ _MAX_TYPES = 512
 
 
 def _by_attributes(error: BaseException) -> ErrorInfo:
-    """The two rules that read the error itself: our timeout's scope, a generic provider error's status."""
+    """The rules that read the error itself: our timeout's scope, DSPy's no-LM ValueError's message, a generic
+    provider error's status."""
     if isinstance(error, TimeoutExceededError):
         return ErrorInfo(ErrorKind.TIMEOUT, retryable=error.scope == "attempt")
+    if isinstance(error, ValueError) and not isinstance(error, dspy.LMProviderError):
+        message = str(error.args[0]) if error.args else ""
+        if message.startswith(_DSPY_SETUP_ERRORS):
+            return _USER_MISTAKE
+        return ErrorInfo(ErrorKind.UNKNOWN, retryable=False, retry_after=_retry_after(error))
     retry_after = _retry_after(error)
     status = getattr(error, "status", None)
     if status in _RETRYABLE_STATUS:
@@ -281,7 +299,9 @@ def classify(error: BaseException) -> ErrorInfo:
     rejections, give-ups and total timeouts are final; our attempt timeout is retryable; DSPy rate-limit,
     5xx, timeout and transport errors (a truncated stream included) are retryable; auth, billing,
     invalid-request and context-window errors are not; ``AdapterParseError`` is retryable only with a fresh
-    (uncached) response; anything else fails closed. ``retry_after`` is capped at :data:`MAX_RETRY_AFTER`.
+    (uncached) response; configuration and programming errors (``ConfigurationError``, ``TypeError``,
+    ``AttributeError``, DSPy's "No LM is loaded" ``ValueError``) are a ``USER_MISTAKE``; anything else fails
+    closed. ``retry_after`` is capped at :data:`MAX_RETRY_AFTER`.
 
     The rules that depend on the type alone are decided once per exception type (every failed attempt
     classifies, and the ``isinstance`` chain costs ~2 µs); ``retry_after``, our timeout's scope and a provider

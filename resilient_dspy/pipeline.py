@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 import random
+import warnings
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -18,14 +20,16 @@ from pydantic import BaseModel
 
 from resilient_dspy.clock import Clock, LoopClock
 from resilient_dspy.dspy_binding import Target, adapt_program
-from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, ResilienceWarning, classify
 from resilient_dspy.events import Event, Listener, deliver, listener_problem
-from resilient_dspy.health import PipelineHealth, worst
+from resilient_dspy.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.trace import Trace, traced
 
 __all__ = ["Call", "CallRecord", "Handler", "Lease", "Middleware", "Outcome", "Pipeline", "Runtime"]
 
 Handler = Callable[["Call"], Awaitable[Any]]
+
+logger = logging.getLogger("resilient_dspy.pipeline")
 
 
 @runtime_checkable
@@ -217,6 +221,45 @@ def layer_label(layer: Any) -> str:
     return f"{kind}({scope})" if isinstance(scope, str) else kind
 
 
+def _warn_about_order(layers: tuple[Middleware, ...]) -> None:
+    """Warn (ResilienceWarning, once per mistake) about the documented order mistakes; they work, but surprise.
+
+    Retry outside Fallback (a fallback answer is a success: never retried); an attempt Timeout longer than the total
+    one (clamped to it: nothing left to retry with); an attempt Timeout with no total one (attempts x seconds plus
+    every sleep). See docs/concepts/order-of-layers.md.
+    """
+    from resilient_dspy.middleware.fallback import Fallback
+    from resilient_dspy.middleware.retry import Retry
+    from resilient_dspy.middleware.timeout import Timeout
+
+    retries = [i for i, layer in enumerate(layers) if isinstance(layer, Retry)]
+    if not retries:
+        return
+    first_retry = retries[0]
+    rules: list[str] = []
+    if any(isinstance(layer, Fallback) for layer in layers[first_retry:]):
+        rules.append(
+            "Retry is listed outside (before) Fallback: the fallback's answer is a success, so the Retry never "
+            "retries and the first hiccup serves the fallback. List Fallback first (outermost)."
+        )
+    totals = [layer.options.seconds for layer in layers[:first_retry] if isinstance(layer, Timeout)]
+    attempts = [layer.options.seconds for layer in layers[first_retry:] if isinstance(layer, Timeout)]
+    if attempts and not totals:
+        rules.append(
+            f"Timeout({attempts[0]:g}) bounds each attempt, but no Timeout above the Retry bounds the total: the call "
+            "can take every attempt's timeout plus every backoff sleep. Add a total Timeout before the Retry "
+            "(unless a pipeline around this one sets a deadline)."
+        )
+    elif attempts and max(attempts) > min(totals):
+        rules.append(
+            f"the attempt Timeout({max(attempts):g}) is longer than the total Timeout({min(totals):g}): the attempt is "
+            "clamped to the total deadline, so one slow attempt uses it all and is never retried. Make the attempt "
+            "timeout a fraction of the total."
+        )
+    for rule in rules:
+        warnings.warn(f"layer order: {rule}", ResilienceWarning, stacklevel=4)
+
+
 def _bind(layer: Middleware, next_handler: Handler) -> Handler:
     def handler(call: Call) -> Awaitable[Any]:
         return layer(call, next_handler)
@@ -248,23 +291,32 @@ class Pipeline:
                 )
         if clock is not None and not isinstance(clock, Clock):
             problems.append(("clock", f"must implement now(), sleep() and deadline() (got {clock!r})"))
+        if rng is not None and not isinstance(rng, random.Random):
+            problems.append(("rng", f"must be a random.Random, e.g. random.Random(seed) (got {rng!r:.80})"))
+        if not isinstance(listeners, list | tuple):
+            problems.append(("listeners", f"must be a list or tuple of callables (got {listeners!r:.80})"))
+            listeners = ()
         for index, listener in enumerate(listeners):
             problem = listener_problem(listener)
             if problem is not None:
                 problems.append((f"listeners[{index}]", problem))
         if problems or target is None:
             raise ConfigurationError(problems)
+        _warn_about_order(middleware)
 
         self.program = program
         self.layers: tuple[Middleware, ...] = tuple(middleware)
         self.name = name or target.name
         self._target: Target = target
+        self._all_inputs = frozenset(target.input_fields)  # all of them, nothing else: always valid (the fast path)
         self._runtime = Runtime(self.name, clock or LoopClock(), rng or random.Random(), tuple(listeners))
         handler: Handler = target
         for layer in reversed(self.layers):
             handler = _bind(layer, handler)
         self._handler = handler
         self._traced_handler: Handler | None = None
+        self._mistake: BaseException | None = None  # the last user mistake, until a call succeeds (health)
+        self._mistakes_logged: set[type[BaseException]] = set()
         for layer in self.layers:
             on_build = getattr(layer, "on_build", None)
             if on_build is not None:
@@ -296,11 +348,14 @@ class Pipeline:
         self._runtime = dataclasses.replace(self._runtime, listeners=(*self._runtime.listeners, listener))
 
     def inputs_of(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The program's keyword inputs for a call made as ``pipeline(*args, **kwargs)``."""
-        return self._inputs(args, kwargs)
+        """The program's keyword inputs for a call made as ``pipeline(*args, **kwargs)`` (positionals mapped to names;
+        the names are not checked here, as a cache key or a test may be built for any inputs; a call checks them)."""
+        return self._inputs(args, kwargs, check=False)
 
-    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], check: bool = True) -> dict[str, Any]:
         if not args:
+            if check and kwargs.keys() != self._all_inputs:
+                self._check_inputs(kwargs)
             return kwargs
         fields = self._target.input_fields
         if len(args) > len(fields):
@@ -310,7 +365,16 @@ class Pipeline:
         if clash:
             raise TypeError(f"{self.name} got input(s) {sorted(clash)} both positionally and by keyword")
         inputs.update(kwargs)
+        if check and inputs.keys() != self._all_inputs:
+            self._check_inputs(inputs)
         return inputs
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        """Refuse an unknown input name or a missing required one, before any layer runs (not the fast path)."""
+        problems = self._target.input_problems(inputs)
+        if problems:
+            field, rule = problems[0]
+            raise InvalidInputError(field, rule, problems=problems)
 
     def new_call(
         self,
@@ -335,18 +399,53 @@ class Pipeline:
 
     async def run(self, call: Call) -> Any:
         """Run an already-built call through the stack."""
-        return await self._handler(call)
+        try:
+            value = await self._handler(call)
+        except Exception as error:
+            self._failed(error)
+            raise
+        if self._mistake is not None:
+            self._mistake = None
+        return value
+
+    def _failed(self, error: Exception) -> None:
+        """Note a user mistake (a configuration or programming error) for health(), logging it once per type."""
+        if classify(error).kind is not ErrorKind.USER_MISTAKE:
+            return
+        self._mistake = error
+        kind = type(error)
+        if kind not in self._mistakes_logged:
+            self._mistakes_logged.add(kind)
+            logger.error(
+                "pipeline %r: %s is a configuration or programming error: it is not retried and no fallback "
+                "serves it, so every such call fails until it is fixed (logged once per error type): %s",
+                self.name,
+                kind.__name__,
+                error,
+                exc_info=error,
+            )
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # new_call inlined: its keyword defaults cost a few hundred ns on every call
+        if args:
+            kwargs = self._inputs(args, kwargs)
+        elif kwargs.keys() != self._all_inputs:
+            self._check_inputs(kwargs)
         runtime = self._runtime
-        call = Call(kwargs if not args else self._inputs(args, kwargs), runtime, CallRecord(runtime.clock.now()))
-        return await self._handler(call)
+        call = Call(kwargs, runtime, CallRecord(runtime.clock.now()))
+        try:
+            value = await self._handler(call)
+        except Exception as error:
+            self._failed(error)
+            raise
+        if self._mistake is not None:
+            self._mistake = None
+        return value
 
     async def invoke(self, *args: Any, **kwargs: Any) -> Outcome:
         """Like calling the pipeline, but returns an :class:`Outcome` (which alternative served, attempts, …)."""
         call = self.new_call(self._inputs(args, kwargs))
-        value = await self._handler(call)
+        value = await self.run(call)
         record = call.record
         return Outcome(
             value, record.served_by, record.attempts, record.retries, self._runtime.clock.now() - record.started_at
@@ -369,6 +468,7 @@ class Pipeline:
         try:
             value = await handler(call)
         except Exception as error:
+            self._failed(error)
             trace.close(trace.root, runtime.clock.now(), error)
             # a frozen dataclass or a read-only ``trace`` refuses it: the caller still gets its own error, untraced
             with contextlib.suppress(Exception):
@@ -377,6 +477,8 @@ class Pipeline:
         except BaseException as error:
             trace.close(trace.root, runtime.clock.now(), error)
             raise
+        if self._mistake is not None:
+            self._mistake = None
         now = runtime.clock.now()
         trace.close(trace.root, now)
         record = call.record
@@ -389,12 +491,25 @@ class Pipeline:
         return handler
 
     def health(self) -> PipelineHealth:
-        """Every stateful layer's status (breaker states, saturation, hit rate, budget left) and readiness."""
+        """Every stateful layer's status (breaker states, saturation, hit rate, budget left) and readiness.
+
+        After a user mistake (a configuration or programming error, see :mod:`.errors`) a ``program`` report says
+        ``down``, naming the error, until a later call succeeds: every call fails the same way until it is fixed.
+        """
         reports = []
         for layer in self.layers:
             report = getattr(layer, "health", None)
             if report is not None:
                 reports.append(report())
+        mistake = self._mistake
+        if mistake is not None:
+            reports.append(
+                LayerHealth(
+                    "program",
+                    "down",
+                    {"error": f"{type(mistake).__name__}: {mistake}", "kind": ErrorKind.USER_MISTAKE.value},
+                )
+            )
         return PipelineHealth(self.name, worst(r.status for r in reports), tuple(reports))
 
     def describe(self) -> list[dict[str, Any]]:

@@ -361,3 +361,147 @@ async def test_a_nested_pipeline_keeps_the_cache_bypass_of_an_outer_retry() -> N
         prediction = await outer(question=f"nested bypass {uuid.uuid4()}")
     assert prediction.answer
     assert [entry.fault for entry in lm.journal] == [Fault.MALFORMED, Fault.MALFORMED, Fault.OK]
+
+
+# --- forward-only modules (the usual DSPy style) -------------------------------------------------------
+
+
+class _ForwardOnly(dspy.Module):  # type: ignore[misc]
+    """A module written in the usual DSPy style: only a sync forward()."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        super().__init__()
+        self.predict = dspy.Predict("question -> answer")
+        self.pause = pause
+        self.threads: list[int] = []
+
+    def forward(self, question: str) -> dspy.Prediction:
+        import threading
+        import time
+
+        self.threads.append(threading.get_ident())
+        if self.pause:
+            time.sleep(self.pause)  # real time: a thread cannot be cut by virtual time
+        return self.predict(question=question)
+
+
+async def test_a_forward_only_module_answers_from_a_worker_thread() -> None:
+    """Regression: a module with only forward() raised AttributeError('aforward') on every call; now it runs in a
+    worker thread, with the caller's DSPy settings (the LM from dspy.context) carried into it."""
+    import threading
+
+    lm = FaultInjectingLM(answers={"Why?": "Because."})
+    module = _ForwardOnly()
+    pipeline = Pipeline(module, Fallback(Static(answer="sorry")))
+    assert pipeline.input_fields == ("question",)
+    with dspy.context(lm=lm):
+        outcome = await pipeline.invoke("Why?")
+    assert (outcome.value.answer, outcome.served_by, outcome.attempts) == ("Because.", "primary", 1)
+    assert module.threads and module.threads[0] != threading.get_ident()
+    assert [entry.question for entry in lm.journal] == ["Why?"]
+
+
+async def test_a_forward_only_module_is_retried_by_the_layers_around_it() -> None:
+    """Every layer still wraps a forward-only module: a Retry retries its LM's server error."""
+    lm = FaultInjectingLM(script=["server_error"])
+    pipeline = Pipeline(_ForwardOnly(), Retry(3, base_delay=0, jitter="none"))
+    with dspy.context(lm=lm):
+        outcome = await pipeline.invoke("q")
+    assert (outcome.attempts, outcome.retries) == (2, 1)
+    assert [entry.fault for entry in lm.journal] == [Fault.SERVER_ERROR, Fault.OK]
+
+
+async def test_a_forward_only_module_reports_its_lm_usage() -> None:
+    """get_lm_usage() works for a forward-only module: DSPy's __call__ tracks usage inside the worker thread."""
+    lm = FaultInjectingLM()
+    with dspy.context(lm=lm, track_usage=True):
+        prediction = await Pipeline(_ForwardOnly())("Count me")
+    (entry,) = lm.journal
+    usage = prediction.get_lm_usage()["custom/fault/local"]
+    assert usage["prompt_tokens"] == entry.input_tokens > 0
+    assert usage["completion_tokens"] == entry.output_tokens > 0
+
+
+async def test_a_forward_only_module_answers_fresh_on_a_cache_bypass_retry() -> None:
+    """The cache-bypass attempt (after a parse error) also runs a forward-only module in a thread, uncached."""
+    import uuid
+
+    lm = FaultInjectingLM(cache=True, script=["malformed"])
+    pipeline = Pipeline(_ForwardOnly(), Retry(2, base_delay=0, jitter="none"))
+    with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
+        outcome = await pipeline.invoke(f"forward-only bypass {uuid.uuid4()}")
+    assert outcome.value.answer
+    assert [entry.fault for entry in lm.journal] == [Fault.MALFORMED, Fault.OK]
+
+
+@pytest.mark.looptime(False)  # a real thread and a real (small) timeout: virtual time cannot cut a thread
+async def test_a_timeout_over_a_forward_only_module_raises_on_time() -> None:
+    """The Timeout stops waiting at its deadline and the caller gets TimeoutExceededError then, though the thread
+    (sleeping 1 s for real) is not interrupted and finishes on its own."""
+    import time
+
+    module = _ForwardOnly(pause=1.0)
+    pipeline = Pipeline(module, Timeout(0.05))
+    started = time.monotonic()
+    with dspy.context(lm=FaultInjectingLM()), pytest.raises(TimeoutExceededError):
+        await pipeline("slow")
+    assert time.monotonic() - started < 0.8  # well before the thread's 1 s sleep ends
+    assert not other_tasks()
+
+
+@pytest.mark.looptime(False)  # real threads
+async def test_forward_only_calls_use_a_bounded_number_of_threads() -> None:
+    """At most dspy.settings.async_max_workers forward() calls run at once (DSPy's asyncify limiter)."""
+    import threading
+    import time
+
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    class Busy(dspy.Module):  # type: ignore[misc]
+        def forward(self, question: str) -> dspy.Prediction:
+            nonlocal running, peak
+            with lock:
+                running += 1
+                peak = max(peak, running)
+            time.sleep(0.02)
+            with lock:
+                running -= 1
+            return dspy.Prediction(answer=question)
+
+    pipeline = Pipeline(Busy())
+    with dspy.context(async_max_workers=2):
+        answers = await asyncio.gather(*(pipeline(str(i)) for i in range(8)))
+    assert [a.answer for a in answers] == [str(i) for i in range(8)]
+    assert peak <= 2
+
+
+def test_a_module_with_neither_forward_nor_aforward_is_refused_at_build() -> None:
+    """A module that defines neither forward nor aforward cannot run: ConfigurationError naming the program."""
+    from resilient_dspy import ConfigurationError
+
+    class Empty(dspy.Module):  # type: ignore[misc]
+        pass
+
+    with pytest.raises(ConfigurationError) as raised:
+        Pipeline(Empty())
+    assert [field for field, _ in raised.value.problems] == ["program"]
+
+
+def test_an_async_generator_is_refused_at_build() -> None:
+    """An async generator function (or a module whose forward/aforward is one) is refused with its own reason."""
+    from resilient_dspy import ConfigurationError
+
+    async def stream(question: str) -> Any:
+        yield question
+
+    class Streaming(dspy.Module):  # type: ignore[misc]
+        async def aforward(self, question: str) -> Any:
+            yield question
+
+    for program in (stream, Streaming()):
+        with pytest.raises(ConfigurationError) as raised:
+            Pipeline(program)
+        ((field, rule),) = raised.value.problems
+        assert field == "program" and "generator" in rule

@@ -98,7 +98,7 @@ CASES: list[tuple[str, BaseException, ErrorKind, bool, float | None, bool, bool]
     ("retries_exhausted", RetriesExhaustedError(3, dspy.LMServerError("x")), K.GAVE_UP, False, None, False, False),
     ("fallback_failed", FallbackFailedError("all", [ValueError("a")]), K.GAVE_UP, False, None, False, False),
     ("timeout_attempt", TimeoutExceededError(2.0, scope="attempt"), K.TIMEOUT, True, None, False, False),
-    ("configuration", ConfigurationError([("x", "bad")]), K.UNKNOWN, False, None, False, False),
+    ("configuration", ConfigurationError([("x", "bad")]), K.USER_MISTAKE, False, None, False, False),
     ("resilience_base", ResilienceError("x"), K.UNKNOWN, False, None, False, False),
     # builtins
     ("cancelled", asyncio.CancelledError(), K.CANCELLED, False, None, True, False),
@@ -106,6 +106,9 @@ CASES: list[tuple[str, BaseException, ErrorKind, bool, float | None, bool, bool]
     ("builtin_connection", ConnectionError(), K.TRANSPORT, True, None, False, False),
     ("connection_reset", ConnectionResetError(), K.TRANSPORT, True, None, False, False),
     ("value_error", ValueError("bug"), K.UNKNOWN, False, None, False, False),
+    ("type_error", TypeError("bug"), K.USER_MISTAKE, False, None, False, False),
+    ("attribute_error", AttributeError("bug"), K.USER_MISTAKE, False, None, False, False),
+    ("dspy_no_lm", ValueError("No LM is loaded. Please configure the LM."), K.USER_MISTAKE, False, None, False, False),
     ("keyboard_interrupt", KeyboardInterrupt(), K.UNKNOWN, False, None, False, False),
     ("system_exit", SystemExit(1), K.UNKNOWN, False, None, False, False),
     ("custom_retry_after", WithRetryAfter(7.0), K.UNKNOWN, False, 7.0, False, False),

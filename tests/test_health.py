@@ -94,3 +94,55 @@ async def test_a_budget_is_ok_then_degraded_past_its_alert_then_down_when_spent(
             spent = budget.snapshot().tokens.spent  # type: ignore[union-attr]
             seen.append((pipeline.health().status, spent >= 320, spent >= 400))
     assert seen == [("ok", False, False), ("degraded", True, False), ("down", True, True)]
+
+
+# --- user mistakes: logged once, not ready until a call succeeds ---------------------------------------
+
+
+async def test_a_user_mistake_is_logged_once_and_the_pipeline_is_not_ready_until_a_call_succeeds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A programming error propagates, is logged once at ERROR (per error type, not per call), and health() says
+    down, naming it, until a later call succeeds."""
+    import logging
+
+    broken = True
+
+    async def program(question: str) -> str:
+        if broken:
+            raise TypeError("unsupported operand")
+        return question
+
+    pipeline = Pipeline(program, CircuitBreaker(2), name="qa")
+    with caplog.at_level(logging.ERROR, logger="resilient_dspy"):
+        for _ in range(3):
+            with pytest.raises(TypeError):
+                await pipeline("q")
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "TypeError" in r.getMessage()]
+    assert len(errors) == 1
+    health = pipeline.health()
+    assert not health.ready and health.status == "down"
+    (program_report,) = [layer for layer in health.layers if layer.layer == "program"]
+    assert "TypeError" in program_report.details["error"]
+    breaker_report = next(layer for layer in health.layers if layer.layer == "CircuitBreaker")
+    assert breaker_report.status == "ok"  # a user mistake is neutral for the breaker: no trip after 3 of them
+    json.dumps(health.to_dict())
+
+    broken = False
+    assert await pipeline("q") == "q"
+    assert pipeline.health().ready
+
+
+async def test_a_user_mistake_is_never_retried() -> None:
+    """Retry never repeats a configuration or programming error: one attempt, the error as it is."""
+    calls = 0
+
+    async def program(question: str) -> str:
+        nonlocal calls
+        calls += 1
+        raise AttributeError("no attribute 'answer'")
+
+    pipeline = Pipeline(program, Retry(3, base_delay=0, jitter="none"))
+    with pytest.raises(AttributeError):
+        await pipeline("q")
+    assert calls == 1

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from resilient_dspy import (
@@ -353,6 +356,223 @@ def test_options_are_strict(build: Any, field: str) -> None:
     with pytest.raises(ConfigurationError) as raised:
         build()
     assert [name for name, _ in raised.value.problems] == [field]
+
+
+# --- input field names are checked before any layer runs ----------------------------------------------
+
+
+class _Count:
+    """A layer that counts the calls reaching it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        self.calls += 1
+        return await next(call)
+
+
+async def test_a_misspelled_or_missing_input_raises_invalid_input_error_before_any_layer() -> None:
+    """Regression: pipeline(qestion=...) and pipeline() reached the LM with an empty question."""
+    import dspy
+
+    from resilient_dspy import InvalidInputError
+    from resilient_dspy.testing import FaultInjectingLM
+
+    lm = FaultInjectingLM()
+    layer = _Count()
+    pipeline = Pipeline(dspy.Predict("question -> answer"), layer)
+    with dspy.context(lm=lm):
+        with pytest.raises(InvalidInputError) as misspelled:
+            await pipeline(qestion="What is DSPy?")
+        with pytest.raises(InvalidInputError) as missing:
+            await pipeline()
+        with pytest.raises(InvalidInputError):
+            await pipeline.invoke(qestion="What is DSPy?")
+        with pytest.raises(InvalidInputError):
+            await pipeline.traced()
+    assert {field for field, _ in misspelled.value.problems} == {"qestion", "question"}
+    assert missing.value.field == "question"
+    assert layer.calls == 0 and lm.requests == 0
+
+
+async def test_inputs_with_defaults_are_optional_and_unknown_ones_are_refused() -> None:
+    """A parameter with a default may be left out; a name the program does not take is refused."""
+    from resilient_dspy import InvalidInputError
+
+    async def search(query: str, k: int = 3) -> list[str]:
+        return [query] * k
+
+    pipeline = Pipeline(search)
+    assert await pipeline("q") == ["q"] * 3
+    assert await pipeline(query="q", k=1) == ["q"]
+    with pytest.raises(InvalidInputError) as raised:
+        await pipeline(query="q", kk=1)
+    assert raised.value.field == "kk"
+    with pytest.raises(InvalidInputError) as raised:
+        await pipeline(k=1)
+    assert raised.value.field == "query"
+
+
+async def test_a_module_takes_its_fields_and_dspys_call_options() -> None:
+    """A module takes its signature's fields (optional ones may be left out) and DSPy's per-call keywords."""
+    import dspy
+
+    from resilient_dspy import InvalidInputError
+    from resilient_dspy.testing import FaultInjectingLM
+
+    class WithHint(dspy.Signature):
+        question: str = dspy.InputField()
+        hint: str | None = dspy.InputField()
+        answer: str = dspy.OutputField()
+
+    pipeline = Pipeline(dspy.ChainOfThought(WithHint))
+    with dspy.context(lm=FaultInjectingLM()):
+        assert (await pipeline(question="q")).answer
+        assert (await pipeline(question="q", hint="h", config={"temperature": 0.5})).answer
+        with pytest.raises(InvalidInputError) as raised:
+            await pipeline(question="q", hnit="h")
+    assert raised.value.field == "hnit"
+
+
+async def test_an_lm_takes_prompt_or_messages_and_any_call_kwargs() -> None:
+    """Wrapping a dspy.LM: prompt or messages, plus call kwargs (temperature, ...); neither is refused."""
+    from resilient_dspy import InvalidInputError
+    from resilient_dspy.testing import FaultInjectingLM
+
+    pipeline = Pipeline(FaultInjectingLM())
+    assert await pipeline("hi")
+    assert await pipeline(prompt="hi", temperature=0.1)
+    messages = [{"role": "user", "content": "hi"}]
+    assert pipeline.target.input_problems({"messages": messages, "temperature": 0.1}) == []
+    with pytest.raises(InvalidInputError) as raised:
+        await pipeline(temperature=0.1)
+    assert raised.value.field == "prompt"
+
+
+def _accepts(keys: set[str], required: set[str], known: set[str]) -> bool:
+    return required <= keys <= known
+
+
+_NAMES = st.sets(st.sampled_from(["question", "context", "k", "qestion", "contxt", "extra"]), max_size=6)
+
+
+@given(_NAMES)
+def test_inputs_are_refused_exactly_when_a_name_is_unknown_or_a_required_one_is_missing(names: set[str]) -> None:
+    """Property: every call whose names are not all known, or miss a required one, raises InvalidInputError naming
+    such a field; every other call is accepted."""
+    from resilient_dspy import InvalidInputError
+
+    async def program(question: str, context: str, k: int = 1) -> str:
+        return question
+
+    layer = _Count()
+    pipeline = Pipeline(program, layer)
+    required, known = {"question", "context"}, {"question", "context", "k"}
+    inputs = dict.fromkeys(names, "x")
+    if _accepts(names, required, known):
+        assert asyncio.run(pipeline(**inputs)) == "x"
+        assert layer.calls == 1
+    else:
+        with pytest.raises(InvalidInputError) as raised:
+            asyncio.run(pipeline(**inputs))
+        assert layer.calls == 0
+        wrong = (names - known) | (required - names)
+        assert {field for field, _ in raised.value.problems} == wrong
+
+
+# --- build-time validation: what is certainly wrong is refused, order mistakes are warned ----------------
+
+
+async def _echo(question: str) -> str:
+    return question
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"rng": 42}, "rng"),
+        ({"rng": random}, "rng"),
+        ({"listeners": print}, "listeners"),
+        ({"listeners": "print"}, "listeners"),
+    ],
+    ids=["rng int", "rng module", "listeners callable", "listeners str"],
+)
+def test_a_wrong_rng_or_listeners_is_refused_naming_the_field(options: dict[str, Any], field: str) -> None:
+    """Regression: Pipeline(rng=42) and listeners=print were accepted (and failed later, or iterated a string)."""
+    with pytest.raises(ConfigurationError) as raised:
+        Pipeline(_echo, **options)
+    assert [name for name, _ in raised.value.problems] == [field]
+
+
+def test_a_static_answer_missing_an_output_field_of_the_module_is_refused() -> None:
+    """Static(answer=...) for a 'question -> answer, confidence' module misses 'confidence': refused at build."""
+    import dspy
+
+    from resilient_dspy import Fallback, Static
+
+    with pytest.raises(ConfigurationError) as raised:
+        Pipeline(dspy.Predict("question -> answer, confidence"), Fallback(Static(answer="sorry")))
+    ((name, rule),) = raised.value.problems
+    assert name.startswith("Fallback") and "confidence" in rule
+    # every output field given (ChainOfThought's reasoning is its own, not the signature's): fine
+    Pipeline(dspy.ChainOfThought("question -> answer"), Fallback(Static(answer="sorry")))
+    Pipeline(dspy.Predict("question -> answer, confidence"), Fallback(Static(answer="?", confidence="0")))
+    Pipeline(dspy.Predict("question -> answer, confidence"), Fallback(Static(lambda inputs: None)))  # unknowable
+
+
+def test_a_retry_outside_the_fallback_is_warned_with_the_rule() -> None:
+    """Retry ▶ Fallback: the static answer is a success, so the Retry never retries; a ResilienceWarning says so."""
+    from resilient_dspy import Fallback, ResilienceWarning, Static
+
+    with pytest.warns(ResilienceWarning, match="Fallback") as warned:
+        Pipeline(_echo, Retry(3), Fallback(Static(answer="sorry")))
+    assert len(warned) == 1
+
+
+def test_an_attempt_timeout_longer_than_the_total_is_warned() -> None:
+    """Timeout(5) ▶ Retry ▶ Timeout(30): the attempt is clamped to the total, so nothing is left to retry."""
+    from resilient_dspy import ResilienceWarning
+
+    with pytest.warns(ResilienceWarning, match="attempt") as warned:
+        Pipeline(_echo, Timeout(5), Retry(3), Timeout(30))
+    assert len(warned) == 1
+
+
+def test_an_attempt_timeout_without_a_total_deadline_is_warned() -> None:
+    """Retry ▶ Timeout(10) alone: the call can take attempts x 10 s plus every sleep; a total Timeout is missing."""
+    from resilient_dspy import ResilienceWarning
+
+    with pytest.warns(ResilienceWarning, match="total") as warned:
+        Pipeline(_echo, Retry(3), Timeout(10))
+    assert len(warned) == 1
+
+
+def test_the_recommended_order_builds_without_a_warning() -> None:
+    """Fallback ▶ Timeout(total) ▶ Retry ▶ Timeout(attempt) warns nothing (warnings are errors in this suite)."""
+    from resilient_dspy import Fallback, Static
+
+    Pipeline(_echo, Fallback(Static(answer="sorry")), Timeout(20), Retry(3), Timeout(2))
+    Pipeline(_echo, Timeout(20), Retry(3))
+    Pipeline(_echo, Retry(3))
+
+
+async def test_a_kwargs_module_with_several_predictors_takes_any_input_name() -> None:
+    """forward(**kwargs) over several predictors: which names it takes is its own business, so none is refused."""
+    import dspy
+
+    class TwoSteps(dspy.Module):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.draft = dspy.Predict("topic -> draft")
+            self.polish = dspy.Predict("draft -> text")
+
+        async def aforward(self, **kwargs: Any) -> dspy.Prediction:
+            return dspy.Prediction(text=str(sorted(kwargs)))
+
+    pipeline = Pipeline(TwoSteps())
+    assert pipeline.input_fields == ("topic",)
+    assert (await pipeline(subject="x", style="y")).text == "['style', 'subject']"
 
 
 def test_the_library_prints_nothing_unless_the_application_configures_logging(tmp_path: Any) -> None:

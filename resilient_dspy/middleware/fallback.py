@@ -3,8 +3,10 @@
 An alternative is another program (or pipeline), the same stack under another LM (``UseLM``), or a static
 answer (``Static``). Each may narrow the errors it handles with ``on=``; an error matches when it, or the
 last error inside a :class:`RetriesExhaustedError`, is an instance of a listed type (or the predicate says
-so). Cancellation is never handled. If every eligible alternative fails, :class:`FallbackFailedError` (an
-``ExceptionGroup``) holds every error in the order tried.
+so). Cancellation is never handled, and by default neither is a user mistake (no LM configured, a ``TypeError``
+or ``AttributeError`` in the program, a ``ConfigurationError``), from the primary or an alternative: no answer
+fixes a bug, so it propagates; an explicit ``on=`` is taken as written. If every eligible alternative fails,
+:class:`FallbackFailedError` (an ``ExceptionGroup``) holds every error in the order tried.
 """
 
 from __future__ import annotations
@@ -20,12 +22,22 @@ import dspy
 from pydantic import Field, field_validator
 
 from resilient_dspy.dspy_binding import Target, adapt_program
-from resilient_dspy.errors import ConfigurationError, FallbackFailedError, RetriesExhaustedError
+from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
 from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler
+from resilient_dspy.pipeline import Call, Handler, Pipeline
 
-__all__ = ["Alternative", "Fallback", "FallbackOptions", "FallbackUsed", "Static", "UseLM", "UseProgram"]
+__all__ = [
+    "DEFAULT_ON",
+    "Alternative",
+    "Fallback",
+    "FallbackOptions",
+    "FallbackUsed",
+    "Static",
+    "UseLM",
+    "UseProgram",
+    "is_user_mistake",
+]
 
 logger = logging.getLogger("resilient_dspy.fallback")
 
@@ -38,6 +50,28 @@ def _normalise_filter(on: Any) -> ErrorFilter:
     if isinstance(on, list):
         return tuple(on)
     return on  # type: ignore[no-any-return]
+
+
+def is_user_mistake(error: BaseException) -> bool:
+    """A configuration or programming error (see :data:`~resilient_dspy.errors.ErrorKind.USER_MISTAKE`), also as the
+    last error a Retry gave up on."""
+    if isinstance(error, RetriesExhaustedError):
+        error = error.last_error
+    return classify(error).kind is ErrorKind.USER_MISTAKE
+
+
+class _AnyButUserMistakes:
+    """The default ``on=``: every error except a configuration or programming error, which no answer can fix."""
+
+    def __call__(self, error: Exception) -> bool:
+        return not is_user_mistake(error)
+
+    def __repr__(self) -> str:
+        return "every error but a user mistake"
+
+
+DEFAULT_ON: Callable[[Exception], bool] = _AnyButUserMistakes()
+"""Fallback's default filter: serve for any failure but a user mistake (no LM configured, a TypeError...)."""
 
 
 def matches(on: ErrorFilter, error: Exception) -> bool:
@@ -146,7 +180,10 @@ def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]])
 
 class FallbackOptions(Options):
     alternatives: tuple[Any, ...] = Field(min_length=1, description="Tried in order after the primary fails.")
-    on: Any = Field(default=Exception, description="Errors the fallback handles at all (types or predicate).")
+    on: Any = Field(
+        default=DEFAULT_ON,
+        description="Errors the fallback handles at all (types or predicate); default: all but user mistakes.",
+    )
 
     @field_validator("on")
     @classmethod
@@ -171,7 +208,7 @@ class FallbackUsed(Event):
 class Fallback:
     """On failure below, try each alternative in order; the first success is the answer."""
 
-    def __init__(self, *alternatives: Any, on: Any = Exception) -> None:
+    def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON) -> None:
         problems: list[tuple[str, str]] = []
         converted = [_as_alternative(a, i, problems) for i, a in enumerate(alternatives)]
         try:
@@ -182,6 +219,27 @@ class Fallback:
             raise ConfigurationError(problems)
         self.alternatives: tuple[Alternative, ...] = tuple(a for a in converted if a is not None)
         self.on: ErrorFilter = self.options.on
+        self._mistakes_pass = self.on is DEFAULT_ON  # then an alternative's user mistake propagates too
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        """Refuse a ``Static`` answer that lacks an output field every answer of the program has."""
+        outputs = getattr(pipeline.target, "output_fields", None)
+        if not outputs:
+            return
+        problems = []
+        for index, alternative in enumerate(self.alternatives):
+            if isinstance(alternative, Static) and alternative.factory is None:
+                missing = [name for name in outputs if name not in alternative.fields]
+                if missing:
+                    problems.append(
+                        (
+                            f"Fallback.alternatives[{index}]",
+                            f"Static {alternative.name!r} lacks output field(s) {missing} of {pipeline.target.name} "
+                            f"(it answers {list(outputs)}): callers reading them would fail",
+                        )
+                    )
+        if problems:
+            raise ConfigurationError(problems)
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         call.record.served_by = "primary"  # a retry above us starts afresh: an earlier pass's alternative is gone
@@ -210,6 +268,8 @@ class Fallback:
             try:
                 value = await alternative.run(call, next)
             except Exception as error:
+                if self._mistakes_pass and is_user_mistake(error):
+                    raise  # a bug in an alternative: the next one must not cover it up
                 errors.append(error)
                 tried.append(alternative.name)
                 latest = error

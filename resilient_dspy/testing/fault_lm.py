@@ -578,6 +578,16 @@ class _FaultCore:
             usage=usage,
         )
 
+    def now(self) -> float:
+        """The clock's time; ``time.monotonic()`` where no event loop runs (sync code, a worker thread).
+
+        asyncio's default loop clock is ``time.monotonic()`` too, so the journal stays on one time line then.
+        """
+        try:
+            return self.clock.now()
+        except RuntimeError:  # LoopClock outside a running loop: the sync engine called from sync code or a thread
+            return time.monotonic()
+
     def record(
         self,
         request: lm15.Request,
@@ -590,7 +600,7 @@ class _FaultCore:
         rendered = answer or self.render(request, malformed=True)
         self.journal.append(
             JournalEntry(
-                self.clock.now(),
+                self.now(),
                 self.model,
                 step.fault,
                 rendered.question,

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import math
 import random
+import warnings
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 import dspy
 
 from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.errors import ResilienceWarning
 from resilient_dspy.events import Event
 from resilient_dspy.middleware.breaker import CircuitBreaker
 from resilient_dspy.middleware.bulkhead import Bulkhead
@@ -289,7 +291,9 @@ class StackConfig:
         if self.cache:
             found["cache"] = Cache(ttl=self.cache_ttl)
             layers.append(found["cache"])
-        pipeline = Pipeline(program, *layers, clock=clock, rng=rng or random.Random(0), name=name)
+        with warnings.catch_warnings():  # any stack, on purpose: an order the pipeline would warn about included
+            warnings.filterwarnings("ignore", message="layer order", category=ResilienceWarning)
+            pipeline = Pipeline(program, *layers, clock=clock, rng=rng or random.Random(0), name=name)
         return Built(self, pipeline, found)
 
 

@@ -370,6 +370,9 @@ def test_the_key_follows_the_program_class_and_each_predictors_name() -> None:
                 self.first = dspy.Predict("question -> answer")
                 self.second = dspy.Predict("question -> reasoning, answer")
 
+        def forward(self, question: str) -> Any:  # a module needs forward or aforward to be wrapped at all
+            return self.first(question=question)
+
     lm = FaultInjectingLM()
     assert key_in(keyed(dspy.Predict("question -> answer")), "q", lm=lm) != key_in(
         keyed(MyPredict("question -> answer")), "q", lm=lm

@@ -8,6 +8,8 @@ from typing import Any
 
 import dspy
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilient_dspy import (
     ConfigurationError,
@@ -506,3 +508,84 @@ async def test_a_custom_alternative_runs_and_one_without_run_cannot_be_built() -
     assert (outcome.value, outcome.served_by) == ("cached q", "cached")
     with pytest.raises(TypeError, match=r"abstract method.*run"):
         Incomplete()  # type: ignore[abstract]
+
+
+# --- user mistakes are never served by default ---------------------------------------------------------
+
+
+def _mistakes() -> list[Callable[[], Exception]]:
+    """Configuration and programming errors, as a program raises them."""
+    return [
+        lambda: TypeError("forward() got an unexpected keyword argument 'qestion'"),
+        lambda: AttributeError("'NoneType' object has no attribute 'answer'"),
+        lambda: ConfigurationError([("lm", "missing")]),
+        lambda: ValueError("No LM is loaded. Please configure the LM using `dspy.configure(lm=dspy.LM(...))`."),
+    ]
+
+
+async def test_no_lm_configured_propagates_through_a_static_fallback() -> None:
+    """Regression: with no LM configured, Fallback(Static(...)) answered 'sorry' forever; now DSPy's own error
+    (a ValueError saying no LM is loaded) reaches the caller."""
+    pipeline = Pipeline(dspy.Predict("question -> answer"), Fallback(Static(answer="sorry")), Retry(3))
+    with dspy.context(lm=None), pytest.raises(ValueError, match="No LM is loaded"):
+        await pipeline("q")
+
+
+@pytest.mark.parametrize("make", _mistakes(), ids=["TypeError", "AttributeError", "ConfigurationError", "no LM"])
+async def test_a_user_mistake_propagates_unchanged_through_the_default_fallback(
+    make: Callable[[], Exception],
+) -> None:
+    """A programming or configuration error is raised as it is: no alternative runs, no FallbackUsed."""
+    log: list[str] = []
+    events: list[Event] = []
+    error = make()
+    pipeline = Pipeline(
+        program("primary", log, error),
+        Fallback(UseProgram(program("backup", log)), Static(answer="sorry")),
+        listeners=[events.append],
+    )
+    with pytest.raises(type(error)) as raised:
+        await pipeline("q")
+    assert raised.value is error
+    assert log == ["primary"] and not [e for e in events if isinstance(e, FallbackUsed)]
+
+
+async def test_an_on_that_lists_the_mistake_type_still_serves() -> None:
+    """A user who names such an error in on= gets what they asked for (also on=Exception)."""
+    for on in (TypeError, Exception):
+        pipeline = Pipeline(program("primary", [], TypeError("bug")), Fallback(Static(answer="sorry"), on=on))
+        outcome = await pipeline.invoke("q")
+        assert (outcome.value.answer, outcome.served_by) == ("sorry", "static")
+
+
+async def test_a_user_mistake_in_an_alternative_is_not_hidden_by_the_next_one() -> None:
+    """A bug in an alternative propagates too: the next alternative does not cover it up."""
+    log: list[str] = []
+    pipeline = Pipeline(
+        program("primary", log, Boom("down")),
+        Fallback(UseProgram(program("buggy", log, AttributeError("typo")), name="buggy"), Static(answer="sorry")),
+    )
+    with pytest.raises(AttributeError, match="typo"):
+        await pipeline("q")
+    assert log == ["primary", "buggy"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    mistake=st.sampled_from(_mistakes()),
+    retried=st.booleans(),
+    alternatives=st.integers(min_value=1, max_value=3),
+)
+def test_the_default_fallback_never_serves_a_user_mistake(
+    mistake: Callable[[], Exception], retried: bool, alternatives: int
+) -> None:
+    """Property: whatever the chain and with or without a Retry below, a user mistake never gets an answer."""
+    log: list[str] = []
+    error = mistake()
+    layers: list[Any] = [Fallback(*(Static(answer=f"sorry {i}", name=f"s{i}") for i in range(alternatives)))]
+    if retried:
+        layers.append(Retry(3, base_delay=0, jitter="none"))
+    pipeline = Pipeline(program("primary", log, error), *layers)
+    with pytest.raises(type(error)):
+        asyncio.run(pipeline.invoke("q"))
+    assert log == ["primary"]  # and never retried

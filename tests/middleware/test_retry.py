@@ -463,7 +463,8 @@ async def test_attempt_timeout_inside_retry_is_retried() -> None:
             await asyncio.sleep(100)
         return "fast"
 
-    pipeline = Pipeline(slow_then_fast, Retry(4, base_delay=1.0, jitter="none"), Timeout(2))
+    with pytest.warns(ResilienceWarning, match="total"):  # an attempt timeout with no total one: warned at build
+        pipeline = Pipeline(slow_then_fast, Retry(4, base_delay=1.0, jitter="none"), Timeout(2))
     start = now()
     outcome = await pipeline.invoke(question="q")
     assert outcome.value == "fast"

@@ -17,6 +17,7 @@ from resilient_dspy import (
     Handler,
     Pipeline,
     ResilienceError,
+    ResilienceWarning,
     RetriesExhaustedError,
     Retry,
     RetryGaveUp,
@@ -350,7 +351,7 @@ def test_one_timeout_instance_cannot_be_both_total_and_attempt() -> None:
     shared = Timeout(1)
     Pipeline(program, shared)
     Pipeline(program, shared)  # same placement again is fine
-    with pytest.raises(ConfigurationError, match="use a new Timeout"):
+    with pytest.raises(ConfigurationError, match="use a new Timeout"), pytest.warns(ResilienceWarning):
         Pipeline(program, Retry(), shared)
 
 
@@ -408,9 +409,10 @@ async def test_a_task_group_cut_by_the_timeout_raises_timeout_exceeded(error: Ex
 async def test_a_task_group_cut_by_the_attempt_timeout_is_retried() -> None:
     """Under Retry, the cut attempt is an attempt timeout (retryable): the next attempt answers."""
     calls: list[float] = []
-    pipeline = Pipeline(
-        task_group_program(ConnectionError("aborted"), calls), Retry(3, base_delay=0, jitter="none"), Timeout(1)
-    )
+    with pytest.warns(ResilienceWarning, match="total"):  # an attempt timeout with no total one: warned at build
+        pipeline = Pipeline(
+            task_group_program(ConnectionError("aborted"), calls), Retry(3, base_delay=0, jitter="none"), Timeout(1)
+        )
     assert await pipeline("q") == "answer to q"
     assert len(calls) == 2
     assert not other_tasks()
@@ -460,9 +462,13 @@ async def test_caller_cancellation_of_a_task_group_program_stays_a_cancellation(
 
 async def test_a_task_group_cut_by_both_deadlines_at_once_reports_the_total_timeout() -> None:
     """An attempt deadline clamped to the total one: both fire together, and the call's total timeout is reported."""
-    pipeline = Pipeline(
-        task_group_program(ConnectionError("aborted")), Timeout(1), Retry(3, base_delay=0, jitter="none"), Timeout(5)
-    )
+    with pytest.warns(ResilienceWarning, match="attempt"):  # the attempt timeout is longer than the total: warned
+        pipeline = Pipeline(
+            task_group_program(ConnectionError("aborted")),
+            Timeout(1),
+            Retry(3, base_delay=0, jitter="none"),
+            Timeout(5),
+        )
     with pytest.raises(TimeoutExceededError) as raised:
         await pipeline("q")
     assert raised.value.scope == "total"

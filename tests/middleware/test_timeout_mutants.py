@@ -10,7 +10,16 @@ import asyncio
 
 import pytest
 
-from resilient_dspy import ConfigurationError, Event, Pipeline, Retry, Timeout, TimeoutExceededError, TimeoutFired
+from resilient_dspy import (
+    ConfigurationError,
+    Event,
+    Pipeline,
+    ResilienceWarning,
+    Retry,
+    Timeout,
+    TimeoutExceededError,
+    TimeoutFired,
+)
 
 
 async def hangs(question: str) -> str:
@@ -26,7 +35,7 @@ def test_an_unplaced_timeout_describes_its_scope_as_total() -> None:
 def test_one_instance_cannot_bound_both_the_total_and_an_attempt() -> None:
     timeout = Timeout(5)
     Pipeline(hangs, timeout)
-    with pytest.raises(ConfigurationError) as caught:
+    with pytest.raises(ConfigurationError) as caught, pytest.warns(ResilienceWarning):
         Pipeline(hangs, Retry(2), timeout)
     assert caught.value.problems == (
         ("Timeout", "this instance bounds the total elsewhere; use a new Timeout for the attempt"),

@@ -18,6 +18,7 @@ from resilient_dspy import (
     ConfigurationError,
     Event,
     Pipeline,
+    ResilienceWarning,
     RetriesExhaustedError,
     Retry,
     RetryScheduled,
@@ -56,7 +57,8 @@ async def test_no_listener_builds_no_event(monkeypatch: pytest.MonkeyPatch, list
     heard: list[Event] = []
     listeners = [heard.append] if listening else []
     breaker = CircuitBreaker(1, break_duration=120)  # longer than Retry's max_retry_after: it gives up at once
-    pipeline = Pipeline(slow, Retry(2, base_delay=0.1), breaker, Timeout(1), listeners=listeners)
+    with pytest.warns(ResilienceWarning, match="total"):  # an attempt timeout with no total one: warned at build
+        pipeline = Pipeline(slow, Retry(2, base_delay=0.1), breaker, Timeout(1), listeners=listeners)
     with pytest.raises(RetriesExhaustedError):
         await pipeline("q")
     with pytest.raises(CircuitOpenError):

@@ -25,6 +25,7 @@ from resilient_dspy import (
     ConfigurationError,
     Event,
     Pipeline,
+    ResilienceWarning,
     RetriesExhaustedError,
     Retry,
     RetryScheduled,
@@ -377,7 +378,8 @@ async def test_a_hang_is_bounded_by_max_hang_on_the_server() -> None:
 async def test_a_delay_is_cut_by_the_attempt_timeout(server: ChaosServer, lm: dspy.LM) -> None:
     """A scripted 5 s delay is cut by a 1 s attempt Timeout: the server sees the client leave, the retry answers."""
     server.script(FaultStep(latency=5.0))
-    pipeline = Pipeline(dspy.Predict("question -> answer"), Retry(2, base_delay=0.01), Timeout(1.0))
+    with pytest.warns(ResilienceWarning, match="total"):  # an attempt timeout with no total one: warned at build
+        pipeline = Pipeline(dspy.Predict("question -> answer"), Retry(2, base_delay=0.01), Timeout(1.0))
     with dspy.context(lm=lm):
         outcome = await pipeline.invoke("slow?")
     assert outcome.retries == 1

@@ -456,3 +456,26 @@ def test_fault_error_is_none_for_faults_that_raise_nothing() -> None:
     error = fault_error("rate_limit", retry_after=1.5, model="m")
     assert isinstance(error, dspy.LMRateLimitError)
     assert (error.status, error.retry_after, error.model) == (429, 1.5, "m")
+
+
+# --- sync code and worker threads --------------------------------------------------------------------------
+
+
+def test_sync_calls_without_an_event_loop_answer_fail_and_journal() -> None:
+    """Called from plain sync code (no event loop anywhere), the sync engine answers, injects faults and journals."""
+    lm = FaultInjectingLM(script=["server_error"], answers={"Why?": "Because."})
+    with dspy.context(lm=lm), pytest.raises(dspy.LMServerError):
+        dspy.Predict("question -> answer")(question="Why?")
+    with dspy.context(lm=lm):
+        assert dspy.Predict("question -> answer")(question="Why?").answer == "Because."
+    assert [entry.fault for entry in lm.journal] == [Fault.SERVER_ERROR, Fault.OK]
+
+
+@pytest.mark.looptime(False)  # a real worker thread: virtual time would not wait for it
+async def test_calls_from_a_worker_thread_answer_and_journal() -> None:
+    """A sync DSPy call made in a worker thread (dspy.asyncify, a forward-only module) reaches the sync engine."""
+    lm = FaultInjectingLM(answers={"Why?": "Because."})
+    with dspy.context(lm=lm):
+        prediction = await dspy.asyncify(dspy.Predict("question -> answer"))(question="Why?")
+    assert prediction.answer == "Because."
+    assert [(entry.fault, entry.question) for entry in lm.journal] == [(Fault.OK, "Why?")]
