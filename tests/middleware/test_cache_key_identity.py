@@ -271,6 +271,9 @@ class Hidden(dspy.Module):  # type: ignore[misc]
     def named_predictors(self) -> list[tuple[str, Any]]:
         return [("inner", self._inner["kept"][0])]
 
+    async def aforward(self, question: str) -> dspy.Prediction:
+        return await self._inner["kept"][0].acall(question=question)
+
 
 class Wrapper(dspy.Module):  # type: ignore[misc]
     """A sub-module with its own named_parameters() walk inside an ordinary program."""
@@ -278,6 +281,9 @@ class Wrapper(dspy.Module):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.hidden = HiddenParameters()
+
+    async def aforward(self, question: str) -> dspy.Prediction:
+        return await self.hidden.named_parameters()[0][1].acall(question=question)
 
 
 class HiddenParameters(dspy.Module):  # type: ignore[misc]

@@ -190,7 +190,7 @@ def test_a_slow_or_hanging_backend_never_fails_or_delays_a_call_past_its_read_sh
             return f"answer to {question}"
 
         cache = Cache(LatencyBackend(get_latency, set_latency))
-        pipeline = Pipeline(program, Retry(3, base_delay=0.1), Timeout(1.0), cache)
+        pipeline = Pipeline(program, Timeout(30.0), Retry(3, base_delay=0.1), Timeout(1.0), cache)
 
         async def one(question: str) -> tuple[str, float]:
             loop = asyncio.get_running_loop()
