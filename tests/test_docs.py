@@ -1,5 +1,7 @@
 """Documented examples run and print what the page says they print; the docs site builds with ``--strict``.
 
+The rules are documented for writers in docs/writing-docs.md; in short:
+
 Every fenced ``python`` block of README.md and docs/**/*.md is run as a script in a fresh interpreter, unless the
 line before its fence says otherwise:
 
