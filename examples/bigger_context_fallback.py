@@ -1,4 +1,9 @@
-"""A fallback chain: on a context-window error, rerun the stack with a larger-context model."""
+"""A fallback chain: on a context-window error, rerun the stack with a larger-context model.
+
+Expected output::
+
+    served by large-context: A local answer #... to: a very long text a very long text ...
+"""
 
 import asyncio
 

@@ -1,4 +1,11 @@
-"""Writing a middleware: one small class. This one records each attempt's latency and outcome."""
+"""Writing a middleware: one small class. This one records each attempt's latency and outcome.
+
+Expected output (the latencies vary)::
+
+    A local answer #9041 to: What is a middleware?
+    attempt 1: LMServerError in ... ms
+    attempt 2: ok in ... ms
+"""
 
 import asyncio
 from dataclasses import dataclass, field

@@ -3,6 +3,11 @@
 What is wrong with it: no timeout (a hung request hangs the caller), a Retry that retries everything (auth and
 context-window errors included), no fallback, and DSPy's own retries left on under our Retry (the attempts
 multiply). Run as a script, it makes one call through a healthy local LM and prints the answer.
+
+Expected output::
+
+    fragile pipeline answered: A local answer #9075 to: Why is this pipeline fragile?
+    now try: resilient-dspy chaos examples/fragile_pipeline.py:build
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
 """Quickstart: a ChainOfThought program that survives rate limits, 5xx errors and hangs.
 
 Runs offline against the fault-injecting LM; swap in ``dspy.LM("openai/gpt-4o-mini", num_retries=0)``.
+A 429, a 5xx and a hang cost three retries; the fourth attempt answers.
+
+Expected output::
+
+    A local answer #80 to: What is DSPy?
+    served by primary after 4 attempts; LM saw 4 requests
 """
 
 import asyncio

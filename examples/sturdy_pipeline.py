@@ -3,6 +3,11 @@
 The recommended layers: a static fallback, a total deadline, a Retry that retries only transient errors (the default
 classification) under a retry budget, a circuit breaker, a bulkhead and a per-attempt timeout; DSPy's own retries
 are off. Run as a script, it makes one call through a healthy local LM and prints the answer.
+
+Expected output::
+
+    sturdy pipeline answered (primary): A local answer #9741 to: Why is this pipeline sturdy?
+    now try: resilient-dspy chaos examples/sturdy_pipeline.py:build
 """
 
 from __future__ import annotations
