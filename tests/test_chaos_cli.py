@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -86,3 +87,75 @@ def test_bad_counts_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = chaos(capsys, STURDY, "--calls", "0", "--concurrency", "0")
     assert code == 2
     assert "--calls must be at least 1" in err and "--concurrency must be at least 1" in err
+
+
+TWO_INPUTS = '''
+import dspy
+from resilient_dspy import Fallback, Pipeline, Retry, Static, Timeout
+
+dspy.configure(lm=dspy.LM("openai/gpt-4o-mini", num_retries=0, cache=False))
+
+
+class DropsContext(dspy.Module):
+    """A program bug: its signature needs a context that forward never passes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.ChainOfThought("question, context -> answer")
+
+    async def aforward(self, question):
+        return await self.answer.acall(question=question)
+
+
+def stack(program):
+    return Pipeline(program, Fallback(Static(answer="busy")), Timeout(20.0), Retry(3, base_delay=0.1), Timeout(3.0))
+
+
+def build():
+    return stack(dspy.ChainOfThought("question, context, top_k: int -> answer"))
+
+
+def build_dropping():
+    return stack(DropsContext())
+'''
+
+
+class _MissingInputLog(logging.Handler):
+    """Collects DSPy's 'Not all input fields were provided' warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Not all input fields" in str(record.msg):
+            self.seen.append(record.getMessage())
+
+
+def test_every_input_field_of_a_multi_input_program_is_generated(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A `question, context, top_k: int` program gets all three inputs: DSPy never logs a missing one."""
+    target = tmp_path / "two_inputs.py"
+    target.write_text(TWO_INPUTS)
+    log = _MissingInputLog()
+    logging.getLogger("dspy").addHandler(log)
+    try:
+        code, out, _ = chaos(capsys, f"{target}:build", "--calls", "6", "--json", "--scenarios", "server_error")
+    finally:
+        logging.getLogger("dspy").removeHandler(log)
+    report = json.loads(out)
+    assert log.seen == []
+    assert code == 0 and report["passed"] is True
+
+
+def test_a_call_that_logged_missing_inputs_is_scored_broken(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A program that drops an input on its way to a predictor: every scenario is broken, naming the input."""
+    target = tmp_path / "two_inputs.py"
+    target.write_text(TWO_INPUTS)
+    code, out, _ = chaos(capsys, f"{target}:build_dropping", "--calls", "4", "--json", "--scenarios", "server_error")
+    report = json.loads(out)
+    assert code == 1 and report["passed"] is False
+    (scenario,) = report["scenarios"]
+    assert "inputs_complete" in scenario["broken"]
+    assert any("context" in v["message"] for v in scenario["violations"] if v["invariant"] == "inputs_complete")

@@ -60,3 +60,17 @@ def test_the_entry_point_loads_the_plugin(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "asyncio_mode=auto", "-o", "addopts=")
     result.assert_outcomes(passed=1)
+
+
+async def test_harness_feeds_every_input_of_a_multi_input_program(chaos_harness: ChaosHarness) -> None:
+    """A `(question, context, top_k: int)` program gets all three, typed from its signature, on every call."""
+    received: list[tuple[str, str, int]] = []
+
+    async def program(question: str, context: str, top_k: int) -> dspy.Prediction:
+        received.append((question, context, top_k))
+        return dspy.Prediction(answer=question)
+
+    run = await chaos_harness.run(Pipeline(program, Timeout(5)), 5)
+    assert all(call.ok for call in run.calls)
+    assert sorted(question for question, _, _ in received) == sorted(call.question for call in run.calls)
+    assert all(context and isinstance(top_k, int) for _, context, top_k in received)
