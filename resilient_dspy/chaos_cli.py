@@ -4,7 +4,9 @@ Each scenario runs N calls (some concurrently) through the pipeline on virtual t
 :class:`~resilient_dspy.testing.FaultInjectingLM` set by ``dspy.context(lm=...)`` (and put in place of LMs pinned
 on the program's predictors), then checks the invariants of :mod:`resilient_dspy.testing.invariants`. The LM
 mirrors the ``num_retries`` of the LM the program would have used, so DSPy's own retries show up in the score.
-Exit status: 0 every invariant held, 1 one broke, 2 bad input.
+A loop-lag monitor measures, in real seconds, the longest the event loop was blocked in each scenario (a sync
+call inside an async program: virtual time stands still then, and no Timeout can fire); a block longer than
+``--max-block`` breaks the scenario. Exit status: 0 every invariant held, 1 one broke, 2 bad input.
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ SCENARIOS: tuple[Scenario, ...] = (
 )
 _BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
+MAX_BLOCK = 1.0
+"""Real seconds the event loop may go without running anything else before a scenario is scored broken."""
+
 
 class TargetError(Exception):
     """TARGET does not name a usable pipeline; the message says what is wrong."""
@@ -73,7 +78,8 @@ class TargetError(Exception):
 
 @dataclass
 class ScenarioScore:
-    """The outcome of one scenario: invariant violations, answers, lost calls, LM requests and latency."""
+    """The outcome of one scenario: invariant violations, answers (``ok`` by the primary only; a fallback's answer
+    is counted apart, never as an answer), lost calls, LM requests, latency and the longest loop block."""
 
     name: str
     description: str
@@ -84,6 +90,8 @@ class ScenarioScore:
     lm_calls: int
     p50: float
     p99: float
+    longest_block: float = 0.0
+    fallback: int = 0
     violations: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -98,11 +106,13 @@ class ScenarioScore:
             "handled": self.handled,
             "calls": self.calls,
             "ok": self.ok,
+            "fallback": self.fallback,
             "failed": self.failed,
             "lost": self.lost,
             "lm_calls": self.lm_calls,
             "p50": round(self.p50, 6),
             "p99": round(self.p99, 6),
+            "longest_block": round(self.longest_block, 3),
             "broken": sorted({v["invariant"] for v in self.violations}),
             "violations": self.violations,
             "warnings": self.warnings,
@@ -209,7 +219,13 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def run_scenario(
-    factory: Callable[[], Any], scenario: Scenario, *, calls: int, seed: int, concurrency: int
+    factory: Callable[[], Any],
+    scenario: Scenario,
+    *,
+    calls: int,
+    seed: int,
+    concurrency: int,
+    max_block: float | None = MAX_BLOCK,
 ) -> ScenarioScore:
     """Run one scenario on a fresh virtual-time loop and score it."""
     import dspy
@@ -241,29 +257,40 @@ def run_scenario(
             run = loop.run_until_complete(scenario_run())
         finally:
             loop.close()
-    violations = check_run(run, pipeline, journal=lm.journal, requests_per_attempt=per_attempt)
+    violations = check_run(run, pipeline, journal=lm.journal, requests_per_attempt=per_attempt, max_block=max_block)
     durations = sorted(call.duration for call in run.calls if not call.hung and not call.cancel_requested)
     lost = {v.call for v in violations if v.invariant == "no_lost_call"}
     return ScenarioScore(
         name=scenario.name,
         description=scenario.description,
         calls=calls,
-        ok=sum(1 for call in run.calls if call.ok),
+        ok=sum(1 for call in run.calls if call.ok and call.served_by == "primary"),
         failed=sum(1 for call in run.calls if not call.ok),
         lost=len(lost),
         lm_calls=lm.requests,
         p50=_quantile(durations, 0.5),
         p99=_quantile(durations, 0.99),
+        longest_block=run.longest_block,
+        fallback=sum(1 for call in run.calls if call.ok and call.served_by != "primary"),
         violations=[{"invariant": v.invariant, "call": v.call, "message": v.message} for v in violations],
         warnings=sorted({f"{w.category.__name__}: {w.message}" for w in caught})[:5],
     )
 
 
 def run_battery(
-    factory: Callable[[], Any], scenarios: Sequence[Scenario], *, calls: int, seed: int, concurrency: int
+    factory: Callable[[], Any],
+    scenarios: Sequence[Scenario],
+    *,
+    calls: int,
+    seed: int,
+    concurrency: int,
+    max_block: float | None = MAX_BLOCK,
 ) -> list[ScenarioScore]:
     """Every scenario in order, each on its own loop and (with a factory) its own fresh pipeline."""
-    return [run_scenario(factory, s, calls=calls, seed=seed, concurrency=concurrency) for s in scenarios]
+    return [
+        run_scenario(factory, s, calls=calls, seed=seed, concurrency=concurrency, max_block=max_block)
+        for s in scenarios
+    ]
 
 
 def _render(target: str, scores: list[ScenarioScore]) -> None:
@@ -271,7 +298,8 @@ def _render(target: str, scores: list[ScenarioScore]) -> None:
     from rich.table import Table
 
     table = Table(title=f"chaos scorecard: {target}")
-    for column in ("scenario", "handled", "broken invariants", "ok", "failed", "lost", "LM calls", "p50 s", "p99 s"):
+    columns = ("scenario", "handled", "broken invariants", "ok", "fallback", "failed", "lost", "LM calls", "p50 s")
+    for column in (*columns, "p99 s", "block s"):
         table.add_column(column, justify="left" if column in ("scenario", "broken invariants") else "right")
     for score in scores:
         broken = ", ".join(sorted({v["invariant"] for v in score.violations})) or "-"
@@ -280,11 +308,13 @@ def _render(target: str, scores: list[ScenarioScore]) -> None:
             "[green]yes[/]" if score.handled else "[red]NO[/]",
             broken,
             str(score.ok),
+            str(score.fallback),
             str(score.failed),
             str(score.lost),
             str(score.lm_calls),
             f"{score.p50:.2f}",
             f"{score.p99:.2f}",
+            f"{score.longest_block:.2f}",
         )
     console = Console(width=max(Console().width, 120))
     console.print(table)
@@ -298,19 +328,37 @@ def _render(target: str, scores: list[ScenarioScore]) -> None:
     verdict = (
         f"[red]{len(failed)} of {len(scores)} scenarios broke an invariant[/]" if failed else "[green]all handled[/]"
     )
+    if not primary_answered(scores):
+        verdict = f"[red]{NEVER_ANSWERED}[/]" + ("" if not failed else f"; {verdict}")
     console.print(verdict)
+
+
+NEVER_ANSWERED = "the primary never answered: every answer came from a fallback"
+
+
+def primary_answered(scores: Sequence[ScenarioScore]) -> bool:
+    """Whether the program itself answered at least once in the battery: a fallback's answer is not an answer, so
+    a program that always fails (a bug, a missing ``aforward``) behind a static fallback does not pass."""
+    return sum(score.ok for score in scores) > 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``resilient-dspy chaos`` (shared by the main CLI and ``python -m resilient_dspy.chaos_cli``)."""
     parser.add_argument("target", metavar="TARGET", help="module:attr or path/to/file.py:attr (Pipeline or factory)")
-    from resilient_dspy.cli import _integer
+    from resilient_dspy.cli import _integer, _number
 
     parser.add_argument("--calls", type=_integer, default=40, help="calls per scenario (default 40)")
     parser.add_argument("--concurrency", type=_integer, default=10, help="calls in flight (default 10)")
     parser.add_argument("--seed", type=_integer, default=0, help="seed of the fault draws (default 0)")
     parser.add_argument(
         "--scenarios", help=f"comma-separated subset of: {', '.join(_BY_NAME)} (default: all)", default=None
+    )
+    parser.add_argument(
+        "--max-block",
+        type=_number,
+        default=MAX_BLOCK,
+        metavar="SECONDS",
+        help=f"longest the event loop may be blocked, in real seconds (default {MAX_BLOCK:g})",
     )
     parser.add_argument("--json", action="store_true", help="print the scorecard as JSON")
 
@@ -323,6 +371,8 @@ def command(args: argparse.Namespace) -> int:
         problems.append(f"--calls must be at least 1 (got {args.calls})")
     if args.concurrency < 1:
         problems.append(f"--concurrency must be at least 1 (got {args.concurrency})")
+    if not 0 < args.max_block < float("inf"):
+        problems.append(f"--max-block must be a number of seconds > 0 (got {args.max_block:g})")
     chosen = list(SCENARIOS)
     if args.scenarios:
         names = [name.strip() for name in args.scenarios.split(",") if name.strip()]
@@ -336,16 +386,24 @@ def command(args: argparse.Namespace) -> int:
         return fail("chaos", "; ".join(problems))
     try:
         factory = load_target(args.target)
-        scores = run_battery(factory, chosen, calls=args.calls, seed=args.seed, concurrency=args.concurrency)
+        scores = run_battery(
+            factory,
+            chosen,
+            calls=args.calls,
+            seed=args.seed,
+            concurrency=args.concurrency,
+            max_block=args.max_block,
+        )
     except TargetError as error:
         return fail("chaos", error)
-    passed = all(score.handled for score in scores)
+    passed = all(score.handled for score in scores) and primary_answered(scores)
     if args.json:
         report = {
             "target": args.target,
             "calls": args.calls,
             "seed": args.seed,
             "passed": passed,
+            "primary_answered": sum(s.ok for s in scores),
             "scenarios": [s.to_json() for s in scores],
         }
         print(json.dumps(report, indent=2))

@@ -168,7 +168,7 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from resilient_dspy.demo import DemoConfig, render, report_json, run_demo
+    from resilient_dspy.demo import DemoConfig, exit_status, render, report_json, run_demo
 
     config = DemoConfig(
         questions=args.questions,
@@ -205,7 +205,10 @@ def _demo(args: argparse.Namespace) -> int:
                 layer.get("layer", "?") + (f"({layer['scope']})" if "scope" in layer else "") for layer in report.layers
             )
         )
-    return 0
+    code, why = exit_status(report)
+    if why is not None:
+        print(f"resilient-dspy demo: {why}", file=sys.stderr)
+    return code
 
 
 def _chaos_server(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """The demo: one batch of questions through a production-style pipeline and through the bare program.
 
 By default both run against a local fault-injecting LM (rate limits with Retry-After, 5xx, timeouts, hangs)
-so it needs no key and no network; ``model=`` points it at a real provider instead.
+so it needs no key and no network; ``model=`` points it at a real provider instead. An answer is one the program
+gave: a fallback's answer (another LM, the static apology) is counted apart, and a run where the program never
+answered fails (:func:`exit_status`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dspy
+from dspy.utils.callback import BaseCallback
 
 from resilient_dspy.middleware import (
     Bulkhead,
@@ -32,7 +35,7 @@ from resilient_dspy.partition import by_model
 from resilient_dspy.pipeline import Pipeline
 from resilient_dspy.testing import FaultInjectingLM, FaultProfile
 
-__all__ = ["DemoConfig", "DemoReport", "NoAnswerError", "RunStats", "build_pipeline", "run_demo"]
+__all__ = ["DemoConfig", "DemoReport", "NoAnswerError", "RunStats", "build_pipeline", "exit_status", "run_demo"]
 
 
 class NoAnswerError(Exception):
@@ -92,6 +95,7 @@ class RunStats:
 
     label: str
     answered: int = 0
+    fallback: int = 0
     failed: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     served_by: Counter[str] = field(default_factory=Counter)
@@ -110,6 +114,7 @@ class RunStats:
         return {
             "label": self.label,
             "answered": self.answered,
+            "fallback": self.fallback,
             "failed": self.failed,
             "failures": dict(self.failures),
             "served_by": dict(self.served_by),
@@ -130,11 +135,22 @@ class DemoReport:
     layers: list[dict[str, Any]]
 
 
-def _lms(config: DemoConfig) -> tuple[dspy.BaseLM, dspy.BaseLM, list[FaultInjectingLM]]:
-    """The primary and backup LMs, and the fault-injecting ones among them (to count their requests)."""
+class _LMCalls(BaseCallback):  # type: ignore[misc]  # dspy is untyped
+    """Counts every request made to a real ``dspy.LM`` (failed ones included), through DSPy's callback hook."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        self.requests += 1
+
+
+def _lms(config: DemoConfig) -> tuple[dspy.BaseLM, dspy.BaseLM, list[Any]]:
+    """The primary and backup LMs, and counters of their requests (each with ``requests``)."""
     if config.model:
-        primary = dspy.LM(config.model, api_base=config.api_base, num_retries=0, cache=False)
-        return primary, primary, []
+        counter = _LMCalls()
+        primary = dspy.LM(config.model, api_base=config.api_base, num_retries=0, cache=False, callbacks=[counter])
+        return primary, primary, [counter]
     primary_lm = FaultInjectingLM("fault/primary", profile=config.profile(), seed=config.seed, answers=QUESTIONS)
     backup_profile = FaultProfile(server_error=0.05, latency=(0.1, 0.5))
     backup_lm = FaultInjectingLM("fault/backup", profile=backup_profile, seed=config.seed + 1, answers=QUESTIONS)
@@ -180,12 +196,15 @@ async def _run_batch(
         async with gate:
             started = loop.time()
             try:
-                await ask(question)
+                served_by = await ask(question)
             except Exception as error:
                 stats.failed += 1
                 stats.failures[type(error).__name__] += 1
             else:
-                stats.answered += 1
+                if served_by == "primary":
+                    stats.answered += 1
+                else:
+                    stats.fallback += 1
             finally:
                 stats.latencies.append(loop.time() - started)
                 advance()
@@ -210,11 +229,11 @@ async def run_demo(config: DemoConfig, on_progress: Callable[[str], None] | None
     pipeline = build_pipeline(program, backup)
     resilient_stats = RunStats("resilient")
 
-    async def ask_resilient(question: str) -> Any:
+    async def ask_resilient(question: str) -> str:
         outcome = await pipeline.invoke(question)
         resilient_stats.served_by[outcome.served_by] += 1
         resilient_stats.retries += outcome.retries
-        return outcome.value
+        return outcome.served_by
 
     with dspy.context(lm=primary):
         batch = await _run_batch("resilient", questions, config.concurrency, ask_resilient, tick("resilient"))
@@ -223,13 +242,14 @@ async def run_demo(config: DemoConfig, on_progress: Callable[[str], None] | None
 
     bare_primary, _, bare_faulty = _lms(config)
 
-    async def ask_bare(question: str) -> Any:
+    async def ask_bare(question: str) -> str:
         # The bare program has no deadline: a hung request would wait forever, so the demo stops
         # waiting after `patience` seconds and counts it as a failure.
         try:
-            return await asyncio.wait_for(program.acall(question=question), config.patience)
+            await asyncio.wait_for(program.acall(question=question), config.patience)
         except TimeoutError:
             raise NoAnswerError(f"no answer after {config.patience:g}s") from None
+        return "primary"
 
     with dspy.context(lm=bare_primary):
         bare = await _run_batch("bare", questions, config.concurrency, ask_bare, tick("bare"))
@@ -253,7 +273,7 @@ def render(report: DemoReport) -> Any:
     fallbacks = sum(count for name, count in resilient.served_by.items() if name != "primary")
     by_alternative = ", ".join(f"{n} {c}" for n, c in resilient.served_by.items() if n != "primary")
     rows = [
-        ("answered", f"{bare.answered}", f"{resilient.answered}"),
+        ("answered by the program", f"{bare.answered}", f"{resilient.answered}"),
         ("failed", f"{bare.failed}", f"{resilient.failed}"),
         ("errors seen by caller", failures(bare), failures(resilient)),
         ("retries", "0", f"{resilient.retries}"),
@@ -266,6 +286,16 @@ def render(report: DemoReport) -> Any:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+NEVER_ANSWERED = "the program never answered: every reply was a fallback (check --model, --api-base and the API key)"
+
+
+def exit_status(report: DemoReport) -> tuple[int, str | None]:
+    """0 when the program answered at least once through the pipeline; else 1 and why (a fallback is no answer)."""
+    if report.resilient.answered == 0:
+        return 1, NEVER_ANSWERED
+    return 0, None
 
 
 def report_json(report: DemoReport) -> dict[str, Any]:

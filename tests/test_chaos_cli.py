@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -86,3 +87,151 @@ def test_bad_counts_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = chaos(capsys, STURDY, "--calls", "0", "--concurrency", "0")
     assert code == 2
     assert "--calls must be at least 1" in err and "--concurrency must be at least 1" in err
+
+
+TWO_INPUTS = '''
+import dspy
+from resilient_dspy import Fallback, Pipeline, Retry, Static, Timeout
+
+dspy.configure(lm=dspy.LM("openai/gpt-4o-mini", num_retries=0, cache=False))
+
+
+class DropsContext(dspy.Module):
+    """A program bug: its signature needs a context that forward never passes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.ChainOfThought("question, context -> answer")
+
+    async def aforward(self, question):
+        return await self.answer.acall(question=question)
+
+
+def stack(program):
+    return Pipeline(program, Fallback(Static(answer="busy")), Timeout(20.0), Retry(3, base_delay=0.1), Timeout(3.0))
+
+
+def build():
+    return stack(dspy.ChainOfThought("question, context, top_k: int -> answer"))
+
+
+def build_dropping():
+    return stack(DropsContext())
+'''
+
+
+class _MissingInputLog(logging.Handler):
+    """Collects DSPy's 'Not all input fields were provided' warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Not all input fields" in str(record.msg):
+            self.seen.append(record.getMessage())
+
+
+def test_every_input_field_of_a_multi_input_program_is_generated(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A `question, context, top_k: int` program gets all three inputs: DSPy never logs a missing one."""
+    target = tmp_path / "two_inputs.py"
+    target.write_text(TWO_INPUTS)
+    log = _MissingInputLog()
+    logging.getLogger("dspy").addHandler(log)
+    try:
+        code, out, _ = chaos(capsys, f"{target}:build", "--calls", "6", "--json", "--scenarios", "server_error")
+    finally:
+        logging.getLogger("dspy").removeHandler(log)
+    report = json.loads(out)
+    assert log.seen == []
+    assert code == 0 and report["passed"] is True
+
+
+def test_a_call_that_logged_missing_inputs_is_scored_broken(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A program that drops an input on its way to a predictor: every scenario is broken, naming the input."""
+    target = tmp_path / "two_inputs.py"
+    target.write_text(TWO_INPUTS)
+    code, out, _ = chaos(capsys, f"{target}:build_dropping", "--calls", "4", "--json", "--scenarios", "server_error")
+    report = json.loads(out)
+    assert code == 1 and report["passed"] is False
+    (scenario,) = report["scenarios"]
+    assert "inputs_complete" in scenario["broken"]
+    assert any("context" in v["message"] for v in scenario["violations"] if v["invariant"] == "inputs_complete")
+
+
+BLOCKING = '''
+import time
+
+import dspy
+from resilient_dspy import Pipeline, Retry, Timeout
+
+
+async def blocking(question: str) -> dspy.Prediction:
+    """An async def that calls something synchronous: the loop stops for its whole duration."""
+    time.sleep(0.3)
+    return dspy.Prediction(answer=question)
+
+
+def build():
+    return Pipeline(blocking, Timeout(5.0), Retry(2), Timeout(0.1))
+'''
+
+
+def test_a_scenario_that_blocks_the_loop_is_scored_broken(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A program that time.sleep()s: no Timeout fires, and the scorecard says how long the loop was blocked."""
+    target = tmp_path / "blocking.py"
+    target.write_text(BLOCKING)
+    args = ("--calls", "2", "--concurrency", "1", "--scenarios", "rate_limit", "--max-block", "0.2")
+    code, out, _ = chaos(capsys, f"{target}:build", *args, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["passed"] is False
+    (scenario,) = report["scenarios"]
+    assert scenario["broken"] == ["loop_not_blocked"]
+    assert scenario["longest_block"] >= 0.3
+    assert any("blocked for" in v["message"] for v in scenario["violations"])
+
+
+def test_fallback_answers_are_counted_apart_from_answers(capsys: pytest.CaptureFixture[str]) -> None:
+    """In an outage the static fallback serves: those calls are `fallback`, not `ok` (answered by the primary)."""
+    code, out, _ = chaos(capsys, STURDY, "--calls", "20", "--json", "--scenarios", "storm")
+    (storm,) = json.loads(out)["scenarios"]
+    assert code == 0
+    assert storm["fallback"] > 0
+    assert storm["ok"] + storm["fallback"] + storm["failed"] == storm["calls"]
+
+
+NEVER_ANSWERS = '''
+import dspy
+from resilient_dspy import Fallback, Pipeline, Static, Timeout
+
+
+class NoAsync(dspy.Module):
+    """A program bug: no aforward, so every async call fails before reaching the LM."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer = dspy.Predict("question -> answer")
+
+    def forward(self, question):
+        return self.answer(question=question)
+
+
+def build():
+    return Pipeline(NoAsync(), Fallback(Static(answer="busy")), Timeout(5.0))
+'''
+
+
+def test_a_pipeline_whose_primary_never_answers_fails_the_scorecard(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Every call served by the static fallback: no invariant broke, but the scorecard does not pass."""
+    target = tmp_path / "never.py"
+    target.write_text(NEVER_ANSWERS)
+    code, out, _ = chaos(capsys, f"{target}:build", "--calls", "4", "--json", "--scenarios", "rate_limit,hang")
+    report = json.loads(out)
+    assert code == 1 and report["passed"] is False and report["primary_answered"] == 0
+    assert all(s["ok"] == 0 and s["fallback"] == 4 for s in report["scenarios"])
+    code, out, _ = chaos(capsys, f"{target}:build", "--calls", "4", "--scenarios", "rate_limit")
+    assert code == 1 and "the primary never answered" in out

@@ -42,7 +42,9 @@ class BulkheadOptions(PartitionOptions):
     """How many calls may run and wait; see docs/patterns/bulkhead.md."""
 
     max_concurrent: int = Field(default=10, ge=1, description="Calls running below the bulkhead at once (per key).")
-    max_queue: int = Field(default=0, ge=0, description="Calls waiting in FIFO order for a slot (per key).")
+    max_queue: int = Field(
+        default=1000, ge=0, description="Calls waiting in FIFO order for a slot (per key); 0 = reject when full."
+    )
     max_wait: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Seconds a call may wait in the queue; None = no bound."
     )
@@ -153,7 +155,7 @@ class Bulkhead:
         self,
         max_concurrent: int = 10,
         *,
-        max_queue: int = 0,
+        max_queue: int = 1000,
         max_wait: float | None = None,
         key: KeyFunction | None = None,
         max_keys: int = 1024,

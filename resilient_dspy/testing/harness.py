@@ -1,18 +1,25 @@
 """Run many calls through a pipeline and record what the invariants need: results, timings, events, journals.
 
 Every call runs in its own task with :data:`current_call` set, so events (delivered synchronously in the caller's
-task) and program journal entries are attributed to the call that caused them. Nothing here uses wall-clock time:
-run it on a ``looptime`` loop for virtual time, or on a real loop with small latencies.
+task), program journal entries and DSPy's "missing input" warnings are attributed to the call that caused them.
+Every input field of the program gets a value (see :func:`input_values`). Timing uses the pipeline's clock: run it
+on a ``looptime`` loop for virtual time, or on a real loop with small latencies. Only the loop-lag monitor reads the
+real clock, because blocking (a ``time.sleep`` in an async program) is invisible to virtual time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
+import logging
 import math
 import random
+import time
+import types
+import typing
 import warnings
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -44,6 +51,7 @@ __all__ = [
     "ScriptedProgram",
     "StackConfig",
     "current_call",
+    "input_values",
     "run_calls",
 ]
 
@@ -70,6 +78,7 @@ class CallResult:
     attempts: int = 0
     retries: int = 0
     served_by: str = "primary"
+    missing_inputs: tuple[str, ...] = ()
 
     @property
     def duration(self) -> float:
@@ -322,6 +331,10 @@ class Run:
     ended: float
     horizon: float
     extra: dict[str, Any] = field(default_factory=dict)
+    longest_block: float = 0.0
+    """The longest the event loop went without running anything else, in real seconds (a blocking call)."""
+    blocked_at: float | None = None
+    """When (pipeline clock) the longest block ended; None when nothing blocked the loop."""
 
     def of_type(self, kind: type[E]) -> list[tuple[int | None, E]]:
         return [(r.call, r.event) for r in self.events if isinstance(r.event, kind)]
@@ -332,9 +345,114 @@ class Run:
         return {c.question: c.index for c in self.calls}
 
 
+def _input_annotations(program: Any) -> dict[str, Any]:
+    """The declared type of each input field of ``program`` (a DSPy signature's, else its parameters' hints)."""
+    if isinstance(program, Pipeline):
+        return _input_annotations(program.program)
+    signatures = [getattr(program, "signature", None)]
+    if isinstance(program, dspy.Module):
+        signatures += [predictor.signature for predictor in program.predictors()]
+    found: dict[str, Any] = {}
+    for signature in signatures:
+        for name, info in (getattr(signature, "input_fields", None) or {}).items():
+            found.setdefault(name, info.annotation)
+    function = getattr(type(program), "forward", None) if isinstance(program, dspy.Module) else program
+    if function is not None:
+        try:
+            hints = typing.get_type_hints(function)
+        except Exception:  # unresolvable string annotations: fall back to what inspect shows
+            hints = {name: p.annotation for name, p in inspect.signature(function).parameters.items()}
+        for name, hint in hints.items():
+            found.setdefault(name, hint)
+    return found
+
+
+def _value_of(annotation: Any, text: str, index: int) -> Any:
+    """A value of ``annotation`` (str, int, float, bool, a list/dict/Literal/Optional of those), else ``text``."""
+    origin = typing.get_origin(annotation)
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if origin is typing.Literal and args:
+        return args[index % len(args)]
+    if origin in (typing.Union, types.UnionType) and args:
+        return _value_of(args[0], text, index)
+    if annotation is bool:
+        return index % 2 == 0
+    if annotation is int:
+        return index + 1
+    if annotation is float:
+        return index + 0.5
+    if origin in (list, tuple, set, frozenset, Sequence) or annotation in (list, tuple):
+        return [_value_of(args[0] if args else str, text, index)]
+    if origin is dict or annotation is dict:
+        return {"value": text}
+    return text
+
+
+def input_values(pipeline: Pipeline, question: str, index: int = 0, *, field: str | None = None) -> dict[str, Any]:
+    """Every input field of ``pipeline``'s program for one call: ``question`` in ``field`` (default the first), a
+    value of each other field's declared type (``"context: <question>"`` for text), so no field is left missing."""
+    fields = pipeline.input_fields or ("question",)
+    first = field or fields[0]
+    annotations = _input_annotations(pipeline.program)
+    values: dict[str, Any] = {first: question}
+    for name in fields:
+        if name != first:
+            values[name] = _value_of(annotations.get(name, str), f"{name}: {question}", index)
+    return values
+
+
+_MISSING_INPUTS = "Not all input fields were provided to module"
+
+
+class _MissingInputs(logging.Handler):
+    """Collects DSPy's "Not all input fields were provided" warnings by harness call, with the missing names."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.by_call: dict[int | None, list[str]] = defaultdict(list)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith(_MISSING_INPUTS):
+            return
+        args = record.args if isinstance(record.args, tuple) else ()
+        missing = args[1] if len(args) == 2 and isinstance(args[1], list) else ["?"]
+        names = self.by_call[current_call.get()]
+        names.extend(str(name) for name in missing if str(name) not in names)
+
+
+class _LoopLag:
+    """A timer every ``tick`` loop seconds that keeps the longest real-time gap past the tick: how long the loop
+    was blocked. Virtual time does not move while a callback blocks, so the real clock is the only witness."""
+
+    def __init__(self, clock: Clock, tick: float = 0.1) -> None:
+        self.clock = clock
+        self.tick = tick
+        self.longest = 0.0
+        self.at: float | None = None
+        self._last = 0.0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+        self._handle = asyncio.get_running_loop().call_later(self.tick, self._beat)
+
+    def _beat(self) -> None:
+        now = time.perf_counter()
+        lag = now - self._last - self.tick
+        if lag > self.longest:
+            self.longest, self.at = lag, self.clock.now()
+        self._last = now
+        self._handle = asyncio.get_running_loop().call_later(self.tick, self._beat)
+
+    def stop(self) -> None:
+        self._beat()  # a block at the very end counts too
+        if self._handle is not None:
+            self._handle.cancel()
+
+
 async def run_calls(
     pipeline: Pipeline,
-    calls: int | Sequence[str],
+    calls: int | Sequence[str | Mapping[str, Any]],
     *,
     arrivals: Sequence[float] | None = None,
     concurrency: int | None = None,
@@ -342,22 +460,37 @@ async def run_calls(
     horizon: float = 3600.0,
     field_name: str | None = None,
 ) -> Run:
-    """Run ``calls`` (a count, or the questions) through ``pipeline`` and record everything.
+    """Run ``calls`` (a count, the questions, or each call's inputs) through ``pipeline`` and record everything.
 
-    ``arrivals`` are start offsets (seconds from the start; default all at once); ``concurrency`` bounds calls in
-    flight; ``cancel_after[i]`` cancels call ``i`` that many seconds after it started, as a caller would. A call
-    still running ``horizon`` seconds after the start is cancelled and marked ``hung`` (a lost call).
+    A question fills every input field (:func:`input_values`; ``field_name`` puts it in that field instead of the
+    first); a mapping is passed as the inputs, as is. ``arrivals`` are start offsets (seconds from the start;
+    default all at once); ``concurrency`` bounds calls in flight; ``cancel_after[i]`` cancels call ``i`` that many
+    seconds after it started, as a caller would. A call still running ``horizon`` seconds after the start is
+    cancelled and marked ``hung`` (a lost call). DSPy's missing-input warnings land in ``missing_inputs`` of the
+    call that logged them, and the longest real-time block of the loop in ``Run.longest_block``.
     """
-    questions = [f"q{i}" for i in range(calls)] if isinstance(calls, int) else list(calls)
-    if arrivals is not None and len(arrivals) != len(questions):
-        raise ValueError(f"arrivals has {len(arrivals)} offsets for {len(questions)} calls")
-    name = field_name or (pipeline.input_fields[0] if pipeline.input_fields else "question")
+    given = [f"q{i}" for i in range(calls)] if isinstance(calls, int) else list(calls)
+    if arrivals is not None and len(arrivals) != len(given):
+        raise ValueError(f"arrivals has {len(arrivals)} offsets for {len(given)} calls")
+    inputs: list[dict[str, Any]] = []
+    questions: list[str] = []
+    for index, item in enumerate(given):
+        if isinstance(item, Mapping):
+            inputs.append(dict(item))
+            questions.append(str(next(iter(item.values()), "")))
+        else:
+            inputs.append(input_values(pipeline, item, index, field=field_name))
+            questions.append(item)
     loop = asyncio.get_running_loop()
     clock = pipeline.clock
     recorder = EventRecorder()
     runtime = pipeline.runtime
     listened = dataclasses.replace(runtime, listeners=(*runtime.listeners, recorder))
     gate = asyncio.Semaphore(concurrency) if concurrency else None
+    missing = _MissingInputs()
+    dspy_logger = logging.getLogger("dspy")
+    lag = _LoopLag(clock)
+    lag.start()
     before = set(asyncio.all_tasks())
     start = clock.now()
     results: dict[int, CallResult] = {}
@@ -372,7 +505,7 @@ async def run_calls(
         if gate is not None:
             await gate.acquire()
         try:
-            call = pipeline.new_call({name: question})
+            call = pipeline.new_call(inputs[index])
             call.runtime = listened
             started = clock.now()
             task = asyncio.current_task()
@@ -400,6 +533,7 @@ async def run_calls(
                 attempts=record.attempts,
                 retries=record.retries,
                 served_by=record.served_by,
+                missing_inputs=tuple(missing.by_call.get(index, ())),
             )
             if isinstance(error, asyncio.CancelledError) and index not in requested:
                 raise error
@@ -407,12 +541,17 @@ async def run_calls(
             if gate is not None:
                 gate.release()
 
-    tasks = [asyncio.create_task(one(i, q), name=f"harness-call-{i}") for i, q in enumerate(questions)]
-    _, pending = await asyncio.wait(tasks, timeout=horizon) if tasks else (set(), set())
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending)
+    dspy_logger.addHandler(missing)
+    try:
+        tasks = [asyncio.create_task(one(i, q), name=f"harness-call-{i}") for i, q in enumerate(questions)]
+        _, pending = await asyncio.wait(tasks, timeout=horizon) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    finally:
+        dspy_logger.removeHandler(missing)
+        lag.stop()
     hung = {tasks.index(task) for task in pending}
     ended = clock.now()
     for _ in range(3):
@@ -427,6 +566,7 @@ async def run_calls(
         if index in hung or result is None:
             error = asyncio.CancelledError("still running at the horizon")
             base = result or CallResult(index, question, start, ended, error=error)
-            result = dataclasses.replace(base, hung=True, ended=ended, error=error)
+            late = tuple(missing.by_call.get(index, ()))
+            result = dataclasses.replace(base, hung=True, ended=ended, error=error, missing_inputs=late)
         calls_out.append(result)
-    return Run(calls_out, recorder.events, orphans, start, ended, horizon)
+    return Run(calls_out, recorder.events, orphans, start, ended, horizon, longest_block=lag.longest, blocked_at=lag.at)

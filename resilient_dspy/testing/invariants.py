@@ -40,7 +40,9 @@ __all__ = [
     "deadline_respected",
     "expectations",
     "half_open_probes_respected",
+    "inputs_complete",
     "limiter_respected",
+    "loop_not_blocked",
     "no_lost_call",
     "no_orphan_tasks",
     "permanent_errors_not_retried",
@@ -389,6 +391,31 @@ def cache_fresh_and_clean(
     return found
 
 
+def inputs_complete(calls: Sequence[CallResult]) -> list[Violation]:
+    """No call made DSPy log missing input fields: a predictor that ran on a partial prompt is a broken call, even
+    when it returned something (DSPy only warns and fills the gap with nothing)."""
+    return [
+        Violation("inputs_complete", f"DSPy ran with input(s) {list(c.missing_inputs)} missing", c.index)
+        for c in calls
+        if c.missing_inputs
+    ]
+
+
+def loop_not_blocked(run: Run, max_block: float) -> list[Violation]:
+    """The event loop was never blocked longer than ``max_block`` real seconds. A sync call in an async program
+    (a sync DSPy module, ``time.sleep``, a blocking client) stops the loop: no Timeout can fire while it runs."""
+    if run.longest_block <= max_block:
+        return []
+    when = "" if run.blocked_at is None else f" (until t={run.blocked_at:g})"
+    return [
+        Violation(
+            "loop_not_blocked",
+            f"the loop was blocked for {run.longest_block:.1f} s{when}, over {max_block:g} s: something in the "
+            "program runs synchronously (call sync DSPy through dspy.asyncify or acall), and no timeout fires then",
+        )
+    ]
+
+
 def no_orphan_tasks(orphans: Sequence[str]) -> list[Violation]:
     """No task started during the run was still alive after every call ended."""
     return [Violation("no_orphan_tasks", f"left running: {task[:160]}") for task in orphans]
@@ -470,11 +497,16 @@ def check_run(
     journal: Sequence[Any] = (),
     requests_per_attempt: int | None = None,
     epsilon: float = 1e-3,
+    max_block: float | None = None,
 ) -> list[Violation]:
-    """Every invariant that applies to any pipeline: no lost call, deadline, attempts, retry budget, cancellation,
-    permanent errors, cache freshness (each Cache layer) and no orphan tasks. ``journal`` is the program's or LM's."""
+    """Every invariant that applies to any pipeline: no lost call, complete inputs, deadline, attempts, retry
+    budget, cancellation, permanent errors, cache freshness (each Cache layer), no orphan tasks, and with
+    ``max_block`` a loop never blocked longer than that (real seconds). ``journal`` is the program's or LM's."""
     expected = expectations(pipeline)
     found = no_lost_call(run.calls)
+    found += inputs_complete(run.calls)
+    if max_block is not None:
+        found += loop_not_blocked(run, max_block)
     found += deadline_respected(run.calls, expected.deadline, epsilon=epsilon)
     found += attempts_within_bounds(
         run.calls, expected.max_attempts, journal=journal, requests_per_attempt=requests_per_attempt

@@ -70,8 +70,10 @@ class ChaosHarness:
         journal: Sequence[Any] = (),
         requests_per_attempt: int | None = None,
         check: bool = True,
+        max_block: float | None = None,
     ) -> Run:
-        """Run the calls; unless ``check=False``, fail the test (AssertionError) on any violated invariant."""
+        """Run the calls (every input field filled); unless ``check=False``, fail the test (AssertionError) on any
+        violated invariant, a loop blocked longer than ``max_block`` real seconds included when given."""
         from resilient_dspy.testing.harness import run_calls
         from resilient_dspy.testing.invariants import assert_no_violations
 
@@ -80,16 +82,21 @@ class ChaosHarness:
         )
         self.last = run
         if check:
-            assert_no_violations(self.violations(run, pipeline, journal, requests_per_attempt))
+            assert_no_violations(self.violations(run, pipeline, journal, requests_per_attempt, max_block))
         return run
 
     def violations(
-        self, run: Run, pipeline: Pipeline, journal: Sequence[Any] = (), requests_per_attempt: int | None = None
+        self,
+        run: Run,
+        pipeline: Pipeline,
+        journal: Sequence[Any] = (),
+        requests_per_attempt: int | None = None,
+        max_block: float | None = None,
     ) -> list[Violation]:
         """Every invariant :func:`check_run` knows, against the recorded run."""
         from resilient_dspy.testing.invariants import check_run
 
-        return check_run(run, pipeline, journal=journal, requests_per_attempt=requests_per_attempt)
+        return check_run(run, pipeline, journal=journal, requests_per_attempt=requests_per_attempt, max_block=max_block)
 
 
 @pytest.fixture

@@ -125,9 +125,9 @@ async def test_call_beyond_slots_and_queue_is_rejected_at_once_without_running()
 
 
 async def test_max_queue_zero_rejects_as_soon_as_the_slots_are_taken() -> None:
-    """The default max_queue=0: the (max_concurrent + 1)th concurrent call is rejected, the others run."""
+    """max_queue=0: the (max_concurrent + 1)th concurrent call is rejected, the others run."""
     gate = Gate()
-    pipeline = Pipeline(gate, Bulkhead(3))
+    pipeline = Pipeline(gate, Bulkhead(3, max_queue=0))
     tasks = [spawn(pipeline, str(i)) for i in range(3)]
     await settle()
     with pytest.raises(BulkheadFullError):
@@ -144,7 +144,7 @@ async def test_a_failing_call_gives_its_slot_back() -> None:
     async def program(question: str) -> str:
         raise ValueError(question)
 
-    bulkhead = Bulkhead(1)
+    bulkhead = Bulkhead(1, max_queue=0)
     pipeline = Pipeline(program, bulkhead)
     for _ in range(3):
         with pytest.raises(ValueError, match="boom"):
@@ -363,7 +363,7 @@ async def test_cancelling_a_running_call_frees_its_slot() -> None:
 async def test_rejection_is_not_retried() -> None:
     """BulkheadFullError is a rejection: a Retry above does not retry it."""
     gate = Gate()
-    pipeline = Pipeline(gate, Retry(3, base_delay=0.01), Bulkhead(1))
+    pipeline = Pipeline(gate, Retry(3, base_delay=0.01), Bulkhead(1, max_queue=0))
     holder = spawn(pipeline, "holder")
     await settle()
     with pytest.raises(BulkheadFullError):
@@ -379,7 +379,7 @@ async def test_rejection_is_not_retried() -> None:
 async def test_keys_have_independent_compartments() -> None:
     """key=: each tenant gets its own slots and queue."""
     gate = Gate()
-    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"].split(":")[0])
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"].split(":")[0], max_queue=0)
     pipeline = Pipeline(gate, bulkhead)
     a1 = spawn(pipeline, "a:1")
     b1 = spawn(pipeline, "b:1")
@@ -403,7 +403,7 @@ async def test_idle_keys_are_evicted_and_busy_ones_kept() -> None:
             await release.wait()
         return question
 
-    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"], max_keys=2)
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"], max_keys=2, max_queue=0)
     pipeline = Pipeline(program, bulkhead)
     busy = spawn(pipeline, "busy")
     await settle()
@@ -421,7 +421,7 @@ async def test_a_new_key_stays_limited_when_every_other_key_is_busy() -> None:
     """Regression: with max_keys reached by busy keys, the compartment created for a new key must not be evicted
     by the very lookup that created it (its calls would then run on a forgotten compartment, unbounded)."""
     gate = Gate()
-    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"].split(":")[0], max_keys=1)
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"].split(":")[0], max_keys=1, max_queue=0)
     pipeline = Pipeline(gate, bulkhead)
     busy = spawn(pipeline, "a:1")
     await settle()
@@ -441,7 +441,7 @@ async def test_idle_keys_expire_after_idle_after() -> None:
     async def program(question: str) -> str:
         return question
 
-    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"], idle_after=10)
+    bulkhead = Bulkhead(1, key=lambda call: call.inputs["question"], idle_after=10, max_queue=0)
     pipeline = Pipeline(program, bulkhead)
     await pipeline(question="old")
     await asyncio.sleep(11)

@@ -43,7 +43,7 @@ def test_describe_defaults_and_name() -> None:
         "max_keys": 1024,
         "idle_after": 600.0,
         "max_concurrent": 10,
-        "max_queue": 0,
+        "max_queue": 1000,
         "max_wait": None,
     }
     assert Bulkhead().describe() == {"layer": "Bulkhead", "options": {**options, "name": None}}
@@ -54,7 +54,7 @@ def test_describe_defaults_and_name() -> None:
 
 async def test_queue_full_rejection_message_and_event() -> None:
     events: list[Event] = []
-    bulkhead = Bulkhead(1, name="bh")
+    bulkhead = Bulkhead(1, max_queue=0, name="bh")
     pipeline = Pipeline(program, bulkhead, name="p", listeners=[events.append])
     running = asyncio.create_task(pipeline("5"))
     await asyncio.sleep(1)

@@ -11,13 +11,15 @@ from resilient_dspy.middleware.ratelimit import Limit
 from resilient_dspy.middleware.retry import RetryScheduled
 from resilient_dspy.testing import Fault
 from resilient_dspy.testing.fault_lm import JournalEntry
-from resilient_dspy.testing.harness import CallResult, ProgramEntry, RecordedEvent
+from resilient_dspy.testing.harness import CallResult, ProgramEntry, RecordedEvent, Run
 from resilient_dspy.testing.invariants import (
     attempts_within_bounds,
     bulkhead_limit_respected,
     cancellation_not_retried,
     deadline_respected,
+    inputs_complete,
     limiter_respected,
+    loop_not_blocked,
     no_lost_call,
     no_orphan_tasks,
     permanent_errors_not_retried,
@@ -147,3 +149,19 @@ async def test_followers_lending_their_bulkhead_permit_are_not_counted_as_runnin
     assert len(program.journal) == 1
     assert next((entry.started, entry.ended) for entry in built.checkpoint("running")) == (0.0, 0.01)
     assert check_built(run, built, program.journal) == []
+
+
+def test_inputs_complete_flags_each_call_that_ran_with_missing_inputs() -> None:
+    """A call whose program logged missing inputs is a violation naming them; complete calls pass."""
+    calls = [call(0), call(1, missing_inputs=("context",))]
+    (found,) = inputs_complete(calls)
+    assert found.invariant == "inputs_complete" and found.call == 1 and "context" in found.message
+    assert inputs_complete([call(0)]) == []
+
+
+def test_loop_not_blocked_flags_a_block_over_the_limit_only() -> None:
+    """The longest real-time block is compared to max_block; at or under it nothing is reported."""
+    run = Run([call(0)], [], [], 0.0, 1.0, 10.0, longest_block=8.0, blocked_at=0.5)
+    (found,) = loop_not_blocked(run, 1.0)
+    assert found.invariant == "loop_not_blocked" and "8.0 s" in found.message
+    assert loop_not_blocked(run, 8.0) == []

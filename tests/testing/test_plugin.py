@@ -4,6 +4,7 @@ the ``pytest11`` entry point."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import dspy
 import pytest
@@ -60,3 +61,29 @@ def test_the_entry_point_loads_the_plugin(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "asyncio_mode=auto", "-o", "addopts=")
     result.assert_outcomes(passed=1)
+
+
+async def test_harness_feeds_every_input_of_a_multi_input_program(chaos_harness: ChaosHarness) -> None:
+    """A `(question, context, top_k: int)` program gets all three, typed from its signature, on every call."""
+    received: list[tuple[str, str, int]] = []
+
+    async def program(question: str, context: str, top_k: int) -> dspy.Prediction:
+        received.append((question, context, top_k))
+        return dspy.Prediction(answer=question)
+
+    run = await chaos_harness.run(Pipeline(program, Timeout(5)), 5)
+    assert all(call.ok for call in run.calls)
+    assert sorted(question for question, _, _ in received) == sorted(call.question for call in run.calls)
+    assert all(context and isinstance(top_k, int) for _, context, top_k in received)
+
+
+async def test_harness_fails_a_program_that_blocks_the_loop(chaos_harness: ChaosHarness) -> None:
+    """An async program that time.sleep()s: with max_block, the harness names the block instead of passing."""
+
+    async def program(question: str) -> dspy.Prediction:
+        time.sleep(0.25)  # noqa: ASYNC251 - the blocking call under test
+        return dspy.Prediction(answer=question)
+
+    with pytest.raises(AssertionError, match=r"loop_not_blocked: the loop was blocked for"):
+        await chaos_harness.run(Pipeline(program, Timeout(0.1)), 2, concurrency=1, max_block=0.2)
+    assert chaos_harness.last is not None and chaos_harness.last.longest_block >= 0.25
