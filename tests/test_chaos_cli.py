@@ -207,19 +207,19 @@ import dspy
 from resilient_dspy import Fallback, Pipeline, Static, Timeout
 
 
-class NoAsync(dspy.Module):
-    """A program bug: no aforward, so every async call fails before reaching the LM."""
+class Down(dspy.Module):
+    """A provider that is down for good: every call fails before an answer."""
 
     def __init__(self):
         super().__init__()
         self.answer = dspy.Predict("question -> answer")
 
-    def forward(self, question):
-        return self.answer(question=question)
+    async def aforward(self, question):
+        raise dspy.LMServerError("down", status=503)
 
 
 def build():
-    return Pipeline(NoAsync(), Fallback(Static(answer="busy")), Timeout(5.0))
+    return Pipeline(Down(), Fallback(Static(answer="busy")), Timeout(5.0))
 '''
 
 

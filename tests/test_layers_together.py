@@ -536,3 +536,13 @@ def test_property_the_breaker_counts_exactly_the_provider_outcomes(
             assert breaker.snapshot().consecutive_failures == _trailing_failures(provider.log)
 
     run_virtual(scenario)
+
+
+async def test_with_no_retry_budget_left_a_shared_failure_is_not_retried_by_its_followers() -> None:
+    provider = Provider(latency=1.0)
+    provider.down = True
+    retry = Retry(3, base_delay=0.0, jitter="none", budget=RetryBudget(ratio=0.0, min_per_second=0.0, window=10.0))
+    pipeline = Pipeline(provider, retry, Cache())
+    results = await settle(*(pipeline("same") for _ in range(5)))
+    assert [r.reason for r in results] == ["budget"] * 5
+    assert provider.requests == 1

@@ -113,7 +113,7 @@ class _BudgetWindow:
     O(1) amortised.
     """
 
-    __slots__ = ("calls", "floor", "ratio", "retries", "total", "width", "window")
+    __slots__ = ("calls", "charged", "floor", "ratio", "retries", "total", "width", "window")
 
     def __init__(self, budget: RetryBudget, slots: int = 100) -> None:
         self.ratio = budget.ratio
@@ -122,7 +122,8 @@ class _BudgetWindow:
         self.width = budget.window / slots
         self.calls: deque[list[int]] = deque()  # [slot number, calls recorded in it], oldest first
         self.total = 0  # calls in ``calls``
-        self.retries: deque[float] = deque()  # times of the retries spent, oldest first
+        self.retries: deque[tuple[float, BaseException | None]] = deque()  # (time, failure) spent, oldest first
+        self.charged: dict[int, int] = {}  # id of a failure in ``retries`` -> its entries (kept alive by the deque)
 
     def record_call(self, now: float) -> None:
         """Count a call that reached the Retry at ``now`` (times are non-decreasing: they are read from the clock)."""
@@ -143,16 +144,29 @@ class _BudgetWindow:
         while calls and calls[0][0] * width <= opened:
             self.total -= calls.popleft()[1]
 
-    def try_spend(self, now: float) -> bool:
-        """Spend one retry at ``now`` if the budget of ``(now - window, now]`` has room for it."""
+    def try_spend(self, now: float, failure: BaseException | None = None) -> bool:
+        """Spend one retry at ``now`` if the budget of ``(now - window, now]`` has room for it. A retry of a
+        ``failure`` already paid for in the window (one error object shared by a Cache's single-flight followers)
+        is allowed at no cost: one shared failure counts once."""
         retries = self.retries
+        charged = self.charged
         opened = now - self.window
-        while retries and retries[0] <= opened:
-            retries.popleft()
+        while retries and retries[0][0] <= opened:
+            _, old = retries.popleft()
+            if old is not None:
+                left = charged[id(old)] - 1
+                if left:
+                    charged[id(old)] = left
+                else:
+                    del charged[id(old)]
+        if failure is not None and id(failure) in charged:
+            return True
         self._expire_calls(now)
         if len(retries) + 1 > self.ratio * self.total + self.floor:
             return False
-        retries.append(now)
+        retries.append((now, failure))
+        if failure is not None:
+            charged[id(failure)] = charged.get(id(failure), 0) + 1
         return True
 
 
@@ -224,7 +238,6 @@ class Retry:
         while True:
             error: Exception | None = None
             info: ErrorInfo | None = None
-            reached = record.attempts
             record.blocked_until = None
             try:
                 result = await next(attempt_call)
@@ -257,8 +270,8 @@ class Retry:
                     stop = "deadline"
                 elif blocked is not None and delay > options.max_retry_after:
                     stop = "circuit_open"
-                elif budget is not None and record.attempts != reached and not budget.try_spend(clock.now()):
-                    stop = "budget"  # a retry of a failure that never reached the provider (shared) spends nothing
+                elif budget is not None and not budget.try_spend(clock.now(), error):
+                    stop = "budget"
             if stop is not None:
                 if call.runtime.listeners:
                     call.emit(

@@ -180,14 +180,19 @@ def retry_budget_respected(
     A layer above the Retry (a limiter, a bulkhead) may hold a call before it reaches the Retry, which the checker
     cannot see; so a call counts if it reached it by t and no earlier than the window: it started by t, and its
     first program run in ``journal`` (else its end) is inside the window or later. An upper bound: no false alarm.
+    Retries of one shared failure (the same error object, as a Cache's single-flight followers receive) count once.
     """
-    retries = sorted(e.event.time for e in events if isinstance(e.event, RetryScheduled))
+    scheduled = sorted(
+        ((e.event.time, e.event.error) for e in events if isinstance(e.event, RetryScheduled)), key=lambda r: r[0]
+    )
+    retries = [t for t, _ in scheduled]
     runs = _runs_by_call(calls, journal)
     reached = [(c.started, min((_start(r) for r in runs.get(c.index, ())), default=c.ended)) for c in calls]
     found = []
     for at in retries:
         opened = at - budget.window
-        recent = sum(1 for t in retries if opened + EPSILON < t <= at + EPSILON)
+        spans = [error for t, error in scheduled if opened + EPSILON < t <= at + EPSILON]
+        recent = sum(1 for error in spans if error is None) + len({id(e) for e in spans if e is not None})
         started = sum(1 for earliest, latest in reached if earliest <= at + EPSILON and latest >= opened - EPSILON)
         allowed = budget.ratio * started + budget.min_per_second * budget.window
         if recent > allowed + EPSILON:
