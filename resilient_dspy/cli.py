@@ -65,9 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run a batch through a resilient pipeline and the bare program, side by side",
-        description="Runs questions concurrently through a production-style pipeline (fallback, total timeout, "
-        "retry, attempt timeout) and through the bare program, against a local fault-injecting LM unless "
-        "--model names a real one.",
+        description="Runs questions concurrently through the recommended pipeline (Fallback, total Timeout, "
+        "RateLimiter, Retry, CircuitBreaker, Bulkhead, attempt Timeout, Cache) and through the bare program, "
+        "against a local fault-injecting LM unless --model names a real one.",
     )
     demo.add_argument("--questions", type=_positive_int, default=40, help="batch size (default 40)")
     demo.add_argument("--concurrency", type=_positive_int, default=10, help="calls in flight (default 10)")

@@ -288,13 +288,14 @@ def render(report: DemoReport) -> Any:
     return table
 
 
-NEVER_ANSWERED = "the program never answered: every reply was a fallback (check --model, --api-base and the API key)"
+NEVER_ANSWERED = "the program never answered: every reply was a fallback"
 
 
 def exit_status(report: DemoReport) -> tuple[int, str | None]:
     """0 when the program answered at least once through the pipeline; else 1 and why (a fallback is no answer)."""
     if report.resilient.answered == 0:
-        return 1, NEVER_ANSWERED
+        hint = " (check --model, --api-base and the API key)" if report.config.model else " (lower --chaos)"
+        return 1, NEVER_ANSWERED + hint
     return 0, None
 
 

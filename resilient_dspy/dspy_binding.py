@@ -214,16 +214,19 @@ _DSPY_CALL_OPTIONS = frozenset({"config", "lm", "demos", "signature", "predictio
 class InputRule:
     """Which input names a program takes: ``required`` ones must be given, and none beyond ``accepted`` (None: any)."""
 
-    __slots__ = ("accepted", "owner", "required")
+    __slots__ = ("accepted", "owner", "required", "shown")
 
-    def __init__(self, owner: str, required: Iterable[str], accepted: Iterable[str] | None) -> None:
+    def __init__(
+        self, owner: str, required: Iterable[str], accepted: Iterable[str] | None, shown: Iterable[str] | None = None
+    ) -> None:
         self.owner = owner
         self.required = frozenset(required)
         self.accepted = None if accepted is None else frozenset(accepted)
+        self.shown = sorted(self.accepted or ()) if shown is None else list(shown)  # the inputs a message names
 
     def problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
         found = [
-            (name, f"is not an input of {self.owner} (it takes {sorted(self.accepted)})")
+            (name, f"is not an input of {self.owner} (its inputs: {', '.join(self.shown) or 'none'})")
             for name in inputs
             if self.accepted is not None and name not in self.accepted
         ]
@@ -243,7 +246,7 @@ def _signature_rule(owner: str, signature: Any) -> InputRule:
         for name, info in fields.items()
         if info.is_required() and not _annotation_allows_none(getattr(info, "annotation", None))
     ]
-    return InputRule(owner, required, (*fields, *_DSPY_CALL_OPTIONS))
+    return InputRule(owner, required, (*fields, *_DSPY_CALL_OPTIONS), shown=list(fields))
 
 
 def _annotation_allows_none(annotation: Any) -> bool:
@@ -613,6 +616,24 @@ def _module_problem(program: dspy.Module) -> str | None:
     return None
 
 
+def is_layer(candidate: Any) -> bool:
+    """True for a middleware instance: an object whose ``async __call__`` takes exactly ``(call, next)``."""
+    if isinstance(candidate, type) or not _is_async_callable(candidate) or inspect.isfunction(candidate):
+        return False
+    try:
+        names = list(inspect.signature(candidate.__call__).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names == ["call", "next"]
+
+
+def is_program(candidate: Any) -> bool:
+    """True for what a pipeline wraps as its program (a DSPy module or LM, or a Pipeline)."""
+    from resilient_dspy.pipeline import Pipeline
+
+    return isinstance(candidate, dspy.Module | dspy.BaseLM | Pipeline)
+
+
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
     """The :class:`Target` for ``program``, or None with the reason appended to ``problems``."""
     from resilient_dspy.pipeline import Pipeline
@@ -627,6 +648,15 @@ def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | Non
         return ModuleTarget(program)
     if isinstance(program, dspy.BaseLM):
         return LMTarget(program)
+    if is_layer(program):
+        problems.append(
+            (
+                "program",
+                f"is a middleware layer ({type(program).__name__}), not a program: the program comes first, "
+                "then the layers, as in Pipeline(program, *layers)",
+            )
+        )
+        return None
     if _is_async_callable(program) and not isinstance(program, type):
         return CallableTarget(program)
     if _is_async_generator(program) and not isinstance(program, type):

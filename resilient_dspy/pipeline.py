@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 from resilient_dspy.clock import Clock, LoopClock
-from resilient_dspy.dspy_binding import Target, adapt_program
+from resilient_dspy.dspy_binding import Target, adapt_program, is_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, ResilienceWarning, classify
 from resilient_dspy.events import Event, Listener, deliver, listener_problem
 from resilient_dspy.health import LayerHealth, PipelineHealth, worst
@@ -282,11 +282,20 @@ class Pipeline:
         problems: list[tuple[str, str]] = []
         target = adapt_program(program, problems)
         for index, layer in enumerate(middleware):
-            if isinstance(layer, type) or not (callable(layer) and inspect.iscoroutinefunction(layer.__call__)):
+            if is_program(layer):
                 problems.append(
                     (
                         f"middleware[{index}]",
-                        f"must be a middleware instance with 'async def __call__(self, call, next)' (got {layer!r})",
+                        f"is a program ({type(layer).__name__}), not a middleware layer: the program comes first, "
+                        "then the layers, as in Pipeline(program, *layers)",
+                    )
+                )
+            elif isinstance(layer, type) or not (callable(layer) and inspect.iscoroutinefunction(layer.__call__)):
+                problems.append(
+                    (
+                        f"middleware[{index}]",
+                        "must be a middleware instance with 'async def __call__(self, call, next)' "
+                        f"(got {layer!r:.80})",
                     )
                 )
         if clock is not None and not isinstance(clock, Clock):

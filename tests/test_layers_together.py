@@ -546,3 +546,24 @@ async def test_with_no_retry_budget_left_a_shared_failure_is_not_retried_by_its_
     results = await settle(*(pipeline("same") for _ in range(5)))
     assert [r.reason for r in results] == ["budget"] * 5
     assert provider.requests == 1
+
+
+async def test_calls_queued_below_the_retry_keep_counting_for_its_budget_while_they_are_in_flight() -> None:
+    """A burst waits in a Bulkhead below the Retry: 40 s later its calls are still live traffic, so a lone failure
+    then may be retried (the budget used to forget them 10 s after they entered)."""
+    from resilient_dspy import Bulkhead
+
+    failures = {"q40": 1}
+
+    async def program(question: str) -> str:
+        await asyncio.sleep(1.0)
+        if failures.get(question):
+            failures[question] -= 1
+            raise server_error()
+        return f"answer:{question}"
+
+    budget = RetryBudget(ratio=0.2, min_per_second=0.0, window=10.0)
+    pipeline = Pipeline(program, Retry(2, base_delay=0.0, jitter="none", budget=budget), Bulkhead(1, max_queue=100))
+    results = await settle(*(pipeline(f"q{i}") for i in range(50)))
+    assert results[40] == "answer:q40"
+    assert all(isinstance(r, str) for r in results)

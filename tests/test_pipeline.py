@@ -628,3 +628,20 @@ async def test_a_fallback_serving_is_logged_at_warning(caplog: Any) -> None:
     [record] = [r for r in caplog.records if r.name == "resilient_dspy.fallback"]
     assert record.levelno == logging.WARNING
     assert "apology" in record.getMessage() and "LMServerError" in record.getMessage()
+
+
+def test_a_layer_given_as_the_program_or_a_program_given_as_a_layer_is_refused_saying_the_program_comes_first() -> None:
+    import dspy
+
+    from resilient_dspy import Retry
+
+    with pytest.raises(ConfigurationError) as caught:
+        Pipeline(Retry(3))
+    [(field, rule)] = caught.value.problems
+    assert field == "program" and "first" in rule
+    with pytest.raises(ConfigurationError) as caught:
+        Pipeline(Retry(3), dspy.Predict("question -> answer"))
+    fields = [name for name, _ in caught.value.problems]
+    assert fields == ["program", "middleware[0]"]
+    assert all("first" in rule for _, rule in caught.value.problems)
+    assert all(len(rule) < 200 for _, rule in caught.value.problems)  # no program repr dumped into the message

@@ -109,40 +109,58 @@ class _BudgetWindow:
 
     Calls are counted per slot of ``window / slots`` seconds, and only slots wholly inside the span count: the call
     count is never over-stated (at most one slot's calls are left out), so the bound holds exactly while memory stays
-    ``slots`` entries whatever the traffic. The retry timestamps are bounded by the budget itself. Each operation is
-    O(1) amortised.
+    ``slots`` entries whatever the traffic. A call still in flight when its slot leaves the span keeps counting until
+    it ends (``lingering``): a burst queued below the Retry (in a Bulkhead) is live traffic, not forgotten after
+    ``window`` seconds. The retry timestamps are bounded by the budget itself. Each operation is O(1) amortised.
     """
 
-    __slots__ = ("calls", "charged", "floor", "ratio", "retries", "total", "width", "window")
+    __slots__ = ("calls", "charged", "floor", "lingering", "ratio", "retries", "total", "width", "window")
 
     def __init__(self, budget: RetryBudget, slots: int = 100) -> None:
         self.ratio = budget.ratio
         self.window = budget.window
         self.floor = budget.min_per_second * budget.window
         self.width = budget.window / slots
-        self.calls: deque[list[int]] = deque()  # [slot number, calls recorded in it], oldest first
+        self.calls: deque[list[int]] = deque()  # [slot number, calls recorded in it, of them in flight], oldest first
         self.total = 0  # calls in ``calls``
+        self.lingering = 0  # calls in flight whose slot has left the span
         self.retries: deque[tuple[float, BaseException | None]] = deque()  # (time, failure) spent, oldest first
         self.charged: dict[int, int] = {}  # id of a failure in ``retries`` -> its entries (kept alive by the deque)
 
-    def record_call(self, now: float) -> None:
-        """Count a call that reached the Retry at ``now`` (times are non-decreasing: they are read from the clock)."""
+    def record_call(self, now: float) -> list[int]:
+        """Count a call that reached the Retry at ``now`` (times are non-decreasing: they are read from the clock);
+        its slot, for :meth:`call_ended`."""
         stamp = int(now // self.width)
         calls = self.calls
         if calls and calls[-1][0] >= stamp:
-            calls[-1][1] += 1
+            slot = calls[-1]
+            slot[1] += 1
+            slot[2] += 1
         else:
-            calls.append([stamp, 1])
+            slot = [stamp, 1, 1]
+            calls.append(slot)
             self._expire_calls(now)
         self.total += 1
+        return slot
+
+    def call_ended(self, slot: list[int]) -> None:
+        """The call counted in ``slot`` ended: it no longer lingers once its slot has left the span."""
+        if slot[1] < 0:  # the slot left the span: the call was lingering
+            self.lingering -= 1
+        else:
+            slot[2] -= 1
 
     def _expire_calls(self, now: float) -> None:
-        """Drop the slots that start at or before ``now - window``: not wholly inside the span any more."""
+        """Drop the slots that start at or before ``now - window``: not wholly inside the span any more (their calls
+        still in flight linger)."""
         calls = self.calls
         opened = now - self.window
         width = self.width
         while calls and calls[0][0] * width <= opened:
-            self.total -= calls.popleft()[1]
+            slot = calls.popleft()
+            self.total -= slot[1]
+            self.lingering += slot[2]
+            slot[1] = -1
 
     def try_spend(self, now: float, failure: BaseException | None = None) -> bool:
         """Spend one retry at ``now`` if the budget of ``(now - window, now]`` has room for it. A retry of a
@@ -162,7 +180,7 @@ class _BudgetWindow:
         if failure is not None and id(failure) in charged:
             return True
         self._expire_calls(now)
-        if len(retries) + 1 > self.ratio * self.total + self.floor:
+        if len(retries) + 1 > self.ratio * (self.total + self.lingering) + self.floor:
             return False
         retries.append((now, failure))
         if failure is not None:
@@ -229,82 +247,85 @@ class Retry:
         options = self.options
         clock = call.clock
         budget = self._budget
-        if budget is not None:
-            budget.record_call(clock.now())
-        previous = options.base_delay
-        attempt_call = call
-        attempt = 1
-        record = call.record
-        while True:
-            error: Exception | None = None
-            info: ErrorInfo | None = None
-            record.blocked_until = None
-            try:
-                result = await next(attempt_call)
-            except Exception as caught:
-                info = classify(caught)
-                if not (
-                    info.retryable and info.kind is not _REJECTED
-                    if options.retry_on is None
-                    else self._retryable(caught, info.kind, info.retryable)
-                ):
-                    raise
-                error = caught
-            else:
-                if options.retry_on_result is None or not options.retry_on_result(result):
-                    return result
+        slot = budget.record_call(clock.now()) if budget is not None else None
+        try:
+            previous = options.base_delay
+            attempt_call = call
+            attempt = 1
+            record = call.record
+            while True:
+                error: Exception | None = None
+                info: ErrorInfo | None = None
+                record.blocked_until = None
+                try:
+                    result = await next(attempt_call)
+                except Exception as caught:
+                    info = classify(caught)
+                    if not (
+                        info.retryable and info.kind is not _REJECTED
+                        if options.retry_on is None
+                        else self._retryable(caught, info.kind, info.retryable)
+                    ):
+                        raise
+                    error = caught
+                else:
+                    if options.retry_on_result is None or not options.retry_on_result(result):
+                        return result
 
-            stop = None
-            if attempt >= options.max_attempts:
-                stop = "max_attempts"
-            else:
-                fixed = self._fixed_delay
-                delay = fixed if fixed is not None else compute_delay(options, attempt, previous, call.rng.uniform)
-                previous = delay
-                if info is not None and info.retry_after is not None and options.respect_retry_after:
-                    delay = max(delay, min(info.retry_after, options.max_retry_after))
-                blocked = record.blocked_until
-                if blocked is not None:  # the failure opened a circuit below: an earlier attempt is refused anyway
-                    delay = max(delay, blocked - clock.now())
-                if call.deadline is not None and delay >= call.deadline - clock.now():
-                    stop = "deadline"
-                elif blocked is not None and delay > options.max_retry_after:
-                    stop = "circuit_open"
-                elif budget is not None and not budget.try_spend(clock.now(), error):
-                    stop = "budget"
-            if stop is not None:
-                if call.runtime.listeners:
+                stop = None
+                if attempt >= options.max_attempts:
+                    stop = "max_attempts"
+                else:
+                    fixed = self._fixed_delay
+                    delay = fixed if fixed is not None else compute_delay(options, attempt, previous, call.rng.uniform)
+                    previous = delay
+                    if info is not None and info.retry_after is not None and options.respect_retry_after:
+                        delay = max(delay, min(info.retry_after, options.max_retry_after))
+                    blocked = record.blocked_until
+                    if blocked is not None:  # the failure opened a circuit below: an earlier attempt is refused anyway
+                        delay = max(delay, blocked - clock.now())
+                    if call.deadline is not None and delay >= call.deadline - clock.now():
+                        stop = "deadline"
+                    elif blocked is not None and delay > options.max_retry_after:
+                        stop = "circuit_open"
+                    elif budget is not None and not budget.try_spend(clock.now(), error):
+                        stop = "budget"
+                if stop is not None:
+                    if call.runtime.listeners:
+                        call.emit(
+                            RetryGaveUp(
+                                pipeline=call.runtime.name,
+                                layer="Retry",
+                                time=clock.now(),
+                                attempts=attempt,
+                                reason=stop,
+                                error=error,
+                            )
+                        )
+                    if error is None:
+                        return result
+                    raise RetriesExhaustedError(attempt, error, reason=stop)
+
+                if call.runtime.listeners:  # call.listening, without the property call
                     call.emit(
-                        RetryGaveUp(
+                        RetryScheduled(
                             pipeline=call.runtime.name,
                             layer="Retry",
                             time=clock.now(),
-                            attempts=attempt,
-                            reason=stop,
+                            attempt=attempt,
+                            delay=delay,
+                            reason=type(error).__name__ if error is not None else "result rejected",
                             error=error,
                         )
                     )
-                if error is None:
-                    return result
-                raise RetriesExhaustedError(attempt, error, reason=stop)
-
-            if call.runtime.listeners:  # call.listening, without the property call
-                call.emit(
-                    RetryScheduled(
-                        pipeline=call.runtime.name,
-                        layer="Retry",
-                        time=clock.now(),
-                        attempt=attempt,
-                        delay=delay,
-                        reason=type(error).__name__ if error is not None else "result rejected",
-                        error=error,
-                    )
-                )
-            call.record.retries += 1
-            await clock.sleep(delay)
-            attempt += 1
-            bypass = attempt_call.bypass_cache or (info is not None and info.needs_fresh_response)
-            attempt_call = call.for_attempt(attempt, bypass)
+                call.record.retries += 1
+                await clock.sleep(delay)
+                attempt += 1
+                bypass = attempt_call.bypass_cache or (info is not None and info.needs_fresh_response)
+                attempt_call = call.for_attempt(attempt, bypass)
+        finally:
+            if budget is not None and slot is not None:
+                budget.call_ended(slot)
 
     def describe(self) -> dict[str, Any]:
         return {"layer": "Retry", "options": self.options.model_dump()}

@@ -175,19 +175,18 @@ def retry_budget_respected(
     journal: Sequence[Any] = (),
 ) -> list[Violation]:
     """Retries never outrun the budget, a true sliding bound: for each retry at t, the retries in (t - window, t] ≤
-    ratio * calls that reached the Retry in that span + min_per_second * window.
+    ratio * calls that reached the Retry in that span or were still in flight there + min_per_second * window.
 
     A layer above the Retry (a limiter, a bulkhead) may hold a call before it reaches the Retry, which the checker
-    cannot see; so a call counts if it reached it by t and no earlier than the window: it started by t, and its
-    first program run in ``journal`` (else its end) is inside the window or later. An upper bound: no false alarm.
-    Retries of one shared failure (the same error object, as a Cache's single-flight followers receive) count once.
+    cannot see; so a call counts if it started by t and ended inside the window or later (an upper bound: no false
+    alarm; ``journal`` is accepted for compatibility). Retries of one shared failure (the same error object, as a
+    Cache's single-flight followers receive) count once.
     """
     scheduled = sorted(
         ((e.event.time, e.event.error) for e in events if isinstance(e.event, RetryScheduled)), key=lambda r: r[0]
     )
     retries = [t for t, _ in scheduled]
-    runs = _runs_by_call(calls, journal)
-    reached = [(c.started, min((_start(r) for r in runs.get(c.index, ())), default=c.ended)) for c in calls]
+    reached = [(c.started, c.ended) for c in calls]  # a call counts while it is in flight (it may linger there)
     found = []
     for at in retries:
         opened = at - budget.window

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -37,13 +38,18 @@ def run_virtual(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
         loop.close()
 
 
-def over_budget(calls: list[float], retries: list[float], budget: RetryBudget) -> list[str]:
-    """Every retry at t whose window (t - window, t] holds more retries than the budget allows there."""
+def over_budget(
+    calls: list[float], retries: list[float], budget: RetryBudget, ends: list[float] | None = None
+) -> list[str]:
+    """Every retry at t whose window (t - window, t] holds more retries than the budget allows there: calls that
+    started in the window, and (given their ``ends``) earlier calls still in flight at t, count."""
     found = []
     for at in retries:
         opened = at - budget.window
         recent = sum(1 for t in retries if opened < t <= at + EPSILON)
         seen = sum(1 for t in calls if opened < t <= at + EPSILON)
+        if ends is not None:
+            seen += sum(1 for t, end in zip(calls, ends, strict=True) if t <= opened and end >= at - EPSILON)
         allowed = budget.ratio * seen + budget.min_per_second * budget.window
         if recent > allowed + EPSILON:
             found.append(f"{recent} retries in ({opened:g}, {at:g}] > {allowed:g} ({seen} calls)")
@@ -122,9 +128,13 @@ def test_every_window_keeps_retries_within_the_budget(
         for index, gap in enumerate(gaps):
             await asyncio.sleep(gap)
             calls.append(loop.time())
-            tasks.append(asyncio.create_task(pipeline(str(index))))
+            ends.append(math.inf)
+            task = asyncio.create_task(pipeline(str(index)))
+            task.add_done_callback(lambda _, i=index: ends.__setitem__(i, loop.time()))
+            tasks.append(task)
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         assert all(isinstance(outcome, RetriesExhaustedError) for outcome in outcomes)
 
+    ends: list[float] = []
     run_virtual(scenario)
-    assert over_budget(calls, retries, budget) == []
+    assert over_budget(calls, retries, budget, ends) == []

@@ -192,9 +192,13 @@ def test_budget_window_counts_a_call_while_its_slot_is_wholly_in_the_window() ->
     kept.record_call(10.85)
     assert kept.try_spend(10.85) is True  # (0.85, 10.85] holds the whole slot: 1 retry <= 0.5 * 2 calls
     dropped = _BudgetWindow(budget)
-    dropped.record_call(0.95)
+    dropped.call_ended(dropped.record_call(0.95))
     dropped.record_call(10.9)
     assert dropped.try_spend(10.9) is False  # the slot is not wholly inside (0.9, 10.9]: 1 retry > 0.5 * 1 call
+    lingering = _BudgetWindow(budget)
+    lingering.record_call(0.95)  # still in flight at 10.9: it keeps counting after its slot has left
+    lingering.record_call(10.9)
+    assert lingering.try_spend(10.9) is True
 
 
 def test_budget_window_forgets_a_retry_exactly_one_window_later() -> None:
