@@ -123,7 +123,8 @@ def load_target(spec: str) -> Callable[[], Any]:
     """A factory of fresh pipelines for ``module:attr`` or ``path/to/file.py:attr`` (raises :class:`TargetError`).
 
     A zero-argument factory is called once per scenario, so each starts from clean state; a Pipeline instance is
-    reused as is.
+    reused as is (its breaker and limiter state carry over; each scenario asks its own questions, so its cache does
+    not).
     """
     import dspy
 
@@ -244,7 +245,9 @@ def run_scenario(
         for i in range(calls)
         if scenario.cancel_share and (i * 7919 + seed) % 100 < scenario.cancel_share * 100
     }
-    questions = [f"Question {i}: what makes a DSPy program resilient?" for i in range(calls)]
+    # named after the scenario: a Pipeline instance keeps its cache across scenarios, and must not answer one
+    # scenario's questions with another's answers (a hit on a key this scenario never stored)
+    questions = [f"Question {i} ({scenario.name}): what makes a DSPy program resilient?" for i in range(calls)]
 
     async def scenario_run() -> Any:
         with dspy.context(lm=lm), _pinned(predictors, lm):

@@ -235,3 +235,32 @@ def test_a_pipeline_whose_primary_never_answers_fails_the_scorecard(
     assert all(s["ok"] == 0 and s["fallback"] == 4 for s in report["scenarios"])
     code, out, _ = chaos(capsys, f"{target}:build", "--calls", "4", "--scenarios", "rate_limit")
     assert code == 1 and "the primary never answered" in out
+
+
+CACHED_INSTANCE = '''
+import dspy
+from resilient_dspy import Cache, Fallback, Pipeline, Retry, Static, Timeout
+
+pipeline = Pipeline(
+    dspy.ChainOfThought("question -> answer"),
+    Fallback(Static(answer="busy")),
+    Timeout(30.0),
+    Retry(3),
+    Timeout(5.0),
+    Cache(),
+)
+'''
+
+
+def test_a_pipeline_instance_with_a_cache_is_scored_on_its_own_answers_in_every_scenario(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An instance keeps its state across scenarios: its cache must not serve one scenario's answers in the next
+    (a hit on a key the scenario never stored looked like a cache bug)."""
+    target = tmp_path / "instance.py"
+    target.write_text(CACHED_INSTANCE)
+    code, out, _ = chaos(capsys, f"{target}:pipeline", "--calls", "6", "--json", "--scenarios", "rate_limit,server_error,transport")
+    report = json.loads(out)
+    invariants = {v["invariant"] for s in report["scenarios"] for v in s["violations"]}
+    assert "cache_fresh_and_clean" not in invariants
+    assert code == 0 and report["passed"] is True
