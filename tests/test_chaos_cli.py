@@ -237,7 +237,7 @@ def test_a_pipeline_whose_primary_never_answers_fails_the_scorecard(
     assert code == 1 and "the primary never answered" in out
 
 
-CACHED_INSTANCE = '''
+CACHED_INSTANCE = """
 import dspy
 from resilient_dspy import Cache, Fallback, Pipeline, Retry, Static, Timeout
 
@@ -249,7 +249,7 @@ pipeline = Pipeline(
     Timeout(5.0),
     Cache(),
 )
-'''
+"""
 
 
 def test_a_pipeline_instance_with_a_cache_is_scored_on_its_own_answers_in_every_scenario(
@@ -259,7 +259,8 @@ def test_a_pipeline_instance_with_a_cache_is_scored_on_its_own_answers_in_every_
     (a hit on a key the scenario never stored looked like a cache bug)."""
     target = tmp_path / "instance.py"
     target.write_text(CACHED_INSTANCE)
-    code, out, _ = chaos(capsys, f"{target}:pipeline", "--calls", "6", "--json", "--scenarios", "rate_limit,server_error,transport")
+    scenarios = "rate_limit,server_error,transport"
+    code, out, _ = chaos(capsys, f"{target}:pipeline", "--calls", "6", "--json", "--scenarios", scenarios)
     report = json.loads(out)
     invariants = {v["invariant"] for s in report["scenarios"] for v in s["violations"]}
     assert "cache_fresh_and_clean" not in invariants

@@ -97,18 +97,17 @@ def test_retry_budget_is_checked_over_the_whole_sliding_window() -> None:
     assert retry_budget_respected(calls, later, budget) == []
 
 
-def test_retry_budget_counts_calls_held_above_the_retry_when_they_reach_it() -> None:
-    """Calls all started at 0 but a limiter above the Retry let them through at 0.5, 1.0 and 1.5: the budget
-    counted them then, so a retry at 1.5 may spend the calls of 1.0 and 1.5 (seen by their first program run)."""
+def test_retry_budget_counts_calls_in_flight_in_the_window_wherever_they_started() -> None:
+    """Calls that started at 0 and are still in flight at 1.5 count for a retry at 1.5 (a limiter or bulkhead may
+    have held them, and the budget counts a call while it is in flight); calls that ended before the window don't."""
     budget = RetryBudget(ratio=0.5, min_per_second=0.0, window=1.0)
-    calls = [call(i, ended=2.0) for i in range(3)]
     retry = RecordedEvent(
         2, RetryScheduled(pipeline="p", layer="Retry", time=1.5, attempt=1, delay=0.0, reason="x", error=None)
     )
-    journal = [ProgramEntry(i, f"q{i}", Fault.OK, 0.5 * (i + 1), 0.5 * (i + 1)) for i in range(3)]
-    assert retry_budget_respected(calls, [retry], budget, journal=journal) == []
-    early = [ProgramEntry(i, f"q{i}", Fault.OK, 0.1, 0.1) for i in range(3)]  # all reached the Retry by 0.1
-    [over] = retry_budget_respected(calls, [retry], budget, journal=early)
+    in_flight = [call(i, ended=2.0) for i in range(3)]
+    assert retry_budget_respected(in_flight, [retry], budget) == []
+    ended = [call(i, ended=0.2) for i in range(2)] + [call(2, ended=0.2)]
+    [over] = retry_budget_respected(ended, [retry], budget)
     assert "1 retries" in over.message and "budget 0" in over.message and "0.5 * 0 calls" in over.message
 
 
