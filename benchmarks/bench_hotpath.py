@@ -48,10 +48,10 @@ from bench_overhead import Group, Runner, Variant, measure, time_batch
 
 from resilient_dspy import Cache, Pipeline, classify  # noqa: F401 - some names are used in timeit statements
 from resilient_dspy.cache_backends import MemoryBackend
-from resilient_dspy.clock import LoopClock
+from resilient_dspy.core.call import Call, CallRecord  # noqa: F401
+from resilient_dspy.core.clock import LoopClock
 from resilient_dspy.dspy_binding import setting, usage_scope  # noqa: F401
 from resilient_dspy.middleware.cache import KEY_VERSION, _dumps
-from resilient_dspy.pipeline import Call, CallRecord  # noqa: F401
 
 program = bp.program
 KINDS = ("timeout", "retry", "breaker", "bulkhead", "limiter", "cache/miss", "cache/hit")

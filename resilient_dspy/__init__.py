@@ -10,7 +10,9 @@ from resilient_dspy.cache_backends import (
     NowaitBackend,
     TieredBackend,
 )
-from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware
+from resilient_dspy.core.clock import Clock, LoopClock
+from resilient_dspy.core.pipeline import Outcome, Pipeline
 from resilient_dspy.dspy_binding import no_dspy_retries
 from resilient_dspy.errors import (
     BudgetExceededError,
@@ -83,7 +85,6 @@ from resilient_dspy.middleware import (
     UseProgram,
 )
 from resilient_dspy.partition import by_model, by_partition_key
-from resilient_dspy.pipeline import Call, CallRecord, Handler, Middleware, Outcome, Pipeline
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ from aiocache.base import BaseCache  # type: ignore[import-untyped]
 from dspy.primitives.prediction import Completions
 from pydantic import BaseModel
 
-from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.errors import ConfigurationError
 
 __all__ = [

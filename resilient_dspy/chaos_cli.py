@@ -127,7 +127,7 @@ def load_target(spec: str) -> Callable[[], Any]:
     """
     import dspy
 
-    from resilient_dspy.pipeline import Pipeline
+    from resilient_dspy.core.pipeline import Pipeline
 
     module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:

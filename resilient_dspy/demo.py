@@ -19,6 +19,7 @@ from typing import Any
 import dspy
 from dspy.utils.callback import BaseCallback
 
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.middleware import (
     Bulkhead,
     Cache,
@@ -32,7 +33,6 @@ from resilient_dspy.middleware import (
     UseLM,
 )
 from resilient_dspy.partition import by_model
-from resilient_dspy.pipeline import Pipeline
 from resilient_dspy.testing import FaultInjectingLM, FaultProfile
 
 __all__ = ["DemoConfig", "DemoReport", "NoAnswerError", "RunStats", "build_pipeline", "exit_status", "run_demo"]

@@ -25,7 +25,8 @@ from dspy.primitives.base_module import BaseModule
 from resilient_dspy.errors import ResilienceWarning
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Pipeline
+    from resilient_dspy.core.call import Call
+    from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
     "ProgramShape",
@@ -615,7 +616,7 @@ def _module_problem(program: dspy.Module) -> str | None:
 
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
     """The :class:`Target` for ``program``, or None with the reason appended to ``problems``."""
-    from resilient_dspy.pipeline import Pipeline
+    from resilient_dspy.core.pipeline import Pipeline
 
     if isinstance(program, Pipeline):
         return PipelineTarget(program)

@@ -112,7 +112,7 @@ def lm_max_tokens(lm: Any) -> int | None:
 
 def program_parts(program: Any) -> tuple[int, list[Any]]:
     """Characters of the instructions and demos of ``program``'s predictors, and the LMs pinned on them."""
-    from resilient_dspy.pipeline import Pipeline
+    from resilient_dspy.core.pipeline import Pipeline
 
     while isinstance(program, Pipeline):
         program = program.program

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
+from resilient_dspy.core.options import Options
 from resilient_dspy.dspy_binding import lm_identity, setting
-from resilient_dspy.options import Options
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call
+    from resilient_dspy.core.call import Call
 
 __all__ = ["Hold", "KeyFunction", "PartitionOptions", "PartitionState", "Partitions", "by_model", "by_partition_key"]
 

@@ -37,7 +37,7 @@ from resilient_dspy.cache_backends import (
     UnknownTypeError,
     is_backend,
 )
-from resilient_dspy.clock import LoopClock
+from resilient_dspy.core.clock import LoopClock
 
 
 class WallClock:

@@ -13,6 +13,7 @@ import pytest
 import resilient_dspy
 from resilient_dspy import Retry
 from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.core.options import Options
 from resilient_dspy.middleware.breaker import CircuitBreakerOptions
 from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
@@ -23,7 +24,6 @@ from resilient_dspy.middleware.guard import GuardOptions, InputRules
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiterOptions
 from resilient_dspy.middleware.retry import RetryBudget, RetryOptions
 from resilient_dspy.middleware.timeout import TimeoutOptions
-from resilient_dspy.options import Options
 from resilient_dspy.partition import PartitionOptions
 from resilient_dspy.testing.chaos_server import Quota
 from resilient_dspy.testing.fault_lm import Fault, FaultProfile, FaultStep

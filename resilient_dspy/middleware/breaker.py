@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
+from resilient_dspy.core.health import LayerHealth, Status, key_name
+from resilient_dspy.core.options import FieldProblem, build_options
 from resilient_dspy.errors import CircuitOpenError, ErrorKind, classify
 from resilient_dspy.events import Event, deliver
-from resilient_dspy.health import LayerHealth, Status, key_name
-from resilient_dspy.options import FieldProblem, build_options
 from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Handler, Pipeline
+    from resilient_dspy.core.call import Call, Handler
+    from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
     "CircuitBreaker",

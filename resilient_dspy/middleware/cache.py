@@ -40,6 +40,10 @@ from resilient_dspy.cache_backends import (
     is_backend,
     is_nowait,
 )
+from resilient_dspy.core.call import Call, CallRecord, Handler, leases_lent, lend_leases, reclaim_leases
+from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.dspy_binding import (
     DEPLOYMENT_KEYS,
     CallableTarget,
@@ -54,9 +58,6 @@ from resilient_dspy.dspy_binding import (
 )
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
-from resilient_dspy.health import LayerHealth
-from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, CallRecord, Handler, Pipeline, leases_lent, lend_leases, reclaim_leases
 
 __all__ = [
     "Cache",

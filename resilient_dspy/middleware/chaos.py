@@ -24,10 +24,11 @@ from typing import Any, Literal
 import dspy
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import FieldProblem, Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ConfigurationError, ResilienceWarning
 from resilient_dspy.events import Event
-from resilient_dspy.options import FieldProblem, Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 from resilient_dspy.testing.fault_lm import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 
 __all__ = ["Chaos", "ChaosInjected", "ChaosOptions", "OutcomeKind"]

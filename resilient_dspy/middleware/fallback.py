@@ -21,11 +21,12 @@ from typing import Any
 import dspy
 from pydantic import Field, field_validator
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.dspy_binding import Target, adapt_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
-from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = [
     "DEFAULT_ON",

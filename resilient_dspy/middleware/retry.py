@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
-from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = [
     "Retry",

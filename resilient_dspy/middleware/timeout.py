@@ -15,10 +15,11 @@ from typing import Any
 
 from pydantic import Field
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ConfigurationError, TimeoutExceededError
 from resilient_dspy.events import Event
-from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = ["Timeout", "TimeoutFired", "TimeoutOptions"]
 

@@ -26,7 +26,8 @@ from resilient_dspy.events import Event
 from resilient_dspy.observe.redact import to_plain
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Pipeline
+    from resilient_dspy.core.call import Call
+    from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
     "CIRCUIT_STATE_VALUES",

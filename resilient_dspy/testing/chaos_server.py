@@ -24,8 +24,8 @@ import dspy
 from aiohttp import web
 from pydantic import Field
 
+from resilient_dspy.core.options import Options, build_options
 from resilient_dspy.errors import ConfigurationError
-from resilient_dspy.options import Options, build_options
 from resilient_dspy.testing.fault_lm import (
     MALFORMED_TEXT,
     Answers,

@@ -29,9 +29,9 @@ import dspy
 from dspy import lm15
 from pydantic import Field, model_validator
 
-from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.core.clock import Clock, LoopClock
+from resilient_dspy.core.options import Options, build_options
 from resilient_dspy.errors import ConfigurationError
-from resilient_dspy.options import Options, build_options
 
 __all__ = [
     "Drawn",

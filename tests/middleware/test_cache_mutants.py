@@ -29,6 +29,7 @@ from pydantic import BaseModel, field_serializer
 
 from resilient_dspy import ConfigurationError, Event, Pipeline
 from resilient_dspy.cache_backends import MemoryBackend, UnknownTypeError
+from resilient_dspy.core.call import Call
 from resilient_dspy.middleware import cache as cache_module
 from resilient_dspy.middleware.cache import (
     KEY_VERSION,
@@ -50,7 +51,6 @@ from resilient_dspy.middleware.cache import (
     _signature_identity,
     compute_key,
 )
-from resilient_dspy.pipeline import Call
 from resilient_dspy.testing import FaultInjectingLM
 
 from .test_cache import BrokenBackend, HangingBackend, NowaitOnly, Program, keyed, of_type

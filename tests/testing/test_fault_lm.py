@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from resilient_dspy import ConfigurationError
-from resilient_dspy.options import build_options
+from resilient_dspy.core.options import build_options
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile, FaultStep, fault_error
 from resilient_dspy.testing.fault_lm import parse_steps, render_answer
 from tests.conftest import other_tasks

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from resilient_dspy.events import Event
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Handler
+    from resilient_dspy.core.call import Call, Handler
 
 __all__ = ["Span", "Trace"]
 
