@@ -15,6 +15,7 @@ from resilient_dspy import Retry
 from resilient_dspy._moved import MOVED
 from resilient_dspy.cache_backends import MemoryBackend
 from resilient_dspy.core.options import Options
+from resilient_dspy.faults import Fault, FaultStep
 from resilient_dspy.middleware.breaker import CircuitBreakerOptions
 from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
@@ -27,7 +28,7 @@ from resilient_dspy.middleware.retry import RetryBudget, RetryOptions
 from resilient_dspy.middleware.timeout import TimeoutOptions
 from resilient_dspy.partition import PartitionOptions
 from resilient_dspy.testing.chaos_server import Quota
-from resilient_dspy.testing.fault_lm import Fault, FaultProfile, FaultStep
+from resilient_dspy.testing.fault_lm import FaultProfile
 
 for _module in pkgutil.walk_packages(resilient_dspy.__path__, "resilient_dspy."):
     if _module.name not in MOVED:  # the deprecated aliases of moved modules define nothing

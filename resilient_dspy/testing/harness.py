@@ -32,6 +32,7 @@ from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ResilienceWarning
 from resilient_dspy.events import Event
+from resilient_dspy.faults import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 from resilient_dspy.middleware.breaker import CircuitBreaker
 from resilient_dspy.middleware.bulkhead import Bulkhead
 from resilient_dspy.middleware.cache import Cache
@@ -39,7 +40,6 @@ from resilient_dspy.middleware.fallback import Fallback, Static
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
 from resilient_dspy.middleware.retry import Retry
 from resilient_dspy.middleware.timeout import Timeout
-from resilient_dspy.testing.fault_lm import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 
 __all__ = [
     "Built",
