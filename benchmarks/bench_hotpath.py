@@ -47,10 +47,10 @@ from bench_guards import fresh, same
 from bench_overhead import Group, Runner, Variant, measure, time_batch
 
 from resilient_dspy import Cache, Pipeline, classify  # noqa: F401 - some names are used in timeit statements
+from resilient_dspy.binding.usage import usage_scope  # noqa: F401
 from resilient_dspy.cache_backends import MemoryBackend
 from resilient_dspy.core.call import Call, CallRecord  # noqa: F401
 from resilient_dspy.core.clock import LoopClock
-from resilient_dspy.dspy_binding import setting, usage_scope  # noqa: F401
 from resilient_dspy.middleware.cache import KEY_VERSION, _dumps
 
 program = bp.program

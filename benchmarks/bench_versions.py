@@ -52,10 +52,10 @@ async def main():
     inputs = {"question": "hello"}
     data = cache._serializer.dumps("hello", {}, 0)
 
-    from resilient_dspy.dspy_binding import usage_scope
+    from resilient_dspy.binding.usage import usage_scope
 
     try:  # how the library reads a DSPy setting: its own reader where it has one, else dspy.settings
-        from resilient_dspy.dspy_binding import setting
+        from resilient_dspy.binding.settings import setting
     except ImportError:
         def setting(name):
             return getattr(dspy.settings, name)

@@ -2,6 +2,7 @@
 
 import logging as _logging
 
+from resilient_dspy.binding.settings import no_dspy_retries
 from resilient_dspy.cache_backends import (
     AiocacheBackend,
     CacheBackend,
@@ -13,7 +14,6 @@ from resilient_dspy.cache_backends import (
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.pipeline import Outcome, Pipeline
-from resilient_dspy.dspy_binding import no_dspy_retries
 from resilient_dspy.errors import (
     BudgetExceededError,
     BulkheadFullError,

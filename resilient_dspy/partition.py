@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
+from resilient_dspy.binding.lm_identity import lm_identity
+from resilient_dspy.binding.settings import setting
 from resilient_dspy.core.options import Options
-from resilient_dspy.dspy_binding import lm_identity, setting
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call
@@ -56,7 +57,8 @@ class PartitionOptions(Options):
 
 def by_model(call: Call) -> Hashable:
     """Partition by the LM in effect for this call (``dspy.context(lm=...)`` or configured): its model and endpoint,
-    as :func:`~resilient_dspy.dspy_binding.lm_identity` gives them, so two deployments of one model stay apart."""
+    as :func:`~resilient_dspy.binding.lm_identity.lm_identity` gives them, so two deployments of one model stay
+    apart."""
     return lm_identity(setting("lm")) or "default"
 
 

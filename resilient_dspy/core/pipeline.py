@@ -12,21 +12,21 @@ import inspect
 import logging
 import random
 import warnings
-from collections.abc import Awaitable, Hashable
+from collections.abc import Awaitable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
+from resilient_dspy.binding.targets import Target, adapt_target
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runtime
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.core.trace import Trace, traced
-from resilient_dspy.dspy_binding import Target, adapt_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, ResilienceWarning, classify
 from resilient_dspy.events import Listener, listener_problem
 
-__all__ = ["Outcome", "Pipeline"]
+__all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_program"]
 
 logger = logging.getLogger("resilient_dspy.pipeline")
 
@@ -59,24 +59,23 @@ def _warn_about_order(layers: tuple[Middleware, ...]) -> None:
 
     Retry outside Fallback (a fallback answer is a success: never retried); an attempt Timeout longer than the total
     one (clamped to it: nothing left to retry with); an attempt Timeout with no total one (attempts x seconds plus
-    every sleep). See docs/concepts/order-of-layers.md.
+    every sleep). See docs/concepts/order-of-layers.md. A layer takes part through its class's ``placement``
+    ("retry", "fallback" or "timeout", the last with ``options.seconds``): the core never imports a layer.
     """
-    from resilient_dspy.middleware.fallback import Fallback
-    from resilient_dspy.middleware.retry import Retry
-    from resilient_dspy.middleware.timeout import Timeout
-
-    retries = [i for i, layer in enumerate(layers) if isinstance(layer, Retry)]
+    roles = [getattr(type(layer), "placement", None) for layer in layers]
+    retries = [i for i, role in enumerate(roles) if role == "retry"]
     if not retries:
         return
     first_retry = retries[0]
     rules: list[str] = []
-    if any(isinstance(layer, Fallback) for layer in layers[first_retry:]):
+    if "fallback" in roles[first_retry:]:
         rules.append(
             "Retry is listed outside (before) Fallback: the fallback's answer is a success, so the Retry never "
             "retries and the first hiccup serves the fallback. List Fallback first (outermost)."
         )
-    totals = [layer.options.seconds for layer in layers[:first_retry] if isinstance(layer, Timeout)]
-    attempts = [layer.options.seconds for layer in layers[first_retry:] if isinstance(layer, Timeout)]
+    timeouts = [(i, layer.options.seconds) for i, layer in enumerate(layers) if roles[i] == "timeout"]  # type: ignore[attr-defined]
+    totals = [seconds for i, seconds in timeouts if i < first_retry]
+    attempts = [seconds for i, seconds in timeouts if i >= first_retry]
     if attempts and not totals:
         rules.append(
             f"Timeout({attempts[0]:g}) bounds each attempt, but no Timeout above the Retry bounds the total: the call "
@@ -362,3 +361,50 @@ class Pipeline:
     def __repr__(self) -> str:
         layers = ", ".join(type(layer).__name__ for layer in self.layers)
         return f"Pipeline({self._target.name}{', ' if layers else ''}{layers})"
+
+
+class PipelineTarget:
+    """Runs a nested :class:`~resilient_dspy.Pipeline`, handing down the caller's deadline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.name = pipeline.name
+        self.input_fields = pipeline.input_fields
+        self.output_fields: tuple[str, ...] | None = getattr(pipeline.target, "output_fields", None)
+
+    def watch_dspy_retries(self) -> None:
+        self.pipeline.target.watch_dspy_retries()
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self.pipeline.target.input_problems(inputs)
+
+    async def __call__(self, call: Call) -> Any:
+        nested = self.pipeline.new_call(
+            call.inputs,
+            deadline=call.deadline,
+            properties=call.properties,
+            partition_key=call.partition_key,
+            bypass_cache=call.bypass_cache,
+        )
+        try:
+            return await self.pipeline.run(nested)
+        finally:
+            call.record.absorb(nested.record)
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "program", "target": self.name, "pipeline": self.pipeline.describe()}
+
+
+def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
+    """The :class:`~resilient_dspy.binding.targets.Target` for ``program`` (a nested Pipeline included), or None with
+    the reason appended to ``problems``."""
+    if isinstance(program, Pipeline):
+        return PipelineTarget(program)
+    return adapt_target(program, problems)
+
+
+def innermost_program(program: Any) -> Any:
+    """What ``program`` finally runs: itself, or for a (nested) Pipeline the program inside every Pipeline."""
+    while isinstance(program, Pipeline):
+        program = program.program
+    return program

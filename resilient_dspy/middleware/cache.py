@@ -28,6 +28,10 @@ from typing import Any
 import dspy
 from pydantic import BaseModel, Field, field_validator
 
+from resilient_dspy.binding.lm_identity import DEPLOYMENT_KEYS, lm_identity
+from resilient_dspy.binding.settings import setting
+from resilient_dspy.binding.targets import CallableTarget, LMTarget, ModuleTarget, Target
+from resilient_dspy.binding.usage import attach_usage, usage_scope
 from resilient_dspy.cache_backends import (
     CachedEntry,
     CacheSerializer,
@@ -43,19 +47,7 @@ from resilient_dspy.cache_backends import (
 from resilient_dspy.core.call import Call, CallRecord, Handler, leases_lent, lend_leases, reclaim_leases
 from resilient_dspy.core.health import LayerHealth
 from resilient_dspy.core.options import Options, build_options
-from resilient_dspy.core.pipeline import Pipeline
-from resilient_dspy.dspy_binding import (
-    DEPLOYMENT_KEYS,
-    CallableTarget,
-    LMTarget,
-    ModuleTarget,
-    PipelineTarget,
-    Target,
-    attach_usage,
-    lm_identity,
-    setting,
-    usage_scope,
-)
+from resilient_dspy.core.pipeline import Pipeline, PipelineTarget
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
 

@@ -16,15 +16,15 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import dspy
 from pydantic import Field, field_validator
 
+from resilient_dspy.binding.targets import Target
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.options import Options, build_options
-from resilient_dspy.core.pipeline import Pipeline
-from resilient_dspy.dspy_binding import Target, adapt_program
+from resilient_dspy.core.pipeline import Pipeline, adapt_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
 
@@ -208,6 +208,8 @@ class FallbackUsed(Event):
 
 class Fallback:
     """On failure below, try each alternative in order; the first success is the answer."""
+
+    placement: ClassVar[str] = "fallback"  # what the pipeline's layer-order rules read (core/pipeline.py)
 
     def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON) -> None:
         problems: list[tuple[str, str]] = []

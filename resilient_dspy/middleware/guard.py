@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import dspy
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from resilient_dspy.binding.estimate import measure_chars
 from resilient_dspy.core.options import FieldProblem, Options, build_options, problems_of
 from resilient_dspy.errors import ConfigurationError, InvalidInputError, InvalidOutputError
-from resilient_dspy.estimate import measure_chars
 from resilient_dspy.events import Event
 
 if TYPE_CHECKING:

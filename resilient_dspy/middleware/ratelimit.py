@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
+from resilient_dspy.binding.settings import setting
+from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
 from resilient_dspy.core.health import LayerHealth, key_name
 from resilient_dspy.core.options import Options, build_options, problems_of
-from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
+from resilient_dspy.core.pipeline import innermost_program
 from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
-from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
 from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
 
@@ -496,7 +498,7 @@ class RateLimiter:
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program's instructions and pinned LMs once, for the default token estimate."""
-        chars, lms = program_parts(pipeline.program)
+        chars, lms = program_parts(innermost_program(pipeline.program))
         self._prompt_chars = max(self._prompt_chars, chars)
         pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
         if pinned:

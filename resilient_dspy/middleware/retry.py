@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -173,6 +173,8 @@ class _BudgetWindow:
 
 class Retry:
     """Retry the layers below on transient failures (see the module docstring for the rules)."""
+
+    placement: ClassVar[str] = "retry"  # what the pipeline's layer-order rules read (core/pipeline.py)
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -45,6 +45,8 @@ def _cancel_pending() -> bool:
 
 class Timeout:
     """Bound the time of everything below this layer to ``seconds``."""
+
+    placement: ClassVar[str] = "timeout"  # what the pipeline's layer-order rules read (core/pipeline.py)
 
     def __init__(self, seconds: float, *, name: str | None = None) -> None:
         self.options = build_options(TimeoutOptions, "Timeout", {"seconds": seconds, "name": name})

@@ -111,11 +111,8 @@ def lm_max_tokens(lm: Any) -> int | None:
 
 
 def program_parts(program: Any) -> tuple[int, list[Any]]:
-    """Characters of the instructions and demos of ``program``'s predictors, and the LMs pinned on them."""
-    from resilient_dspy.core.pipeline import Pipeline
-
-    while isinstance(program, Pipeline):
-        program = program.program
+    """Characters of the instructions and demos of ``program``'s predictors, and the LMs pinned on them (give it
+    the program inside a Pipeline: :func:`resilient_dspy.core.pipeline.innermost_program`)."""
     if isinstance(program, dspy.BaseLM):
         return 0, [program]
     if not isinstance(program, dspy.Module):
