@@ -15,6 +15,15 @@ __all__ = ["MOVED", "alias"]
 # old module -> the modules its names moved to (first one wins a name); the shims at the old paths read this.
 MOVED: dict[str, tuple[str, ...]] = {
     "resilient_dspy.clock": ("resilient_dspy.core.clock",),
+    "resilient_dspy.dspy_binding": (
+        "resilient_dspy.binding.targets",
+        "resilient_dspy.binding.shape",
+        "resilient_dspy.binding.usage",
+        "resilient_dspy.binding.settings",
+        "resilient_dspy.binding.lm_identity",
+        "resilient_dspy.core.pipeline",
+    ),
+    "resilient_dspy.estimate": ("resilient_dspy.binding.estimate",),
     "resilient_dspy.health": ("resilient_dspy.core.health",),
     "resilient_dspy.options": ("resilient_dspy.core.options",),
     "resilient_dspy.pipeline": ("resilient_dspy.core.pipeline", "resilient_dspy.core.call"),

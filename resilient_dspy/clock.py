@@ -1,4 +1,4 @@
-"""Deprecated alias of :mod:`resilient_dspy.core.clock` (moved there); this path is removed in the next release."""
+"""Deprecated alias of :mod:`resilient_dspy.core.clock`; this old path is removed in the next release."""
 
 from resilient_dspy._moved import alias
 from resilient_dspy.core.clock import *  # noqa: F403

@@ -1,4 +1,4 @@
-"""Deprecated alias of :mod:`resilient_dspy.core.health` (moved there); this path is removed in the next release."""
+"""Deprecated alias of :mod:`resilient_dspy.core.health`; this old path is removed in the next release."""
 
 from resilient_dspy._moved import alias
 from resilient_dspy.core.health import *  # noqa: F403

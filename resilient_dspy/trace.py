@@ -1,4 +1,4 @@
-"""Deprecated alias of :mod:`resilient_dspy.core.trace` (moved there); this path is removed in the next release."""
+"""Deprecated alias of :mod:`resilient_dspy.core.trace`; this old path is removed in the next release."""
 
 from resilient_dspy._moved import alias
 from resilient_dspy.core.trace import *  # noqa: F403
