@@ -47,11 +47,12 @@ from bench_guards import fresh, same
 from bench_overhead import Group, Runner, Variant, measure, time_batch
 
 from resilient_dspy import Cache, Pipeline, classify  # noqa: F401 - some names are used in timeit statements
+from resilient_dspy.binding.settings import setting  # noqa: F401
 from resilient_dspy.binding.usage import usage_scope  # noqa: F401
-from resilient_dspy.cache_backends import MemoryBackend
 from resilient_dspy.core.call import Call, CallRecord  # noqa: F401
 from resilient_dspy.core.clock import LoopClock
-from resilient_dspy.middleware.cache import KEY_VERSION, _dumps
+from resilient_dspy.middleware.cache.backends import MemoryBackend
+from resilient_dspy.middleware.cache.keys import KEY_VERSION, _dumps
 
 program = bp.program
 KINDS = ("timeout", "retry", "breaker", "bulkhead", "limiter", "cache/miss", "cache/hit")

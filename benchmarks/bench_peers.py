@@ -46,7 +46,7 @@ from bench_guards import fresh, same
 from bench_overhead import Flaky, Group, Variant, failing_calls, measure, summarize
 
 from resilient_dspy import Bulkhead, Cache, CircuitBreaker, Pipeline, RateLimiter, Retry, Timeout
-from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 
 Program = Callable[..., Awaitable[Any]]
 Wrap = Callable[[Program], Program]

@@ -26,7 +26,7 @@ import asyncio, json, os, statistics, sys, time, timeit
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy
 from resilient_dspy import Cache, Pipeline
-from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 
 number, rounds, calls = (int(x) for x in sys.argv[1:4])
 

@@ -3,14 +3,6 @@
 import logging as _logging
 
 from resilient_dspy.binding.settings import no_dspy_retries
-from resilient_dspy.cache_backends import (
-    AiocacheBackend,
-    CacheBackend,
-    DiskBackend,
-    MemoryBackend,
-    NowaitBackend,
-    TieredBackend,
-)
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.pipeline import Outcome, Pipeline
@@ -83,6 +75,14 @@ from resilient_dspy.middleware import (
     TimeoutFired,
     UseLM,
     UseProgram,
+)
+from resilient_dspy.middleware.cache.backends import (
+    AiocacheBackend,
+    CacheBackend,
+    DiskBackend,
+    MemoryBackend,
+    NowaitBackend,
+    TieredBackend,
 )
 from resilient_dspy.partition import by_model, by_partition_key
 

@@ -13,13 +13,13 @@ import pytest
 import resilient_dspy
 from resilient_dspy import Retry
 from resilient_dspy._moved import MOVED
-from resilient_dspy.cache_backends import MemoryBackend
 from resilient_dspy.core.options import Options
 from resilient_dspy.faults import Fault, FaultStep
 from resilient_dspy.middleware.breaker import CircuitBreakerOptions
 from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
 from resilient_dspy.middleware.cache import CacheOptions
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 from resilient_dspy.middleware.chaos import ChaosOptions
 from resilient_dspy.middleware.fallback import FallbackOptions, Static
 from resilient_dspy.middleware.guard import GuardOptions, InputRules
