@@ -14,6 +14,16 @@ __all__ = ["MOVED", "alias"]
 
 # old module -> the modules its names moved to (first one wins a name); the shims at the old paths read this.
 MOVED: dict[str, tuple[str, ...]] = {
+    "resilient_dspy.cache_backends": (
+        "resilient_dspy.middleware.cache.backends",
+        "resilient_dspy.middleware.cache.serializer",
+        "resilient_dspy.middleware.cache.backends.protocol",
+        "resilient_dspy.middleware.cache.backends.memory",
+        "resilient_dspy.middleware.cache.backends.expiry",
+        "resilient_dspy.middleware.cache.backends.disk",
+        "resilient_dspy.middleware.cache.backends.tiered",
+        "resilient_dspy.middleware.cache.backends.aiocache_backend",
+    ),
     "resilient_dspy.clock": ("resilient_dspy.core.clock",),
     "resilient_dspy.dspy_binding": (
         "resilient_dspy.binding.targets",
