@@ -76,6 +76,7 @@ from resilient_dspy.middleware import (
     UseLM,
     UseProgram,
 )
+from resilient_dspy.middleware._shared.partitions import by_model, by_partition_key
 from resilient_dspy.middleware.cache.backends import (
     AiocacheBackend,
     CacheBackend,
@@ -84,7 +85,6 @@ from resilient_dspy.middleware.cache.backends import (
     NowaitBackend,
     TieredBackend,
 )
-from resilient_dspy.partition import by_model, by_partition_key
 
 __version__ = "0.1.0"
 

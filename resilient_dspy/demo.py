@@ -32,7 +32,7 @@ from resilient_dspy.middleware import (
     Timeout,
     UseLM,
 )
-from resilient_dspy.partition import by_model
+from resilient_dspy.middleware._shared.partitions import by_model
 from resilient_dspy.testing import FaultInjectingLM, FaultProfile
 
 __all__ = ["DemoConfig", "DemoReport", "NoAnswerError", "RunStats", "build_pipeline", "exit_status", "run_demo"]

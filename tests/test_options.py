@@ -15,6 +15,7 @@ from resilient_dspy import Retry
 from resilient_dspy._moved import MOVED
 from resilient_dspy.core.options import Options
 from resilient_dspy.faults import Fault, FaultStep
+from resilient_dspy.middleware._shared.partitions import PartitionOptions
 from resilient_dspy.middleware.breaker import CircuitBreakerOptions
 from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
@@ -26,7 +27,6 @@ from resilient_dspy.middleware.guard import GuardOptions, InputRules
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiterOptions
 from resilient_dspy.middleware.retry import RetryBudget, RetryOptions
 from resilient_dspy.middleware.timeout import TimeoutOptions
-from resilient_dspy.partition import PartitionOptions
 from resilient_dspy.testing.chaos_server import Quota
 from resilient_dspy.testing.fault_lm import FaultProfile
 

@@ -32,7 +32,7 @@ from resilient_dspy.core.options import FieldProblem, build_options
 from resilient_dspy.core.pipeline import innermost_program
 from resilient_dspy.errors import BudgetExceededError, ConfigurationError, RequestTooLargeError
 from resilient_dspy.events import Event
-from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.middleware._shared.partitions import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler

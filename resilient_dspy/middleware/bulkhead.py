@@ -23,7 +23,7 @@ from resilient_dspy.core.health import LayerHealth, key_name
 from resilient_dspy.core.options import build_options
 from resilient_dspy.errors import BulkheadFullError
 from resilient_dspy.events import Event
-from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.middleware._shared.partitions import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler

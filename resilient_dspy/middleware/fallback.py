@@ -27,6 +27,7 @@ from resilient_dspy.core.options import Options, build_options
 from resilient_dspy.core.pipeline import Pipeline, adapt_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
+from resilient_dspy.middleware._shared.filters import normalise_filter
 
 __all__ = [
     "DEFAULT_ON",
@@ -43,14 +44,6 @@ __all__ = [
 logger = logging.getLogger("resilient_dspy.fallback")
 
 ErrorFilter = tuple[type[Exception], ...] | Callable[[Exception], bool]
-
-
-def _normalise_filter(on: Any) -> ErrorFilter:
-    if isinstance(on, type):
-        return (on,)
-    if isinstance(on, list):
-        return tuple(on)
-    return on  # type: ignore[no-any-return]
 
 
 def is_user_mistake(error: BaseException) -> bool:
@@ -103,7 +96,7 @@ class UseLM(Alternative):
             raise ConfigurationError([("UseLM.lm", f"must be a dspy.LM (got {lm!r:.80})")])
         self.lm = lm
         self.name = name or f"lm:{getattr(lm, 'model', type(lm).__name__)}"
-        self.on = _normalise_filter(on) if on is not None else None
+        self.on = normalise_filter(on) if on is not None else None
 
     async def run(self, call: Call, primary: Handler) -> Any:
         with dspy.context(lm=self.lm):
@@ -120,7 +113,7 @@ class UseProgram(Alternative):
             raise ConfigurationError([(f"UseProgram.{field}", rule) for field, rule in problems])
         self.target: Target = target
         self.name = name or f"program:{target.name}"
-        self.on = _normalise_filter(on) if on is not None else None
+        self.on = normalise_filter(on) if on is not None else None
 
     async def run(self, call: Call, primary: Handler) -> Any:
         return await self.target(call)
@@ -146,7 +139,7 @@ class Static(Alternative):
         self.factory = factory
         self.fields = fields
         self.name = name
-        self.on = _normalise_filter(on) if on is not None else None
+        self.on = normalise_filter(on) if on is not None else None
 
     async def run(self, call: Call, primary: Handler) -> Any:
         if self.factory is not None:
@@ -189,7 +182,7 @@ class FallbackOptions(Options):
     @field_validator("on")
     @classmethod
     def _check_on(cls, value: Any) -> Any:
-        value = _normalise_filter(value)
+        value = normalise_filter(value)
         if isinstance(value, tuple):
             if not value or not all(isinstance(t, type) and issubclass(t, Exception) for t in value):
                 raise ValueError("must be Exception subclasses or a predicate")

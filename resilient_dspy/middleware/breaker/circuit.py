@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from resilient_dspy.errors import CircuitOpenError
+from resilient_dspy.middleware._shared.partitions import Hold
 from resilient_dspy.middleware.breaker.events import CircuitSnapshot, CircuitState
 from resilient_dspy.middleware.breaker.options import CircuitBreakerOptions
 from resilient_dspy.middleware.breaker.windows import _FAILED, _SLOW, _CountWindow, _Probe, _TimeWindow
-from resilient_dspy.partition import Hold
 
 __all__ = [
     "RETRY_AFTER_CEILING",

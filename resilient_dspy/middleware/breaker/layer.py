@@ -21,11 +21,11 @@ from resilient_dspy.core.health import LayerHealth, Status, key_name
 from resilient_dspy.core.options import build_options
 from resilient_dspy.errors import CircuitOpenError, classify
 from resilient_dspy.events import deliver
+from resilient_dspy.middleware._shared.partitions import KeyFunction, Partitions
 from resilient_dspy.middleware.breaker.circuit import Transition, _Circuit, _KeyedCircuit
 from resilient_dspy.middleware.breaker.events import CircuitRejected, CircuitSnapshot, CircuitState, CircuitStateChanged
 from resilient_dspy.middleware.breaker.options import _FAILURE_KINDS, CircuitBreakerOptions
 from resilient_dspy.middleware.breaker.windows import _Probe
-from resilient_dspy.partition import KeyFunction, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler

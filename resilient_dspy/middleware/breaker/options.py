@@ -9,7 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.core.options import FieldProblem
 from resilient_dspy.errors import ErrorKind
-from resilient_dspy.partition import PartitionOptions
+from resilient_dspy.middleware._shared.filters import normalise_filter
+from resilient_dspy.middleware._shared.partitions import PartitionOptions
 
 __all__ = [
     "CircuitBreakerOptions",
@@ -31,18 +32,10 @@ _FAILURE_KINDS = frozenset(
 )
 
 
-def _normalise_filter(value: Any) -> Any:
-    if isinstance(value, type):
-        return (value,)
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
 def _check_filter(value: Any) -> Any:
     if value is None:
         return None
-    value = _normalise_filter(value)
+    value = normalise_filter(value)
     if isinstance(value, tuple):
         if not value or not all(isinstance(t, type) and issubclass(t, BaseException) for t in value):
             raise ValueError("must be exception types or a predicate of the exception")

@@ -22,6 +22,7 @@ from resilient_dspy.core.health import LayerHealth, key_name
 from resilient_dspy.core.options import build_options
 from resilient_dspy.core.pipeline import innermost_program
 from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
+from resilient_dspy.middleware._shared.partitions import KeyFunction, Partitions
 from resilient_dspy.middleware.ratelimit.algorithms import _Entry, _RequestWindow
 from resilient_dspy.middleware.ratelimit.events import (
     LimitUsage,
@@ -32,7 +33,6 @@ from resilient_dspy.middleware.ratelimit.events import (
 )
 from resilient_dspy.middleware.ratelimit.options import Limit, RateLimiterOptions, Unit
 from resilient_dspy.middleware.ratelimit.queue import _Lane, _Waiter
-from resilient_dspy.partition import KeyFunction, Partitions
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from resilient_dspy.core.options import Options, problems_of
 from resilient_dspy.errors import ConfigurationError
-from resilient_dspy.partition import PartitionOptions
+from resilient_dspy.middleware._shared.partitions import PartitionOptions
 
 __all__ = [
     "Limit",

@@ -6,9 +6,9 @@ import asyncio
 from collections import deque
 from collections.abc import Hashable
 
+from resilient_dspy.middleware._shared.partitions import Hold
 from resilient_dspy.middleware.ratelimit.algorithms import _Entry, _Meter, _meter
 from resilient_dspy.middleware.ratelimit.options import Limit
-from resilient_dspy.partition import Hold
 
 __all__: list[str] = []
 
