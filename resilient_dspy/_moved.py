@@ -36,6 +36,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "resilient_dspy.estimate": ("resilient_dspy.binding.estimate",),
     "resilient_dspy.health": ("resilient_dspy.core.health",),
     "resilient_dspy.options": ("resilient_dspy.core.options",),
+    "resilient_dspy.partition": ("resilient_dspy.middleware._shared.partitions",),
     "resilient_dspy.pipeline": ("resilient_dspy.core.pipeline", "resilient_dspy.core.call"),
     "resilient_dspy.trace": ("resilient_dspy.core.trace",),
 }
