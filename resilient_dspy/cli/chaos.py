@@ -343,9 +343,9 @@ def primary_answered(scores: Sequence[ScenarioScore]) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``resilient-dspy chaos`` (shared by the main CLI and ``python -m resilient_dspy.chaos_cli``)."""
+    """The options of ``resilient-dspy chaos`` (shared by the main CLI and ``python -m resilient_dspy.cli.chaos``)."""
     parser.add_argument("target", metavar="TARGET", help="module:attr or path/to/file.py:attr (Pipeline or factory)")
-    from resilient_dspy.cli import _integer, _number
+    from resilient_dspy.cli.args import _integer, _number
 
     parser.add_argument("--calls", type=_integer, default=40, help="calls per scenario (default 40)")
     parser.add_argument("--concurrency", type=_integer, default=10, help="calls in flight (default 10)")
@@ -380,7 +380,7 @@ def command(args: argparse.Namespace) -> int:
         if unknown:
             problems.append(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(_BY_NAME)}")
         chosen = [_BY_NAME[name] for name in names if name in _BY_NAME]
-    from resilient_dspy.cli import fail
+    from resilient_dspy.cli.args import fail
 
     if problems:
         return fail("chaos", "; ".join(problems))
@@ -413,7 +413,7 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m resilient_dspy.chaos_cli TARGET [options]``, the same as ``resilient-dspy chaos``."""
+    """``python -m resilient_dspy.cli.chaos TARGET [options]``, the same as ``resilient-dspy chaos``."""
     parser = argparse.ArgumentParser(prog="resilient-dspy chaos", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return command(parser.parse_args(argv))
