@@ -24,7 +24,9 @@ MOVED: dict[str, tuple[str, ...]] = {
         "resilient_dspy.middleware.cache.backends.tiered",
         "resilient_dspy.middleware.cache.backends.aiocache_backend",
     ),
+    "resilient_dspy.chaos_cli": ("resilient_dspy.cli.chaos",),
     "resilient_dspy.clock": ("resilient_dspy.core.clock",),
+    "resilient_dspy.demo": ("resilient_dspy.cli.demo",),
     "resilient_dspy.dspy_binding": (
         "resilient_dspy.binding.targets",
         "resilient_dspy.binding.shape",
@@ -59,7 +61,9 @@ def alias(old: str) -> None:
         stacklevel=_importer_level(),
     )
     targets = [importlib.import_module(name) for name in new]
-    shim = sys.modules[old]
+    shim = sys.modules.get(old)
+    if shim is None:  # run as a script (python -m <old path>): nothing imports it by its name
+        return
     exported: list[str] = []
     for target in reversed(targets):
         for name in getattr(target, "__all__", ()):

@@ -42,3 +42,16 @@ def test_the_console_script_and_the_pytest_plugin_entry_points_still_load() -> N
     assert scripts and plugins
     assert callable(scripts[0].load())
     assert plugins[0].load().__name__ == plugins[0].value
+
+
+def test_the_old_chaos_module_still_runs_as_a_script() -> None:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "resilient_dspy.chaos_cli"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr  # argparse: TARGET is required
+    assert "TARGET" in result.stderr
