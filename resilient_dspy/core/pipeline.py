@@ -11,7 +11,6 @@ import dataclasses
 import inspect
 import logging
 import random
-import warnings
 from collections.abc import Awaitable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +21,9 @@ from resilient_dspy.binding.targets import Target, adapt_target
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runtime
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
+from resilient_dspy.core.placement import warn_about_order
 from resilient_dspy.core.trace import Trace, traced
-from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, ResilienceWarning, classify
+from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
 from resilient_dspy.events import Listener, listener_problem
 
 __all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_program"]
@@ -52,44 +52,6 @@ def layer_label(layer: Any) -> str:
     scope = getattr(layer, "scope", None)
     kind = type(layer).__name__
     return f"{kind}({scope})" if isinstance(scope, str) else kind
-
-
-def _warn_about_order(layers: tuple[Middleware, ...]) -> None:
-    """Warn (ResilienceWarning, once per mistake) about the documented order mistakes; they work, but surprise.
-
-    Retry outside Fallback (a fallback answer is a success: never retried); an attempt Timeout longer than the total
-    one (clamped to it: nothing left to retry with); an attempt Timeout with no total one (attempts x seconds plus
-    every sleep). See docs/concepts/order-of-layers.md. A layer takes part through its class's ``placement``
-    ("retry", "fallback" or "timeout", the last with ``options.seconds``): the core never imports a layer.
-    """
-    roles = [getattr(type(layer), "placement", None) for layer in layers]
-    retries = [i for i, role in enumerate(roles) if role == "retry"]
-    if not retries:
-        return
-    first_retry = retries[0]
-    rules: list[str] = []
-    if "fallback" in roles[first_retry:]:
-        rules.append(
-            "Retry is listed outside (before) Fallback: the fallback's answer is a success, so the Retry never "
-            "retries and the first hiccup serves the fallback. List Fallback first (outermost)."
-        )
-    timeouts = [(i, layer.options.seconds) for i, layer in enumerate(layers) if roles[i] == "timeout"]  # type: ignore[attr-defined]
-    totals = [seconds for i, seconds in timeouts if i < first_retry]
-    attempts = [seconds for i, seconds in timeouts if i >= first_retry]
-    if attempts and not totals:
-        rules.append(
-            f"Timeout({attempts[0]:g}) bounds each attempt, but no Timeout above the Retry bounds the total: the call "
-            "can take every attempt's timeout plus every backoff sleep. Add a total Timeout before the Retry "
-            "(unless a pipeline around this one sets a deadline)."
-        )
-    elif attempts and max(attempts) > min(totals):
-        rules.append(
-            f"the attempt Timeout({max(attempts):g}) is longer than the total Timeout({min(totals):g}): the attempt is "
-            "clamped to the total deadline, so one slow attempt uses it all and is never retried. Make the attempt "
-            "timeout a fraction of the total."
-        )
-    for rule in rules:
-        warnings.warn(f"layer order: {rule}", ResilienceWarning, stacklevel=4)
 
 
 def _bind(layer: Middleware, next_handler: Handler) -> Handler:
@@ -134,7 +96,7 @@ class Pipeline:
                 problems.append((f"listeners[{index}]", problem))
         if problems or target is None:
             raise ConfigurationError(problems)
-        _warn_about_order(middleware)
+        warn_about_order(middleware)
 
         self.program = program
         self.layers: tuple[Middleware, ...] = tuple(middleware)

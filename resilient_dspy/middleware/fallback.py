@@ -202,7 +202,7 @@ class FallbackUsed(Event):
 class Fallback:
     """On failure below, try each alternative in order; the first success is the answer."""
 
-    placement: ClassVar[str] = "fallback"  # what the pipeline's layer-order rules read (core/pipeline.py)
+    placement: ClassVar[str] = "fallback"  # what the pipeline's layer-order rules read (core/placement.py)
 
     def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON) -> None:
         problems: list[tuple[str, str]] = []

@@ -174,7 +174,7 @@ class _BudgetWindow:
 class Retry:
     """Retry the layers below on transient failures (see the module docstring for the rules)."""
 
-    placement: ClassVar[str] = "retry"  # what the pipeline's layer-order rules read (core/pipeline.py)
+    placement: ClassVar[str] = "retry"  # what the pipeline's layer-order rules read (core/placement.py)
 
     def __init__(
         self,

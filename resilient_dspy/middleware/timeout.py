@@ -46,7 +46,7 @@ def _cancel_pending() -> bool:
 class Timeout:
     """Bound the time of everything below this layer to ``seconds``."""
 
-    placement: ClassVar[str] = "timeout"  # what the pipeline's layer-order rules read (core/pipeline.py)
+    placement: ClassVar[str] = "timeout"  # what the pipeline's layer-order rules read (core/placement.py)
 
     def __init__(self, seconds: float, *, name: str | None = None) -> None:
         self.options = build_options(TimeoutOptions, "Timeout", {"seconds": seconds, "name": name})
