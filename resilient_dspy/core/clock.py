@@ -2,6 +2,8 @@
 
 The default :class:`LoopClock` reads the running event loop's clock, so whole-loop virtual time (e.g.
 ``looptime``) drives every layer, and its deadlines are asyncio's own (cancellation-safe) timeouts.
+
+Part of the core (docs/architecture.md: the layout, a call's path, the rules).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A layer reports by defining ``health() -> LayerHealth``. A status is ``ok``, ``d
 under pressure: some circuits open, a queue forming, a budget nearly spent) or ``down`` (calls will be refused:
 the circuit is open, the budget is spent). :meth:`Pipeline.health` gathers them; ``ready`` is the readiness
 signal a service exposes — False when any layer is down.
+
+Part of the core (docs/architecture.md: the layout, a call's path, the rules).
 """
 
 from __future__ import annotations

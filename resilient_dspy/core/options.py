@@ -1,4 +1,7 @@
-"""The base of every middleware's options model: frozen pydantic, validated once, errors named by field."""
+"""The base of every middleware's options model: frozen pydantic, validated once, errors named by field.
+
+Part of the core (docs/architecture.md: the layout, a call's path, the rules).
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 A middleware is any object with ``async def __call__(self, call: Call, next: Handler) -> Any``; ``next``
 runs the rest of the stack. The first layer listed is the outermost (as in Polly and tower).
+
+Part of the core (docs/architecture.md: the layout, a call's path, the rules).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A traced call (``await pipeline.traced(question)``) runs through a second handle
 pipeline is built, in which every layer and the program are wrapped in a span recorder; untraced calls never
 touch it, so tracing costs nothing until used. Events emitted during the call are attached to the span that
 was open when they fired. ``Trace.render()`` prints the tree a developer wants when a call was slow or fell back.
+
+Part of the core (docs/architecture.md: the layout, a call's path, the rules).
 """
 
 from __future__ import annotations
