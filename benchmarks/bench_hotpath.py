@@ -15,7 +15,7 @@ peers and the gated concurrency round are ``bench_peers.py``'s, so the figures l
 3. **Concurrent calls, µs** per task: N tasks through the full stack all in flight (the program waits on a
    gate), then released; wall time / N, GC on and off, with the collections per round. Then, untimed, under
    ``tracemalloc``: traced bytes per in-flight call by file (an allocation counts for the file of the Python
-   line that made it: every layer's coroutine for ``pipeline.py``, where ``_bind`` creates it, the outermost
+   line that made it: every layer's coroutine for ``core/pipeline.py``, where ``_bind`` creates it, the outermost
    one for this script) and one task's chain of coroutine objects.
 
 It reads private attributes (``Cache._keys``, ``Cache._serializer``, ``Pipeline._runtime``).
