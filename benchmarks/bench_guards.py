@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_overhead import Group, Runner, Variant, fmt_ns, measure, median_pairs, print_group, summarize
 
 from resilient_dspy import Bulkhead, Cache, CircuitBreaker, Pipeline, RateLimiter, Retry, Timeout, by_model
-from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 
 
 async def program(question: str) -> str:

@@ -36,7 +36,7 @@ os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="bench-history-ds
 import dspy
 
 from resilient_dspy import Bulkhead, Cache, CircuitBreaker, Pipeline, RateLimiter, Retry, Timeout
-from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 from resilient_dspy.testing import FaultInjectingLM
 
 SIZES = (0, 100, 1_000, 10_000)

@@ -15,7 +15,7 @@ peers and the gated concurrency round are ``bench_peers.py``'s, so the figures l
 3. **Concurrent calls, µs** per task: N tasks through the full stack all in flight (the program waits on a
    gate), then released; wall time / N, GC on and off, with the collections per round. Then, untimed, under
    ``tracemalloc``: traced bytes per in-flight call by file (an allocation counts for the file of the Python
-   line that made it: every layer's coroutine for ``pipeline.py``, where ``_bind`` creates it, the outermost
+   line that made it: every layer's coroutine for ``core/pipeline.py``, where ``_bind`` creates it, the outermost
    one for this script) and one task's chain of coroutine objects.
 
 It reads private attributes (``Cache._keys``, ``Cache._serializer``, ``Pipeline._runtime``).
@@ -47,11 +47,12 @@ from bench_guards import fresh, same
 from bench_overhead import Group, Runner, Variant, measure, time_batch
 
 from resilient_dspy import Cache, Pipeline, classify  # noqa: F401 - some names are used in timeit statements
-from resilient_dspy.cache_backends import MemoryBackend
-from resilient_dspy.clock import LoopClock
-from resilient_dspy.dspy_binding import setting, usage_scope  # noqa: F401
-from resilient_dspy.middleware.cache import KEY_VERSION, _dumps
-from resilient_dspy.pipeline import Call, CallRecord  # noqa: F401
+from resilient_dspy.binding.settings import setting  # noqa: F401
+from resilient_dspy.binding.usage import usage_scope  # noqa: F401
+from resilient_dspy.core.call import Call, CallRecord  # noqa: F401
+from resilient_dspy.core.clock import LoopClock
+from resilient_dspy.middleware.cache.backends import MemoryBackend
+from resilient_dspy.middleware.cache.keys import KEY_VERSION, _dumps
 
 program = bp.program
 KINDS = ("timeout", "retry", "breaker", "bulkhead", "limiter", "cache/miss", "cache/hit")

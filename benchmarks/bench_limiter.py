@@ -44,8 +44,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from aiolimiter import AsyncLimiter
 
 from resilient_dspy import Pipeline
+from resilient_dspy.core.call import Call
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
-from resilient_dspy.pipeline import Call
 
 Acquire = Callable[[int], Coroutine[Any, Any, None]]
 

@@ -46,7 +46,7 @@ from bench_guards import fresh, same
 from bench_overhead import Flaky, Group, Variant, failing_calls, measure, summarize
 
 from resilient_dspy import Bulkhead, Cache, CircuitBreaker, Pipeline, RateLimiter, Retry, Timeout
-from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 
 Program = Callable[..., Awaitable[Any]]
 Wrap = Callable[[Program], Program]
@@ -758,7 +758,7 @@ async def chaos_batch(ask: Program, asked: list[str], lm: Any, concurrency_: int
 async def chaos_run(questions: int, concurrency_: int, patience: float) -> dict[str, Any]:
     """The same questions through our pipeline (LM ``num_retries=0``) and through the bare program with DSPy's
     default ``num_retries=3``, on one fault profile (same seed). Runs on looptime's virtual clock."""
-    from resilient_dspy.demo import QUESTIONS, _questions
+    from resilient_dspy.cli.demo import QUESTIONS, _questions
     from resilient_dspy.testing import FaultInjectingLM, FaultProfile
 
     profile = FaultProfile(**CHAOS)  # type: ignore[arg-type]

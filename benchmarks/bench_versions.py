@@ -26,7 +26,7 @@ import asyncio, json, os, statistics, sys, time, timeit
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy
 from resilient_dspy import Cache, Pipeline
-from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 
 number, rounds, calls = (int(x) for x in sys.argv[1:4])
 
@@ -52,10 +52,10 @@ async def main():
     inputs = {"question": "hello"}
     data = cache._serializer.dumps("hello", {}, 0)
 
-    from resilient_dspy.dspy_binding import usage_scope
+    from resilient_dspy.binding.usage import usage_scope
 
     try:  # how the library reads a DSPy setting: its own reader where it has one, else dspy.settings
-        from resilient_dspy.dspy_binding import setting
+        from resilient_dspy.binding.settings import setting
     except ImportError:
         def setting(name):
             return getattr(dspy.settings, name)

@@ -2,16 +2,10 @@
 
 import logging as _logging
 
-from resilient_dspy.cache_backends import (
-    AiocacheBackend,
-    CacheBackend,
-    DiskBackend,
-    MemoryBackend,
-    NowaitBackend,
-    TieredBackend,
-)
-from resilient_dspy.clock import Clock, LoopClock
-from resilient_dspy.dspy_binding import no_dspy_retries
+from resilient_dspy.binding.settings import no_dspy_retries
+from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware
+from resilient_dspy.core.clock import Clock, LoopClock
+from resilient_dspy.core.pipeline import Outcome, Pipeline
 from resilient_dspy.errors import (
     BudgetExceededError,
     BulkheadFullError,
@@ -82,8 +76,15 @@ from resilient_dspy.middleware import (
     UseLM,
     UseProgram,
 )
-from resilient_dspy.partition import by_model, by_partition_key
-from resilient_dspy.pipeline import Call, CallRecord, Handler, Middleware, Outcome, Pipeline
+from resilient_dspy.middleware._shared.partitions import by_model, by_partition_key
+from resilient_dspy.middleware.cache.backends import (
+    AiocacheBackend,
+    CacheBackend,
+    DiskBackend,
+    MemoryBackend,
+    NowaitBackend,
+    TieredBackend,
+)
 
 __version__ = "0.1.0"
 

@@ -26,18 +26,20 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from resilient_dspy import ConfigurationError
-from resilient_dspy.cache_backends import (
+from resilient_dspy.core.clock import LoopClock
+from resilient_dspy.middleware.cache.backends import (
     AiocacheBackend,
-    CacheSerializer,
-    CorruptEntryError,
     DiskBackend,
     MemoryBackend,
     TieredBackend,
-    UnencodableError,
-    UnknownTypeError,
     is_backend,
 )
-from resilient_dspy.clock import LoopClock
+from resilient_dspy.middleware.cache.serializer import (
+    CacheSerializer,
+    CorruptEntryError,
+    UnencodableError,
+    UnknownTypeError,
+)
 
 
 class WallClock:

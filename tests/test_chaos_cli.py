@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from resilient_dspy.chaos_cli import SCENARIOS
 from resilient_dspy.cli import main
+from resilient_dspy.cli.chaos import SCENARIOS
 
 pytestmark = pytest.mark.looptime(False)  # the command runs its own virtual-time loops
 

@@ -13,8 +13,8 @@ from typing import Any
 import looptime
 import pytest
 
-from resilient_dspy import cli
-from resilient_dspy.demo import DemoConfig, run_demo
+from resilient_dspy.cli import app as cli
+from resilient_dspy.cli.demo import DemoConfig, run_demo
 from resilient_dspy.testing.chaos_server import ChaosServer
 
 

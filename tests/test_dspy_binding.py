@@ -130,7 +130,7 @@ async def test_module_acall_records_usage() -> None:
 
 
 def test_setting_reads_dspy_settings_in_the_current_context() -> None:
-    from resilient_dspy.dspy_binding import setting
+    from resilient_dspy.binding.settings import setting
 
     lm = FaultInjectingLM()
     for name in ("lm", "adapter", "track_usage", "usage_tracker"):
@@ -145,7 +145,7 @@ def test_setting_reads_dspy_settings_in_the_current_context() -> None:
 async def test_usage_scope_measures_rolls_up_and_restores_the_context() -> None:
     """Like ``dspy.track_usage``: usage inside is measured, rolled up into an enclosing tracker, and on exit (even
     by an error) the context is what it was; settings read inside are the ones outside."""
-    from resilient_dspy.dspy_binding import usage_scope
+    from resilient_dspy.binding.usage import usage_scope
 
     lm = FaultInjectingLM()
     program = dspy.Predict("question -> answer")

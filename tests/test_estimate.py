@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Budget, Limit, Pipeline, RateLimiter
-from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, UNMEASURED_CHARS, estimate_chars
+from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, UNMEASURED_CHARS, estimate_chars
 
 
 class Unprintable:

@@ -9,7 +9,7 @@ import dspy
 import pytest
 
 from resilient_dspy import Budget, Bulkhead, Cache, CircuitBreaker, Pipeline, RateLimiter, Retry, Timeout
-from resilient_dspy.health import worst
+from resilient_dspy.core.health import worst
 
 
 async def answer(question: str) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Hashable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy.partition import Hold, Partitions
+from resilient_dspy.middleware._shared.partitions import Hold, Partitions
 
 
 class State:

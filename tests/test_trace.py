@@ -18,7 +18,7 @@ from resilient_dspy import (
     Static,
     Timeout,
 )
-from resilient_dspy.trace import Span
+from resilient_dspy.core.trace import Span
 
 
 def server_error() -> Exception:

@@ -24,17 +24,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
+from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
+from resilient_dspy.binding.settings import setting
+from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
+from resilient_dspy.core.health import LayerHealth, Status, key_name, worst
+from resilient_dspy.core.options import FieldProblem, build_options
+from resilient_dspy.core.pipeline import innermost_program
 from resilient_dspy.errors import BudgetExceededError, ConfigurationError, RequestTooLargeError
-from resilient_dspy.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
 from resilient_dspy.events import Event
-from resilient_dspy.health import LayerHealth, Status, key_name, worst
-from resilient_dspy.options import FieldProblem, build_options
-from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.middleware._shared.partitions import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
-    from resilient_dspy.clock import Clock
-    from resilient_dspy.pipeline import Call, Handler, Pipeline
+    from resilient_dspy.core.call import Call, Handler
+    from resilient_dspy.core.clock import Clock
+    from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -301,7 +304,7 @@ class Budget:
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program's instructions, demos and pinned LMs once, for the default estimate and its price."""
         self._clock = pipeline.clock
-        chars, lms = program_parts(pipeline.program)
+        chars, lms = program_parts(innermost_program(pipeline.program))
         self._prompt_chars = max(self._prompt_chars, chars)
         if lms:
             pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]

@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from resilient_dspy.core.health import LayerHealth, key_name
+from resilient_dspy.core.options import build_options
 from resilient_dspy.errors import BulkheadFullError
 from resilient_dspy.events import Event
-from resilient_dspy.health import LayerHealth, key_name
-from resilient_dspy.options import build_options
-from resilient_dspy.partition import Hold, KeyFunction, PartitionOptions, Partitions
+from resilient_dspy.middleware._shared.partitions import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Handler, Pipeline
+    from resilient_dspy.core.call import Call, Handler
+    from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
     "Bulkhead",
@@ -126,7 +127,7 @@ class _Compartment:
 
 
 class _Permit:
-    """A call's permit as a :class:`~resilient_dspy.pipeline.Lease`: lent out (the slot freed for other calls)
+    """A call's permit as a :class:`~resilient_dspy.core.call.Lease`: lent out (the slot freed for other calls)
     while a Cache below makes the call wait for an identical call's answer, taken back before it runs itself."""
 
     __slots__ = ("bulkhead", "compartment", "held", "key")

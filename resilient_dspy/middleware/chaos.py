@@ -1,8 +1,8 @@
 """Chaos: inject faults, latency, bad answers or side effects into the calls below, to test the layers above.
 
 Place it just above the program (below Cache), so it stands in for a failing dependency. Each call first takes
-the next entry of an exact ``script`` (fault kinds shared with :class:`~resilient_dspy.testing.Fault`), then, when
-the script is spent, applies the one strategy given (``fault``, ``latency``, ``outcome`` or ``effect``) with
+the next entry of an exact ``script`` (fault kinds shared with the test kit: :class:`~resilient_dspy.faults.Fault`),
+then, when the script is spent, applies the one strategy given (``fault``, ``latency``, ``outcome`` or ``effect``) with
 probability ``rate``, drawn from the pipeline's random source (or the Chaos's own ``seed``). A disabled Chaos is
 transparent and consumes nothing. Latency sleeps on the pipeline clock and is cancellable; a ``hang`` waits until
 cancelled; cancellation is never caught. A fault or answer injected in the program's place counts as an attempt
@@ -24,11 +24,12 @@ from typing import Any, Literal
 import dspy
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import FieldProblem, Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ConfigurationError, ResilienceWarning
 from resilient_dspy.events import Event
-from resilient_dspy.options import FieldProblem, Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
-from resilient_dspy.testing.fault_lm import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
+from resilient_dspy.faults import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 
 __all__ = ["Chaos", "ChaosInjected", "ChaosOptions", "OutcomeKind"]
 

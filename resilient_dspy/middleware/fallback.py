@@ -16,16 +16,18 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import dspy
 from pydantic import Field, field_validator
 
-from resilient_dspy.dspy_binding import Target, adapt_program
+from resilient_dspy.binding.targets import Target
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.pipeline import Pipeline, adapt_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
-from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
+from resilient_dspy.middleware._shared.filters import normalise_filter
 
 __all__ = [
     "DEFAULT_ON",
@@ -42,14 +44,6 @@ __all__ = [
 logger = logging.getLogger("resilient_dspy.fallback")
 
 ErrorFilter = tuple[type[Exception], ...] | Callable[[Exception], bool]
-
-
-def _normalise_filter(on: Any) -> ErrorFilter:
-    if isinstance(on, type):
-        return (on,)
-    if isinstance(on, list):
-        return tuple(on)
-    return on  # type: ignore[no-any-return]
 
 
 def is_user_mistake(error: BaseException) -> bool:
@@ -102,7 +96,7 @@ class UseLM(Alternative):
             raise ConfigurationError([("UseLM.lm", f"must be a dspy.LM (got {lm!r:.80})")])
         self.lm = lm
         self.name = name or f"lm:{getattr(lm, 'model', type(lm).__name__)}"
-        self.on = _normalise_filter(on) if on is not None else None
+        self.on = normalise_filter(on) if on is not None else None
 
     async def run(self, call: Call, primary: Handler) -> Any:
         with dspy.context(lm=self.lm):
@@ -119,7 +113,7 @@ class UseProgram(Alternative):
             raise ConfigurationError([(f"UseProgram.{field}", rule) for field, rule in problems])
         self.target: Target = target
         self.name = name or f"program:{target.name}"
-        self.on = _normalise_filter(on) if on is not None else None
+        self.on = normalise_filter(on) if on is not None else None
 
     async def run(self, call: Call, primary: Handler) -> Any:
         return await self.target(call)
@@ -145,7 +139,7 @@ class Static(Alternative):
         self.factory = factory
         self.fields = fields
         self.name = name
-        self.on = _normalise_filter(on) if on is not None else None
+        self.on = normalise_filter(on) if on is not None else None
 
     async def run(self, call: Call, primary: Handler) -> Any:
         if self.factory is not None:
@@ -188,7 +182,7 @@ class FallbackOptions(Options):
     @field_validator("on")
     @classmethod
     def _check_on(cls, value: Any) -> Any:
-        value = _normalise_filter(value)
+        value = normalise_filter(value)
         if isinstance(value, tuple):
             if not value or not all(isinstance(t, type) and issubclass(t, Exception) for t in value):
                 raise ValueError("must be Exception subclasses or a predicate")
@@ -207,6 +201,8 @@ class FallbackUsed(Event):
 
 class Fallback:
     """On failure below, try each alternative in order; the first success is the answer."""
+
+    placement: ClassVar[str] = "fallback"  # what the pipeline's layer-order rules read (core/placement.py)
 
     def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON) -> None:
         problems: list[tuple[str, str]] = []

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import dspy
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from resilient_dspy.binding.estimate import measure_chars
+from resilient_dspy.core.options import FieldProblem, Options, build_options, problems_of
 from resilient_dspy.errors import ConfigurationError, InvalidInputError, InvalidOutputError
-from resilient_dspy.estimate import measure_chars
 from resilient_dspy.events import Event
-from resilient_dspy.options import FieldProblem, Options, build_options, problems_of
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Handler
+    from resilient_dspy.core.call import Call, Handler
 
 __all__ = [
     "Guard",

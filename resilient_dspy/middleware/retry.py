@@ -12,14 +12,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
-from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = [
     "Retry",
@@ -190,6 +191,8 @@ class _BudgetWindow:
 
 class Retry:
     """Retry the layers below on transient failures (see the module docstring for the rules)."""
+
+    placement: ClassVar[str] = "retry"  # what the pipeline's layer-order rules read (core/placement.py)
 
     def __init__(
         self,

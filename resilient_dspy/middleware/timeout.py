@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ConfigurationError, TimeoutExceededError
 from resilient_dspy.events import Event
-from resilient_dspy.options import Options, build_options
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = ["Timeout", "TimeoutFired", "TimeoutOptions"]
 
@@ -44,6 +45,8 @@ def _cancel_pending() -> bool:
 
 class Timeout:
     """Bound the time of everything below this layer to ``seconds``."""
+
+    placement: ClassVar[str] = "timeout"  # what the pipeline's layer-order rules read (core/placement.py)
 
     def __init__(self, seconds: float, *, name: str | None = None) -> None:
         self.options = build_options(TimeoutOptions, "Timeout", {"seconds": seconds, "name": name})

@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from resilient_dspy.dspy_binding import UsageScope, attach_usage, setting, usage_scope
+from resilient_dspy.binding.settings import setting
+from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
 from resilient_dspy.errors import RejectedError, TimeoutExceededError
 from resilient_dspy.events import Event
 from resilient_dspy.observe.redact import to_plain
 
 if TYPE_CHECKING:
-    from resilient_dspy.pipeline import Call, Pipeline
+    from resilient_dspy.core.call import Call
+    from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
     "CIRCUIT_STATE_VALUES",

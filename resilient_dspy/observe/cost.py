@@ -17,9 +17,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.events import Event
 from resilient_dspy.observe.common import TokenUsage, UsageWindow, outcome_of, safely, subscribe_once
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = [
     "DEFAULT_PRICES",

@@ -14,10 +14,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.events import Event
 from resilient_dspy.observe.common import event_fields, report_call, safely
 from resilient_dspy.observe.redact import Redactor, to_plain
-from resilient_dspy.pipeline import Call, Handler
 
 __all__ = ["DEFAULT_LEVELS", "JsonFormatter", "LogCalls", "LoggingListener", "RedactingFilter"]
 

@@ -19,6 +19,8 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.util.types import AttributeValue
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.events import Event
 from resilient_dspy.observe.common import (
     CIRCUIT_STATE_VALUES,
@@ -36,7 +38,6 @@ from resilient_dspy.observe.common import (
 )
 from resilient_dspy.observe.cost import PriceTable
 from resilient_dspy.observe.redact import Redactor
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = ["AttemptSpans", "OpenTelemetry"]
 

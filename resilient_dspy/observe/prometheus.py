@@ -15,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import make_asgi_app as _make_asgi_app
 
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.events import Event
 from resilient_dspy.observe.common import (
     CIRCUIT_STATE_VALUES,
@@ -29,7 +31,6 @@ from resilient_dspy.observe.common import (
     usage_window,
 )
 from resilient_dspy.observe.cost import PriceTable
-from resilient_dspy.pipeline import Call, Handler, Pipeline
 
 __all__ = ["PrometheusMetrics", "make_asgi_app"]
 

@@ -24,20 +24,16 @@ import dspy
 from aiohttp import web
 from pydantic import Field
 
+from resilient_dspy.core.options import Options, build_options
 from resilient_dspy.errors import ConfigurationError
-from resilient_dspy.options import Options, build_options
+from resilient_dspy.faults import MALFORMED_TEXT, Fault, FaultStep, ScriptEntry, parse_steps
 from resilient_dspy.testing.fault_lm import (
-    MALFORMED_TEXT,
     Answers,
     Drawn,
-    Fault,
     FaultProfile,
     FaultSchedule,
-    FaultStep,
     JournalEntry,
     RenderedAnswer,
-    ScriptEntry,
-    parse_steps,
     render_answer,
 )
 

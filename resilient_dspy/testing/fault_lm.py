@@ -5,8 +5,9 @@ Faults are raised as ``dspy.lm15`` errors, so DSPy's own error mapping turns the
 adapter's format for the signature it is asked (Chat or JSON), report token usage, and are deterministic
 per question. Faults come from an exact ``script`` first, then from a seeded random ``FaultProfile``.
 
-The fault vocabulary (:class:`Fault`, :class:`FaultStep`, :class:`FaultProfile`), the schedule that draws from
-it and the answer renderer are shared with the ``Chaos`` middleware and the chaos HTTP server.
+The fault vocabulary (:class:`Fault`, :class:`FaultStep`, :func:`fault_error`) lives in :mod:`resilient_dspy.faults`,
+shared with the ``Chaos`` middleware; the profile, the schedule that draws from it and the answer renderer are
+shared with the chaos HTTP server.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 import random
 import re
 import threading
@@ -22,16 +22,23 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Any
 
 import dspy
 from dspy import lm15
 from pydantic import Field, model_validator
 
-from resilient_dspy.clock import Clock, LoopClock
-from resilient_dspy.errors import ConfigurationError
-from resilient_dspy.options import Options, build_options
+from resilient_dspy.core.clock import Clock, LoopClock
+from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.faults import (
+    FAULT_STATUS,
+    MALFORMED_TEXT,
+    Fault,
+    FaultStep,
+    ScriptEntry,
+    fault_error,
+    parse_steps,
+)
 
 __all__ = [
     "Drawn",
@@ -49,118 +56,6 @@ __all__ = [
 ]
 
 Answers = Mapping[str, str] | Callable[[str], str]
-
-
-class Fault(StrEnum):
-    """What one LM request does; the vocabulary shared by FaultInjectingLM, Chaos and the chaos server."""
-
-    OK = "ok"
-    RATE_LIMIT = "rate_limit"
-    SERVER_ERROR = "server_error"
-    TIMEOUT = "timeout"
-    TRANSPORT = "transport"
-    HANG = "hang"
-    MALFORMED = "malformed"
-    INVALID_JSON = "invalid_json"
-    CONTEXT_WINDOW = "context_window"
-    AUTH = "auth"
-
-
-_STATUS = {
-    Fault.RATE_LIMIT: 429,
-    Fault.SERVER_ERROR: 503,
-    Fault.TIMEOUT: 504,
-    Fault.INVALID_JSON: 200,
-    Fault.CONTEXT_WINDOW: 400,
-    Fault.AUTH: 401,
-}
-
-
-def _step_problems(fault: Fault, latency: Any, retry_after: Any, status: Any) -> list[tuple[str, str]]:
-    problems = []
-    for name, value in (("latency", latency), ("retry_after", retry_after)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
-        ):
-            problems.append((name, f"must be a finite number of seconds >= 0 (got {value!r})"))
-    if retry_after is not None and fault is not Fault.RATE_LIMIT:
-        problems.append(("retry_after", f"only a rate_limit carries a Retry-After (fault is {fault.value})"))
-    if status is not None:
-        if fault is not Fault.SERVER_ERROR:
-            problems.append(("status", f"only a server_error takes a status (fault is {fault.value})"))
-        elif isinstance(status, bool) or not isinstance(status, int) or not 500 <= status <= 599:
-            problems.append(("status", f"must be an HTTP status from 500 to 599 (got {status!r})"))
-    return problems
-
-
-@dataclass(frozen=True, slots=True)
-class FaultStep:
-    """One scripted request: its fault and, optionally, its own latency, Retry-After (rate_limit) or status (5xx)."""
-
-    fault: Fault = Fault.OK
-    latency: float | None = None
-    retry_after: float | None = None
-    status: int | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.fault, Fault):
-            known = [kind.value for kind in Fault]
-            if self.fault not in known:
-                rule = f"unknown fault {self.fault!r}; known: {', '.join(known)}"
-                raise ConfigurationError([("FaultStep.fault", rule)])
-            object.__setattr__(self, "fault", Fault(self.fault))
-        problems = _step_problems(self.fault, self.latency, self.retry_after, self.status)
-        if problems:
-            raise ConfigurationError([(f"FaultStep.{name}", rule) for name, rule in problems])
-
-
-ScriptEntry = Fault | str | FaultStep | Mapping[str, Any] | None
-"""A script entry: a fault or its name, None (= ok), a FaultStep, or a FaultStep as a mapping (from JSON)."""
-
-
-def parse_steps(entries: Iterable[ScriptEntry], field: str) -> list[FaultStep]:
-    """Script entries as FaultSteps, all or none: every problem is reported at once as a ConfigurationError."""
-    entries = list(entries)
-    known = [kind.value for kind in Fault]
-    unknown: list[Any] = []
-    problems: list[tuple[str, str]] = []
-    steps: list[FaultStep] = []
-    for index, entry in enumerate(entries):
-        if isinstance(entry, FaultStep):
-            steps.append(entry)
-            continue
-        values: dict[str, Any]
-        if entry is None:
-            values = {}
-        elif isinstance(entry, Fault | str):
-            values = {"fault": entry}
-        elif isinstance(entry, Mapping):
-            values = dict(entry)
-        else:
-            rule = f"must be a fault name, None, a FaultStep or a mapping (got {entry!r})"
-            problems.append((f"{field}[{index}]", rule))
-            continue
-        extra = sorted(set(values) - {"fault", "latency", "retry_after", "status"})
-        if extra:
-            rule = f"unknown key(s) {extra}; known: fault, latency, retry_after, status"
-            problems.append((f"{field}[{index}]", rule))
-            continue
-        name = values.get("fault", Fault.OK)
-        name = Fault.OK if name is None else name
-        if not isinstance(name, Fault) and name not in known:
-            unknown.append(name)
-            continue
-        fault = Fault(name)
-        step_problems = _step_problems(fault, values.get("latency"), values.get("retry_after"), values.get("status"))
-        if step_problems:
-            problems.extend((f"{field}[{index}].{key}", rule) for key, rule in step_problems)
-            continue
-        steps.append(FaultStep(fault, values.get("latency"), values.get("retry_after"), values.get("status")))
-    if unknown:
-        problems.insert(0, (field, f"unknown fault(s) {unknown}; known: {', '.join(known)}"))
-    if problems:
-        raise ConfigurationError(problems)
-    return steps
 
 
 class FaultProfile(Options):
@@ -243,7 +138,7 @@ class FaultSchedule:
         if scripted is not None:
             latency = latency if scripted.latency is None else scripted.latency
             retry_after = retry_after if scripted.retry_after is None else scripted.retry_after
-        status = scripted.status if scripted is not None and scripted.status is not None else _STATUS.get(fault)
+        status = scripted.status if scripted is not None and scripted.status is not None else FAULT_STATUS.get(fault)
         return Drawn(fault, latency, retry_after if fault is Fault.RATE_LIMIT else None, status)
 
     def push(self, steps: Iterable[FaultStep]) -> None:
@@ -285,8 +180,6 @@ _JSON_NOTE = re.compile(r'^\s*"(\w+)": "\{\1\}\s+# note: the value you produce m
 _SCHEMA_NOTE = "adhere to the JSON schema: "
 _CHOICE_NOTE = "exactly match (no extra characters) one of: "
 _SIMPLE_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
-
-MALFORMED_TEXT = "Sorry, I lost the format: the answer is somewhere around here."
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,52 +356,6 @@ _LM15_ERRORS: dict[Fault, Callable[..., Exception]] = {
     Fault.AUTH: lm15.AuthError,
     Fault.INVALID_JSON: lm15.ProviderError,
 }
-_DSPY_ERRORS: dict[Fault, Callable[..., Exception]] = {
-    Fault.RATE_LIMIT: dspy.LMRateLimitError,
-    Fault.SERVER_ERROR: dspy.LMServerError,
-    Fault.TIMEOUT: dspy.LMTimeoutError,
-    Fault.TRANSPORT: dspy.LMTransportError,
-    Fault.CONTEXT_WINDOW: dspy.ContextWindowExceededError,
-    Fault.AUTH: dspy.LMAuthError,
-    Fault.INVALID_JSON: dspy.LMProviderError,
-}
-_MESSAGES = {
-    Fault.TRANSPORT: "server closed connection before sending response",
-    Fault.INVALID_JSON: "the reply (HTTP 200) is not JSON",
-}
-
-
-def fault_error(
-    fault: Fault | str,
-    *,
-    retry_after: float | None = None,
-    status: int | None = None,
-    model: str = "chaos",
-    signature: Any = None,
-) -> Exception | None:
-    """The error a DSPy program's caller sees for ``fault`` (as DSPy maps it), or None for ok and hang.
-
-    ``malformed`` is the ``AdapterParseError`` of ``signature`` (default ``question -> answer``); the others are
-    DSPy's ``LMError`` classes with the status an HTTP provider would send.
-    """
-    fault = Fault(fault)
-    if fault is Fault.MALFORMED:
-        signature = signature if signature is not None else dspy.Signature("question -> answer")
-        parse_error: Exception = dspy.AdapterParseError(
-            "ChatAdapter", signature, MALFORMED_TEXT, message=f"injected {fault.value}"
-        )
-        return parse_error
-    make = _DSPY_ERRORS.get(fault)
-    if make is None:
-        return None
-    message = f"injected {fault.value}: {_MESSAGES.get(fault, '')}".rstrip(": ")
-    status = status if status is not None else _STATUS.get(fault)
-    error: Exception = make(
-        message=message, model=model, status=status, retry_after=retry_after if fault is Fault.RATE_LIMIT else None
-    )
-    return error
-
-
 # --- the LM --------------------------------------------------------------------------------------------
 
 
@@ -666,7 +513,7 @@ class _SyncEngine:
         if step.latency:
             time.sleep(step.latency)
         if step.fault is Fault.HANG:
-            step = replace(step, fault=Fault.TIMEOUT, status=_STATUS[Fault.TIMEOUT])
+            step = replace(step, fault=Fault.TIMEOUT, status=FAULT_STATUS[Fault.TIMEOUT])
         error = core.failure(step)
         if error is not None:
             core.record(request, step)

@@ -27,9 +27,12 @@ from typing import Any, TypeVar
 
 import dspy
 
-from resilient_dspy.clock import Clock, LoopClock
+from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.clock import Clock, LoopClock
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ResilienceWarning
 from resilient_dspy.events import Event
+from resilient_dspy.faults import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 from resilient_dspy.middleware.breaker import CircuitBreaker
 from resilient_dspy.middleware.bulkhead import Bulkhead
 from resilient_dspy.middleware.cache import Cache
@@ -37,8 +40,6 @@ from resilient_dspy.middleware.fallback import Fallback, Static
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
 from resilient_dspy.middleware.retry import Retry
 from resilient_dspy.middleware.timeout import Timeout
-from resilient_dspy.pipeline import Call, Handler, Pipeline
-from resilient_dspy.testing.fault_lm import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 
 __all__ = [
     "Built",
@@ -185,7 +186,7 @@ class Checkpoint:
     what that layer let through, e.g. admissions below a RateLimiter or probes below a CircuitBreaker.
 
     With ``follows_leases=True`` (below a Bulkhead) a call's passage pauses while it lends its permit (a Cache's
-    single-flight follower waiting, see :class:`~resilient_dspy.pipeline.Lease`): the journal then holds the spans
+    single-flight follower waiting, see :class:`~resilient_dspy.core.call.Lease`): the journal then holds the spans
     during which the call held a permit, one entry each."""
 
     def __init__(self, name: str = "Checkpoint", *, follows_leases: bool = False) -> None:

@@ -14,7 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ErrorKind, ResilienceError, classify
+from resilient_dspy.faults import Fault
 from resilient_dspy.middleware.breaker import CircuitBreaker, CircuitState, CircuitStateChanged
 from resilient_dspy.middleware.bulkhead import Bulkhead
 from resilient_dspy.middleware.cache import Cache, CacheHit, CacheStored
@@ -22,8 +24,7 @@ from resilient_dspy.middleware.fallback import Fallback, Static
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
 from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryScheduled
 from resilient_dspy.middleware.timeout import Timeout
-from resilient_dspy.pipeline import Pipeline
-from resilient_dspy.testing.fault_lm import CANCELLED_BY_CALLER, Fault
+from resilient_dspy.testing.fault_lm import CANCELLED_BY_CALLER
 from resilient_dspy.testing.harness import Built, CallResult, RecordedEvent, Run
 
 __all__ = [

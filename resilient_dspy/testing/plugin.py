@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - pytest-asyncio is in the testing and d
     pytest_asyncio = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:  # heavy imports (dspy) wait for a fixture that needs them: the plugin loads in every session
-    from resilient_dspy.pipeline import Pipeline
+    from resilient_dspy.core.pipeline import Pipeline
     from resilient_dspy.testing.chaos_server import ChaosServer
     from resilient_dspy.testing.fault_lm import FaultInjectingLM
     from resilient_dspy.testing.harness import Run

@@ -18,9 +18,9 @@ except ImportError as error:  # an optional extra: say which one, not just "No m
         "resilient_dspy.testing.strategies needs hypothesis: pip install 'resilient-dspy[testing]'"
     ) from error
 
+from resilient_dspy.faults import Fault, FaultStep
 from resilient_dspy.middleware.ratelimit import Limit
 from resilient_dspy.middleware.retry import RetryBudget
-from resilient_dspy.testing.fault_lm import Fault, FaultStep
 from resilient_dspy.testing.harness import StackConfig
 
 __all__ = [

@@ -31,8 +31,8 @@ from resilient_dspy import (
     Static,
     Timeout,
 )
+from resilient_dspy.middleware._shared.partitions import by_model
 from resilient_dspy.middleware.breaker import CircuitRejected, CircuitState, CircuitStateChanged
-from resilient_dspy.partition import by_model
 from resilient_dspy.testing import FaultInjectingLM
 from resilient_dspy.testing import ManualClock as SteppedClock
 from tests.conftest import other_tasks

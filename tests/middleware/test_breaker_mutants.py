@@ -15,15 +15,9 @@ import dspy
 import pytest
 
 from resilient_dspy import CircuitBreaker, CircuitOpenError, ConfigurationError, Event, Pipeline
-from resilient_dspy.health import LayerHealth
-from resilient_dspy.middleware.breaker import (
-    _FAILED,
-    CircuitRejected,
-    CircuitSnapshot,
-    CircuitState,
-    CircuitStateChanged,
-    _TimeWindow,
-)
+from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.middleware.breaker import CircuitRejected, CircuitSnapshot, CircuitState, CircuitStateChanged
+from resilient_dspy.middleware.breaker.windows import _FAILED, _TimeWindow
 
 CLOSED, OPEN, HALF_OPEN, ISOLATED = (
     CircuitState.CLOSED,

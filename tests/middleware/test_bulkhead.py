@@ -17,6 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import BulkheadFullError, ConfigurationError, Event, Pipeline, Retry
+from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.middleware.bulkhead import (
     Bulkhead,
     BulkheadAcquired,
@@ -24,7 +25,6 @@ from resilient_dspy.middleware.bulkhead import (
     BulkheadRejected,
     BulkheadSnapshot,
 )
-from resilient_dspy.pipeline import Call, Handler
 from tests.conftest import other_tasks
 
 

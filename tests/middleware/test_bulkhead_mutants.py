@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from resilient_dspy import BulkheadFullError, Event, Pipeline
-from resilient_dspy.health import LayerHealth
+from resilient_dspy.core.health import LayerHealth
 from resilient_dspy.middleware.bulkhead import (
     Bulkhead,
     BulkheadAcquired,

@@ -34,7 +34,6 @@ from resilient_dspy import (
     Timeout,
     UseLM,
 )
-from resilient_dspy.cache_backends import CacheSerializer, DiskBackend, MemoryBackend, is_nowait
 from resilient_dspy.middleware.cache import (
     Cache,
     CacheBackendFailed,
@@ -45,6 +44,9 @@ from resilient_dspy.middleware.cache import (
     CacheStats,
     CacheStored,
 )
+from resilient_dspy.middleware.cache.backends import DiskBackend, MemoryBackend
+from resilient_dspy.middleware.cache.backends.protocol import is_nowait
+from resilient_dspy.middleware.cache.serializer import CacheSerializer
 from resilient_dspy.testing import FaultInjectingLM
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -519,7 +521,7 @@ def test_the_key_is_the_digest_of_version_identity_and_canonical_inputs() -> Non
     """The fast paths (a function's identity assembled as text, flat inputs not walked) hash the same bytes."""
     import hashlib
 
-    from resilient_dspy.middleware.cache import KEY_VERSION, _canonical, _dumps
+    from resilient_dspy.middleware.cache.keys import KEY_VERSION, _canonical, _dumps
 
     async def ask(question: str, context: Any = None) -> str:
         return question

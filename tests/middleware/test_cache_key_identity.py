@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Pipeline, Retry
-from resilient_dspy.middleware.cache import (
+from resilient_dspy.middleware.cache import Cache
+from resilient_dspy.middleware.cache.keys import (
     KEY_VERSION,
-    Cache,
     _adapter_identity,
     _canonical,
     _digest,

@@ -28,10 +28,8 @@ import pytest
 from pydantic import BaseModel, field_serializer
 
 from resilient_dspy import ConfigurationError, Event, Pipeline
-from resilient_dspy.cache_backends import MemoryBackend, UnknownTypeError
-from resilient_dspy.middleware import cache as cache_module
+from resilient_dspy.core.call import Call
 from resilient_dspy.middleware.cache import (
-    KEY_VERSION,
     Cache,
     CacheBackendFailed,
     CacheCoalesced,
@@ -40,6 +38,12 @@ from resilient_dspy.middleware.cache import (
     CacheNotStored,
     CacheStored,
     KeyBuilder,
+    compute_key,
+)
+from resilient_dspy.middleware.cache import keys as cache_module
+from resilient_dspy.middleware.cache.backends import MemoryBackend
+from resilient_dspy.middleware.cache.keys import (
+    KEY_VERSION,
     _adapter_identity,
     _callable_name,
     _canonical,
@@ -48,9 +52,8 @@ from resilient_dspy.middleware.cache import (
     _dumps,
     _lm_identity,
     _signature_identity,
-    compute_key,
 )
-from resilient_dspy.pipeline import Call
+from resilient_dspy.middleware.cache.serializer import UnknownTypeError
 from resilient_dspy.testing import FaultInjectingLM
 
 from .test_cache import BrokenBackend, HangingBackend, NowaitOnly, Program, keyed, of_type

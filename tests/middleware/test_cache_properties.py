@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Event, Pipeline, Retry, Timeout
-from resilient_dspy.cache_backends import MemoryBackend
+from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.middleware.cache import Cache, CacheCoalesced, CacheHit, CacheMiss
-from resilient_dspy.pipeline import Call, Handler
+from resilient_dspy.middleware.cache.backends import MemoryBackend
 from tests.conftest import other_tasks
 
 

@@ -25,8 +25,8 @@ from resilient_dspy import (
     UseLM,
     UseProgram,
 )
+from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.middleware.fallback import Alternative
-from resilient_dspy.pipeline import Call, Handler
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile
 from tests.conftest import other_tasks
 

@@ -15,7 +15,7 @@ import dspy
 import pytest
 
 from resilient_dspy import Event, Pipeline, RateLimitedError
-from resilient_dspy.health import LayerHealth
+from resilient_dspy.core.health import LayerHealth
 from resilient_dspy.middleware.ratelimit import (
     Limit,
     LimitUsage,

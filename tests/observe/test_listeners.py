@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import resilient_dspy.middleware.breaker as breaker_module
+import resilient_dspy.middleware.breaker.layer as breaker_module
 import resilient_dspy.middleware.retry as retry_module
 import resilient_dspy.middleware.timeout as timeout_module
 from resilient_dspy import (

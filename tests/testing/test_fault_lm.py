@@ -13,9 +13,10 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from resilient_dspy import ConfigurationError
-from resilient_dspy.options import build_options
+from resilient_dspy.core.options import build_options
+from resilient_dspy.faults import parse_steps
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile, FaultStep, fault_error
-from resilient_dspy.testing.fault_lm import parse_steps, render_answer
+from resilient_dspy.testing.fault_lm import render_answer
 from tests.conftest import other_tasks
 
 TYPED = "question -> count: int, score: float, flag: bool, tags: list[str]"

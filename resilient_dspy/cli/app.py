@@ -13,47 +13,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from resilient_dspy.cli.args import _integer, _non_negative_float, _number, _positive_int, fail
+
 __all__ = ["fail", "main"]
-
-
-def one_line(message: object) -> str:
-    """``message`` on one line (a multi-line ConfigurationError joined up), for a one-line CLI error."""
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-
-
-def fail(command: str, message: object) -> int:
-    """Print ``resilient-dspy COMMAND: message`` as one line on stderr; return the bad-input exit status, 2."""
-    print(f"resilient-dspy {command}: {one_line(message)}", file=sys.stderr)
-    return 2
-
-
-def _integer(text: str) -> int:
-    """An int option's value; the error names the value, not this function (argparse would say its name)."""
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 (got {text})")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         "invariants (no lost call, deadline, attempts, cancellation, permanent errors, no orphan tasks). "
         "Exit 0: all handled; 1: an invariant broke; 2: bad input.",
     )
-    from resilient_dspy.chaos_cli import add_arguments
+    from resilient_dspy.cli.chaos import add_arguments
 
     add_arguments(scorecard)
     return parser
@@ -168,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from resilient_dspy.demo import DemoConfig, exit_status, render, report_json, run_demo
+    from resilient_dspy.cli.demo import DemoConfig, exit_status, render, report_json, run_demo
 
     config = DemoConfig(
         questions=args.questions,
@@ -282,7 +244,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "demo":
         return _demo(args)
     if args.command == "chaos":
-        from resilient_dspy.chaos_cli import command
+        from resilient_dspy.cli.chaos import command
 
         return command(args)
     if args.command == "chaos-server":

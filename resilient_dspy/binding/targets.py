@@ -1,0 +1,274 @@
+"""Adapters that turn what a pipeline wraps into its terminal handler.
+
+A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usage tracking), or, when it defines only
+a sync ``forward``, in a worker thread (``dspy.asyncify``, settings carried over); a ``dspy.LM``
+with ``acall(prompt=...)``, and any ``async def`` with its parameters as inputs (a nested
+:class:`~resilient_dspy.Pipeline` is adapted in :mod:`resilient_dspy.core.pipeline`). Each adapter knows its input
+fields, so a positional argument maps to the first one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Coroutine, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import dspy
+
+from resilient_dspy.binding.settings import RetryWatch, setting
+from resilient_dspy.binding.shape import (
+    ProgramShape,
+    _module_inputs,
+    _module_outputs,
+    _parameters_rule,
+    find_predictors,
+)
+
+if TYPE_CHECKING:
+    from resilient_dspy.core.call import Call
+
+__all__ = ["CallableTarget", "LMTarget", "ModuleTarget", "Target", "adapt_target"]
+
+
+class Target(Protocol):
+    """The innermost handler of a pipeline: runs the wrapped program once."""
+
+    name: str
+    input_fields: tuple[str, ...]
+
+    async def __call__(self, call: Call) -> Any: ...
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """What is wrong with ``inputs`` (an unknown name, a required one missing), as ``(field, rule)``; [] if none."""
+        ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def watch_dspy_retries(self) -> None:
+        """Warn (once per LM) when an LM this target uses retries on its own (``num_retries > 0``)."""
+        ...
+
+
+class ModuleTarget:
+    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off.
+
+    A module that defines only ``forward`` (the usual DSPy style) runs in a worker thread through ``dspy.asyncify``:
+    DSPy's settings (the LM of ``dspy.context``, usage tracking) are carried into the thread, and at most
+    ``dspy.settings.async_max_workers`` such calls (default 8) run at once.
+    """
+
+    def __init__(self, program: dspy.Module) -> None:
+        self.program = program
+        self.name = type(program).__name__
+        self.input_fields, self._rule = _module_inputs(program)
+        self.output_fields = _module_outputs(program)
+        self._watch = RetryWatch(self.name)
+        self._threaded = getattr(type(program), "aforward", None) is None
+        self._in_thread: Any = dspy.asyncify(program) if self._threaded else None
+        self._shape: ProgramShape | None = None
+
+    def shape(self) -> ProgramShape:
+        """The program's predictors, found on first use and found again only after the program changed."""
+        shape = self._shape
+        if shape is None or not shape.holds():
+            shape = self._shape = ProgramShape(self.program)
+        return shape
+
+    def named_predictors(self) -> tuple[tuple[str, Any], ...]:
+        """``program.named_predictors()`` as it is now, without DSPy's walk of every ``history`` entry."""
+        return self.shape().predictors
+
+    def watch_dspy_retries(self) -> None:
+        self._watch.enabled = True
+        for _, predictor in self.named_predictors():
+            self._watch.check(predictor.lm, stacklevel=5)
+
+    def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
+        # a plain def handing back the program's coroutine: one coroutine frame less per attempt
+        call.record.attempts += 1
+        if self._watch.enabled:
+            self._watch.check(setting("lm"))
+        if call.bypass_cache:
+            return self._call_uncached(call.inputs)
+        if self._in_thread is not None:
+            return self._in_thread(**call.inputs)  # type: ignore[no-any-return]
+        return self.program.acall(**call.inputs)  # type: ignore[no-any-return]
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self._rule.problems(inputs)
+
+    async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
+        fresh = self.program.deepcopy()  # a copy drops its history (Module.__getstate__): walking it is cheap
+        copies = find_predictors(fresh)[0]
+        for (_, original), (_, copy) in zip(self.named_predictors(), copies, strict=True):
+            if original.lm is not None:
+                copy.lm = original.lm.copy(cache=False)
+        with _uncached_settings_lm():
+            if self._threaded:
+                return await dspy.asyncify(fresh)(**inputs)
+            return await fresh.acall(**inputs)
+
+    def describe(self) -> dict[str, Any]:
+        signatures = [str(p.signature.signature) for _, p in self.named_predictors()]
+        return {"layer": "program", "target": self.name, "inputs": list(self.input_fields), "signatures": signatures}
+
+
+@contextlib.contextmanager
+def _uncached_settings_lm() -> Iterator[None]:
+    lm = dspy.settings.lm
+    if lm is None or not hasattr(lm, "copy"):
+        yield
+        return
+    with dspy.context(lm=lm.copy(cache=False)):
+        yield
+
+
+class LMTarget:
+    """Runs a ``dspy.LM`` (or any ``BaseLM``): inputs are ``prompt`` or ``messages`` plus call kwargs."""
+
+    input_fields: tuple[str, ...] = ("prompt",)
+    output_fields: tuple[str, ...] | None = None
+
+    def __init__(self, lm: dspy.BaseLM) -> None:
+        self.lm = lm
+        self.name = f"LM({getattr(lm, 'model', type(lm).__name__)})"
+        self._watch = RetryWatch(self.name)
+
+    def watch_dspy_retries(self) -> None:
+        self._watch.enabled = True
+        self._watch.check(self.lm, stacklevel=5)
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """``prompt`` or ``messages`` must be given; any other name is a call kwarg for the LM (temperature, ...)."""
+        if "prompt" in inputs or "messages" in inputs:
+            return []
+        return [("prompt", f"{self.name} needs prompt= or messages= (got {sorted(inputs)})")]
+
+    def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
+        # a plain def handing back the LM's coroutine: one coroutine frame less per attempt
+        call.record.attempts += 1
+        if call.bypass_cache:
+            return self.lm.acall(**call.inputs, cache=False)  # type: ignore[no-any-return]
+        return self.lm.acall(**call.inputs)  # type: ignore[no-any-return]
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "program", "target": self.name, "inputs": list(self.input_fields), "also": ["messages"]}
+
+
+class CallableTarget:
+    """Runs any ``async def``; its named parameters are the input fields."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+        self.name = getattr(function, "__qualname__", None) or type(function).__name__
+        parameters = inspect.signature(function).parameters.values()
+        self.input_fields = tuple(
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY)
+        )
+        self._positional_only = tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY)
+        self._rule = _parameters_rule(self.name, parameters)
+        self.output_fields: tuple[str, ...] | None = None
+
+    def watch_dspy_retries(self) -> None:
+        """A plain function's LMs are not visible to us; see the retry docs on ``num_retries``."""
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self._rule.problems(inputs)
+
+    def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
+        # a plain def handing back the function's coroutine: one coroutine frame less per attempt
+        call.record.attempts += 1
+        if not self._positional_only:
+            return self.function(**call.inputs)  # type: ignore[no-any-return]
+        inputs = dict(call.inputs)
+        args = [inputs.pop(name) for name in self._positional_only if name in inputs]
+        return self.function(*args, **inputs)  # type: ignore[no-any-return]
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "program", "target": self.name, "inputs": list(self.input_fields)}
+
+
+def _is_async_callable(obj: Any) -> bool:
+    return inspect.iscoroutinefunction(obj) or (callable(obj) and inspect.iscoroutinefunction(obj.__call__))
+
+
+def _is_async_generator(obj: Any) -> bool:
+    return inspect.isasyncgenfunction(obj) or (callable(obj) and inspect.isasyncgenfunction(obj.__call__))
+
+
+def _module_problem(program: dspy.Module) -> str | None:
+    """Why ``program`` cannot be run to one result, or None: it needs a ``forward`` or an ``aforward`` to call."""
+    forward = getattr(type(program), "forward", None)
+    aforward = getattr(type(program), "aforward", None)
+    for name, method in (("aforward", aforward), ("forward", forward)):
+        if method is not None and inspect.isasyncgenfunction(method):
+            return (
+                f"{type(program).__name__}.{name} is an async generator; a pipeline runs a program to one result "
+                "(return a dspy.Prediction; stream with dspy.streamify outside the pipeline)"
+            )
+    if forward is None and aforward is None:
+        return f"{type(program).__name__} defines neither forward() nor aforward(); a dspy.Module needs one of them"
+    if aforward is None and forward is not None and inspect.iscoroutinefunction(forward):
+        return (
+            f"{type(program).__name__}.forward is async; name it aforward() (DSPy's acall runs aforward, "
+            "and a sync forward() runs in a worker thread)"
+        )
+    return None
+
+
+def is_dspy_program(candidate: Any) -> bool:
+    """True for a DSPy module or LM: what a pipeline wraps, never one of its layers."""
+    return isinstance(candidate, dspy.Module | dspy.BaseLM)
+
+
+def is_layer(candidate: Any) -> bool:
+    """True for a middleware instance: an object whose ``async __call__`` takes exactly ``(call, next)``."""
+    if isinstance(candidate, type) or not _is_async_callable(candidate) or inspect.isfunction(candidate):
+        return False
+    try:
+        names = list(inspect.signature(candidate.__call__).parameters)
+    except (TypeError, ValueError):
+        return False
+    return names == ["call", "next"]
+
+
+def adapt_target(program: Any, problems: list[tuple[str, str]]) -> Target | None:
+    """The :class:`Target` for a DSPy ``program`` or an async callable, or None with the reason appended to
+    ``problems``; a nested Pipeline is adapted by :func:`resilient_dspy.core.pipeline.adapt_program` first."""
+    if isinstance(program, dspy.Module):
+        problem = _module_problem(program)
+        if problem is not None:
+            problems.append(("program", problem))
+            return None
+        return ModuleTarget(program)
+    if isinstance(program, dspy.BaseLM):
+        return LMTarget(program)
+    if is_layer(program):
+        problems.append(
+            (
+                "program",
+                f"is a middleware layer ({type(program).__name__}), not a program: the program comes first, "
+                "then the layers, as in Pipeline(program, *layers)",
+            )
+        )
+        return None
+    if _is_async_callable(program) and not isinstance(program, type):
+        return CallableTarget(program)
+    if _is_async_generator(program) and not isinstance(program, type):
+        problems.append(
+            (
+                "program",
+                f"is an async generator function ({program!r:.80}); a pipeline runs a program to one result: "
+                "make it an async def that returns",
+            )
+        )
+        return None
+    kind = "a sync function" if callable(program) else type(program).__name__
+    problems.append(
+        (
+            "program",
+            f"must be a dspy.Module, a dspy.LM, a Pipeline or an async callable (got {kind}: {program!r:.80})",
+        )
+    )
+    return None

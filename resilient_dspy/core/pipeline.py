@@ -1,0 +1,383 @@
+"""The pipeline: a program wrapped in middleware layers, composed once when it is built.
+
+A middleware is any object with ``async def __call__(self, call: Call, next: Handler) -> Any``; ``next``
+runs the rest of the stack. The first layer listed is the outermost (as in Polly and tower).
+
+Part of the core (docs/architecture.md: the layout, a call's path, the rules).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import random
+from collections.abc import Awaitable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from resilient_dspy.binding.targets import Target, adapt_target, is_dspy_program
+from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runtime
+from resilient_dspy.core.clock import Clock, LoopClock
+from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
+from resilient_dspy.core.placement import warn_about_order
+from resilient_dspy.core.trace import Trace, traced
+from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
+from resilient_dspy.events import Listener, listener_problem
+
+__all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_program"]
+
+logger = logging.getLogger("resilient_dspy.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A result with the story of how it was obtained (see :meth:`Pipeline.invoke`)."""
+
+    value: Any
+    served_by: str
+    attempts: int
+    retries: int
+    duration: float
+    trace: Trace | None = None
+
+
+def layer_label(layer: Any) -> str:
+    """A layer's name in traces: its ``name`` or ``label`` when it has one, with a Timeout's scope."""
+    for attribute in ("label", "name"):
+        value = getattr(layer, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    scope = getattr(layer, "scope", None)
+    kind = type(layer).__name__
+    return f"{kind}({scope})" if isinstance(scope, str) else kind
+
+
+def _bind(layer: Middleware, next_handler: Handler) -> Handler:
+    def handler(call: Call) -> Awaitable[Any]:
+        return layer(call, next_handler)
+
+    return handler
+
+
+class Pipeline:
+    """A program wrapped in middleware; ``await pipeline("question")`` or ``await pipeline(question=...)``."""
+
+    def __init__(
+        self,
+        program: Any,
+        *middleware: Middleware,
+        name: str | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        listeners: tuple[Listener, ...] | list[Listener] = (),
+    ) -> None:
+        problems: list[tuple[str, str]] = []
+        target = adapt_program(program, problems)
+        for index, layer in enumerate(middleware):
+            if isinstance(layer, Pipeline) or is_dspy_program(layer):
+                problems.append(
+                    (
+                        f"middleware[{index}]",
+                        f"is a program ({type(layer).__name__}), not a middleware layer: the program comes first, "
+                        "then the layers, as in Pipeline(program, *layers)",
+                    )
+                )
+            elif isinstance(layer, type) or not (callable(layer) and inspect.iscoroutinefunction(layer.__call__)):
+                problems.append(
+                    (
+                        f"middleware[{index}]",
+                        "must be a middleware instance with 'async def __call__(self, call, next)' "
+                        f"(got {layer!r:.80})",
+                    )
+                )
+        if clock is not None and not isinstance(clock, Clock):
+            problems.append(("clock", f"must implement now(), sleep() and deadline() (got {clock!r})"))
+        if rng is not None and not isinstance(rng, random.Random):
+            problems.append(("rng", f"must be a random.Random, e.g. random.Random(seed) (got {rng!r:.80})"))
+        if not isinstance(listeners, list | tuple):
+            problems.append(("listeners", f"must be a list or tuple of callables (got {listeners!r:.80})"))
+            listeners = ()
+        for index, listener in enumerate(listeners):
+            problem = listener_problem(listener)
+            if problem is not None:
+                problems.append((f"listeners[{index}]", problem))
+        if problems or target is None:
+            raise ConfigurationError(problems)
+        warn_about_order(middleware)
+
+        self.program = program
+        self.layers: tuple[Middleware, ...] = tuple(middleware)
+        self.name = name or target.name
+        self._target: Target = target
+        self._all_inputs = frozenset(target.input_fields)  # all of them, nothing else: always valid (the fast path)
+        self._runtime = Runtime(self.name, clock or LoopClock(), rng or random.Random(), tuple(listeners))
+        handler: Handler = target
+        for layer in reversed(self.layers):
+            handler = _bind(layer, handler)
+        self._handler = handler
+        self._traced_handler: Handler | None = None
+        self._mistake: BaseException | None = None  # the last user mistake, until a call succeeds (health)
+        self._mistakes_logged: set[type[BaseException]] = set()
+        for layer in self.layers:
+            on_build = getattr(layer, "on_build", None)
+            if on_build is not None:
+                on_build(self)
+
+    @property
+    def target(self) -> Target:
+        """The adapter around the wrapped program (its input fields, its LMs)."""
+        return self._target
+
+    @property
+    def runtime(self) -> Runtime:
+        """The name, clock, randomness and listeners every call of this pipeline carries."""
+        return self._runtime
+
+    @property
+    def clock(self) -> Clock:
+        return self._runtime.clock
+
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return self._target.input_fields
+
+    def subscribe(self, listener: Listener) -> None:
+        """Add an event listener (a sync callable taking one :class:`Event`; wrap an async one in AsyncListener)."""
+        problem = listener_problem(listener)
+        if problem is not None:
+            raise ConfigurationError([("listener", problem)])
+        self._runtime = dataclasses.replace(self._runtime, listeners=(*self._runtime.listeners, listener))
+
+    def inputs_of(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The program's keyword inputs for a call made as ``pipeline(*args, **kwargs)`` (positionals mapped to names;
+        the names are not checked here, as a cache key or a test may be built for any inputs; a call checks them)."""
+        return self._inputs(args, kwargs, check=False)
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any], check: bool = True) -> dict[str, Any]:
+        if not args:
+            if check and kwargs.keys() != self._all_inputs:
+                self._check_inputs(kwargs)
+            return kwargs
+        fields = self._target.input_fields
+        if len(args) > len(fields):
+            raise TypeError(f"{self.name} takes {len(fields)} positional input(s) {list(fields)}, got {len(args)}")
+        inputs = dict(zip(fields, args, strict=False))
+        clash = inputs.keys() & kwargs.keys()
+        if clash:
+            raise TypeError(f"{self.name} got input(s) {sorted(clash)} both positionally and by keyword")
+        inputs.update(kwargs)
+        if check and inputs.keys() != self._all_inputs:
+            self._check_inputs(inputs)
+        return inputs
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> None:
+        """Refuse an unknown input name or a missing required one, before any layer runs (not the fast path)."""
+        problems = self._target.input_problems(inputs)
+        if problems:
+            field, rule = problems[0]
+            raise InvalidInputError(field, rule, problems=problems)
+
+    def new_call(
+        self,
+        inputs: dict[str, Any],
+        *,
+        deadline: float | None = None,
+        properties: dict[str, Any] | None = None,
+        partition_key: Hashable | None = None,
+        bypass_cache: bool = False,
+    ) -> Call:
+        """A fresh :class:`Call` for ``inputs`` on this pipeline's runtime; run it with :meth:`run`."""
+        runtime = self._runtime
+        return Call(
+            inputs,
+            runtime,
+            CallRecord(runtime.clock.now()),
+            deadline=deadline,
+            bypass_cache=bypass_cache,
+            partition_key=partition_key,
+            properties={} if properties is None else properties,
+        )
+
+    async def run(self, call: Call) -> Any:
+        """Run an already-built call through the stack."""
+        try:
+            value = await self._handler(call)
+        except Exception as error:
+            self._failed(error)
+            raise
+        if self._mistake is not None:
+            self._mistake = None
+        return value
+
+    def _failed(self, error: Exception) -> None:
+        """Note a user mistake (a configuration or programming error) for health(), logging it once per type."""
+        if classify(error).kind is not ErrorKind.USER_MISTAKE:
+            return
+        self._mistake = error
+        kind = type(error)
+        if kind not in self._mistakes_logged:
+            self._mistakes_logged.add(kind)
+            logger.error(
+                "pipeline %r: %s is a configuration or programming error: it is not retried and no fallback "
+                "serves it, so every such call fails until it is fixed (logged once per error type): %s",
+                self.name,
+                kind.__name__,
+                error,
+                exc_info=error,
+            )
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # new_call inlined: its keyword defaults cost a few hundred ns on every call
+        if args:
+            kwargs = self._inputs(args, kwargs)
+        elif kwargs.keys() != self._all_inputs:
+            self._check_inputs(kwargs)
+        runtime = self._runtime
+        call = Call(kwargs, runtime, CallRecord(runtime.clock.now()))
+        try:
+            value = await self._handler(call)
+        except Exception as error:
+            self._failed(error)
+            raise
+        if self._mistake is not None:
+            self._mistake = None
+        return value
+
+    async def invoke(self, *args: Any, **kwargs: Any) -> Outcome:
+        """Like calling the pipeline, but returns an :class:`Outcome` (which alternative served, attempts, …)."""
+        call = self.new_call(self._inputs(args, kwargs))
+        value = await self.run(call)
+        record = call.record
+        return Outcome(
+            value, record.served_by, record.attempts, record.retries, self._runtime.clock.now() - record.started_at
+        )
+
+    async def traced(self, *args: Any, **kwargs: Any) -> Outcome:
+        """Like :meth:`invoke`, and ``outcome.trace`` holds every layer's span and event (see :mod:`.trace`).
+
+        On failure the error carries the trace too, as ``error.trace``, so a failed call can be debugged; an error
+        that refuses the attribute (a frozen dataclass) is raised as it is, without it.
+        """
+        runtime = self._runtime
+        trace = Trace(self.name, runtime.clock.now())
+        call = self.new_call(self._inputs(args, kwargs))
+        call.runtime = dataclasses.replace(runtime, listeners=(*runtime.listeners, trace.add_event))
+        call.record.trace = trace
+        handler = self._traced_handler
+        if handler is None:
+            handler = self._traced_handler = self._traced_chain()
+        try:
+            value = await handler(call)
+        except Exception as error:
+            self._failed(error)
+            trace.close(trace.root, runtime.clock.now(), error)
+            # a frozen dataclass or a read-only ``trace`` refuses it: the caller still gets its own error, untraced
+            with contextlib.suppress(Exception):
+                error.trace = trace  # type: ignore[attr-defined]
+            raise
+        except BaseException as error:
+            trace.close(trace.root, runtime.clock.now(), error)
+            raise
+        if self._mistake is not None:
+            self._mistake = None
+        now = runtime.clock.now()
+        trace.close(trace.root, now)
+        record = call.record
+        return Outcome(value, record.served_by, record.attempts, record.retries, now - record.started_at, trace)
+
+    def _traced_chain(self) -> Handler:
+        handler: Handler = traced(f"program {self._target.name}", self._target)
+        for layer in reversed(self.layers):
+            handler = traced(layer_label(layer), _bind(layer, handler))
+        return handler
+
+    def health(self) -> PipelineHealth:
+        """Every stateful layer's status (breaker states, saturation, hit rate, budget left) and readiness.
+
+        After a user mistake (a configuration or programming error, see :mod:`.errors`) a ``program`` report says
+        ``down``, naming the error, until a later call succeeds: every call fails the same way until it is fixed.
+        """
+        reports = []
+        for layer in self.layers:
+            report = getattr(layer, "health", None)
+            if report is not None:
+                reports.append(report())
+        mistake = self._mistake
+        if mistake is not None:
+            reports.append(
+                LayerHealth(
+                    "program",
+                    "down",
+                    {"error": f"{type(mistake).__name__}: {mistake}", "kind": ErrorKind.USER_MISTAKE.value},
+                )
+            )
+        return PipelineHealth(self.name, worst(r.status for r in reports), tuple(reports))
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The layers, outermost first, with their options, then the wrapped program."""
+        described = []
+        for layer in self.layers:
+            describe = getattr(layer, "describe", None)
+            if describe is not None:
+                described.append(describe())
+            else:
+                options = getattr(layer, "options", None)
+                dump = options.model_dump() if isinstance(options, BaseModel) else {}
+                described.append({"layer": type(layer).__name__, "options": dump})
+        described.append(self._target.describe())
+        return described
+
+    def __repr__(self) -> str:
+        layers = ", ".join(type(layer).__name__ for layer in self.layers)
+        return f"Pipeline({self._target.name}{', ' if layers else ''}{layers})"
+
+
+class PipelineTarget:
+    """Runs a nested :class:`~resilient_dspy.Pipeline`, handing down the caller's deadline."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.name = pipeline.name
+        self.input_fields = pipeline.input_fields
+        self.output_fields: tuple[str, ...] | None = getattr(pipeline.target, "output_fields", None)
+
+    def watch_dspy_retries(self) -> None:
+        self.pipeline.target.watch_dspy_retries()
+
+    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
+        return self.pipeline.target.input_problems(inputs)
+
+    async def __call__(self, call: Call) -> Any:
+        nested = self.pipeline.new_call(
+            call.inputs,
+            deadline=call.deadline,
+            properties=call.properties,
+            partition_key=call.partition_key,
+            bypass_cache=call.bypass_cache,
+        )
+        try:
+            return await self.pipeline.run(nested)
+        finally:
+            call.record.absorb(nested.record)
+
+    def describe(self) -> dict[str, Any]:
+        return {"layer": "program", "target": self.name, "pipeline": self.pipeline.describe()}
+
+
+def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
+    """The :class:`~resilient_dspy.binding.targets.Target` for ``program`` (a nested Pipeline included), or None with
+    the reason appended to ``problems``."""
+    if isinstance(program, Pipeline):
+        return PipelineTarget(program)
+    return adapt_target(program, problems)
+
+
+def innermost_program(program: Any) -> Any:
+    """What ``program`` finally runs: itself, or for a (nested) Pipeline the program inside every Pipeline."""
+    while isinstance(program, Pipeline):
+        program = program.program
+    return program

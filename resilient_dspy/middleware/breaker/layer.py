@@ -1,0 +1,330 @@
+"""CircuitBreaker: stop calling a dependency that is failing, and probe it gently before trusting it again.
+
+Closed, it counts outcomes — consecutive failures, or the failure rate and the slow-call rate over a window of
+the last N calls or the last T seconds (in buckets), once ``min_calls`` have been seen. When a threshold is
+reached the circuit opens: the call that tripped it raises its own error, later calls are rejected without
+running, with :class:`~resilient_dspy.CircuitOpenError` carrying the time left. After the break (at least the
+``retry_after`` of the error that tripped it; optionally growing on each re-open) the first call moves it to
+half-open, which admits at most ``half_open_probes`` trial calls: all succeed → closed; any fails → open again,
+timer restarted. A probe that hangs for a whole break gives its permit back. Errors it is told to exclude and
+cancellations are neutral: they count as nothing, and a cancelled probe returns its permit.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
+
+from resilient_dspy.core.health import LayerHealth, Status, key_name
+from resilient_dspy.core.options import build_options
+from resilient_dspy.errors import CircuitOpenError, classify
+from resilient_dspy.events import deliver
+from resilient_dspy.middleware._shared.partitions import KeyFunction, Partitions
+from resilient_dspy.middleware.breaker.circuit import Transition, _Circuit, _KeyedCircuit
+from resilient_dspy.middleware.breaker.events import CircuitRejected, CircuitSnapshot, CircuitState, CircuitStateChanged
+from resilient_dspy.middleware.breaker.options import _FAILURE_KINDS, CircuitBreakerOptions
+from resilient_dspy.middleware.breaker.windows import _Probe
+
+if TYPE_CHECKING:
+    from resilient_dspy.core.call import Call, Handler
+    from resilient_dspy.core.pipeline import Pipeline
+
+__all__ = [
+    "CircuitBreaker",
+    "logger",
+]
+
+
+logger = logging.getLogger("resilient_dspy.breaker")
+
+
+class CircuitBreaker:
+    """Open the circuit when failures (or slow calls) cross a threshold; see the module docstring."""
+
+    def __init__(
+        self,
+        failure_threshold: int | None = None,
+        *,
+        failure_rate: float | None = None,
+        slow_call_rate: float | None = None,
+        slow_call_duration: float | None = None,
+        window: int | None = None,
+        window_seconds: float | None = None,
+        buckets: int = 10,
+        min_calls: int = 10,
+        break_duration: float = 30.0,
+        break_multiplier: float = 1.0,
+        max_break_duration: float | None = None,
+        half_open_probes: int = 1,
+        failure_on: Any = None,
+        exclude: Any = None,
+        key: KeyFunction | None = None,
+        max_keys: int = 1024,
+        idle_after: float = 600.0,
+        name: str | None = None,
+    ) -> None:
+        self.options = build_options(
+            CircuitBreakerOptions,
+            "CircuitBreaker",
+            {
+                "failure_threshold": failure_threshold,
+                "failure_rate": failure_rate,
+                "slow_call_rate": slow_call_rate,
+                "slow_call_duration": slow_call_duration,
+                "window": window,
+                "window_seconds": window_seconds,
+                "buckets": buckets,
+                "min_calls": min_calls,
+                "break_duration": break_duration,
+                "break_multiplier": break_multiplier,
+                "max_break_duration": max_break_duration,
+                "half_open_probes": half_open_probes,
+                "failure_on": failure_on,
+                "exclude": exclude,
+                "key": key,
+                "max_keys": max_keys,
+                "idle_after": idle_after,
+                "name": name,
+            },
+        )
+        options = self.options
+        self.name = options.name or "CircuitBreaker"
+        self._key = options.key
+        self._single = _Circuit(options, None) if options.key is None else None
+        self._partitions: Partitions[_Circuit] = Partitions(
+            lambda k: _KeyedCircuit(options, k),
+            max_keys=options.max_keys,
+            idle_after=options.idle_after,
+            on_evict=self._evicted,
+        )
+        self._slow = options.slow_call_duration
+        time_window = options.consecutive is None and options.window is None  # window_seconds, or the default 60 s
+        self._timed = options.slow_call_duration is not None or time_window
+        self._failure_on = options.failure_on
+        self._exclude = options.exclude
+        self._pipelines: weakref.WeakSet[Pipeline] = weakref.WeakSet()
+
+    def _evicted(self, key: Hashable, circuit: _Circuit) -> None:
+        """A circuit that still protected was evicted: more keys need protection than ``max_keys`` allows."""
+        logger.warning(
+            "circuit %s[%r] evicted while still protecting (%s): more than max_keys=%d circuits remember failures",
+            self.name,
+            key,
+            circuit.state.value,
+            self.options.max_keys,
+        )
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        self._pipelines.add(pipeline)
+
+    # --------------------------------------------------------------------------------------- the call
+
+    def _circuit(self, call: Call, now: float) -> _Circuit:
+        single = self._single
+        if single is not None:
+            return single
+        assert self._key is not None
+        return self._partitions.get(self._key(call), now)
+
+    def counts_as_failure(self, error: BaseException) -> bool | None:
+        """True for a failure, None for neutral (excluded, cancellation, or not a failure by ``failure_on``)."""
+        if not isinstance(error, Exception):
+            return None
+        exclude = self._exclude
+        if exclude is not None and (isinstance(error, exclude) if isinstance(exclude, tuple) else exclude(error)):
+            return None
+        failure_on = self._failure_on
+        if failure_on is None:
+            return True if classify(error).kind in _FAILURE_KINDS else None
+        matched = isinstance(error, failure_on) if isinstance(failure_on, tuple) else failure_on(error)
+        return True if matched else None
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        single = self._single
+        if single is not None and single.state is CircuitState.CLOSED and not self._timed:
+            # The common case, unpartitioned and closed with no clock-based counting: no clock read on success.
+            generation = single.generation
+            record = call.record
+            reached = record.attempts
+            try:
+                result = await next(call)
+            except Exception as error:
+                if record.attempts != reached:
+                    self._failed(call, single, generation, error, 0.0)
+                raise
+            if generation == single.generation and record.attempts != reached:
+                if single.window is None:
+                    single.consecutive = 0
+                    single.counted += 1
+                else:
+                    single.succeeded(generation, False, 0.0)
+            return result
+        clock = call.clock
+        started = clock.now()
+        circuit = single if single is not None else self._circuit(call, started)
+        try:
+            ticket, transition = circuit.admit(started)
+        except CircuitOpenError as rejection:
+            if call.listening:
+                call.emit(
+                    CircuitRejected(
+                        pipeline=call.runtime.name,
+                        layer=self.name,
+                        time=started,
+                        key=circuit.key,
+                        state=circuit.state,
+                        retry_after=rejection.retry_after,
+                    )
+                )
+            raise
+        record = call.record
+        reached = record.attempts
+        try:
+            if transition is not None:  # inside: a listener's BaseException must give the probe back too
+                self._announce(call, circuit.key, transition, started)
+            result = await next(call)
+        except Exception as error:
+            if record.attempts == reached:  # a cache's follower or an inner rejection: the provider was not asked
+                circuit.release(ticket)
+            else:
+                self._failed(call, circuit, ticket, error, started)
+            raise
+        except BaseException:
+            circuit.release(ticket)
+            raise
+        if record.attempts == reached:  # a cache hit or a coalesced answer says nothing about the provider
+            circuit.release(ticket)
+            return result
+        now = clock.now()
+        slow = self._slow is not None and now - started >= self._slow
+        transition = circuit.succeeded(ticket, slow, now)
+        if transition is not None:
+            self._announce(call, circuit.key, transition, now)
+        return result
+
+    def _failed(self, call: Call, circuit: _Circuit, ticket: int | _Probe, error: Exception, started: float) -> None:
+        if self.counts_as_failure(error) is None:
+            circuit.release(ticket)
+            return
+        now = call.clock.now()
+        slow = self._slow is not None and now - started >= self._slow
+        transition = circuit.failed(ticket, slow, classify(error).retry_after, now)
+        if transition is not None:
+            self._announce(call, circuit.key, transition, now)
+        if circuit.state is CircuitState.OPEN:
+            call.record.blocked_until = circuit.open_until
+
+    def _announce(self, call: Call | None, key: Hashable, transition: Transition, now: float) -> None:
+        old, new, reason, _ = transition
+        log = logger.warning if new is CircuitState.OPEN else logger.info
+        log("circuit %s%s: %s -> %s (%s)", self.name, "" if key is None else f"[{key!r}]", old, new, reason)
+        if call is not None:
+            if call.listening:
+                call.emit(self._event(call.runtime.name, key, transition, now))
+            return
+        for pipeline in list(self._pipelines):
+            runtime = pipeline.runtime
+            if runtime.listeners:
+                deliver(runtime.listeners, self._event(runtime.name, key, transition, now))
+
+    def _event(self, pipeline: str, key: Hashable, transition: Transition, now: float) -> CircuitStateChanged:
+        old, new, reason, retry_after = transition
+        return CircuitStateChanged(
+            pipeline=pipeline,
+            layer=self.name,
+            time=now,
+            key=key,
+            old=old,
+            new=new,
+            reason=reason,
+            retry_after=retry_after,
+        )
+
+    # --------------------------------------------------------------------------------------- manual control
+
+    def _circuits(self, key: Hashable | None) -> list[_Circuit]:
+        if self._single is not None:
+            return [self._single]
+        if key is None:
+            return [circuit for _, circuit in self._partitions.items()]
+        return [self._partitions.get(key, self._now())]
+
+    def _now(self) -> float:
+        for pipeline in self._pipelines:
+            try:
+                return pipeline.runtime.clock.now()
+            except RuntimeError:  # the loop clock outside a running loop
+                break
+        return 0.0
+
+    def isolate(self, key: Hashable | None = None) -> None:
+        """Hold the circuit (for ``key``, or every existing one) open until :meth:`reset`: manual override."""
+        now = self._now()
+        for circuit in self._circuits(key):
+            transition = circuit.isolate()
+            if transition is not None:
+                self._announce(None, circuit.key, transition, now)
+
+    def reset(self, key: Hashable | None = None) -> None:
+        """Close the circuit (for ``key``, or every one) and forget its counts, isolation included."""
+        now = self._now()
+        for circuit in self._circuits(key):
+            transition = circuit.reset()
+            if transition is not None:
+                self._announce(None, circuit.key, transition, now)
+
+    def snapshot(self, key: Hashable | None = None) -> CircuitSnapshot:
+        """State and counts of the circuit for ``key`` (the only one when unpartitioned)."""
+        if self._single is not None:
+            return self._single.snapshot(self._now())
+        circuit = self._partitions.peek(key)
+        return (circuit or _Circuit(self.options, key)).snapshot(self._now())
+
+    def snapshots(self) -> dict[Hashable, CircuitSnapshot]:
+        """Every live circuit's snapshot by key."""
+        now = self._now()
+        return {key: circuit.snapshot(now) for key, circuit in self._all()}
+
+    def _all(self) -> list[tuple[Hashable, _Circuit]]:
+        if self._single is not None:
+            return [(None, self._single)]
+        return list(self._partitions.items())
+
+    def health(self) -> LayerHealth:
+        """Down when the (only) circuit refuses calls; degraded when some partitions do, or when a protecting
+        circuit was evicted within the last ``idle_after`` seconds (``max_keys`` too small for the failing keys)."""
+        snapshots = self.snapshots()
+        refusing = {
+            key_name(key): snap.state.value
+            for key, snap in snapshots.items()
+            if snap.state is CircuitState.ISOLATED or (snap.state is CircuitState.OPEN and (snap.retry_after or 0) > 0)
+        }
+        status: Status
+        if not refusing:
+            status = "ok"
+        elif len(refusing) == len(snapshots) and self._single is not None:
+            status = "down"
+        else:
+            status = "degraded"
+        states = {key_name(key): snap.state.value for key, snap in snapshots.items()}
+        details: dict[str, Any] = {"circuits": states, "refusing": sorted(refusing)}
+        if self._single is None:
+            partitions = self._partitions
+            details["evicted_protecting"] = partitions.evicted_protective
+            last = partitions.last_evicted_at
+            if last is not None and self._now() - last < self.options.idle_after:
+                status = "degraded"
+        return LayerHealth(self.name, status, details)
+
+    @property
+    def state(self) -> CircuitState:
+        """The state of the unpartitioned circuit (use :meth:`snapshot` with a key when partitioned)."""
+        return self.snapshot().state
+
+    def describe(self) -> dict[str, Any]:
+        options = self.options.model_dump(exclude={"failure_on", "exclude", "key"})
+        options["mode"] = "consecutive" if self.options.consecutive is not None else "rate"
+        options["partitioned"] = self.options.key is not None
+        return {"layer": "CircuitBreaker", "name": self.name, "options": options}

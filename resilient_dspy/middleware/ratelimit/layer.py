@@ -1,0 +1,339 @@
+"""RateLimiter: requests and LLM tokens per period, several limits at once, exact by default and FIFO-fair.
+
+Exact mode keeps a sliding log of admissions per limit, so no window of length ``per`` ever holds more than
+``amount``; a burst is opt-in (``Limit(burst=...)``), and then that limit is a token bucket (GCRA). A call is
+admitted only when every limit has room for its weight (1 for requests, the token estimate for tokens). Calls
+queue in strict FIFO order per key: only the head may be admitted, so a large request is never overtaken. The
+head sleeps on the injected clock exactly until its admission time, and is woken early when a reconciliation
+refunds tokens. Token cost is estimated before the call and reconciled with the usage DSPy measured after it.
+No background task is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
+from resilient_dspy.binding.settings import setting
+from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
+from resilient_dspy.core.health import LayerHealth, key_name
+from resilient_dspy.core.options import build_options
+from resilient_dspy.core.pipeline import innermost_program
+from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
+from resilient_dspy.middleware._shared.partitions import KeyFunction, Partitions
+from resilient_dspy.middleware.ratelimit.algorithms import _Entry, _RequestWindow
+from resilient_dspy.middleware.ratelimit.events import (
+    LimitUsage,
+    RateLimiterSnapshot,
+    RateLimitReconciled,
+    RateLimitRejected,
+    RateLimitWaited,
+)
+from resilient_dspy.middleware.ratelimit.options import Limit, RateLimiterOptions, Unit
+from resilient_dspy.middleware.ratelimit.queue import _Lane, _Waiter
+
+if TYPE_CHECKING:
+    from resilient_dspy.core.call import Call, Handler
+    from resilient_dspy.core.clock import Clock
+    from resilient_dspy.core.pipeline import Pipeline
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "RateLimiter",
+]
+
+
+class RateLimiter:
+    """Admit calls within every limit (requests and tokens per period), FIFO per key, waiting up to ``max_wait``."""
+
+    def __init__(
+        self,
+        *limits: Limit,
+        requests: int | None = None,
+        tokens: int | None = None,
+        per: float = 1.0,
+        max_wait: float | None = None,
+        estimate_tokens: Callable[[Call], int] | None = None,
+        key: KeyFunction | None = None,
+        max_keys: int = 1024,
+        idle_after: float = 600.0,
+        name: str | None = None,
+    ) -> None:
+        problems: list[tuple[str, str]] = []
+        shortcuts: list[Limit] = []
+        shortcut: tuple[tuple[Unit, int | None], ...] = (("requests", requests), ("tokens", tokens))
+        for unit, amount in shortcut:
+            if amount is None:
+                continue
+            try:
+                shortcuts.append(Limit(amount=amount, per=per, unit=unit))
+            except ConfigurationError as error:
+                for field, rule in error.problems:
+                    problem = (f"RateLimiter.{unit}" if field == "Limit.amount" else f"RateLimiter.{field[6:]}", rule)
+                    if problem not in problems:
+                        problems.append(problem)
+        try:
+            self.options = build_options(
+                RateLimiterOptions,
+                "RateLimiter",
+                {
+                    "limits": (*limits, *shortcuts),
+                    "max_wait": max_wait,
+                    "estimate_tokens": estimate_tokens,
+                    "key": key,
+                    "max_keys": max_keys,
+                    "idle_after": idle_after,
+                    "name": name,
+                },
+            )
+        except ConfigurationError as error:
+            shortcut_failed = bool(problems) and not limits
+            problems.extend(p for p in error.problems if not (shortcut_failed and p[0] == "RateLimiter.limits"))
+        if problems:
+            raise ConfigurationError(problems)
+
+        options = self.options
+        self.name = options.name or "RateLimiter"
+        self._limits = options.limits
+        self._token_limits = tuple(lim for lim in options.limits if lim.unit == "tokens")
+        self._key_of = options.key
+        self._single = _Lane(self._limits)
+        only = self._single.meters
+        self._sole = only[0] if len(only) == 1 and isinstance(only[0], _RequestWindow) else None
+        self._partitions: Partitions[_Lane] = Partitions(
+            self._new_lane, max_keys=options.max_keys, idle_after=options.idle_after
+        )
+        self._estimate: Callable[[Any], int] = options.estimate_tokens or self.default_estimate
+        self._prompt_chars = 0
+        self._pinned_max_tokens: int | None = None
+        self._clock: Clock | None = None
+
+    def _new_lane(self, key: Hashable) -> _Lane:
+        return _Lane(self._limits, key)
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        """Learn the program's instructions and pinned LMs once, for the default token estimate."""
+        chars, lms = program_parts(innermost_program(pipeline.program))
+        self._prompt_chars = max(self._prompt_chars, chars)
+        pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
+        if pinned:
+            self._pinned_max_tokens = max(self._pinned_max_tokens or 0, *pinned)
+
+    def default_estimate(self, call: Call) -> int:
+        """(characters of the inputs + the program's instructions and demos) / 4 + the LM's ``max_tokens``."""
+        chars = self._prompt_chars
+        for value in call.inputs.values():
+            chars += len(value) if isinstance(value, str) else estimate_chars(value)
+        completion = self._pinned_max_tokens or lm_max_tokens(setting("lm")) or DEFAULT_MAX_TOKENS
+        return chars // 4 + completion
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        clock = call.clock
+        self._clock = clock
+        now = clock.now()
+        key_of = self._key_of
+        if key_of is None:
+            lane, key = self._single, None
+            sole = self._sole
+            if sole is not None and not lane.queue and sole.try_admit(now):
+                return await next(call)
+        else:
+            key = key_of(call)
+            lane = self._partitions.get(key, now)
+        if self._token_limits:
+            return await self._call_measured(call, next, lane, key, now)
+        if lane.queue or lane.ready_at(0, now) > now:
+            await self._queue(call, lane, key, None, now)
+        else:
+            lane.charge(0, now)
+        return await next(call)
+
+    async def _call_measured(self, call: Call, next: Handler, lane: _Lane, key: Hashable, now: float) -> Any:
+        """The token path: estimate, admit, run inside a usage scope, then reconcile the charge with real usage."""
+        tokens = self._estimate(call)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"{self.name}: estimate_tokens must return an int >= 0 (got {tokens!r})")
+        for limit in self._token_limits:
+            if tokens > limit.capacity:
+                what = (
+                    f"the limit of {limit.amount} tokens per {limit.per:g}s"
+                    if limit.burst is None
+                    else f"the burst of {limit.burst} tokens of the limit {limit}"
+                )
+                raise RequestTooLargeError(
+                    "RateLimiter.tokens", f"request of {tokens} tokens exceeds {what}, so it can never be admitted"
+                )
+        if lane.queue or lane.ready_at(tokens, now) > now:
+            handles = await self._queue(call, lane, key, tokens, now)
+        else:
+            handles = lane.charge_kept(tokens, now)
+        lane.in_flight += 1
+        with usage_scope() as scope:
+            try:
+                result = await next(call)
+            except BaseException:
+                self._settle(call, lane, key, handles, tokens, scope, failed=True)
+                raise
+            if self._settle(call, lane, key, handles, tokens, scope, failed=False):
+                attach_usage(result, scope)
+        return result
+
+    def _settle(
+        self,
+        call: Call,
+        lane: _Lane,
+        key: Hashable,
+        handles: list[_Entry | None],
+        estimate: int,
+        scope: UsageScope,
+        *,
+        failed: bool,
+    ) -> bool:
+        """Reconcile the estimate with measured usage (True if any was measured); a call that measured nothing keeps
+        its estimate, and a failed one at least its estimate."""
+        lane.in_flight -= 1
+        usage = scope.by_model()
+        if not usage:
+            return False
+        actual = scope.total_tokens(usage)
+        charged = max(actual, estimate) if failed else actual
+        delta = charged - estimate
+        if delta:
+            lane.adjust(handles, delta, call.clock.now())
+            if delta < 0:
+                lane.nudge()
+        if call.listening:
+            call.emit(
+                RateLimitReconciled(
+                    pipeline=call.runtime.name,
+                    layer=self.name,
+                    time=call.clock.now(),
+                    key=key,
+                    estimate=estimate,
+                    actual=actual,
+                    charged=charged,
+                )
+            )
+        return True
+
+    async def _queue(
+        self, call: Call, lane: _Lane, key: Hashable, tokens: int | None, arrived: float
+    ) -> list[_Entry | None]:
+        """Wait in FIFO order, then charge every limit; raise :class:`RateLimitedError` if it cannot be in time."""
+        options = self.options
+        clock = call.clock
+        weight = tokens or 0
+        deadline = call.deadline
+        give_up, reason = deadline, "deadline"
+        if options.max_wait is not None and (deadline is None or arrived + options.max_wait < deadline):
+            give_up, reason = arrived + options.max_wait, "max_wait"
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(weight, loop.create_future())
+        queue = lane.queue
+        queue.append(waiter)
+        try:
+            now = arrived
+            if give_up is not None and give_up <= arrived:
+                raise self._reject(call, key, reason, lane.estimate(waiter, now) - now, 0.0)
+            if queue[0] is not waiter:
+                if give_up is None:
+                    await waiter.future
+                else:
+                    scope = clock.deadline(give_up)
+                    try:
+                        async with scope:
+                            await waiter.future
+                    except TimeoutError:
+                        if not scope.expired():
+                            raise
+                        if queue[0] is not waiter:
+                            now = clock.now()
+                            retry_after = lane.estimate(waiter, now) - now
+                            raise self._reject(call, key, reason, retry_after, now - arrived) from None
+            while True:
+                now = clock.now()
+                ready = lane.ready_at(weight, now)
+                if ready <= now:
+                    break
+                if give_up is not None and ready > give_up:
+                    raise self._reject(call, key, reason, ready - now, now - arrived)
+                waiter.future = wake = loop.create_future()
+                scope = clock.deadline(ready)
+                try:
+                    async with scope:
+                        await wake
+                except TimeoutError:
+                    if not scope.expired():
+                        raise
+            if tokens is None:
+                lane.charge(0, now)
+                handles: list[_Entry | None] = []
+            else:
+                handles = lane.charge_kept(tokens, now)
+        finally:
+            lane.leave(waiter)
+        if call.listening:
+            call.emit(
+                RateLimitWaited(
+                    pipeline=call.runtime.name,
+                    layer=self.name,
+                    time=now,
+                    key=key,
+                    waited=now - arrived,
+                    tokens=tokens,
+                )
+            )
+        return handles
+
+    def _reject(self, call: Call, key: Hashable, reason: str, retry_after: float, waited: float) -> RateLimitedError:
+        retry_after = max(0.0, retry_after)
+        if call.listening:
+            call.emit(
+                RateLimitRejected(
+                    pipeline=call.runtime.name,
+                    layer=self.name,
+                    time=call.clock.now(),
+                    key=key,
+                    reason=reason,
+                    retry_after=retry_after,
+                    waited=waited,
+                )
+            )
+        why = f"max_wait={self.options.max_wait:g}s" if reason == "max_wait" else "the call's deadline"
+        where = "" if key is None else f"[{key!r}]"
+        return RateLimitedError(f"{self.name}{where}: cannot admit the call within {why}", retry_after=retry_after)
+
+    def snapshot(self, key: Hashable = None) -> RateLimiterSnapshot:
+        """Usage of each limit in its current window, and the queue length, for ``key`` (call it inside the loop)."""
+        lane = self._single if self._key_of is None else self._partitions.peek(key)
+        if lane is None:
+            usages = tuple(LimitUsage(lim, 0.0, float(lim.capacity)) for lim in self._limits)
+            return RateLimiterSnapshot(key, 0, usages)
+        now = self._clock.now() if self._clock is not None else 0.0
+        usages = tuple(LimitUsage(meter.limit, *meter.usage(now)) for meter in lane.meters)
+        return RateLimiterSnapshot(key, len(lane.queue), usages)
+
+    def health(self) -> LayerHealth:
+        """Degraded while calls queue for admission; the figures are each limit's use of its current window."""
+        lanes = [None] if self._key_of is None else [key for key, _ in self._partitions.items()]
+        details: dict[str, Any] = {}
+        queued = 0
+        for key in lanes:
+            snap = self.snapshot(key)
+            queued += snap.queued
+            details[key_name(key)] = {
+                "queued": snap.queued,
+                "limits": [
+                    {"unit": u.limit.unit, "per": u.limit.per, "used": u.used, "available": u.available}
+                    for u in snap.limits
+                ],
+            }
+        return LayerHealth(self.name, "degraded" if queued else "ok", {"lanes": details})
+
+    def describe(self) -> dict[str, Any]:
+        described: dict[str, Any] = {"layer": "RateLimiter", "options": self.options.model_dump()}
+        if self.options.name:
+            described["name"] = self.options.name
+        return described
