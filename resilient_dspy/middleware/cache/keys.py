@@ -21,7 +21,7 @@ from resilient_dspy.binding.settings import setting
 from resilient_dspy.binding.targets import CallableTarget, LMTarget, ModuleTarget, Target
 from resilient_dspy.core.call import Call
 from resilient_dspy.core.pipeline import PipelineTarget
-from resilient_dspy.middleware.cache.serializer import compact_json
+from resilient_dspy.middleware.cache.serializer import _type_name, compact_json
 
 __all__ = ["KEY_VERSION", "KeyBuilder", "KeyFunction", "compute_key"]
 
@@ -41,10 +41,6 @@ _SECRET = re.compile(r"api_?key|secret|passw|credential|auth|cookie|header|priva
 def _is_secret(name: str) -> bool:
     """Connection secrets (api keys, tokens, auth headers) never enter a key: they don't change the answer."""
     return bool(_SECRET.search(name))
-
-
-def _type_name(cls: type[Any]) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 _SCALARS = frozenset({str, int, bool, type(None)})

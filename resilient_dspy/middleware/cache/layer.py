@@ -48,7 +48,6 @@ from resilient_dspy.middleware.cache.keys import (
     _callable_name,
     _custom_key,
     _prefixed,
-    _type_name,
 )
 from resilient_dspy.middleware.cache.options import _NAMESPACE, CacheOptions, PriceFunction
 from resilient_dspy.middleware.cache.serializer import (
@@ -57,6 +56,7 @@ from resilient_dspy.middleware.cache.serializer import (
     CorruptEntryError,
     UnencodableError,
     UnknownTypeError,
+    _type_name,
 )
 
 __all__ = [
