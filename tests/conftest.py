@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="resilient-dspy-test-cache-"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -21,3 +23,22 @@ def other_tasks() -> set[asyncio.Task[object]]:
     """Tasks still alive besides the current one (for no-orphan checks)."""
     current = asyncio.current_task()
     return {task for task in asyncio.all_tasks() if task is not current and not task.done()}
+
+
+T = TypeVar("T")
+
+
+def run_virtual(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run one scenario on a fresh looptime loop (virtual time), closed after: hypothesis examples must not share
+    the test's loop or function fixtures; a hang fails at once, virtually."""
+    import looptime
+
+    async def bounded() -> T:
+        async with asyncio.timeout(1_000_000):  # in the scenario's own task: no wrapper task left beside it
+            return await scenario()
+
+    loop = looptime.new_event_loop()
+    try:
+        return loop.run_until_complete(bounded())
+    finally:
+        loop.close()

@@ -31,6 +31,7 @@ from resilient_dspy import (
     by_model,
 )
 from resilient_dspy.middleware.breaker import CircuitState
+from tests.conftest import run_virtual
 
 
 def server_error() -> Exception:
@@ -466,17 +467,6 @@ async def test_a_follower_retrying_its_leaders_failure_holds_a_slot_again_when_i
 
 
 # ------------------------------------------------------------------ property: the breaker counts only what reached
-
-
-def run_virtual(scenario: Any) -> None:
-    """One scenario on a fresh looptime loop (hypothesis examples must not share function-scoped fixtures)."""
-    import looptime
-
-    loop = looptime.new_event_loop()
-    try:
-        loop.run_until_complete(scenario())
-    finally:
-        loop.close()
 
 
 class Logged:

@@ -237,15 +237,7 @@ class Pipeline:
         elif kwargs.keys() != self._all_inputs:
             self._check_inputs(kwargs)
         runtime = self._runtime
-        call = Call(kwargs, runtime, CallRecord(runtime.clock.now()))
-        try:
-            value = await self._handler(call)
-        except Exception as error:
-            self._failed(error)
-            raise
-        if self._mistake is not None:
-            self._mistake = None
-        return value
+        return await self.run(Call(kwargs, runtime, CallRecord(runtime.clock.now())))
 
     async def invoke(self, *args: Any, **kwargs: Any) -> Outcome:
         """Like calling the pipeline, but returns an :class:`Outcome` (which alternative served, attempts, …)."""

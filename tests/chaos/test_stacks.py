@@ -15,7 +15,8 @@ from resilient_dspy.testing import Fault, FaultStep
 from resilient_dspy.testing.harness import Run, ScriptedProgram, StackConfig, run_calls
 from resilient_dspy.testing.invariants import Violation, assert_no_violations, check_built
 from resilient_dspy.testing.strategies import Arrival, arrivals, fault_schedules, stack_configs
-from tests.chaos._support import examples, run_virtual
+from tests.chaos._support import examples
+from tests.conftest import run_virtual
 
 HORIZON = 5_000.0
 

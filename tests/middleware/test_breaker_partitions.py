@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import dspy
-import looptime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import CircuitBreaker, CircuitOpenError, Pipeline
 from resilient_dspy.middleware.breaker import CircuitState
-
-
-def run_virtual(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """One scenario on a fresh looptime loop (hypothesis examples must not share function fixtures)."""
-    loop = looptime.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(), timeout=100_000))
-    finally:
-        loop.close()
+from tests.conftest import run_virtual
 
 
 class Tenants:

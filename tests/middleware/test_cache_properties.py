@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
-import looptime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,21 +16,7 @@ from resilient_dspy import Event, Pipeline, Retry, Timeout
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.middleware.cache import Cache, CacheCoalesced, CacheHit, CacheMiss
 from resilient_dspy.middleware.cache.backends import MemoryBackend
-from tests.conftest import other_tasks
-
-
-def run_virtual(scenario: Awaitable[None]) -> None:
-    """Run ``scenario`` on a fresh looptime loop (virtual time; a hang fails at once instead of blocking)."""
-
-    async def bounded() -> None:
-        async with asyncio.timeout(100_000):  # virtual: a hang fails at once
-            await scenario
-
-    loop = looptime.new_event_loop()
-    try:
-        loop.run_until_complete(bounded())
-    finally:
-        loop.close()
+from tests.conftest import other_tasks, run_virtual
 
 
 class SlowBackend(MemoryBackend):
@@ -137,7 +122,7 @@ def test_every_lookup_is_counted_exactly_once(
         assert len(looked_up) == spy.lookups
         assert sum(isinstance(e, CacheMiss) and e.bypassed for e in looked_up) == stats.bypassed
 
-    run_virtual(scenario())
+    run_virtual(scenario)
 
 
 class LatencyBackend(MemoryBackend):
@@ -209,4 +194,4 @@ def test_a_slow_or_hanging_backend_never_fails_or_delays_a_call_past_its_read_sh
         await cache.drain()
         assert other_tasks() == set()
 
-    run_virtual(scenario())
+    run_virtual(scenario)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import dspy
-import looptime
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -30,22 +29,13 @@ from resilient_dspy.middleware.ratelimit import (
     RateLimitWaited,
 )
 from resilient_dspy.testing import FaultInjectingLM
-from tests.conftest import other_tasks
+from tests.conftest import other_tasks, run_virtual
 
 SLACK = 2e-9  # the limiter treats admission times within 1 ns as reached (float dust, timer resolution)
 
 
 def now() -> float:
     return asyncio.get_running_loop().time()
-
-
-def run_virtual(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run one scenario on a fresh looptime loop (for hypothesis tests, which must not share function fixtures)."""
-    loop = looptime.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(), timeout=100_000))  # virtual: a hang fails at once
-    finally:
-        loop.close()
 
 
 def report_usage(tokens: int) -> None:

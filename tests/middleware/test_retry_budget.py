@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Coroutine
-from typing import Any
 
-import looptime
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Event, Pipeline, RetriesExhaustedError, Retry, RetryBudget, RetryScheduled
+from tests.conftest import run_virtual
 
 EPSILON = 1e-9
 
@@ -27,15 +25,6 @@ class AlwaysFailing:
         if self.latency:
             await asyncio.sleep(self.latency)
         raise ConnectionError("dropped")
-
-
-def run_virtual(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """One scenario on a fresh looptime loop (hypothesis examples must not share the test's loop)."""
-    loop = looptime.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(), timeout=100_000))
-    finally:
-        loop.close()
 
 
 def over_budget(
