@@ -23,7 +23,6 @@ OVERSIZED = {
     "resilient_dspy.middleware.chaos": 402,
     "resilient_dspy.observe.common": 435,
     "resilient_dspy.testing.chaos_server": 522,
-    "resilient_dspy.testing.invariants": 546,
 }
 
 # Applications on top of the library and its test kit (the demo and chaos commands drive FaultInjectingLM and the
