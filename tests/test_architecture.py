@@ -22,7 +22,6 @@ OVERSIZED = {
     "resilient_dspy.middleware.cache.layer": 718,
     "resilient_dspy.middleware.chaos": 402,
     "resilient_dspy.observe.common": 435,
-    "resilient_dspy.testing.chaos_server": 522,
 }
 
 # Applications on top of the library and its test kit (the demo and chaos commands drive FaultInjectingLM and the
