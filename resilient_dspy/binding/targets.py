@@ -1,7 +1,7 @@
 """Adapters that turn what a pipeline wraps into its terminal handler.
 
 A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usage tracking), or, when it defines only
-a sync ``forward``, in a worker thread (``dspy.asyncify``, settings carried over); a ``dspy.LM``
+a sync ``forward``, in a worker thread (:mod:`.threads`, settings carried over); a ``dspy.LM``
 with ``acall(prompt=...)``, and any ``async def`` with its parameters as inputs (a nested
 :class:`~resilient_dspy.Pipeline` is adapted in :mod:`resilient_dspy.core.pipeline`). Each adapter knows its input
 fields, so a positional argument maps to the first one.
@@ -24,6 +24,7 @@ from resilient_dspy.binding.shape import (
     _parameters_rule,
     find_predictors,
 )
+from resilient_dspy.binding.threads import ThreadSlots, run_in_thread
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call
@@ -53,9 +54,9 @@ class Target(Protocol):
 class ModuleTarget:
     """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off.
 
-    A module that defines only ``forward`` (the usual DSPy style) runs in a worker thread through ``dspy.asyncify``:
-    DSPy's settings (the LM of ``dspy.context``, usage tracking) are carried into the thread, and at most
-    ``dspy.settings.async_max_workers`` such calls (default 8) run at once.
+    A module that defines only ``forward`` (the usual DSPy style) runs in a worker thread (:mod:`.threads`): DSPy's
+    settings (the LM of ``dspy.context``, usage tracking) are carried into the thread, and at most
+    ``dspy.settings.async_max_workers`` threads (default 8) run at once, a timed-out call's thread until it returns.
     """
 
     def __init__(self, program: dspy.Module) -> None:
@@ -65,7 +66,7 @@ class ModuleTarget:
         self.output_fields = _module_outputs(program)
         self._watch = RetryWatch(self.name)
         self._threaded = getattr(type(program), "aforward", None) is None
-        self._in_thread: Any = dspy.asyncify(program) if self._threaded else None
+        self._slots = ThreadSlots() if self._threaded else None
         self._shape: ProgramShape | None = None
 
     def shape(self) -> ProgramShape:
@@ -91,8 +92,8 @@ class ModuleTarget:
             self._watch.check(setting("lm"))
         if call.bypass_cache:
             return self._call_uncached(call.inputs)
-        if self._in_thread is not None:
-            return self._in_thread(**call.inputs)  # type: ignore[no-any-return]
+        if self._slots is not None:
+            return run_in_thread(self.program, call.inputs, self._slots)
         return self.program.acall(**call.inputs)  # type: ignore[no-any-return]
 
     def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -105,8 +106,8 @@ class ModuleTarget:
             if original.lm is not None:
                 copy.lm = original.lm.copy(cache=False)
         with _uncached_settings_lm():
-            if self._threaded:
-                return await dspy.asyncify(fresh)(**inputs)
+            if self._slots is not None:
+                return await run_in_thread(fresh, inputs, self._slots)
             return await fresh.acall(**inputs)
 
     def describe(self) -> dict[str, Any]:
