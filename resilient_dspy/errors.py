@@ -33,6 +33,7 @@ __all__ = [
     "ResilienceError",
     "ResilienceWarning",
     "RetriesExhaustedError",
+    "StreamInterruptedError",
     "TimeoutExceededError",
     "classify",
 ]
@@ -57,12 +58,31 @@ class ConfigurationError(ResilienceError, ValueError):
 
 
 class TimeoutExceededError(ResilienceError, TimeoutError):
-    """Our own timeout fired: the call (``scope='total'``) or one attempt (``scope='attempt'``) ran too long."""
+    """Our own timeout fired: the call (``scope='total'``) or one attempt (``scope='attempt'``) ran too long; ``limit``
+    says which: the ``deadline``, or for a streamed call the wait for its ``first_chunk`` or an ``idle`` pause."""
 
-    def __init__(self, timeout: float, *, scope: str = "total") -> None:
+    def __init__(self, timeout: float, *, scope: str = "total", limit: str = "deadline") -> None:
         self.timeout = timeout
         self.scope = scope
-        super().__init__(f"{scope} timeout of {timeout:g}s exceeded")
+        self.limit = limit
+        waited = {"first_chunk": "no first chunk within", "idle": "no chunk for"}.get(limit)
+        super().__init__(
+            f"{scope} timeout: {waited} {timeout:g}s" if waited else f"{scope} timeout of {timeout:g}s exceeded"
+        )
+
+
+class StreamInterruptedError(ResilienceError):
+    """A streamed call failed after ``chunks`` chunks reached the consumer: it is not retried and no fallback serves
+    it, since a second answer would repeat or mix chunks. ``error`` is the failure (also ``__cause__``, which
+    ``dspy.streamify`` drops when it re-raises)."""
+
+    def __init__(self, chunks: int, error: BaseException) -> None:
+        self.chunks = chunks
+        self.error = error
+        super().__init__(
+            f"the stream failed after {chunks} chunk(s) reached the consumer: {type(error).__name__}: {error}"
+        )
+        self.__cause__ = error
 
 
 class RetriesExhaustedError(ResilienceError):
@@ -236,7 +256,7 @@ def _rule(is_a: Callable[[type[BaseException] | tuple[type[BaseException], ...]]
         return _USER_MISTAKE, False
     if is_a(InvalidOutputError):
         return ErrorInfo(ErrorKind.PARSE, retryable=True, needs_fresh_response=True), False
-    if is_a((RetriesExhaustedError, FallbackFailedError)):
+    if is_a((RetriesExhaustedError, FallbackFailedError, StreamInterruptedError)):
         return ErrorInfo(ErrorKind.GAVE_UP, retryable=False), False
     if is_a(TimeoutExceededError):
         return None  # its scope decides

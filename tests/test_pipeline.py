@@ -157,7 +157,7 @@ def test_describe_lists_layers_outermost_first_then_the_program() -> None:
         "layer": "Timeout",
         "name": "Timeout(total)",
         "scope": "total",
-        "options": {"seconds": 5.0, "name": None},
+        "options": {"seconds": 5.0, "first_chunk": None, "idle": None, "name": None},
     }
     assert described[1] == {"layer": "Stamp", "options": {"key": "k", "value": 3}}
     assert described[2] == {"layer": "Tag", "options": {}}

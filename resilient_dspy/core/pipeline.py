@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Awaitable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -24,9 +24,13 @@ from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runt
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.core.placement import warn_about_order
-from resilient_dspy.core.trace import Trace, traced
+from resilient_dspy.core.portal import BackgroundLoop
+from resilient_dspy.core.trace import Trace, layer_label, traced
 from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
 from resilient_dspy.events import Event, Listener, OfKinds, listener_problem
+
+if TYPE_CHECKING:
+    from resilient_dspy.core.dspy_module import ResilientModule
 
 __all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_program"]
 
@@ -43,17 +47,6 @@ class Outcome:
     retries: int
     duration: float
     trace: Trace | None = None
-
-
-def layer_label(layer: Any) -> str:
-    """A layer's name in traces: its ``name`` or ``label`` when it has one, with a Timeout's scope."""
-    for attribute in ("label", "name"):
-        value = getattr(layer, attribute, None)
-        if isinstance(value, str) and value:
-            return value
-    scope = getattr(layer, "scope", None)
-    kind = type(layer).__name__
-    return f"{kind}({scope})" if isinstance(scope, str) else kind
 
 
 def _bind(layer: Middleware, next_handler: Handler) -> Handler:
@@ -115,6 +108,7 @@ class Pipeline:
         self._target: Target = target
         self._all_inputs = frozenset(target.input_fields)  # all of them, nothing else: always valid (the fast path)
         self._runtime = Runtime(self.name, clock or LoopClock(), rng or random.Random(), tuple(listeners))
+        self.portal = BackgroundLoop(f"resilient-dspy {self.name}")  # where sync() calls run; started on first use
         handler: Handler = target
         for layer in reversed(self.layers):
             handler = _bind(layer, handler)
@@ -258,6 +252,16 @@ class Pipeline:
             self._check_inputs(kwargs)
         runtime = self._runtime
         return await self.run(Call(kwargs, runtime, CallRecord(runtime.clock.now())))
+
+    def sync(self, *args: Any, **kwargs: Any) -> Any:
+        """``await pipeline(...)`` for sync code, from any thread: run on :attr:`portal`, one loop for every caller."""
+        return self.portal.call(self, *args, **kwargs)
+
+    def as_module(self) -> ResilientModule:
+        """This pipeline as a ``dspy.Module``: for optimizers, Evaluate, save/load, streamify, sync and async calls."""
+        from resilient_dspy.core.dspy_module import ResilientModule
+
+        return ResilientModule(self)
 
     async def invoke(self, *args: Any, **kwargs: Any) -> Outcome:
         """Like calling the pipeline, but returns an :class:`Outcome` (which alternative served, attempts, …)."""

@@ -6,7 +6,8 @@ last error inside a :class:`RetriesExhaustedError`, is an instance of a listed t
 so). Cancellation is never handled, and by default neither is a user mistake (no LM configured, a ``TypeError``
 or ``AttributeError`` in the program, a ``ConfigurationError``), from the primary or an alternative: no answer
 fixes a bug, so it propagates; an explicit ``on=`` is taken as written. If every eligible alternative fails,
-:class:`FallbackFailedError` (an ``ExceptionGroup``) holds every error in the order tried.
+:class:`FallbackFailedError` (an ``ExceptionGroup``) holds every error in the order tried. A streamed call is not
+served by an alternative once a chunk reached the consumer (:mod:`resilient_dspy.core.stream`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from resilient_dspy.binding.targets import Target
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.options import Options, build_options
 from resilient_dspy.core.pipeline import Pipeline, adapt_program
+from resilient_dspy.core.stream import stream_started
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
 from resilient_dspy.middleware._shared.filters import normalise_filter
@@ -242,7 +244,7 @@ class Fallback:
         try:
             return await next(call)
         except Exception as error:
-            if not matches(self.on, error):
+            if not matches(self.on, error) or stream_started():  # after a chunk, another answer would mix with it
                 raise
             first_error = error
         errors: list[Exception] = [first_error]

@@ -4,7 +4,8 @@ Decisions, in order, after an attempt fails: cancellation and inner rejections a
 predicate (default :func:`~resilient_dspy.errors.classify`) must say retryable; attempts must remain; the
 delay (backoff, then jitter, then at least the server's Retry-After, capped) must end before the call's
 deadline; the retry budget must allow it. ``AdapterParseError`` is retried with DSPy's cache bypassed,
-because DSPy caches the malformed answer before parsing fails.
+because DSPy caches the malformed answer before parsing fails. A streamed call is never run again once a chunk
+reached the consumer (:mod:`resilient_dspy.core.stream`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import Field
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.options import Options, build_options
 from resilient_dspy.core.pipeline import Pipeline
+from resilient_dspy.core.stream import stream_started
 from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
 
@@ -263,6 +265,8 @@ class Retry:
                 try:
                     result = await next(attempt_call)
                 except Exception as caught:
+                    if stream_started():  # a chunk reached the consumer: another attempt would repeat it
+                        raise
                     info = classify(caught)
                     if not (
                         info.retryable and info.kind is not _REJECTED
@@ -272,7 +276,7 @@ class Retry:
                         raise
                     error = caught
                 else:
-                    if options.retry_on_result is None or not options.retry_on_result(result):
+                    if options.retry_on_result is None or not options.retry_on_result(result) or stream_started():
                         return result
 
                 stop = None

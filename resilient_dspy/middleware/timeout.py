@@ -4,12 +4,15 @@ The deadline is written into the call context, so inner layers (Retry) see how m
 effective deadline is the earlier of ours and any deadline from outside. When it passes, the body is
 cancelled (asyncio's own timeout) and :class:`TimeoutExceededError` is raised, also when the body answers the
 cancellation with an error of its own (a TaskGroup's ExceptionGroup); a cancellation that comes from the caller stays
-a cancellation. Nothing keeps running afterwards: the body runs in the caller's task.
+a cancellation. Nothing keeps running afterwards: the body runs in the caller's task. A streamed call can also be
+bounded by its wait for the first chunk (``first_chunk``) and each pause between chunks (``idle``); see
+:mod:`resilient_dspy.core.stream`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +22,7 @@ from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.layer import Layer, roles
 from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
+from resilient_dspy.core.stream import ChunkLimits
 from resilient_dspy.errors import ConfigurationError, TimeoutExceededError
 from resilient_dspy.events import Event
 
@@ -27,6 +31,10 @@ __all__ = ["Timeout", "TimeoutFired", "TimeoutOptions"]
 
 class TimeoutOptions(Options):
     seconds: float = Field(gt=0, allow_inf_nan=False, description="How long the wrapped layers may run.")
+    first_chunk: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Longest wait for a stream's first chunk."
+    )
+    idle: float | None = Field(default=None, gt=0, allow_inf_nan=False, description="A stream's pause between chunks.")
     name: str | None = Field(default=None, description="Label in events and describe(); default by placement.")
 
 
@@ -36,6 +44,7 @@ class TimeoutFired(Event):
 
     timeout: float
     scope: str
+    limit: str = "deadline"
 
 
 def _cancel_pending() -> bool:
@@ -51,7 +60,9 @@ class Timeout(Layer):
     options_type: ClassVar[type[Options]] = TimeoutOptions
     options: TimeoutOptions
 
-    def __init__(self, seconds: float, *, name: str | None = None) -> None:
+    def __init__(
+        self, seconds: float, *, first_chunk: float | None = None, idle: float | None = None, name: str | None = None
+    ) -> None:
         self.options = options_from(TimeoutOptions, "Timeout", locals())
         self.scope = "total"
         self._placed = False
@@ -78,10 +89,16 @@ class Timeout(Layer):
             deadline = call.deadline
             seconds = max(0.0, deadline - started)
         scope = clock.deadline(deadline)
+        options = self.options
         cause: Exception | None = None
+        limits = None
         try:
             async with scope:
-                return await next(call.with_deadline(deadline))
+                if options.first_chunk is None and options.idle is None:
+                    return await next(call.with_deadline(deadline))
+                limits = ChunkLimits.over(scope, deadline, clock, options.first_chunk, options.idle)
+                with limits or contextlib.nullcontext():
+                    return await next(call.with_deadline(deadline))
         except TimeoutError:
             if not scope.expired():
                 raise
@@ -92,8 +109,9 @@ class Timeout(Layer):
             if not scope.expired() or _cancel_pending():
                 raise
             cause = error
-        self.emit(call, TimeoutFired, timeout=seconds, scope=self.scope)
-        raise TimeoutExceededError(seconds, scope=self.scope) from cause
+        limit, seconds = limits.waiting if limits is not None and limits.waiting else ("deadline", seconds)
+        self.emit(call, TimeoutFired, timeout=seconds, scope=self.scope, limit=limit)
+        raise TimeoutExceededError(seconds, scope=self.scope, limit=limit) from cause
 
     def describe_state(self) -> dict[str, Any]:
         return {"scope": self.scope}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+from collections.abc import Callable
 
 import dspy
 import pytest
@@ -44,10 +45,13 @@ class Blocked(dspy.Module):  # type: ignore[misc]
                 self.finished += 1
 
 
-async def _until(condition: object, seconds: float = 10.0) -> None:
-    async with asyncio.timeout(seconds):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.005)
+async def _until(condition: Callable[[], bool], polls: int = 2000) -> None:
+    """Wait until ``condition()`` holds (checked every 5 ms, at most ``polls`` times): threads set no asyncio event."""
+    for _ in range(polls):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition never held")
 
 
 async def test_timed_out_forward_calls_keep_their_thread_slot_until_the_thread_returns() -> None:

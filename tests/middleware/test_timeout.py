@@ -81,8 +81,14 @@ def test_describe_names_timeout_scope_by_placement() -> None:
     pipeline = Pipeline(hangs_then_answers(0), Timeout(5), Retry(3, base_delay=0, jitter="none"), Timeout(1))
     described = pipeline.describe()
     assert [d["layer"] for d in described] == ["Timeout", "Retry", "Timeout", "program"]
-    assert (described[0]["scope"], described[0]["options"]) == ("total", {"seconds": 5.0, "name": None})
-    assert (described[2]["scope"], described[2]["options"]) == ("attempt", {"seconds": 1.0, "name": None})
+    assert (described[0]["scope"], described[0]["options"]) == (
+        "total",
+        {"seconds": 5.0, "first_chunk": None, "idle": None, "name": None},
+    )
+    assert (described[2]["scope"], described[2]["options"]) == (
+        "attempt",
+        {"seconds": 1.0, "first_chunk": None, "idle": None, "name": None},
+    )
 
 
 async def test_total_deadline_cuts_the_retry_loop_at_exactly_its_deadline() -> None:

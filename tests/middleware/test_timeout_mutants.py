@@ -32,7 +32,7 @@ def test_an_unplaced_timeout_describes_its_scope_as_total() -> None:
         "layer": "Timeout",
         "name": "Timeout(total)",
         "scope": "total",
-        "options": {"seconds": 5.0, "name": None},
+        "options": {"seconds": 5.0, "first_chunk": None, "idle": None, "name": None},
     }
     assert Timeout(5).scope == "total"
 

@@ -193,6 +193,11 @@ class Cache:
             bind_clock(pipeline.clock)
         self._allow_target_types()
 
+    def for_copy(self) -> Cache:
+        """A copy of the program (``ResilientModule`` deepcopy) gets its own Cache with these options and backend:
+        answers are shared, and its keys name the copy's predictors (a compiled copy's demos differ)."""
+        return type(self)(**dict(self.options))
+
     # ---------------------------------------------------------------- public helpers
 
     @property

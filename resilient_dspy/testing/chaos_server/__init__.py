@@ -6,13 +6,16 @@ asks for it) and report ``usage``. Faults use the same vocabulary as :class:`Fau
 ``Retry-After``, 5xx, 504, dropped connections, hangs (until the client gives up, at most ``max_hang``), replies
 that are not JSON, answers without markers, 400 ``context_length_exceeded`` and 401; quotas on requests and tokens
 per window answer 429 with the time until they free up. Faults come from an exact script first, then a seeded
-profile; ``/control/*`` endpoints (and the same methods in-process) change them while it runs.
+profile; ``/control/*`` endpoints (and the same methods in-process) change them while it runs. Asked to stream
+(``"stream": true``), it answers with server-sent events, one word a chunk, and stream faults (``stream_script=``,
+``push_stream``): a disconnect, a stall, a truncated stream or a malformed chunk after a given number of chunks.
 
-The settings and quotas are in ``settings``, what one request gets in ``completions``, the server's lifecycle and
-controls in ``server``.
+The settings and quotas are in ``settings``, what one request gets in ``completions`` (a streamed answer in
+``streaming``), the server's lifecycle and controls in ``server``.
 """
 
 from resilient_dspy.testing.chaos_server.server import ChaosServer
 from resilient_dspy.testing.chaos_server.settings import Quota, is_loopback
+from resilient_dspy.testing.chaos_server.streaming import StreamFault, StreamStep
 
-__all__ = ["ChaosServer", "Quota", "is_loopback"]
+__all__ = ["ChaosServer", "Quota", "StreamFault", "StreamStep", "is_loopback"]

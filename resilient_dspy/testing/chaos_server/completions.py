@@ -1,5 +1,6 @@
 """What the chaos server does with one ``POST /chat/completions``: the quota first, then the drawn fault (a delay, a
-hang, a dropped connection, an error status) or an answer in the adapter's format, each journaled."""
+hang, a dropped connection, an error status) or an answer in the adapter's format (streamed when asked, with the
+next stream fault: :mod:`.streaming`), each journaled."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import asyncio
 import dataclasses
 import math
 import time
+from collections import deque
 from typing import Any
 
 from aiohttp import web
 
 from resilient_dspy.faults import MALFORMED_TEXT, Fault
 from resilient_dspy.testing.chaos_server.settings import _QuotaWindow
+from resilient_dspy.testing.chaos_server.streaming import StreamStep, stream_answer
 from resilient_dspy.testing.fault_lm.answers import Answers, RenderedAnswer, count_tokens, render_answer
 from resilient_dspy.testing.fault_lm.schedule import Drawn, FaultSchedule, JournalEntry
 
@@ -43,6 +46,7 @@ class _Completions:
     state it reads is the server's, set by the server."""
 
     schedule: FaultSchedule
+    stream_script: deque[StreamStep]
     journal: list[JournalEntry]
     answers: Answers | None
     max_hang: float
@@ -106,15 +110,15 @@ class _Completions:
         messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             return _error(400, "'messages' must be a non-empty list of messages", "invalid_request_error")
-        if body.get("stream"):
-            return _error(400, "streaming is not supported by the chaos server", "invalid_request_error")
         self.in_flight += 1
         try:
             return await self._answer(request, body, messages)
         finally:
             self.in_flight -= 1
 
-    async def _answer(self, request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]]) -> web.Response:
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> web.StreamResponse:
         model = str(body.get("model", "chaos"))
         system = "\n".join(_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
         user = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
@@ -159,6 +163,8 @@ class _Completions:
         if fault is Fault.TRANSPORT:
             self._record(model, drawn, rendered.question, status=None, detail="connection dropped")
             return self._drop(request)
+        if (fault is Fault.OK or fault is Fault.MALFORMED) and body.get("stream"):
+            return await self._streamed(request, body, model, drawn, rendered, prompt_tokens, admitted)
         if fault is Fault.OK or fault is Fault.MALFORMED:
             return self._completion(model, drawn, rendered, prompt_tokens, admitted)
         self._record(model, drawn, rendered.question, status=drawn.status)
@@ -195,6 +201,39 @@ class _Completions:
         reason = "server closing" if closing else f"max_hang of {self.max_hang:g}s reached"
         self.journal[index] = dataclasses.replace(self.journal[index], detail=f"{reason}; connection dropped")
         return self._drop(request)
+
+    async def _streamed(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        model: str,
+        drawn: Drawn,
+        rendered: RenderedAnswer,
+        prompt_tokens: int,
+        admitted: list[float] | None,
+    ) -> web.StreamResponse:
+        """The answer as server-sent events, with the next scripted stream fault (see :mod:`.streaming`)."""
+        text = MALFORMED_TEXT if drawn.fault is Fault.MALFORMED else rendered.text
+        completion_tokens = count_tokens(text)
+        if admitted is not None:
+            admitted[1] += completion_tokens
+        step = self.stream_script.popleft() if self.stream_script else StreamStep()
+        options = body.get("stream_options")
+        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        tokens = (prompt_tokens, completion_tokens)
+        usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1], "total_tokens": sum(tokens)}
+        index = self._record(model, drawn, rendered.question, status=200, answer=rendered, tokens=tokens)
+        response, detail = await stream_answer(
+            request,
+            self,
+            ident=f"chatcmpl-chaos-{index + 1}",
+            model=model,
+            text=text,
+            usage=usage if wants_usage else None,
+            step=step,
+        )
+        self.journal[index] = dataclasses.replace(self.journal[index], detail=detail)
+        return response
 
     def _completion(
         self, model: str, drawn: Drawn, rendered: RenderedAnswer, prompt_tokens: int, admitted: list[float] | None

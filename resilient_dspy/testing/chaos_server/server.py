@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -15,6 +16,7 @@ from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.faults import FaultStep, ScriptEntry, parse_steps
 from resilient_dspy.testing.chaos_server.completions import _Completions, _error
 from resilient_dspy.testing.chaos_server.settings import Quota, _QuotaWindow, as_profile, as_quota, check_settings
+from resilient_dspy.testing.chaos_server.streaming import StreamStep, parse_stream_steps
 from resilient_dspy.testing.fault_lm.answers import Answers
 from resilient_dspy.testing.fault_lm.schedule import FaultProfile, FaultSchedule, JournalEntry
 
@@ -36,6 +38,7 @@ class ChaosServer(_Completions):
         answers: Answers | None = None,
         max_hang: float = 30.0,
         allow_remote: bool = False,
+        stream_script: Iterable[StreamStep | str | Mapping[str, Any] | None] = (),
     ) -> None:
         steps, checked_profile, checked_quota = check_settings(
             host=host,
@@ -52,6 +55,7 @@ class ChaosServer(_Completions):
         self.answers = answers
         self.max_hang = float(max_hang)
         self.schedule = FaultSchedule(checked_profile, steps, seed)
+        self.stream_script = deque(parse_stream_steps(stream_script, "ChaosServer.stream_script"))
         self.journal: list[JournalEntry] = []
         self._window = _QuotaWindow(checked_quota) if checked_quota is not None else None
         self._runner: web.AppRunner | None = None
@@ -138,6 +142,10 @@ class ChaosServer(_Completions):
         """Append scripted steps after the ones pending."""
         self.schedule.push(parse_steps(steps, "ChaosServer.push"))
 
+    def push_stream(self, *steps: StreamStep | str | Mapping[str, Any] | None) -> None:
+        """Append stream faults: the next streamed answers get them in order (see :mod:`.streaming`)."""
+        self.stream_script.extend(parse_stream_steps(steps, "ChaosServer.push_stream"))
+
     def set_profile(self, profile: FaultProfile | Mapping[str, Any] | None) -> None:
         """Replace the random profile (None = no faults, no latency)."""
         self.schedule.profile = as_profile(profile)
@@ -150,6 +158,7 @@ class ChaosServer(_Completions):
     def reset(self) -> None:
         """Back to a fault-free server with no quota and an empty journal (the random source is re-seeded)."""
         self.schedule = FaultSchedule(FaultProfile(), (), self.seed)
+        self.stream_script.clear()
         self._window = None
         self.journal.clear()
 

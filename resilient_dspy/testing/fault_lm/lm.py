@@ -8,6 +8,8 @@ from :mod:`~resilient_dspy.testing.fault_lm.schedule`, its answer from :mod:`~re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -19,6 +21,7 @@ from dspy import lm15
 
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.options import build_options
+from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.faults import FAULT_STATUS, Fault, FaultStep, ScriptEntry, parse_steps
 from resilient_dspy.testing.fault_lm.answers import Answers, RenderedAnswer, count_tokens, render_answer
 from resilient_dspy.testing.fault_lm.schedule import (
@@ -65,6 +68,7 @@ class _FaultCore:
         self.answers = answers
         self.clock = clock
         self.journal: list[JournalEntry] = []
+        self.chunk_latency = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -145,6 +149,26 @@ class _FaultCore:
         )
 
 
+def _chunked(response: lm15.Response) -> Iterator[Any]:
+    """The response as stream events, its text one word (and the space after it) per delta, as a provider streams."""
+    for event in lm15.response_to_events(response):
+        delta = getattr(event, "delta", None)
+        if not isinstance(delta, lm15.TextDelta) or not delta.text:
+            yield event
+            continue
+        for index, match in enumerate(re.finditer(r"\s*\S+\s*|\s+", delta.text)):
+            first = index == 0
+            yield dataclasses.replace(
+                event,
+                delta=dataclasses.replace(
+                    delta,
+                    text=match.group(),
+                    logprobs=delta.logprobs if first else (),
+                    logprobs_complete=delta.logprobs_complete if first else True,
+                ),
+            )
+
+
 class _AsyncEngine:
     def __init__(self, core: _FaultCore) -> None:
         self.core = core
@@ -177,7 +201,10 @@ class _AsyncEngine:
 
     async def stream(self, request: lm15.Request) -> AsyncIterator[Any]:
         response = await self.complete(request)
-        for event in lm15.response_to_events(response):
+        pause = self.core.chunk_latency
+        for index, event in enumerate(_chunked(response)):
+            if pause and index > 1:
+                await self.core.clock.sleep(pause)
             yield event
 
     async def aclose(self) -> None:
@@ -204,7 +231,12 @@ class _SyncEngine:
         return core.respond(request, step)
 
     def stream(self, request: lm15.Request) -> Iterator[Any]:
-        return iter(lm15.response_to_events(self.complete(request)))
+        response = self.complete(request)
+        pause = self.core.chunk_latency
+        for index, event in enumerate(_chunked(response)):
+            if pause and index > 1:
+                time.sleep(pause)
+            yield event
 
     def close(self) -> None:
         return None
@@ -213,7 +245,9 @@ class _SyncEngine:
 class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
     """A ``dspy.LM`` that answers locally and injects faults; ``journal`` records every request.
 
-    ``num_retries`` defaults to 0 and DSPy's response cache to off, as an LM under a pipeline should be.
+    ``num_retries`` defaults to 0 and DSPy's response cache to off, as an LM under a pipeline should be. It works from
+    async code, sync code and worker threads alike. Streamed (under ``dspy.streamify``), an answer comes one word per
+    chunk, ``chunk_latency`` seconds apart (on its clock), after the request's own latency.
     """
 
     def __init__(
@@ -227,12 +261,16 @@ class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
         clock: Clock | None = None,
         cache: bool = False,
         num_retries: int = 0,
+        chunk_latency: float = 0.0,
         **kwargs: Any,
     ) -> None:
         steps = parse_steps(script, "FaultInjectingLM.script")
         if not isinstance(profile, FaultProfile):
             profile = build_options(FaultProfile, "FaultProfile", dict(profile or {}))
+        if isinstance(chunk_latency, bool) or not isinstance(chunk_latency, int | float) or chunk_latency < 0:
+            raise ConfigurationError([("FaultInjectingLM.chunk_latency", f"must be seconds >= 0 ({chunk_latency!r})")])
         self.core = _FaultCore(model, profile, steps, seed, answers, clock or LoopClock())
+        self.core.chunk_latency = float(chunk_latency)
         super().__init__(
             f"custom/{model}",
             engine=_SyncEngine(self.core),
