@@ -1,8 +1,9 @@
 """A pipeline as a ``dspy.Module`` (``pipeline.as_module()``): what DSPy's optimizers, ``Evaluate``, ``Parallel``,
 ``save``/``load`` and ``streamify`` expect, with every call still going through the layers.
 
-- Its parameters are the wrapped program's, under the same names (``named_predictors()`` gives ``"predict"``, not
-  ``"program.predict"``), so an optimizer compiles the wrapped program and a saved state loads into either.
+- Its parameters and its state are the wrapped program's, under the same names (``named_predictors()`` gives
+  ``"predict"``, not ``"program.predict"``), so an optimizer compiles the wrapped program, and a state saved from
+  the module loads into the bare program and back.
 - ``module(...)`` from sync code runs on the pipeline's background loop (:mod:`.portal`); ``await module.acall(...)``
   runs on the caller's loop. Under ``dspy.streamify`` a call streams through the layers (:mod:`.stream`).
 - A copy (``deepcopy``, ``reset_copy``, what optimizers make) copies the program and rebuilds the pipeline around
@@ -66,6 +67,14 @@ class ResilientModule(dspy.Module):  # type: ignore[misc]
         """The wrapped program's parameters, under its own names (what optimizers, save and load read)."""
         program = self.program
         return program.named_parameters() if isinstance(program, dspy.BaseModule) else []
+
+    def dump_state(self, json_mode: bool = True) -> Any:
+        """The wrapped program's state, as the program itself saves it: a saved file loads into either."""
+        return self.program.dump_state(json_mode=json_mode)
+
+    def load_state(self, state: Any, *, allow_unsafe_lm_state: bool = False) -> ResilientModule:
+        self.program.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """A sync call: on the pipeline's background loop; streamed when ``dspy.streamify`` runs it."""

@@ -19,10 +19,10 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 
 __all__ = ["BackgroundLoop"]
 
@@ -30,14 +30,29 @@ T = TypeVar("T")
 
 
 class _Running:
-    """A started portal: the context manager that owns its thread, and that thread."""
+    """A started portal and the thread whose event loop runs it."""
 
-    __slots__ = ("manager", "portal", "thread")
+    __slots__ = ("portal", "thread")
 
-    def __init__(self, manager: AbstractContextManager[BlockingPortal], portal: BlockingPortal) -> None:
-        self.manager = manager
+    def __init__(self, portal: BlockingPortal, thread: threading.Thread) -> None:
         self.portal = portal
-        self.thread: threading.Thread | None = None
+        self.thread = thread
+
+
+def _serve(ready: concurrent.futures.Future[BlockingPortal]) -> None:
+    """The loop thread: run a portal until it is stopped (what ``anyio.from_thread.start_blocking_portal`` does)."""
+
+    async def main() -> None:
+        async with BlockingPortal() as portal:
+            ready.set_result(portal)
+            await portal.sleep_until_stopped()
+
+    try:
+        anyio.run(main)
+    except BaseException as error:  # the loop could not start: the caller waiting in _start gets the error
+        if not ready.done():
+            ready.set_exception(error)
+        raise
 
 
 class BackgroundLoop:
@@ -86,10 +101,10 @@ class BackgroundLoop:
                 raise RuntimeError(f"{self.name}: the background loop is closed; build a new pipeline")
             running = self._running
             if running is None:
-                manager = start_blocking_portal(name=f"{self.name} loop")
-                running = _Running(manager, manager.__enter__())
-                running.thread = running.portal.call(threading.current_thread)
-                self._running = running
+                ready: concurrent.futures.Future[BlockingPortal] = concurrent.futures.Future()
+                thread = threading.Thread(target=_serve, args=(ready,), name=f"{self.name} loop", daemon=True)
+                thread.start()
+                running = self._running = _Running(ready.result(), thread)
                 self._finalizer = weakref.finalize(self, _stop, running)
             return running
 
@@ -126,4 +141,4 @@ def _stop(running: _Running) -> None:
         return
     with contextlib.suppress(RuntimeError):  # already stopped
         portal.call(portal.stop, True)
-    running.manager.__exit__(None, None, None)
+    running.thread.join()
