@@ -1,7 +1,7 @@
 """A pipeline as a ``dspy.Module`` (``pipeline.as_module()``): what DSPy's optimizers, ``Evaluate``, ``Parallel``,
 ``save``/``load`` and ``streamify`` expect, with every call still going through the layers.
 
-- Its parameters and its state are the wrapped program's, under the same names (``named_predictors()`` gives
+- Its parameters and its state are the wrapped program's, under the program's own names (a ``ChainOfThought``'s
   ``"predict"``, not ``"program.predict"``), so an optimizer compiles the wrapped program, and a state saved from
   the module loads into the bare program and back.
 - ``module(...)`` from sync code runs on the pipeline's background loop (:mod:`.portal`); ``await module.acall(...)``
