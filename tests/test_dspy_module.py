@@ -384,9 +384,10 @@ def test_a_whole_program_pickle_is_refused_with_a_reason(tmp_path: Path) -> None
 # --- Evaluate and Parallel from many threads ---------------------------------------------------------------------
 
 
-def test_evaluate_with_eight_threads_keeps_the_rate_limit_exact() -> None:
-    """dspy.Evaluate(num_threads=8) through as_module(): the 40 calls from 8 threads share the limiter on one loop,
-    and no 0.2 s window holds more than 5 admissions."""
+@pytest.mark.parametrize("runner", ["evaluate", "parallel"])
+def test_eight_threads_keep_the_rate_limit_exact(runner: str) -> None:
+    """dspy.Evaluate(num_threads=8) and dspy.Parallel(num_threads=8) through as_module(): the 40 calls from 8
+    threads share the limiter on one loop, and no 0.2 s window holds more than 5 admissions."""
     lm = FaultInjectingLM()
     admitted: list[float] = []
 
@@ -399,10 +400,14 @@ def test_evaluate_with_eight_threads_keeps_the_rate_limit_exact() -> None:
 
     module = resilient(None, RateLimiter(requests=5, per=0.2, max_wait=30), Admissions()).as_module()
     devset = [dspy.Example(question=f"q{i}", answer="x").with_inputs("question") for i in range(40)]
-    evaluate = dspy.Evaluate(devset=devset, metric=lambda *args, **kwargs: 1.0, num_threads=8, max_errors=100)
     with dspy.context(lm=lm):
-        result = evaluate(module)
-    assert result.score == 100.0 and lm.requests == 40
+        if runner == "evaluate":
+            evaluate = dspy.Evaluate(devset=devset, metric=lambda *args, **kwargs: 1.0, num_threads=8, max_errors=100)
+            assert evaluate(module).score == 100.0
+        else:
+            answers = dspy.Parallel(num_threads=8).forward([(module, example.inputs()) for example in devset])
+            assert all(answer.answer for answer in answers)
+    assert lm.requests == 40
     assert len(admitted) == 40 and limiter_respected(admitted, [Limit(amount=5, per=0.2)]) == []
     module.pipeline.portal.close()
 

@@ -44,7 +44,6 @@ class TimeoutFired(Event):
 
     timeout: float
     scope: str
-    limit: str = "deadline"
 
 
 def _cancel_pending() -> bool:
@@ -110,7 +109,7 @@ class Timeout(Layer):
                 raise
             cause = error
         limit, seconds = limits.waiting if limits is not None and limits.waiting else ("deadline", seconds)
-        self.emit(call, TimeoutFired, timeout=seconds, scope=self.scope, limit=limit)
+        self.emit(call, TimeoutFired, timeout=seconds, scope=self.scope)
         raise TimeoutExceededError(seconds, scope=self.scope, limit=limit) from cause
 
     def describe_state(self) -> dict[str, Any]:
