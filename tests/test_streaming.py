@@ -244,3 +244,15 @@ async def test_chunks_of_a_thread_a_timeout_abandoned_never_reach_the_consumer()
             assert await asyncio.to_thread(finished.acquire, True, 10)
     assert "".join(chunks) == final.answer
     assert lm.requests == 2
+
+
+async def test_a_module_wrapped_pipeline_inside_another_pipeline_streams_once_through_both() -> None:
+    """Pipeline(inner.as_module(), ...).as_module() under streamify: the inner module relays to the outer one, each
+    counts the chunks, and a failure before the first chunk is retried by the inner Retry only."""
+    lm = FaultInjectingLM(script=["server_error"])
+    inner = Pipeline(dspy.Predict("question -> answer"), Retry(3, **QUICK)).as_module()
+    outer = Pipeline(inner, Timeout(60)).as_module()
+    with dspy.context(lm=lm):
+        chunks, final = await stream(outer, question="nested stream")
+    assert len(chunks) > 3 and "".join(chunks) == final.answer
+    assert lm.requests == 2

@@ -77,11 +77,6 @@ class ThreadSlots:
         self._running = 0
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = deque()
 
-    @property
-    def running(self) -> int:
-        """Threads holding a slot now."""
-        return self._running
-
     async def acquire(self) -> None:
         """Wait for a slot (cancellable: a waiter cancelled after it was woken passes the wake-up on)."""
         loop = asyncio.get_running_loop()

@@ -20,7 +20,7 @@ from resilient_dspy.testing.fault_lm import (
 )
 
 if TYPE_CHECKING:
-    from resilient_dspy.testing.chaos_server import ChaosServer, Quota
+    from resilient_dspy.testing.chaos_server import ChaosServer, Quota, StreamFault, StreamStep
     from resilient_dspy.testing.harness import CallResult, Checkpoint, Run, ScriptedProgram, StackConfig, run_calls
     from resilient_dspy.testing.invariants import Violation, assert_no_violations, check_built, check_run
     from resilient_dspy.testing.plugin import ChaosHarness, ManualClock
@@ -40,6 +40,8 @@ __all__ = [
     "Run",
     "ScriptedProgram",
     "StackConfig",
+    "StreamFault",
+    "StreamStep",
     "Violation",
     "assert_no_violations",
     "check_built",
@@ -51,6 +53,8 @@ __all__ = [
 _LAZY = {
     "ChaosServer": "chaos_server",
     "Quota": "chaos_server",
+    "StreamFault": "chaos_server",
+    "StreamStep": "chaos_server",
     "CallResult": "harness",
     "Checkpoint": "harness",
     "Run": "harness",
