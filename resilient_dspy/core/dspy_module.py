@@ -8,10 +8,10 @@
   runs on the caller's loop. Under ``dspy.streamify`` a call streams through the layers (:mod:`.stream`).
 - A copy (``deepcopy``, ``reset_copy``, what optimizers make) copies the program and rebuilds the pipeline around
   the copy. The layers model what is outside the program — a provider's quota, a spend cap, a model's health, the
-  threads and connections one may use — so copies share them, and a quota never doubles: a layer is shared unless it
-  defines ``for_copy()``, which gives the copy its own (the ``Cache``: its keys name the copy's predictors, and its
-  backend, where the answers are, is shared). Per copy and fresh: the program, its demos and history, the
-  pipeline's record of user mistakes. No lock is copied: shared layers are not copied at all.
+  concurrency one may use — so copies share them, and a quota never doubles: a layer is shared unless it defines
+  ``for_copy()``, which gives the copy its own (the ``Cache``: its keys name the copy's predictors, and its backend,
+  where the answers are, is shared). Per copy and fresh: the program, its demos and history, the pipeline's record
+  of user mistakes, a forward-only program's thread bound. No lock is copied: shared layers are not copied at all.
 - ``pickle`` (``save(..., save_program=True)``) is refused: live layer state (locks, loops, backends) means nothing
   in another process. Save the state (``module.save("program.json")``), or the program, and wrap it again.
 """
@@ -73,6 +73,7 @@ class ResilientModule(dspy.Module):  # type: ignore[misc]
         return self.program.dump_state(json_mode=json_mode)
 
     def load_state(self, state: Any, *, allow_unsafe_lm_state: bool = False) -> ResilientModule:
+        """Load a state saved from this module or from the bare program into the wrapped program."""
         self.program.load_state(state, allow_unsafe_lm_state=allow_unsafe_lm_state)
         return self
 
@@ -96,6 +97,8 @@ class ResilientModule(dspy.Module):  # type: ignore[misc]
         try:
             program = copy.deepcopy(program, memo)
         except Exception:  # what DSPy does too: a module with an uncopyable attribute is copied parameter by parameter
+            if not isinstance(program, dspy.BaseModule):
+                raise
             program = program.deepcopy()
         twin: ResilientModule = object.__new__(type(self))
         memo[id(self)] = twin
