@@ -546,6 +546,18 @@ def test_a_module_target_gives_the_same_identity_until_its_program_changes() -> 
     assert target.key_identity() is changed  # type: ignore[attr-defined]
 
 
+def test_a_module_target_notices_its_program_changing_class() -> None:
+    class Terse(dspy.Predict):  # type: ignore[misc]
+        pass
+
+    program = dspy.Predict("question -> answer")
+    target = Pipeline(program).target
+    first = target.key_identity()  # type: ignore[attr-defined]
+    program.__class__ = Terse
+    changed = target.key_identity()  # type: ignore[attr-defined]
+    assert changed is not first and changed.names == (f"{__name__}.{Terse.__qualname__}",)
+
+
 def test_a_nested_pipeline_has_the_identity_of_the_program_it_runs() -> None:
     from resilient_dspy.binding.shape import identity_source
 

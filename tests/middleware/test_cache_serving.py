@@ -120,6 +120,31 @@ async def test_callers_that_read_together_share_the_first_ones_flight() -> None:
     assert now() == 1.5
 
 
+def test_a_flight_left_on_another_event_loop_is_not_waited_on() -> None:
+    """A Cache used from a second event loop (a sync caller's new loop) never waits on a future of the first."""
+    asked: list[str] = []
+
+    async def program(question: str) -> str:
+        asked.append(question)
+        if len(asked) == 1:
+            await asyncio.Event().wait()  # the first loop's leader never finishes
+        return question
+
+    pipeline = Pipeline(program, Cache())
+    first = asyncio.new_event_loop()
+    try:
+        leader = first.create_task(pipeline("q"))
+        for _ in range(3):
+            first.run_until_complete(asyncio.sleep(0))
+        assert asked == ["q"] and not leader.done()  # in flight on the first loop
+        assert asyncio.run(pipeline("q")) == "q"  # on another loop: runs the program itself
+        assert asked == ["q", "q"]
+    finally:
+        leader.cancel()
+        first.run_until_complete(asyncio.gather(leader, return_exceptions=True))
+        first.close()
+
+
 # -------------------------------------------------------------------------------------- backends: blocking or not
 
 
