@@ -200,7 +200,8 @@ class BackendCalls:
 
     def _stored(self, call: Call, key: str, data: bytes) -> None:
         self._count.stores += 1
-        self._owner.emit(call, CacheStored, key=key, ttl=self.options.ttl, size=len(data))
+        if call.listening:  # every miss stores: not even the keyword arguments when no one listens
+            self._owner.emit(call, CacheStored, key=key, ttl=self.options.ttl, size=len(data))
 
     def _answered(self, operation: str) -> None:
         if operation in self._timing_out:

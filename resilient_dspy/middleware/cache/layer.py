@@ -305,21 +305,25 @@ class Cache(Layer):
     def _hit(self, call: Call, key: str, entry: CachedEntry) -> Any:
         self._count.hits += 1
         self._answers.saved(entry.usage, entry.tokens)
-        self.emit(call, CacheHit, key=key, saved_tokens=entry.tokens, saved_usage=entry.usage)
+        if call.listening:  # the hot path: not even the keyword arguments when no one listens
+            self.emit(call, CacheHit, key=key, saved_tokens=entry.tokens, saved_usage=entry.usage)
         return self._answers.served(entry.value, entry.usage)
 
     def _follow(self, call: Call, key: str, answer: Answer) -> Any:
         self._count.coalesced += 1
         self._answers.saved(answer.usage, answer.tokens)
         call.record.served_by = answer.served_by
-        self.emit(call, CacheCoalesced, key=key, error=None, saved_tokens=answer.tokens, saved_usage=answer.usage or {})
+        if call.listening:
+            usage = answer.usage or {}
+            self.emit(call, CacheCoalesced, key=key, error=None, saved_tokens=answer.tokens, saved_usage=usage)
         value, usage = self._answers.fresh(answer)
         return self._answers.served(value, usage)
 
     def _missed(self, call: Call, key: str, *, bypassed: bool) -> None:
         if not bypassed:  # a bypassed call is counted as bypassed only: each lookup is one of the four
             self._count.misses += 1
-        self.emit(call, CacheMiss, key=key, bypassed=bypassed)
+        if call.listening:
+            self.emit(call, CacheMiss, key=key, bypassed=bypassed)
 
 
 def _prefixed(prefix: str) -> Callable[[str], bool]:
