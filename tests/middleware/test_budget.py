@@ -316,6 +316,43 @@ async def test_alerts_fire_once_per_threshold_per_window() -> None:
     assert [event for event in events if isinstance(event, BudgetAlert)] == alerts
 
 
+async def test_on_alert_gets_the_very_alert_the_listeners_get_and_after_them() -> None:
+    seen: list[tuple[str, Event]] = []
+    budget = Budget(tokens=1000, estimate_tokens=fixed(1), alert_at=(0.01,), on_alert=lambda a: seen.append(("cb", a)))
+    pipeline = Pipeline(
+        dspy.Predict("question -> answer"), budget, listeners=[lambda e: seen.append(("listener", e))], name="qa"
+    )
+    with dspy.context(lm=FaultInjectingLM()):
+        await pipeline(QUESTION)
+    alerts = [(who, event) for who, event in seen if isinstance(event, BudgetAlert)]
+    assert [who for who, _ in alerts] == ["listener", "cb"]
+    assert alerts[0][1] is alerts[1][1]
+    assert (alerts[0][1].pipeline, alerts[0][1].layer) == ("qa", "Budget")
+
+
+async def test_on_alert_is_called_without_any_listener() -> None:
+    alerts: list[BudgetAlert] = []
+    pipeline = budget_pipeline(Budget(tokens=1000, estimate_tokens=fixed(1), alert_at=(0.01,), on_alert=alerts.append))
+    with dspy.context(lm=FaultInjectingLM()):
+        await pipeline(QUESTION)
+    assert [alert.threshold for alert in alerts] == [0.01]
+
+
+async def test_a_named_budget_labels_its_events_describe_and_health() -> None:
+    events: list[Event] = []
+    budget = Budget(tokens=1, estimate_tokens=fixed(1), name="tenant-cap")
+    pipeline = Pipeline(dspy.Predict("question -> answer"), budget, listeners=[events.append], name="qa")
+    with dspy.context(lm=FaultInjectingLM()):
+        await pipeline(QUESTION)
+        with pytest.raises(BudgetExceededError):
+            await pipeline(QUESTION)
+    assert {type(event) for event in events} == {BudgetSpent, BudgetAlert, BudgetRejected}
+    assert {(event.pipeline, event.layer) for event in events} == {("qa", "tenant-cap")}
+    assert budget.describe()["name"] == "tenant-cap"
+    health = budget.health()
+    assert (health.layer, health.status) == ("tenant-cap", "down")
+
+
 async def test_a_failing_on_alert_is_logged_and_never_fails_the_call(caplog: pytest.LogCaptureFixture) -> None:
     def explode(alert: BudgetAlert) -> None:
         raise RuntimeError("pager is down")
