@@ -75,14 +75,12 @@ class _BudgetAccount:
             self.dollars.reserved += dollars
         self.in_flight += 1
 
-    def charge(self, reserved: tuple[int, float], actual: tuple[int, float], now: float) -> None:
-        """Swap a call's reservation for what it really spent (the last call out clears any rounding left over)."""
+    def charge(self, tokens: int, dollars: float, spent_tokens: int, spent_dollars: float, now: float) -> None:
+        """Swap a call's reservation (``tokens``, ``dollars``) for what it spent (the last call out clears any
+        rounding left over)."""
         self.roll(now)
         self.in_flight -= 1
-        for meter, held, spent in (
-            (self.tokens, reserved[0], actual[0]),
-            (self.dollars, reserved[1], actual[1]),
-        ):
+        for meter, held, spent in ((self.tokens, tokens, spent_tokens), (self.dollars, dollars, spent_dollars)):
             if meter is None:
                 continue
             meter.reserved = meter.reserved - held if self.in_flight else 0

@@ -187,16 +187,18 @@ class Budget(Layer):
                 logger.exception("%s: the price function failed; the call is charged its estimate", self.name)
                 actual_dollars = dollars
         now = call.clock.now()
-        account.charge((tokens, dollars), (actual_tokens, actual_dollars), now)
-        self.emit(
-            call,
-            BudgetSpent,
-            key=key,
-            estimated_tokens=tokens,
-            tokens=actual_tokens,
-            estimated_dollars=dollars if account.dollars is not None else None,
-            dollars=actual_dollars if account.dollars is not None else None,
-        )
+        account.charge(tokens, dollars, actual_tokens, actual_dollars, now)
+        if call.listening:  # every call passes here: not even the fields are gathered for no one
+            priced = account.dollars is not None
+            self.emit(
+                call,
+                BudgetSpent,
+                key=key,
+                estimated_tokens=tokens,
+                tokens=actual_tokens,
+                estimated_dollars=dollars if priced else None,
+                dollars=actual_dollars if priced else None,
+            )
         if self._thresholds:
             self._check_alerts(call, account, key)
 
