@@ -361,8 +361,9 @@ async def test_a_failing_on_alert_is_logged_and_never_fails_the_call(caplog: pyt
     with caplog.at_level(logging.ERROR, logger="resilient_dspy.budget"), dspy.context(lm=FaultInjectingLM()):
         result = await pipeline(QUESTION)
     assert isinstance(result, dspy.Prediction)
-    assert "on_alert failed" in caplog.text
-    assert "pager is down" in caplog.text
+    [record] = [r for r in caplog.records if r.name == "resilient_dspy.budget"]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
 
 
 # ----------------------------------------------------------------------------------------- keys, cancellation
@@ -447,8 +448,9 @@ def test_an_async_on_alert_is_refused() -> None:
     async def page(alert: BudgetAlert) -> None:
         return None
 
-    with pytest.raises(ConfigurationError, match=r"Budget\.on_alert: must be a sync callable"):
+    with pytest.raises(ConfigurationError) as caught:
         Budget(tokens=10, on_alert=page)
+    assert [name for name, _ in caught.value.problems] == ["Budget.on_alert"]
 
 
 def test_every_bad_field_is_reported_at_once() -> None:
