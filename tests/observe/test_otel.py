@@ -15,7 +15,6 @@ from opentelemetry.trace import StatusCode
 from resilient_dspy import (
     CircuitBreaker,
     CircuitOpenError,
-    Event,
     Fallback,
     Pipeline,
     RetriesExhaustedError,
@@ -23,6 +22,7 @@ from resilient_dspy import (
     Static,
     Timeout,
 )
+from resilient_dspy.events import Event
 from resilient_dspy.observe import OpenTelemetry, PriceTable
 from resilient_dspy.testing import FaultInjectingLM
 from tests.conftest import other_tasks

@@ -159,7 +159,7 @@ async def test_tokens_off_measures_no_usage() -> None:
 def test_events_of_other_layers_are_routed_by_shape() -> None:
     from dataclasses import dataclass
 
-    from resilient_dspy import Event
+    from resilient_dspy.events import Event
 
     @dataclass(frozen=True, slots=True, kw_only=True)
     class BudgetRejected(Event):
