@@ -13,7 +13,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged
@@ -51,6 +51,7 @@ __all__ = [
     "CircuitRejected",
     "CircuitStateChanged",
     "Event",
+    "EventRouter",
     "FallbackUsed",
     "GuardRejectedInput",
     "GuardRejectedOutput",
@@ -58,6 +59,7 @@ __all__ = [
     "RateLimitReconciled",
     "RateLimitRejected",
     "RateLimitWaited",
+    "Rejected",
     "RetryGaveUp",
     "RetryScheduled",
     "TimeoutFired",
@@ -97,7 +99,71 @@ class Event:
     time: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rejected(Event):
+    """The base of every event saying a layer refused a call without running it: observers count rejections by
+    this type, so a layer of one's own that derives from it is counted too."""
+
+    def rejection_reason(self) -> str:
+        """Why, as a short label from a small set (``queue_full``, ``open``, ``tokens`` …): safe as a metric label."""
+        reason = getattr(self, "reason", None)
+        return str(getattr(reason, "value", reason) or "rejected")
+
+
 Listener = Callable[[Event], object]
+
+E = TypeVar("E", bound=Event)
+
+
+class EventRouter:
+    """A listener that hands each event to the handlers subscribed to its type or to any of its base classes
+    (``on(Rejected, ...)`` sees every rejection); the lookup is resolved once per concrete type."""
+
+    __slots__ = ("_handlers", "_resolved")
+
+    def __init__(self) -> None:
+        self._handlers: dict[type[Event], list[Callable[[Any], object]]] = {}
+        self._resolved: dict[type[Event], tuple[Callable[[Any], object], ...]] = {}
+
+    def on(self, kind: type[E], handler: Callable[[E], object]) -> EventRouter:
+        """Call ``handler`` for every event that is a ``kind``; returns the router, so calls chain."""
+        self._handlers.setdefault(kind, []).append(handler)
+        self._resolved.clear()
+        return self
+
+    def handlers_for(self, kind: type[Event]) -> tuple[Callable[[Any], object], ...]:
+        """The handlers an event of ``kind`` goes to, most specific type first."""
+        found = self._resolved.get(kind)
+        if found is None:
+            found = tuple(handler for base in kind.__mro__ for handler in self._handlers.get(base, ()))
+            self._resolved[kind] = found
+        return found
+
+    def __call__(self, event: Event) -> None:
+        for handler in self.handlers_for(type(event)):
+            handler(event)
+
+
+class OfKinds:
+    """A listener that passes on only the events of the given types (``pipeline.subscribe(listener, to=...)``)."""
+
+    __slots__ = ("kinds", "listener")
+
+    def __init__(self, listener: Listener, kinds: tuple[type[Event], ...]) -> None:
+        self.listener = listener
+        self.kinds = kinds
+
+    def __call__(self, event: Event) -> object:
+        return self.listener(event) if isinstance(event, self.kinds) else None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OfKinds) and other.listener == self.listener and other.kinds == self.kinds
+
+    def __hash__(self) -> int:
+        return hash((self.listener, self.kinds))
+
+    def __repr__(self) -> str:
+        return f"OfKinds({self.listener!r}, {', '.join(kind.__name__ for kind in self.kinds)})"
 
 
 def listener_problem(listener: object) -> str | None:

@@ -144,7 +144,12 @@ def test_describe_lists_layers_outermost_first_then_the_program() -> None:
     pipeline = Pipeline(echo, Timeout(5), Stamp("k", 3), Tag("t"), Retry(2, jitter="none"))
     described = pipeline.describe()
     assert [d["layer"] for d in described] == ["Timeout", "Stamp", "Tag", "Retry", "program"]
-    assert described[0] == {"layer": "Timeout", "scope": "total", "options": {"seconds": 5.0, "name": None}}
+    assert described[0] == {
+        "layer": "Timeout",
+        "name": "Timeout(total)",
+        "scope": "total",
+        "options": {"seconds": 5.0, "name": None},
+    }
     assert described[1] == {"layer": "Stamp", "options": {"key": "k", "value": 3}}
     assert described[2] == {"layer": "Tag", "options": {}}
     assert described[3]["options"]["max_attempts"] == 2

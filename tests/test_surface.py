@@ -23,7 +23,18 @@ from resilient_dspy.events import Event
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_ROOT_NAMES = 32
-CONTRACT = ("Call", "CallRecord", "Handler", "Middleware", "Runtime", "Clock", "LoopClock", "Options", "build_options")
+CONTRACT = (
+    "Call",
+    "CallRecord",
+    "Handler",
+    "Middleware",
+    "Runtime",
+    "Layer",
+    "Clock",
+    "LoopClock",
+    "Options",
+    "options_from",
+)
 
 
 def import_from_root(name: str) -> tuple[Any, list[warnings.WarningMessage]]:
@@ -118,7 +129,7 @@ def _library_events() -> dict[str, type[Event]]:
 
 def test_the_events_namespace_gives_every_event_class_of_the_library() -> None:
     events = _library_events()
-    assert set(resilient_dspy.events.__all__) == {"Event", "Listener", *events}
+    assert set(resilient_dspy.events.__all__) == {"Event", "EventRouter", "Listener", *events}
     for name, cls in events.items():
         assert getattr(resilient_dspy.events, name) is cls
     assert set(resilient_dspy.events.__all__) <= set(dir(resilient_dspy.events))

@@ -2,7 +2,7 @@
 clock, options, health and trace every layer shares. See docs/architecture.md.
 
 A layer's author imports from here: the contract (:class:`Call`, :class:`Handler`, :class:`Middleware`, ...), the
-clock, the options model and the health types. The pipeline itself is imported from the package root.
+:class:`Layer` base, the clock, the options model and the health types. The pipeline is imported from the root.
 """
 
 from resilient_dspy.core.call import (
@@ -18,7 +18,8 @@ from resilient_dspy.core.call import (
 )
 from resilient_dspy.core.clock import Clock, DeadlineScope, LoopClock
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, Status, worst
-from resilient_dspy.core.options import FieldProblem, Options, build_options
+from resilient_dspy.core.layer import Layer, roles
+from resilient_dspy.core.options import FieldProblem, Options, build_options, options_from
 from resilient_dspy.core.trace import Span, Trace
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "DeadlineScope",
     "FieldProblem",
     "Handler",
+    "Layer",
     "LayerHealth",
     "Lease",
     "LoopClock",
@@ -41,6 +43,8 @@ __all__ = [
     "build_options",
     "leases_lent",
     "lend_leases",
+    "options_from",
     "reclaim_leases",
+    "roles",
     "worst",
 ]

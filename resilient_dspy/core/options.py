@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from resilient_dspy.errors import ConfigurationError
 
-__all__ = ["FieldProblem", "Options", "build_options"]
+__all__ = ["FieldProblem", "Options", "build_options", "options_from"]
 
 OptionsT = TypeVar("OptionsT", bound="Options")
 
@@ -141,3 +141,10 @@ def build_options(model: type[OptionsT], owner: str, values: dict[str, Any]) -> 
         return model(**values)
     except ValidationError as error:
         raise ConfigurationError(problems_of(error, owner, values)) from None
+
+
+def options_from(model: type[OptionsT], owner: str, arguments: dict[str, Any]) -> OptionsT:
+    """:func:`build_options` from a constructor's ``locals()``: only the model's fields are read, so each option is
+    written once in the signature and once in the model (``tests/test_options.py`` checks the two agree)."""
+    fields = model.model_fields
+    return build_options(model, owner, {name: value for name, value in arguments.items() if name in fields})

@@ -26,7 +26,7 @@ from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.core.placement import warn_about_order
 from resilient_dspy.core.trace import Trace, traced
 from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
-from resilient_dspy.events import Listener, listener_problem
+from resilient_dspy.events import Event, Listener, OfKinds, listener_problem
 
 __all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_program"]
 
@@ -145,12 +145,32 @@ class Pipeline:
     def input_fields(self) -> tuple[str, ...]:
         return self._target.input_fields
 
-    def subscribe(self, listener: Listener) -> None:
-        """Add an event listener (a sync callable taking one :class:`Event`; wrap an async one in AsyncListener)."""
+    def subscribe(self, listener: Listener, *, to: type[Event] | tuple[type[Event], ...] = ()) -> None:
+        """Add an event listener (a sync callable taking one :class:`Event`; wrap an async one in AsyncListener).
+
+        ``to`` narrows it to events of those types (their subclasses included), e.g. ``to=Rejected``; to route
+        several types to several handlers, subscribe an :class:`~resilient_dspy.events.EventRouter`.
+        """
         problem = listener_problem(listener)
+        kinds = to if isinstance(to, tuple) else (to,)
+        if problem is None and not all(isinstance(kind, type) and issubclass(kind, Event) for kind in kinds):
+            problem = f"to= must be Event subclasses (got {to!r:.80})"
         if problem is not None:
             raise ConfigurationError([("listener", problem)])
+        if kinds:
+            listener = OfKinds(listener, kinds)
         self._runtime = dataclasses.replace(self._runtime, listeners=(*self._runtime.listeners, listener))
+
+    def layers_around(self, layer: Middleware) -> tuple[tuple[Middleware, ...], tuple[Middleware, ...]]:
+        """The layers listed before (outside) and after (inside) ``layer``: how a layer's ``on_build`` reads its place.
+
+        Read what a neighbour declares (its class's ``placement`` role, see :func:`~resilient_dspy.core.layer.roles`,
+        or ``coalesces``), never its type, so a layer of one's own can take any role.
+        """
+        for index, candidate in enumerate(self.layers):
+            if candidate is layer:
+                return self.layers[:index], self.layers[index + 1 :]
+        raise ValueError(f"{layer!r} is not a layer of {self!r}")
 
     def inputs_of(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The program's keyword inputs for a call made as ``pipeline(*args, **kwargs)`` (positionals mapped to names;
@@ -296,8 +316,8 @@ class Pipeline:
         reports = []
         for layer in self.layers:
             report = getattr(layer, "health", None)
-            if report is not None:
-                reports.append(report())
+            if report is not None and (health := report()) is not None:
+                reports.append(health)
         mistake = self._mistake
         if mistake is not None:
             reports.append(

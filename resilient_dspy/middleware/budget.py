@@ -31,7 +31,7 @@ from resilient_dspy.core.health import LayerHealth, Status, key_name, worst
 from resilient_dspy.core.options import FieldProblem, build_options
 from resilient_dspy.core.pipeline import innermost_program
 from resilient_dspy.errors import BudgetExceededError, ConfigurationError, RequestTooLargeError
-from resilient_dspy.events import Event
+from resilient_dspy.events import Event, Rejected
 from resilient_dspy.middleware._shared.partitions import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class BudgetOptions(PartitionOptions):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BudgetRejected(Event):
+class BudgetRejected(Rejected):
     """The call did not fit ``unit``'s cap (``spent`` + ``reserved`` + ``estimate`` > ``limit``) and did not run."""
 
     key: Hashable
@@ -128,6 +128,9 @@ class BudgetRejected(Event):
     reserved: float
     estimate: float
     retry_after: float | None
+
+    def rejection_reason(self) -> str:
+        return str(self.unit)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

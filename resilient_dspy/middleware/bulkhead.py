@@ -22,7 +22,7 @@ from pydantic import Field
 from resilient_dspy.core.health import LayerHealth, key_name
 from resilient_dspy.core.options import build_options
 from resilient_dspy.errors import BulkheadFullError
-from resilient_dspy.events import Event
+from resilient_dspy.events import Event, Rejected
 from resilient_dspy.middleware._shared.partitions import Hold, KeyFunction, PartitionOptions, Partitions
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class BulkheadAcquired(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BulkheadRejected(Event):
+class BulkheadRejected(Rejected):
     """The call was refused without running; ``reason`` is ``queue_full``, ``max_wait`` or ``deadline``."""
 
     key: Hashable

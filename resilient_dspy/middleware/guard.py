@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from resilient_dspy.binding.estimate import measure_chars
 from resilient_dspy.core.options import FieldProblem, Options, build_options, problems_of
 from resilient_dspy.errors import ConfigurationError, InvalidInputError, InvalidOutputError
-from resilient_dspy.events import Event
+from resilient_dspy.events import Rejected
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler
@@ -164,21 +164,27 @@ class GuardOptions(Options):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GuardRejectedInput(Event):
+class GuardRejectedInput(Rejected):
     """The inputs broke ``rule`` on ``field`` (the first of ``problems``); the program was not run."""
 
     field: str
     rule: str
     problems: tuple[Problem, ...]
 
+    def rejection_reason(self) -> str:
+        return "input"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class GuardRejectedOutput(Event):
+class GuardRejectedOutput(Rejected):
     """Attempt ``attempt``'s answer was rejected because of ``reason`` (on ``field`` when known)."""
 
     reason: str
     field: str | None
     attempt: int
+
+    def rejection_reason(self) -> str:
+        return "output"
 
 
 def _verdict(result: Any, function: Any, what: str) -> str | None:

@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from resilient_dspy.core.call import Call, Handler
-from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.layer import Layer, roles
+from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ConfigurationError, TimeoutExceededError
 from resilient_dspy.events import Event
@@ -43,23 +44,25 @@ def _cancel_pending() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-class Timeout:
+class Timeout(Layer):
     """Bound the time of everything below this layer to ``seconds``."""
 
-    placement: ClassVar[str] = "timeout"  # what the pipeline's layer-order rules read (core/placement.py)
+    placement: ClassVar[str] = "timeout"
+    options_type: ClassVar[type[Options]] = TimeoutOptions
+    options: TimeoutOptions
 
     def __init__(self, seconds: float, *, name: str | None = None) -> None:
-        self.options = build_options(TimeoutOptions, "Timeout", {"seconds": seconds, "name": name})
+        self.options = options_from(TimeoutOptions, "Timeout", locals())
         self.scope = "total"
         self._placed = False
 
+    def default_name(self) -> str:
+        return f"Timeout({self.scope})"
+
     def on_build(self, pipeline: Pipeline) -> None:
         """Name the scope by placement: a Timeout below a Retry bounds one attempt."""
-        from resilient_dspy.middleware.retry import Retry
-
-        layers = pipeline.layers
-        outer = layers[: next(i for i, layer in enumerate(layers) if layer is self)]
-        scope = "attempt" if any(isinstance(layer, Retry) for layer in outer) else "total"
+        outer, _ = pipeline.layers_around(self)
+        scope = "attempt" if "retry" in roles(outer) else "total"
         if self._placed and scope != self.scope:
             raise ConfigurationError(
                 [("Timeout", f"this instance bounds the {self.scope} elsewhere; use a new Timeout for the {scope}")]
@@ -89,20 +92,8 @@ class Timeout:
             if not scope.expired() or _cancel_pending():
                 raise
             cause = error
-        if call.listening:
-            call.emit(
-                TimeoutFired(
-                    pipeline=call.runtime.name,
-                    layer=self.options.name or f"Timeout({self.scope})",
-                    time=clock.now(),
-                    timeout=seconds,
-                    scope=self.scope,
-                )
-            )
+        self.emit(call, TimeoutFired, timeout=seconds, scope=self.scope)
         raise TimeoutExceededError(seconds, scope=self.scope) from cause
 
-    def describe(self) -> dict[str, Any]:
-        described = {"layer": "Timeout", "scope": self.scope, "options": self.options.model_dump()}
-        if self.options.name:
-            described["name"] = self.options.name
-        return described
+    def describe_state(self) -> dict[str, Any]:
+        return {"scope": self.scope}

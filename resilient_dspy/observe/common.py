@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from resilient_dspy.binding.settings import setting
 from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
@@ -36,14 +36,12 @@ __all__ = [
     "OUTCOMES",
     "AsyncListener",
     "CallReport",
-    "EventSink",
     "NoUsage",
     "TokenUsage",
     "UsageWindow",
     "event_fields",
     "key_label",
     "outcome_of",
-    "route_event",
     "subscribe_once",
     "usage_window",
 ]
@@ -243,64 +241,6 @@ def subscribe_once(pipeline: Pipeline, listener: Callable[[Event], object]) -> N
         pipeline.subscribe(listener)
 
 
-# --------------------------------------------------------------------------------------------- event routing
-
-
-class EventSink(Protocol):
-    """What the metric observers record from events; :func:`route_event` calls these."""
-
-    def retry(self, pipeline: str, layer: str, reason: str) -> None: ...
-
-    def rejected(self, pipeline: str, layer: str, reason: str) -> None: ...
-
-    def circuit(self, pipeline: str, layer: str, key: str, old: str, new: str) -> None: ...
-
-    def cache(self, pipeline: str, layer: str, result: str, saved_tokens: int) -> None: ...
-
-    def timeout(self, pipeline: str, layer: str, scope: str) -> None: ...
-
-    def fallback(self, pipeline: str, layer: str, alternative: str) -> None: ...
-
-    def chaos(self, pipeline: str, layer: str, kind: str) -> None: ...
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value.value if hasattr(value, "value") else value)
-
-
-def route_event(event: Event, sink: EventSink) -> None:
-    """Record ``event`` in ``sink``: by class name, with fields read duck-typed, so new layers' events fit.
-
-    ``*Rejected`` events are rejections (reason: their ``reason``, ``state`` or ``unit``); ``*Rejected<What>``
-    ones (a Guard's) too, with ``<what>`` as the reason. Label values stay few: no free text becomes a label.
-    """
-    name = type(event).__name__
-    pipeline, layer = event.pipeline, event.layer
-    if name == "RetryScheduled":
-        sink.retry(pipeline, layer, _text(getattr(event, "reason", "")))
-    elif name.endswith("Rejected"):
-        reason = getattr(event, "reason", None) or getattr(event, "state", None) or getattr(event, "unit", None)
-        sink.rejected(pipeline, layer, _text(reason or "rejected"))
-    elif "Rejected" in name:
-        sink.rejected(pipeline, layer, name.rsplit("Rejected", 1)[1].lower())
-    elif name.endswith("StateChanged") and hasattr(event, "new"):
-        old, new = _text(getattr(event, "old", None)), _text(event.new)
-        sink.circuit(pipeline, layer, key_label(getattr(event, "key", None)), old, new)
-    elif name.startswith("Cache") and name in _CACHE_RESULTS:
-        result = "bypass" if getattr(event, "bypassed", False) else _CACHE_RESULTS[name]
-        if result == "coalesced" and getattr(event, "error", None) is not None:
-            result = "coalesced_error"
-        sink.cache(pipeline, layer, result, _count(getattr(event, "saved_tokens", 0)))
-    elif name == "TimeoutFired":
-        sink.timeout(pipeline, layer, _text(getattr(event, "scope", "")))
-    elif name == "FallbackUsed":
-        sink.fallback(pipeline, layer, _text(getattr(event, "alternative", "")))
-    elif name == "ChaosInjected":
-        sink.chaos(pipeline, layer, _text(getattr(event, "kind", "")))
-
-
-_CACHE_RESULTS = {"CacheHit": "hit", "CacheMiss": "miss", "CacheCoalesced": "coalesced"}
-
 CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2, "isolated": 3}
 """Numeric circuit states for gauges: 0 closed, 1 half-open, 2 open, 3 isolated."""
 
@@ -315,7 +255,7 @@ def circuit_snapshots(pipeline: Pipeline) -> list[tuple[str, str, str]]:
             continue
         try:
             for key, snapshot in snapshots().items():
-                found.append((name, key_label(key), _text(getattr(snapshot, "state", ""))))
+                found.append((name, key_label(key), str(getattr(snapshot, "state", ""))))
         except Exception:
             logger.debug("could not read the circuits of %r", layer, exc_info=True)
     return found

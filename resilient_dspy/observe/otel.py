@@ -31,13 +31,13 @@ from resilient_dspy.observe.common import (
     event_fields,
     outcome_of,
     report_call,
-    route_event,
     safely,
     subscribe_once,
     usage_window,
 )
 from resilient_dspy.observe.cost import PriceTable
 from resilient_dspy.observe.redact import Redactor
+from resilient_dspy.observe.routing import event_router
 
 __all__ = ["AttemptSpans", "OpenTelemetry"]
 
@@ -87,6 +87,7 @@ class OpenTelemetry:
         duration_buckets: Sequence[float] = DURATION_BUCKETS,
         tokens: bool = True,
     ) -> None:
+        self._route = event_router(self)
         self.measure_tokens = tokens
         self.tracer = trace.get_tracer(_SCOPE, _version(), tracer_provider)
         self.meter = metrics.get_meter(_SCOPE, _version(), meter_provider)
@@ -226,7 +227,7 @@ class OpenTelemetry:
 
     def on_event(self, event: Event) -> None:
         """Add ``event`` to the current span (if one records) and to the metrics."""
-        route_event(event, self)
+        self._route(event)
         span = trace.get_current_span()
         if span.is_recording():
             fields = event_fields(event)

@@ -25,12 +25,12 @@ from resilient_dspy.observe.common import (
     UsageWindow,
     circuit_snapshots,
     report_call,
-    route_event,
     safely,
     subscribe_once,
     usage_window,
 )
 from resilient_dspy.observe.cost import PriceTable
+from resilient_dspy.observe.routing import event_router
 
 __all__ = ["PrometheusMetrics", "make_asgi_app"]
 
@@ -52,6 +52,7 @@ class PrometheusMetrics:
         namespace: str = "resilient_dspy",
         tokens: bool = True,
     ) -> None:
+        self._route = event_router(self)
         self.measure_tokens = tokens
         self._call_series: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.registry = CollectorRegistry() if registry is None else registry
@@ -139,7 +140,7 @@ class PrometheusMetrics:
     # ------------------------------------------------------------------------------------------------ events
 
     def on_event(self, event: Event) -> None:
-        route_event(event, self)
+        self._route(event)
 
     def retry(self, pipeline: str, layer: str, reason: str) -> None:
         self.retries.labels(pipeline, reason).inc()

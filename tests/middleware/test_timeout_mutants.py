@@ -21,7 +21,12 @@ async def hangs(question: str) -> str:
 
 
 def test_an_unplaced_timeout_describes_its_scope_as_total() -> None:
-    assert Timeout(5).describe() == {"layer": "Timeout", "scope": "total", "options": {"seconds": 5.0, "name": None}}
+    assert Timeout(5).describe() == {
+        "layer": "Timeout",
+        "name": "Timeout(total)",
+        "scope": "total",
+        "options": {"seconds": 5.0, "name": None},
+    }
     assert Timeout(5).scope == "total"
 
 

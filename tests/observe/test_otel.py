@@ -22,7 +22,7 @@ from resilient_dspy import (
     Static,
     Timeout,
 )
-from resilient_dspy.events import Event
+from resilient_dspy.events import Rejected
 from resilient_dspy.observe import OpenTelemetry, PriceTable
 from resilient_dspy.testing import FaultInjectingLM
 from tests.conftest import other_tasks
@@ -164,7 +164,7 @@ async def test_tokens_cost_and_model_from_a_real_dspy_call() -> None:
 
 async def test_fallback_timeout_and_generic_events() -> None:
     @dataclass(frozen=True, slots=True, kw_only=True)
-    class QuotaRejected(Event):
+    class QuotaRejected(Rejected):  # counted by type: any name works
         reason: str
 
     otel = Otel()

@@ -156,39 +156,44 @@ async def test_tokens_off_measures_no_usage() -> None:
     assert "resilient_dspy_cost_usd_total" not in names
 
 
-def test_events_of_other_layers_are_routed_by_shape() -> None:
+def test_events_are_routed_by_type_and_a_rejection_of_ones_own_is_counted_by_its_base_class() -> None:
     from dataclasses import dataclass
 
-    from resilient_dspy.events import Event
+    from resilient_dspy.events import Event, Rejected
+    from resilient_dspy.middleware.budget import BudgetRejected
+    from resilient_dspy.middleware.bulkhead import BulkheadRejected
+    from resilient_dspy.middleware.cache.events import CacheMiss
+    from resilient_dspy.middleware.chaos import ChaosInjected
+    from resilient_dspy.middleware.guard import GuardRejectedInput
 
     @dataclass(frozen=True, slots=True, kw_only=True)
-    class BudgetRejected(Event):
-        unit: str
-
-    @dataclass(frozen=True, slots=True, kw_only=True)
-    class GuardRejectedInput(Event):
-        rule: str
-
-    @dataclass(frozen=True, slots=True, kw_only=True)
-    class BulkheadRejected(Event):
+    class QuotaRefusal(Rejected):  # any name: it is counted because it is a Rejected
         reason: str
 
     @dataclass(frozen=True, slots=True, kw_only=True)
-    class ChaosInjected(Event):
-        kind: str
-        detail: str
-
-    @dataclass(frozen=True, slots=True, kw_only=True)
-    class CacheMiss(Event):
-        bypassed: bool
+    class SomethingRejected(Event):  # a name alone no longer makes a rejection
+        reason: str
 
     metrics = PrometheusMetrics()
     for event in (
-        BudgetRejected(pipeline="qa", layer="Budget", time=0.0, unit="dollars"),
-        GuardRejectedInput(pipeline="qa", layer="Guard", time=0.0, rule="free text must not become a label"),
-        BulkheadRejected(pipeline="qa", layer="Bulkhead", time=0.0, reason="queue_full"),
+        BudgetRejected(
+            pipeline="qa",
+            layer="Budget",
+            time=0.0,
+            key=None,
+            unit="dollars",
+            limit=1.0,
+            spent=1.0,
+            reserved=0.0,
+            estimate=0.1,
+            retry_after=None,
+        ),
+        GuardRejectedInput(pipeline="qa", layer="Guard", time=0.0, field="q", rule="free text", problems=()),
+        BulkheadRejected(pipeline="qa", layer="Bulkhead", time=0.0, key=None, reason="queue_full", waited=0.0),
+        QuotaRefusal(pipeline="qa", layer="Quota", time=0.0, reason="monthly"),
+        SomethingRejected(pipeline="qa", layer="Other", time=0.0, reason="ignored"),
         ChaosInjected(pipeline="qa", layer="Chaos", time=0.0, kind="latency", detail="2.0 s"),
-        CacheMiss(pipeline="qa", layer="Cache", time=0.0, bypassed=True),
+        CacheMiss(pipeline="qa", layer="Cache", time=0.0, key="k", bypassed=True),
     ):
         metrics.on_event(event)
     rejections = {
@@ -201,6 +206,7 @@ def test_events_of_other_layers_are_routed_by_shape() -> None:
         "Budget": ("dollars", 1),
         "Guard": ("input", 1),
         "Bulkhead": ("queue_full", 1),
+        "Quota": ("monthly", 1),
     }
     assert value(metrics, "resilient_dspy_chaos_injected_total", pipeline="qa", layer="Chaos", kind="latency") == 1
     assert value(metrics, "resilient_dspy_cache_requests_total", pipeline="qa", layer="Cache", result="bypass") == 1

@@ -6,7 +6,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from resilient_dspy.events import Event
+from resilient_dspy.events import Event, Rejected
 
 __all__ = [
     "CircuitRejected",
@@ -35,12 +35,15 @@ class CircuitStateChanged(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CircuitRejected(Event):
+class CircuitRejected(Rejected):
     """A call was refused without running (open, half-open with no permit, or isolated)."""
 
     key: Hashable
     state: CircuitState
     retry_after: float | None
+
+    def rejection_reason(self) -> str:
+        return self.state.value
 
 
 @dataclass(frozen=True, slots=True)

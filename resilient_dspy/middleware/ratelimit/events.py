@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from resilient_dspy.events import Event
+from resilient_dspy.events import Event, Rejected
 from resilient_dspy.middleware.ratelimit.options import Limit
 
 __all__ = [
@@ -27,7 +27,7 @@ class RateLimitWaited(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class RateLimitRejected(Event):
+class RateLimitRejected(Rejected):
     """The call could not be admitted in time (``reason``: ``max_wait`` or ``deadline``); it did not run."""
 
     key: Hashable
