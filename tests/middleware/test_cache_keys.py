@@ -24,9 +24,10 @@ import dspy
 import pytest
 from pydantic import BaseModel, field_serializer
 
-from resilient_dspy import Event, Pipeline
+from resilient_dspy import Pipeline
 from resilient_dspy.binding.shape import KeyIdentity, qualified_name
 from resilient_dspy.core.call import Call
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import Cache, CacheHit, CacheMiss, KeyBuilder, compute_key
 from resilient_dspy.middleware.cache import keys as cache_keys
 from resilient_dspy.middleware.cache.keys import (

@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from resilient_dspy import ConfigurationError, Event, Pipeline
+from resilient_dspy import Pipeline
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import (
     Cache,
     CacheBackendFailed,

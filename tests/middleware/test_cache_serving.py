@@ -18,7 +18,8 @@ import dspy
 import pytest
 from pydantic import BaseModel, field_serializer
 
-from resilient_dspy import Event, Pipeline
+from resilient_dspy import Pipeline
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import Cache, CacheCoalesced, CacheHit, CacheStored
 from resilient_dspy.middleware.cache.backends import MemoryBackend
 from resilient_dspy.middleware.cache.serializer import UnknownTypeError
