@@ -17,6 +17,7 @@ from dspy.primitives.base_module import BaseModule
 __all__ = [
     "InputRule",
     "KeyIdentity",
+    "NestedIdentity",
     "ProgramShape",
     "answer_annotations_of",
     "find_predictors",
@@ -279,34 +280,22 @@ def qualified_name(thing: Any) -> str:
 
 
 def identity_source(target: Any) -> Callable[[], KeyIdentity]:
-    """What to call for ``target``'s :class:`KeyIdentity` now: its ``key_identity``. A target wrapping a nested
-    pipeline (``target.pipeline.target``, the core's, which has no ``key_identity`` yet) has the identity of the
-    target it runs, tagged ``"pipeline"``; any other target is known by its class and name."""
+    """What to call for ``target``'s :class:`KeyIdentity` now: its ``key_identity`` (every target of the library
+    has one); a target of one's own without it is known by its class and name."""
     own = getattr(target, "key_identity", None)
     if callable(own):
         return own  # type: ignore[no-any-return]
-    wrapped = _nested_target(target)
-    if wrapped is not None:
-        return _Nested(identity_source(wrapped))
     fixed = KeyIdentity("target", (qualified_name(type(target)), target.name))
     return lambda: fixed
 
 
 def answer_annotations_of(target: Any) -> tuple[Any, ...]:
-    """``target.answer_annotations()``; a nested pipeline's, those of the target it runs; else none."""
+    """``target.answer_annotations()``, or none for a target of one's own without it."""
     own = getattr(target, "answer_annotations", None)
-    if callable(own):
-        return tuple(own())
-    wrapped = _nested_target(target)
-    return () if wrapped is None else answer_annotations_of(wrapped)
+    return tuple(own()) if callable(own) else ()
 
 
-def _nested_target(target: Any) -> Any:
-    inner = getattr(getattr(target, "pipeline", None), "target", None)
-    return inner if callable(inner) else None
-
-
-class _Nested:
+class NestedIdentity:
     """The identity of a nested pipeline: its inner target's, wrapped once per inner identity (same object while
     that holds, as :class:`KeyIdentity` promises)."""
 

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CallableTarget",
-    "KeyedTarget",
     "LMTarget",
     "ModuleTarget",
     "Target",
@@ -59,17 +58,8 @@ class Target(Protocol):
         """Warn (once per LM) when an LM this target uses retries on its own (``num_retries > 0``)."""
         ...
 
-
-class KeyedTarget(Target, Protocol):
-    """A target that says what its cache key is made of: every target of this module does.
-
-    Not yet part of :class:`Target` itself: the nested pipeline's target, in the core, does not define these yet, so
-    the cache reads them through :func:`~resilient_dspy.binding.shape.identity_source` and
-    :func:`~resilient_dspy.binding.shape.answer_annotations_of`, which stand in for it.
-    """
-
     def key_identity(self) -> KeyIdentity:
-        """What decides this target's answers besides its inputs; the same object while that holds."""
+        """What decides this target's answers besides its inputs (for cache keys); the same object while that holds."""
         ...
 
     def answer_annotations(self) -> tuple[Any, ...]:

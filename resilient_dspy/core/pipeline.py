@@ -13,7 +13,7 @@ import dataclasses
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Hashable, Mapping
+from collections.abc import Awaitable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from resilient_dspy.binding.targets import Target, adapt_target, is_dspy_program
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runtime
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
+from resilient_dspy.core.nested import PipelineTarget
 from resilient_dspy.core.placement import warn_about_order
 from resilient_dspy.core.trace import Trace, traced
 from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
@@ -346,38 +347,6 @@ class Pipeline:
     def __repr__(self) -> str:
         layers = ", ".join(type(layer).__name__ for layer in self.layers)
         return f"Pipeline({self._target.name}{', ' if layers else ''}{layers})"
-
-
-class PipelineTarget:
-    """Runs a nested :class:`~resilient_dspy.Pipeline`, handing down the caller's deadline."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.name = pipeline.name
-        self.input_fields = pipeline.input_fields
-        self.output_fields: tuple[str, ...] | None = getattr(pipeline.target, "output_fields", None)
-
-    def watch_dspy_retries(self) -> None:
-        self.pipeline.target.watch_dspy_retries()
-
-    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return self.pipeline.target.input_problems(inputs)
-
-    async def __call__(self, call: Call) -> Any:
-        nested = self.pipeline.new_call(
-            call.inputs,
-            deadline=call.deadline,
-            properties=call.properties,
-            partition_key=call.partition_key,
-            bypass_cache=call.bypass_cache,
-        )
-        try:
-            return await self.pipeline.run(nested)
-        finally:
-            call.record.absorb(nested.record)
-
-    def describe(self) -> dict[str, Any]:
-        return {"layer": "program", "target": self.name, "pipeline": self.pipeline.describe()}
 
 
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
