@@ -188,7 +188,7 @@ async def imap(
         more = True
         tasks, finished = window.tasks, window.finished
         while True:
-            while more and len(tasks) < concurrency:
+            while more and len(tasks) + len(finished) < concurrency:  # unread outcomes hold their slot
                 item = next(sync_items, _END) if sync_items is not None else await anext(async_items, _END)  # type: ignore[arg-type]
                 if item is _END:
                     more = False
