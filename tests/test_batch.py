@@ -22,8 +22,8 @@ from resilient_dspy import (
     Fallback,
     InvalidInputError,
     Pipeline,
-    Retry,
     RetriesExhaustedError,
+    Retry,
     Static,
 )
 from resilient_dspy.core.outcome import BatchCounts, Outcome
