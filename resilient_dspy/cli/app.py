@@ -82,9 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     from resilient_dspy.cli.chaos import add_arguments
 
     add_arguments(scorecard)
-    from resilient_dspy.cli import batch
+    from resilient_dspy.cli.batch import add_arguments as add_batch_arguments
 
-    batch.add_arguments(
+    add_batch_arguments(
         commands.add_parser(
             "batch",
             help="run a JSONL file of inputs through your pipeline into a JSONL of results, resumable after a crash",
