@@ -238,3 +238,10 @@ def test_ctrl_c_stops_the_run_with_status_130_and_the_output_resumable(tmp_path:
     assert all(line["ok"] for line in lines(paths["output"]))
     assert batch(paths, "--no-progress") == 0
     assert len(lines(paths["output"])) == 200
+
+
+def test_an_output_that_cannot_be_written_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = job(tmp_path, questions(2))
+    paths["output"] = tmp_path / "no-such-directory" / "out.jsonl"
+    assert batch(paths) == 2
+    assert "cannot write --output" in capsys.readouterr().err and calls(paths) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from resilient_dspy.cli.args import _positive_int, fail
 from resilient_dspy.cli.jsonl import BatchFileError, Item, append, inputs_of, read_input, read_ledger, remove_failed
@@ -94,6 +95,7 @@ def _plan(args: argparse.Namespace) -> tuple[BatchReport, set[str]]:
     if retry:
         remove_failed(args.output, retry)
     done = {key for key in ledger.ok if key in seen and key not in retry}
+    report.failed_in_output = len(ledger.failed() & done)  # this run's failures are added as they are written
     report.skipped = len(done)
     todo = report.inputs - len(done)
     runs = todo if args.limit is None else min(todo, args.limit)
@@ -128,16 +130,34 @@ async def run_batch(args: argparse.Namespace, pipeline: Any, report: BatchReport
     progress = False if args.no_progress else ProgressBar(f"batch {pipeline.name}")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with args.output.open("a", encoding="utf-8") as out:
+    with _appending(args.output) as out:
+        stream = pipeline.imap(values(), concurrency=args.concurrency, progress=progress, total=limit)
         try:
-            stream = pipeline.imap(values(), concurrency=args.concurrency, progress=progress, total=limit)
-            async for index, outcome in stream:
-                append(out, items.pop(index), outcome)
-                report.run.add(outcome)
-                if outcome.error is not None:
-                    report.errors[type(outcome.error).__name__] += 1
+            async with contextlib.aclosing(stream):  # a failed write cancels the calls in flight at once
+                async for index, outcome in stream:
+                    try:
+                        append(out, items.pop(index), outcome)
+                    except OSError as error:
+                        raise _unwritable(args.output, error) from error
+                    report.run.add(outcome)
+                    if outcome.error is not None:
+                        report.errors[type(outcome.error).__name__] += 1
         finally:
             report.wall = loop.time() - started
+
+
+def _unwritable(path: Path, error: OSError) -> BatchFileError:
+    return BatchFileError(f"cannot write --output {path}: {os.strerror(error.errno or 0) or error}")
+
+
+@contextlib.contextmanager
+def _appending(path: Path) -> Iterator[TextIO]:
+    try:
+        out = path.open("a", encoding="utf-8")
+    except OSError as error:  # no such directory, no permission
+        raise _unwritable(path, error) from error
+    with out:
+        yield out
 
 
 def _render(args: argparse.Namespace, report: BatchReport) -> None:
@@ -185,10 +205,12 @@ def command(args: argparse.Namespace) -> int:
     try:
         if report.run.total:
             asyncio.run(run_batch(args, pipeline, report, done))
+    except BatchFileError as error:
+        return fail("batch", error)
     finally:
         if not report.wall:
             report.wall = time.perf_counter() - began
-        report.failed_in_output = _failed_in_output(args)
+        report.failed_in_output += report.run.failed
         if args.report is not None:
             document = {"target": args.target, "input": str(args.input), "output": str(args.output)}
             args.report.write_text(json.dumps({**document, **report.to_json()}, indent=2) + "\n")
@@ -198,8 +220,3 @@ def command(args: argparse.Namespace) -> int:
         print(f"resilient-dspy batch: {report.failed_in_output} item(s) failed: {hint}", file=sys.stderr)
         return 1
     return 0
-
-
-def _failed_in_output(args: argparse.Namespace) -> int:
-    keys = {item.key for item in read_input(args.input, args.id_field)}
-    return len(read_ledger(args.output).failed() & keys)
