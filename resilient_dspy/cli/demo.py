@@ -181,11 +181,12 @@ def _questions(count: int) -> list[str]:
     return [base[i % len(base)] + ("" if i < len(base) else f" (#{i // len(base) + 1})") for i in range(count)]
 
 
-async def _run_batch(label: str, pipeline: Pipeline, questions: list[str], config: DemoConfig) -> RunStats:
-    """The batch through ``pipeline``, ``config.concurrency`` calls at a time, with a live bar on a terminal."""
+async def _run_batch(label: str, title: str, pipeline: Pipeline, questions: list[str], config: DemoConfig) -> RunStats:
+    """The batch through ``pipeline``, ``config.concurrency`` calls at a time, with a live bar (``title``) on a
+    terminal."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    progress = ProgressBar(f"{label:>18}") if config.progress else False
+    progress = ProgressBar(f"{title:>18}") if config.progress else False
     outcomes = await pipeline.map(questions, concurrency=config.concurrency, progress=progress)
     stats = RunStats(label, wall=loop.time() - started)
     for outcome in outcomes:
@@ -210,8 +211,7 @@ async def run_demo(config: DemoConfig) -> DemoReport:
     program = dspy.ChainOfThought("question -> answer")
     pipeline = build_pipeline(program, backup)
     with dspy.context(lm=primary):
-        resilient = await _run_batch("resilient pipeline", pipeline, questions, config)
-    resilient.label = "resilient"
+        resilient = await _run_batch("resilient", "resilient pipeline", pipeline, questions, config)
     resilient.lm_calls = sum(lm.requests for lm in faulty)
 
     bare_primary, _, bare_faulty = _lms(config)
@@ -225,8 +225,7 @@ async def run_demo(config: DemoConfig) -> DemoReport:
             raise NoAnswerError(f"no answer after {config.patience:g}s") from None
 
     with dspy.context(lm=bare_primary):
-        bare = await _run_batch("bare program", Pipeline(bare_program, name="bare"), questions, config)
-    bare.label = "bare"
+        bare = await _run_batch("bare", "bare program", Pipeline(bare_program, name="bare"), questions, config)
     bare.lm_calls = sum(lm.requests for lm in bare_faulty[:1])
     return DemoReport(config, resilient, bare, pipeline.describe())
 
