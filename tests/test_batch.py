@@ -213,6 +213,13 @@ async def test_a_bad_concurrency_is_refused(concurrency: object) -> None:
         await Pipeline(shout).map(["a"], concurrency=concurrency)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("inputs", ["What is DSPy?", {"question": "What is DSPy?"}, 42])
+async def test_one_item_instead_of_an_iterable_of_them_is_refused(inputs: object) -> None:
+    """A lone string (or dict) is iterable too, but running one call per character is never what was meant."""
+    with pytest.raises(ConfigurationError, match="inputs"):
+        await Pipeline(shout).map(inputs)  # type: ignore[arg-type]
+
+
 async def test_counts_tell_answers_fallbacks_failures_retries_and_cache_hits_apart() -> None:
     failed_once: set[str] = set()
 

@@ -150,8 +150,14 @@ def _observer(pipeline: Pipeline, progress: Progress) -> BatchObserver | None:
     return progress
 
 
-def _check(concurrency: int, total: int | None) -> None:
+def _check(inputs: Inputs, concurrency: int, total: int | None) -> None:
     problems = []
+    if isinstance(inputs, str | bytes | Mapping | dspy.Example):  # iterable, but one item: each char would be a call
+        problems.append(
+            ("inputs", f"must be an iterable of items, e.g. a list of them (got one {type(inputs).__name__})")
+        )
+    elif not isinstance(inputs, Iterable | AsyncIterable):
+        problems.append(("inputs", f"must be an iterable or async iterable of items (got {type(inputs).__name__})"))
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         problems.append(("concurrency", f"must be a whole number >= 1 (got {concurrency!r})"))
     if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 0):
@@ -176,7 +182,7 @@ async def imap(
     Leaving the loop early cancels the calls in flight when the iterator is closed: use
     ``contextlib.aclosing(...)`` to close it at once.
     """
-    _check(concurrency, total)
+    _check(inputs, concurrency, total)
     observer = _observer(pipeline, progress)
     window = _Window(pipeline)
     sync_items = None if isinstance(inputs, AsyncIterable) else iter(inputs)
