@@ -13,17 +13,18 @@ import dataclasses
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Hashable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Hashable
 from typing import Any
 
 from pydantic import BaseModel
 
 from resilient_dspy.binding.targets import Target, adapt_target, is_dspy_program
+from resilient_dspy.core import batch
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runtime
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.core.nested import PipelineTarget
+from resilient_dspy.core.outcome import Outcome
 from resilient_dspy.core.placement import warn_about_order
 from resilient_dspy.core.trace import Trace, traced
 from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
@@ -32,18 +33,6 @@ from resilient_dspy.events import Event, Listener, OfKinds, listener_problem
 __all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_program"]
 
 logger = logging.getLogger("resilient_dspy.pipeline")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A result with the story of how it was obtained (see :meth:`Pipeline.invoke`)."""
-
-    value: Any
-    served_by: str
-    attempts: int
-    retries: int
-    duration: float
-    trace: Trace | None = None
 
 
 def layer_label(layer: Any) -> str:
@@ -301,6 +290,35 @@ class Pipeline:
         trace.close(trace.root, now)
         record = call.record
         return Outcome(value, record.served_by, record.attempts, record.retries, now - record.started_at, trace)
+
+    async def map(
+        self,
+        inputs: batch.Inputs,
+        *,
+        concurrency: int = batch.DEFAULT_CONCURRENCY,
+        progress: batch.Progress = False,
+        return_exceptions: bool = True,
+        total: int | None = None,
+    ) -> list[Outcome]:
+        """Run every input (a question, a dict of inputs, a ``dspy.Example``), ``concurrency`` calls at a time: one
+        :class:`Outcome` per input, in input order, a failure's with its typed ``error`` (see :mod:`.batch`)."""
+        return await batch.map(
+            self, inputs, concurrency=concurrency, progress=progress, return_exceptions=return_exceptions, total=total
+        )
+
+    def imap(
+        self,
+        inputs: batch.Inputs,
+        *,
+        concurrency: int = batch.DEFAULT_CONCURRENCY,
+        progress: batch.Progress = False,
+        return_exceptions: bool = True,
+        total: int | None = None,
+    ) -> AsyncGenerator[tuple[int, Outcome], None]:
+        """Like :meth:`map`, but yields ``(index, outcome)`` as each call finishes: memory stays flat at any size."""
+        return batch.imap(
+            self, inputs, concurrency=concurrency, progress=progress, return_exceptions=return_exceptions, total=total
+        )
 
     def _traced_chain(self) -> Handler:
         handler: Handler = traced(f"program {self._target.name}", self._target)
