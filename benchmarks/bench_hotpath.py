@@ -46,11 +46,12 @@ import dspy
 from bench_guards import fresh, same
 from bench_overhead import Group, Runner, Variant, measure, time_batch
 
-from resilient_dspy import Cache, Pipeline, classify  # noqa: F401 - some names are used in timeit statements
+from resilient_dspy import Cache, Pipeline
 from resilient_dspy.binding.settings import setting  # noqa: F401
 from resilient_dspy.binding.usage import usage_scope  # noqa: F401
 from resilient_dspy.core.call import Call, CallRecord  # noqa: F401
 from resilient_dspy.core.clock import LoopClock
+from resilient_dspy.errors import classify  # noqa: F401
 from resilient_dspy.middleware.cache.backends import MemoryBackend
 from resilient_dspy.middleware.cache.keys import KEY_VERSION, _dumps
 
@@ -82,7 +83,7 @@ def sync_pieces(number: int, repeat: int) -> dict[str, dict[str, Any]]:
     cache: Any = pipe.layers[0]
     keys, serializer = cache._keys, cache._serializer
     inputs = {"question": "hello"}
-    text = f'[{KEY_VERSION},["function",{keys._function},null,null],{_dumps(inputs)}]'  # what key() hashes here
+    text = _dumps([KEY_VERSION, keys.identity(), inputs])  # what key() hashes here
     key = keys.key(inputs)
     assert key.endswith(hashlib.sha256(text.encode()).hexdigest()), "KeyBuilder.key no longer hashes this text"
     data = serializer.dumps("hello", {}, 0)

@@ -20,7 +20,7 @@ from resilient_dspy.events import Event
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler
 
-__all__ = ["Span", "Trace", "layer_label"]
+__all__ = ["Span", "Trace"]
 
 _SKIPPED_EVENT_FIELDS = frozenset({"pipeline", "layer", "time"})
 
@@ -146,14 +146,3 @@ def traced(name: str, step: Callable[[Call], Awaitable[Any]]) -> Handler:
         return result
 
     return handler
-
-
-def layer_label(layer: Any) -> str:
-    """A layer's name in traces: its ``name`` or ``label`` when it has one, with a Timeout's scope."""
-    for attribute in ("label", "name"):
-        value = getattr(layer, attribute, None)
-        if isinstance(value, str) and value:
-            return value
-    scope = getattr(layer, "scope", None)
-    kind = type(layer).__name__
-    return f"{kind}({scope})" if isinstance(scope, str) else kind
