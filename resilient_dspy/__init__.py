@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from resilient_dspy._moved import MOVED_FROM_ROOT, moved_names
 from resilient_dspy.binding.settings import no_dspy_retries
+from resilient_dspy.core.dspy_module import ResilientModule
 from resilient_dspy.core.pipeline import Outcome, Pipeline
 from resilient_dspy.errors import (
     BudgetExceededError,
@@ -23,6 +24,7 @@ from resilient_dspy.errors import (
     RejectedError,
     ResilienceError,
     RetriesExhaustedError,
+    StreamInterruptedError,
     TimeoutExceededError,
 )
 from resilient_dspy.middleware._shared.partitions import by_model, by_partition_key
@@ -61,10 +63,12 @@ __all__ = [
     "RateLimiter",
     "RejectedError",
     "ResilienceError",
+    "ResilientModule",
     "RetriesExhaustedError",
     "Retry",
     "RetryBudget",
     "Static",
+    "StreamInterruptedError",
     "Timeout",
     "TimeoutExceededError",
     "UseLM",
