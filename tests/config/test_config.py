@@ -277,3 +277,14 @@ def test_describe_of_a_pipeline_built_from_a_config_names_its_program_source() -
 def test_describe_of_a_program_that_no_config_built_cannot_be_rebuilt() -> None:
     with pytest.raises(ConfigurationError, match="program"):
         Pipeline.from_config(Pipeline(answer, Timeout(1)).describe())
+
+
+def test_the_example_stack_config_builds() -> None:
+    pipeline = Pipeline.from_config(Path(__file__).parents[2] / "examples" / "stack.toml", environment=False)
+    assert [entry["layer"] for entry in pipeline.describe()[:-1]] == [
+        "Timeout",
+        "RateLimiter",
+        "Retry",
+        "CircuitBreaker",
+        "Bulkhead",
+    ]
