@@ -136,3 +136,22 @@ seed = 1
     assert 0 < statuses.count(500) < REQUESTS * 0.2
     p99 = statistics.quantiles(latencies, n=100)[98]
     print(f"\n{REQUESTS} requests, {CONCURRENCY} concurrent: {statuses.count(500)} faults, p99 {p99 * 1000:.1f} ms")
+
+
+def test_serve_with_a_bad_config_exits_2_listing_the_problem(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.serve.server import ROOT
+
+    config = write(tmp_path, '[program]\nsignature = "q -> a"\n\n[[layers]]\nlayer = "Bulkhead"\nmax_concurrent = 0\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "resilient_dspy.cli", "serve", "--config", str(config), "--no-auth"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "layers[0].max_concurrent" in result.stderr
