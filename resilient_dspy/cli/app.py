@@ -96,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
             "Exit 0: no item failed; 1: some failed; 2: bad input; 130: interrupted.",
         )
     )
+    from resilient_dspy.cli.args import add_serve_arguments
+
+    add_serve_arguments(
+        commands.add_parser(
+            "serve",
+            help="serve a stack config over HTTP (FastAPI + uvicorn): /v1/predict, /v1/batch, health, metrics",
+            description="Builds the pipeline from --config and serves it with API-key auth, per-key limits (a "
+            "RateLimiter or Budget keyed by_partition_key), /healthz, /readyz and /metrics; drains on SIGTERM. "
+            "Exit 2: a bad config.",
+        )
+    )
     return parser
 
 
@@ -250,6 +261,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from resilient_dspy.cli.batch import command as batch_command
 
         return batch_command(args)
+    if args.command == "serve":
+        from resilient_dspy.cli.serve import command as serve_command
+
+        return serve_command(args)
     if args.command == "chaos-server":
         from resilient_dspy.testing.chaos_server import is_loopback
 

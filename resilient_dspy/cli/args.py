@@ -46,3 +46,18 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0 (got {text})")
     return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` command's options (here, so building the parser never imports FastAPI or uvicorn)."""
+    parser.add_argument("--config", required=True, help="the stack config: a .toml, .yaml or .json file")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1, or RESILIENT_DSPY_SERVE_HOST)")
+    parser.add_argument("--port", type=_integer, help="port (default 8000; 0 = any free port)")
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        help="worker processes (default 1); each has its own limits unless the layers share a Redis store",
+    )
+    parser.add_argument("--api-keys-file", help="a TOML file of [[keys]] name, sha256, disabled")
+    parser.add_argument("--grace", type=_non_negative_float, help="seconds in-flight requests may finish on SIGTERM")
+    parser.add_argument("--no-auth", action="store_true", help="serve without API keys (local use only)")

@@ -117,10 +117,20 @@ class Pipeline:
         self._traced_handler: Handler | None = None
         self._mistake: BaseException | None = None  # the last user mistake, until a call succeeds (health)
         self._mistakes_logged: set[type[BaseException]] = set()
+        self.program_source: dict[str, Any] | None = None
+        """The config table the program was built from (set by :meth:`from_config`); ``describe()`` shows it."""
         for layer in self.layers:
             on_build = getattr(layer, "on_build", None)
             if on_build is not None:
                 on_build(self)
+
+    @classmethod
+    def from_config(cls, source: Any, *, environment: bool = True) -> Pipeline:
+        """A pipeline from a TOML/YAML/JSON file, a dict, or a ``describe()`` list, environment overrides applied
+        (``environment=False`` skips them); one ConfigurationError lists every bad field (docs: configuration)."""
+        from resilient_dspy.config.build import build_pipeline
+
+        return build_pipeline(cls, source, environment=environment)
 
     @property
     def target(self) -> Target:
@@ -374,7 +384,10 @@ class Pipeline:
                 options = getattr(layer, "options", None)
                 dump = options.model_dump() if isinstance(options, BaseModel) else {}
                 described.append({"layer": type(layer).__name__, "options": dump})
-        described.append(self._target.describe())
+        program = self._target.describe()
+        if self.program_source is not None:
+            program = {**program, "source": dict(self.program_source)}
+        described.append(program)
         return described
 
     def __repr__(self) -> str:
