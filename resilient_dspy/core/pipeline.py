@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import random
-from collections.abc import AsyncGenerator, Awaitable, Hashable
+from collections.abc import AsyncGenerator, Hashable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -22,6 +21,7 @@ from resilient_dspy.binding.targets import Target, adapt_target, is_dspy_program
 from resilient_dspy.core import batch
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runtime
 from resilient_dspy.core.clock import Clock, LoopClock
+from resilient_dspy.core.compose import check_arguments, compose
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
 from resilient_dspy.core.nested import PipelineTarget
 from resilient_dspy.core.outcome import Outcome
@@ -39,24 +39,6 @@ __all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_
 logger = logging.getLogger("resilient_dspy.pipeline")
 
 
-def layer_label(layer: Any) -> str:
-    """A layer's name in traces: its ``name`` or ``label`` when it has one, with a Timeout's scope."""
-    for attribute in ("label", "name"):
-        value = getattr(layer, attribute, None)
-        if isinstance(value, str) and value:
-            return value
-    scope = getattr(layer, "scope", None)
-    kind = type(layer).__name__
-    return f"{kind}({scope})" if isinstance(scope, str) else kind
-
-
-def _bind(layer: Middleware, next_handler: Handler) -> Handler:
-    def handler(call: Call) -> Awaitable[Any]:
-        return layer(call, next_handler)
-
-    return handler
-
-
 class Pipeline:
     """A program wrapped in middleware; ``await pipeline("question")`` or ``await pipeline(question=...)``."""
 
@@ -71,34 +53,7 @@ class Pipeline:
     ) -> None:
         problems: list[tuple[str, str]] = []
         target = adapt_program(program, problems)
-        for index, layer in enumerate(middleware):
-            if isinstance(layer, Pipeline) or is_dspy_program(layer):
-                problems.append(
-                    (
-                        f"middleware[{index}]",
-                        f"is a program ({type(layer).__name__}), not a middleware layer: the program comes first, "
-                        "then the layers, as in Pipeline(program, *layers)",
-                    )
-                )
-            elif isinstance(layer, type) or not (callable(layer) and inspect.iscoroutinefunction(layer.__call__)):
-                problems.append(
-                    (
-                        f"middleware[{index}]",
-                        "must be a middleware instance with 'async def __call__(self, call, next)' "
-                        f"(got {layer!r:.80})",
-                    )
-                )
-        if clock is not None and not isinstance(clock, Clock):
-            problems.append(("clock", f"must implement now(), sleep() and deadline() (got {clock!r})"))
-        if rng is not None and not isinstance(rng, random.Random):
-            problems.append(("rng", f"must be a random.Random, e.g. random.Random(seed) (got {rng!r:.80})"))
-        if not isinstance(listeners, list | tuple):
-            problems.append(("listeners", f"must be a list or tuple of callables (got {listeners!r:.80})"))
-            listeners = ()
-        for index, listener in enumerate(listeners):
-            problem = listener_problem(listener)
-            if problem is not None:
-                problems.append((f"listeners[{index}]", problem))
+        listeners = check_arguments(middleware, clock, rng, listeners, problems, is_program=_is_program)
         if problems or target is None:
             raise ConfigurationError(problems)
         warn_about_order(middleware)
@@ -110,10 +65,7 @@ class Pipeline:
         self._all_inputs = frozenset(target.input_fields)  # all of them, nothing else: always valid (the fast path)
         self._runtime = Runtime(self.name, clock or LoopClock(), rng or random.Random(), tuple(listeners))
         self.portal = BackgroundLoop(f"resilient-dspy {self.name}")  # where sync() calls run; started on first use
-        handler: Handler = target
-        for layer in reversed(self.layers):
-            handler = _bind(layer, handler)
-        self._handler = handler
+        self._handler = compose(target, self.layers)
         self._traced_handler: Handler | None = None
         self._mistake: BaseException | None = None  # the last user mistake, until a call succeeds (health)
         self._mistakes_logged: set[type[BaseException]] = set()
@@ -346,10 +298,7 @@ class Pipeline:
         )
 
     def _traced_chain(self) -> Handler:
-        handler: Handler = traced(f"program {self._target.name}", self._target)
-        for layer in reversed(self.layers):
-            handler = traced(layer_label(layer), _bind(layer, handler))
-        return handler
+        return compose(traced(f"program {self._target.name}", self._target), self.layers, traced)
 
     def health(self) -> PipelineHealth:
         """Every stateful layer's status (breaker states, saturation, hit rate, budget left) and readiness.
@@ -393,6 +342,10 @@ class Pipeline:
     def __repr__(self) -> str:
         layers = ", ".join(type(layer).__name__ for layer in self.layers)
         return f"Pipeline({self._target.name}{', ' if layers else ''}{layers})"
+
+
+def _is_program(layer: Any) -> bool:
+    return isinstance(layer, Pipeline) or is_dspy_program(layer)
 
 
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:
