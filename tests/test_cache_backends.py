@@ -10,6 +10,7 @@ import asyncio
 import enum
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -383,11 +384,24 @@ async def test_aiocache_ignores_foreign_values() -> None:
     assert await backend.get("ns:b") is None
 
 
+def redis_clients() -> list[Any]:
+    """fakeredis always; a real redis-server too when ``RESILIENT_DSPY_REDIS_URL`` names one (``.ci/run`` starts it)."""
+    url = os.environ.get("RESILIENT_DSPY_REDIS_URL")
+    real = pytest.param(url, id="redis-server", marks=pytest.mark.looptime(False))
+    if url is None:
+        real = pytest.param(None, id="redis-server", marks=pytest.mark.skip("RESILIENT_DSPY_REDIS_URL is not set"))
+    return [pytest.param("fake", id="fakeredis"), real]
+
+
 @pytest.mark.filterwarnings("ignore:Call to deprecated setex")  # aiocache 0.12 on redis-py 5+
-async def test_aiocache_redis_round_trip_and_clear_scans_exactly_our_prefix() -> None:
+@pytest.mark.parametrize("server", redis_clients())
+async def test_aiocache_redis_round_trip_and_clear_scans_exactly_our_prefix(server: str) -> None:
     """On Redis, clear(ns) walks SCAN in batches of 500 and deletes only our keys, glob characters escaped."""
+    import redis.asyncio
+
     store = RedisCache(namespace="app|")
-    store.client = fakeredis.FakeAsyncRedis()
+    store.client = fakeredis.FakeAsyncRedis() if server == "fake" else redis.asyncio.from_url(server)
+    await store.client.flushdb()
     backend = AiocacheBackend(store)
     await backend.set("one:a", b'{"rdc": 1}', 60.0)
     assert await backend.get("one:a") == b'{"rdc": 1}'
@@ -401,6 +415,8 @@ async def test_aiocache_redis_round_trip_and_clear_scans_exactly_our_prefix() ->
     assert await backend.get("onetwo:c") == b"v"
     assert await backend.clear(None) == 1
     assert await store.client.keys("*") == [b"other|one:not-ours"]
+    await store.client.flushdb()
+    await store.client.aclose()
 
 
 async def test_aiocache_clear_on_a_store_without_a_key_listing_names_the_field() -> None:
