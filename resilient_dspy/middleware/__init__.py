@@ -44,7 +44,7 @@ from resilient_dspy.middleware.ratelimit import (
     RateLimitRejected,
     RateLimitWaited,
 )
-from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled
+from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled, RetrySnapshot
 from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
 
 __all__ = [
@@ -91,6 +91,7 @@ __all__ = [
     "RetryBudget",
     "RetryGaveUp",
     "RetryScheduled",
+    "RetrySnapshot",
     "Static",
     "Timeout",
     "TimeoutFired",

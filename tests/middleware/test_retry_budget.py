@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Event, Pipeline, RetriesExhaustedError, Retry, RetryBudget, RetryScheduled
+from resilient_dspy.middleware.retry import RetrySnapshot
+from resilient_dspy.testing.plugin import ManualClock
 from tests.conftest import run_virtual
 
 EPSILON = 1e-9
@@ -127,3 +130,129 @@ def test_every_window_keeps_retries_within_the_budget(
     ends: list[float] = []
     run_virtual(scenario)
     assert over_budget(calls, retries, budget, ends) == []
+
+
+# --- the window's edges, exactly, on a clock moved by hand -----------------------------------------------
+
+
+class Held:
+    """A program: "hold" waits until ``release`` is set (a call in flight), "ok" answers, anything else fails
+    with a retryable error."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self, question: str) -> str:
+        if question == "hold":
+            await self.release.wait()
+        elif question != "ok":
+            raise ConnectionError("dropped")
+        return question
+
+
+async def reason_of(pipeline: Pipeline, question: str = "fail") -> tuple[str, int]:
+    try:
+        await pipeline(question)
+    except RetriesExhaustedError as error:
+        return error.reason, error.attempts
+    raise AssertionError("the call did not give up")
+
+
+def on_hand_clock(budget: RetryBudget, at: float) -> tuple[Pipeline, Retry, ManualClock, Held]:
+    clock = ManualClock(at)
+    program = Held()
+    retry = Retry(2, base_delay=0, jitter="none", budget=budget)
+    return Pipeline(program, retry, clock=clock), retry, clock, program
+
+
+async def test_the_budget_counts_only_real_calls_in_its_first_window() -> None:
+    budget = RetryBudget(ratio=0.5, min_per_second=0.0, window=10.0)
+    pipeline = Pipeline(AlwaysFailing(), Retry(5, base_delay=0, jitter="none", budget=budget))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")  # 1 call: a first retry would need 1 <= 0.5 * 1
+    assert (caught.value.attempts, caught.value.reason) == (1, "budget")
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")  # 2 calls: 1 <= 0.5 * 2 allows one retry, the second would need 2 <= 1
+    assert (caught.value.attempts, caught.value.reason) == (2, "budget")
+
+
+async def test_a_call_counts_while_its_slot_lies_wholly_in_the_window() -> None:
+    """Calls are counted in slots of window/100 (0.1 s here): the call at 0.95 is in slot [0.9, 1.0), wholly inside
+    (0.85, 10.85], so one retry at 10.85 is within 0.5 * 2 calls."""
+    pipeline, retry, clock, _ = on_hand_clock(RetryBudget(ratio=0.5, min_per_second=0.0, window=10.0), 0.95)
+    assert await pipeline("ok") == "ok"
+    clock.time = 10.85
+    assert retry.snapshot() == RetrySnapshot(time=10.85, window=10.0, calls=1, retries=0, allowed=0.5)
+    assert await reason_of(pipeline) == ("max_attempts", 2)  # the retry was made, its attempt failed too
+
+
+async def test_an_ended_call_stops_counting_once_its_slot_leaves_the_window() -> None:
+    pipeline, retry, clock, _ = on_hand_clock(RetryBudget(ratio=0.5, min_per_second=0.0, window=10.0), 0.95)
+    assert await pipeline("ok") == "ok"
+    clock.time = 10.9  # (0.9, 10.9] no longer holds the whole slot [0.9, 1.0)
+    assert retry.snapshot().calls == 0  # type: ignore[union-attr]
+    assert await reason_of(pipeline) == ("budget", 1)  # 1 retry > 0.5 * 1 call
+
+
+async def test_a_call_still_in_flight_keeps_counting_after_its_slot_has_left() -> None:
+    pipeline, retry, clock, program = on_hand_clock(RetryBudget(ratio=0.5, min_per_second=0.0, window=10.0), 0.95)
+    held = asyncio.create_task(pipeline("hold"))
+    await asyncio.sleep(0)
+    clock.time = 10.9
+    assert retry.snapshot().calls == 1  # type: ignore[union-attr]
+    assert await reason_of(pipeline) == ("max_attempts", 2)
+    program.release.set()
+    assert await held == "hold"
+    assert retry.snapshot().calls == 1  # type: ignore[union-attr]  # the failing call's own slot is inside
+
+
+async def test_a_retry_is_forgotten_exactly_one_window_after_it_was_spent() -> None:
+    """One retry per 10 s window: the retry spent at 0.5 still counts in (0.499, 10.499], not in (0.5, 10.5]."""
+    pipeline, retry, clock, _ = on_hand_clock(RetryBudget(ratio=0.0, min_per_second=0.1, window=10.0), 0.5)
+    assert await reason_of(pipeline) == ("max_attempts", 2)
+    clock.time = 10.499
+    snapshot = retry.snapshot()
+    assert snapshot is not None and (snapshot.retries, snapshot.allowed, snapshot.exhausted) == (1, 1.0, True)
+    assert await reason_of(pipeline) == ("budget", 1)
+    clock.time = 10.5
+    assert retry.snapshot().retries == 0  # type: ignore[union-attr]
+    assert await reason_of(pipeline) == ("max_attempts", 2)
+
+
+# --- snapshot() and health() ------------------------------------------------------------------------------
+
+
+async def test_the_snapshot_shows_the_calls_and_retries_of_the_window() -> None:
+    retry = Retry(3, base_delay=0, jitter="none", budget=RetryBudget(ratio=0.5, min_per_second=0.2, window=10.0))
+    pipeline = Pipeline(AlwaysFailing(), retry)
+    assert retry.snapshot() == RetrySnapshot(time=0.0, window=10.0, calls=0, retries=0, allowed=2.0)
+    await asyncio.sleep(1)
+    results = await asyncio.gather(*(pipeline(str(i)) for i in range(2)), return_exceptions=True)
+    assert all(isinstance(result, RetriesExhaustedError) for result in results)
+    assert retry.snapshot() == RetrySnapshot(time=1.0, window=10.0, calls=2, retries=3, allowed=3.0)
+    await asyncio.sleep(10)
+    assert retry.snapshot() == RetrySnapshot(time=11.0, window=10.0, calls=0, retries=0, allowed=2.0)
+
+
+def test_a_retry_without_a_budget_has_no_state() -> None:
+    retry = Retry(budget=None)
+    assert retry.snapshot() is None and retry.health() is None
+
+
+def test_an_unbuilt_retry_snapshots_its_empty_budget() -> None:
+    assert Retry().snapshot() == RetrySnapshot(time=0.0, window=10.0, calls=0, retries=0, allowed=10.0)
+
+
+async def test_health_is_degraded_while_the_budget_is_spent_and_silent_otherwise() -> None:
+    retry = Retry(5, base_delay=0, jitter="none", budget=RetryBudget(ratio=0.0, min_per_second=0.2, window=10.0))
+    pipeline = Pipeline(AlwaysFailing(), retry, name="qa")
+    assert retry.health() is None and [layer.layer for layer in pipeline.health().layers] == []
+    with pytest.raises(RetriesExhaustedError):
+        await pipeline("q")
+    health = pipeline.health()
+    assert (health.status, health.ready) == ("degraded", True)
+    (report,) = health.layers
+    assert (report.layer, report.status) == ("Retry", "degraded")
+    assert report.details == {"budget_calls": 1, "budget_retries": 2, "allowed": 2.0}
+    await asyncio.sleep(10)
+    assert retry.health() is None
