@@ -23,7 +23,8 @@ from pydantic import Field, field_validator
 
 from resilient_dspy.binding.targets import Target
 from resilient_dspy.core.call import Call, Handler
-from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.layer import Layer
+from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import Pipeline, adapt_program
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
@@ -178,6 +179,7 @@ class FallbackOptions(Options):
         default=DEFAULT_ON,
         description="Errors the fallback handles at all (types or predicate); default: all but user mistakes.",
     )
+    name: str | None = Field(default=None, description="Label in events and describe().")
 
     @field_validator("on")
     @classmethod
@@ -199,16 +201,18 @@ class FallbackUsed(Event):
     error: BaseException
 
 
-class Fallback:
+class Fallback(Layer):
     """On failure below, try each alternative in order; the first success is the answer."""
 
-    placement: ClassVar[str] = "fallback"  # what the pipeline's layer-order rules read (core/placement.py)
+    placement: ClassVar[str] = "fallback"
+    options_type: ClassVar[type[Options]] = FallbackOptions
+    options: FallbackOptions
 
-    def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON) -> None:
+    def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON, name: str | None = None) -> None:
         problems: list[tuple[str, str]] = []
         converted = [_as_alternative(a, i, problems) for i, a in enumerate(alternatives)]
         try:
-            self.options = build_options(FallbackOptions, "Fallback", {"alternatives": alternatives, "on": on})
+            self.options = options_from(FallbackOptions, "Fallback", locals())
         except ConfigurationError as error:
             problems[:0] = error.problems
         if problems:
@@ -251,16 +255,7 @@ class Fallback:
         for alternative in self.alternatives:
             if alternative.on is not None and not matches(alternative.on, latest):
                 continue
-            if call.listening:
-                call.emit(
-                    FallbackUsed(
-                        pipeline=call.runtime.name,
-                        layer="Fallback",
-                        time=call.clock.now(),
-                        alternative=alternative.name,
-                        error=latest,
-                    )
-                )
+            self.emit(call, FallbackUsed, alternative=alternative.name, error=latest)
             try:
                 value = await alternative.run(call, next)
             except Exception as error:
@@ -282,8 +277,11 @@ class Fallback:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "layer": "Fallback",
-            "alternatives": [a.name for a in self.alternatives],
-            "on": [t.__name__ for t in self.on] if isinstance(self.on, tuple) else repr(self.on),
+        """The options as names, not objects: each alternative's name, the filter's types (or its repr)."""
+        on = self.on
+        options = {
+            "alternatives": [alternative.name for alternative in self.alternatives],
+            "on": [kind.__name__ for kind in on] if isinstance(on, tuple) else repr(on),
+            "name": self.options.name,
         }
+        return {"layer": "Fallback", "name": self.name, "options": options}

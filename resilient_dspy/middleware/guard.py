@@ -15,13 +15,14 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dspy
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from resilient_dspy.binding.estimate import measure_chars
-from resilient_dspy.core.options import FieldProblem, Options, build_options, problems_of
+from resilient_dspy.core.layer import Layer
+from resilient_dspy.core.options import FieldProblem, Options, options_from, problems_of
 from resilient_dspy.errors import ConfigurationError, InvalidInputError, InvalidOutputError
 from resilient_dspy.events import Rejected
 
@@ -264,13 +265,14 @@ def _output_checker(spec: Any) -> Callable[[Any], tuple[str, str | None] | None]
     return check_function
 
 
-class Guard:
+class Guard(Layer):
     """Reject bad inputs before the program runs and bad answers after; see the module docstring."""
 
+    options_type: ClassVar[type[Options]] = GuardOptions
+    options: GuardOptions
+
     def __init__(self, input: Any = None, output: Any = None, *, name: str | None = None) -> None:
-        self.options = build_options(GuardOptions, "Guard", {"input": input, "output": output, "name": name})
-        options = self.options
-        self.name = options.name or "Guard"
+        self.options = options = options_from(GuardOptions, "Guard", locals())
         self._check_input = None if options.input is None else _input_checker(options.input)
         self._check_output = None if options.output is None else _output_checker(options.output)
 
@@ -291,40 +293,19 @@ class Guard:
             return result
         reason, field = verdict
         call.properties[_FRESH] = True
-        if call.listening:
-            call.emit(
-                GuardRejectedOutput(
-                    pipeline=call.runtime.name,
-                    layer=self.name,
-                    time=call.clock.now(),
-                    reason=reason,
-                    field=field,
-                    attempt=call.attempt,
-                )
-            )
+        self.emit(call, GuardRejectedOutput, reason=reason, field=field, attempt=call.attempt)
         raise InvalidOutputError(reason, result, field=field)
 
     def _reject_input(self, call: Call, problems: list[Problem]) -> InvalidInputError:
         field, rule = problems[0]
-        if call.listening:
-            call.emit(
-                GuardRejectedInput(
-                    pipeline=call.runtime.name,
-                    layer=self.name,
-                    time=call.clock.now(),
-                    field=field,
-                    rule=rule,
-                    problems=tuple(problems),
-                )
-            )
+        self.emit(call, GuardRejectedInput, field=field, rule=rule, problems=tuple(problems))
         return InvalidInputError(field, rule, problems=problems)
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "layer": "Guard",
-            "name": self.name,
-            "options": {"input": _describe_spec(self.options.input), "output": _describe_spec(self.options.output)},
-        }
+        """The options as what they check (rules, a model's fields, a function's name), not the objects."""
+        options = self.options
+        described = {"input": _describe_spec(options.input), "output": _describe_spec(options.output)}
+        return {"layer": "Guard", "name": self.name, "options": {**described, "name": options.name}}
 
 
 def _describe_spec(spec: Any) -> Any:
