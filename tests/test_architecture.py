@@ -20,7 +20,6 @@ OVERSIZED = {
     "resilient_dspy.cli.chaos": 423,
     "resilient_dspy.middleware.budget": 595,
     "resilient_dspy.middleware.cache.layer": 718,
-    "resilient_dspy.middleware.chaos": 402,
     "resilient_dspy.testing.chaos_server": 522,
     "resilient_dspy.testing.fault_lm": 582,
     "resilient_dspy.testing.harness": 573,

@@ -32,7 +32,7 @@ from resilient_dspy.middleware.cache import (
     CacheStats,
     CacheStored,
 )
-from resilient_dspy.middleware.chaos import Chaos, ChaosInjected
+from resilient_dspy.middleware.chaos import Chaos, ChaosInjected, ChaosSnapshot
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, GuardRejectedInput, GuardRejectedOutput, InputRules
 from resilient_dspy.middleware.ratelimit import (
@@ -69,6 +69,7 @@ __all__ = [
     "CacheStored",
     "Chaos",
     "ChaosInjected",
+    "ChaosSnapshot",
     "CircuitBreaker",
     "CircuitRejected",
     "CircuitSnapshot",

@@ -19,19 +19,21 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import dspy
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from resilient_dspy.core.call import Call, Handler
-from resilient_dspy.core.options import FieldProblem, Options, build_options
+from resilient_dspy.core.health import LayerHealth, Status
+from resilient_dspy.core.layer import Layer, roles
+from resilient_dspy.core.options import FieldProblem, Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ConfigurationError, ResilienceWarning
 from resilient_dspy.events import Event
 from resilient_dspy.faults import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 
-__all__ = ["Chaos", "ChaosInjected", "ChaosOptions", "OutcomeKind"]
+__all__ = ["Chaos", "ChaosInjected", "ChaosOptions", "ChaosSnapshot", "OutcomeKind"]
 
 OutcomeKind = Literal["empty", "malformed", "wrong_fields"]
 OUTCOME_KINDS: tuple[str, ...] = ("empty", "malformed", "wrong_fields")
@@ -165,6 +167,15 @@ class ChaosInjected(Event):
     scripted: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class ChaosSnapshot:
+    """A Chaos now: its switch (``"predicate"`` when decided per call), the scripted steps left, the injections made."""
+
+    enabled: bool | Literal["predicate"]
+    pending: tuple[FaultStep, ...]
+    injected: int
+
+
 def _empty(value: Any) -> Any:
     if isinstance(value, str | list | dict | tuple):
         return type(value)()
@@ -206,8 +217,11 @@ def _describe_error(error: BaseException) -> str:
     return f"{detail}({', '.join(extras)})" if extras else detail
 
 
-class Chaos:
+class Chaos(Layer):
     """Inject a fault, latency, a replaced outcome or a side effect into calls below this layer."""
+
+    options_type: ClassVar[type[Options]] = ChaosOptions
+    options: ChaosOptions
 
     def __init__(
         self,
@@ -223,29 +237,14 @@ class Chaos:
         seed: int | None = None,
         name: str | None = None,
     ) -> None:
-        self.options = build_options(
-            ChaosOptions,
-            "Chaos",
-            {
-                "fault": fault,
-                "latency": latency,
-                "outcome": outcome,
-                "effect": effect,
-                "rate": rate,
-                "script": script,
-                "retry_after": retry_after,
-                "enabled": enabled,
-                "seed": seed,
-                "name": name,
-            },
-        )
-        self._enabled: Enabled = self.options.enabled
-        self._script: deque[FaultStep] = deque(self.options.script)
+        self.options = options = options_from(ChaosOptions, "Chaos", locals())
+        self._enabled: Enabled = options.enabled
+        self._script: deque[FaultStep] = deque(options.script)
         self._rng = random.Random(seed) if seed is not None else None
         self._signature: Any = None
-        fault = self.options.fault
-        self._named_step = FaultStep(fault) if isinstance(fault, Fault) else None
+        self._named_step = FaultStep(options.fault) if isinstance(options.fault, Fault) else None
         self.injected = 0
+        """Injections so far (also in :meth:`snapshot`)."""
 
     @property
     def enabled(self) -> Enabled:
@@ -261,7 +260,7 @@ class Chaos:
 
     @property
     def pending(self) -> tuple[FaultStep, ...]:
-        """The scripted steps not yet consumed, in order."""
+        """The scripted steps not yet consumed, in order (also in :meth:`snapshot`)."""
         return tuple(self._script)
 
     def push(self, *entries: ScriptEntry) -> None:
@@ -269,17 +268,14 @@ class Chaos:
         self._script.extend(parse_steps(entries, "Chaos.push"))
 
     def on_build(self, pipeline: Pipeline) -> None:
-        """Learn the program's signature (for injected parse errors); warn when a Cache sits below this layer."""
-        from resilient_dspy.middleware.cache import Cache
-
+        """Learn the program's signature (for injected parse errors); warn when a cache sits below this layer."""
         program = pipeline.program
         if isinstance(program, dspy.Module):
             predictors = program.predictors()
             if predictors:
                 self._signature = predictors[-1].signature
-        layers = pipeline.layers
-        below = layers[next(i for i, layer in enumerate(layers) if layer is self) + 1 :]
-        if any(isinstance(layer, Cache) for layer in below):
+        _, inner = pipeline.layers_around(self)
+        if "cache" in roles(inner):
             warnings.warn(
                 "Chaos is placed above a Cache: it fails calls the cache would have served, and a cached answer "
                 "hides its faults. Place Chaos below the Cache, just above the program.",
@@ -293,18 +289,7 @@ class Chaos:
 
     def _emit(self, call: Call, kind: str, detail: str, fault: Fault | None = None, scripted: bool = False) -> None:
         self.injected += 1
-        if call.listening:
-            call.emit(
-                ChaosInjected(
-                    pipeline=call.runtime.name,
-                    layer=self.options.name or "Chaos",
-                    time=call.clock.now(),
-                    kind=kind,
-                    detail=detail,
-                    fault=fault,
-                    scripted=scripted,
-                )
-            )
+        self.emit(call, ChaosInjected, kind=kind, detail=detail, fault=fault, scripted=scripted)
 
     def _retry_after(self, rng: random.Random) -> float | None:
         span = self.options.retry_after
@@ -392,11 +377,20 @@ class Chaos:
         options = self.options
         return any(v is not None for v in (options.fault, options.latency, options.outcome, options.effect))
 
-    def describe(self) -> dict[str, Any]:
+    def snapshot(self) -> ChaosSnapshot:
+        """Its switch, the scripted steps left and the injections so far."""
         enabled = self._enabled
-        return {
-            "layer": "Chaos",
-            "enabled": enabled if isinstance(enabled, bool) else "predicate",
-            "pending": len(self._script),
-            "options": self.options.model_dump(),
-        }
+        return ChaosSnapshot(enabled if isinstance(enabled, bool) else "predicate", self.pending, self.injected)
+
+    def health(self) -> LayerHealth:
+        """Degraded while it can inject (switched on, with a strategy at a rate above 0 or script steps left): the
+        calls below fail on purpose. Ok once switched off or spent."""
+        snapshot, options = self.snapshot(), self.options
+        armed = snapshot.pending or (self._has_strategy() and options.rate > 0)
+        status: Status = "degraded" if snapshot.enabled is not False and armed else "ok"
+        details = {"enabled": snapshot.enabled, "pending": len(snapshot.pending), "injected": snapshot.injected}
+        return LayerHealth(self.name, status, details)
+
+    def describe_state(self) -> dict[str, Any]:
+        enabled = self._enabled
+        return {"enabled": enabled if isinstance(enabled, bool) else "predicate", "pending": len(self._script)}

@@ -64,6 +64,12 @@ class _AnyButUserMistakes:
     def __repr__(self) -> str:
         return "every error but a user mistake"
 
+    def __copy__(self) -> _AnyButUserMistakes:
+        return self  # stateless: the default stays one object, however pydantic copies field defaults
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _AnyButUserMistakes:
+        return self
+
 
 DEFAULT_ON: Callable[[Exception], bool] = _AnyButUserMistakes()
 """Fallback's default filter: serve for any failure but a user mistake (no LM configured, a TypeError...)."""
