@@ -40,21 +40,6 @@ OUTCOME_KINDS: tuple[str, ...] = ("empty", "malformed", "wrong_fields")
 Enabled = bool | Callable[[Call], bool]
 
 
-def _span(value: Any, field: str) -> tuple[float, float] | None:
-    """``x`` or ``(low, high)`` seconds as a validated ``(low, high)``."""
-    if value is None:
-        return None
-    pair = (value, value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-    if (
-        not isinstance(pair, tuple | list)
-        or len(pair) != 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
-        or not 0 <= pair[0] <= pair[1]
-    ):
-        raise FieldProblem(field, f"must be seconds >= 0, or (low, high) with 0 <= low <= high (got {value!r})")
-    return float(pair[0]), float(pair[1])
-
-
 class ChaosOptions(Options):
     """What a Chaos injects, how often, and from which random source; see docs/patterns/chaos.md."""
 
@@ -174,47 +159,6 @@ class ChaosSnapshot:
     enabled: bool | Literal["predicate"]
     pending: tuple[FaultStep, ...]
     injected: int
-
-
-def _empty(value: Any) -> Any:
-    if isinstance(value, str | list | dict | tuple):
-        return type(value)()
-    return None
-
-
-def _corrupt(kind: str, result: Any) -> Any:
-    """The result as a badly-behaved model would have answered: emptied, malformed, or under the wrong names."""
-    if isinstance(result, dspy.Prediction | dict):
-        fields = dict(result.items())
-        if kind == "empty":
-            changed = {name: _empty(value) for name, value in fields.items()}
-        elif kind == "malformed":
-            changed = {name: f"<malformed {name}>" for name in fields}
-        else:
-            changed = {f"unexpected_{name}": value for name, value in fields.items()}
-        if isinstance(result, dict):
-            return changed
-        corrupted = dspy.Prediction(**changed)
-        corrupted.set_lm_usage(result.get_lm_usage())
-        return corrupted
-    if kind == "empty":
-        return _empty(result)
-    if kind == "malformed":
-        return "<malformed>"
-    return dspy.Prediction(unexpected=result)
-
-
-async def _forever() -> None:
-    """Never return; only cancellation (a Timeout above, or the caller) ends it."""
-    await asyncio.Event().wait()
-
-
-def _describe_error(error: BaseException) -> str:
-    detail = type(error).__name__
-    status, retry_after = getattr(error, "status", None), getattr(error, "retry_after", None)
-    extras = [f"status={status}"] if status is not None else []
-    extras += [f"retry_after={retry_after:g}"] if isinstance(retry_after, int | float) else []
-    return f"{detail}({', '.join(extras)})" if extras else detail
 
 
 class Chaos(Layer):
@@ -394,3 +338,59 @@ class Chaos(Layer):
     def describe_state(self) -> dict[str, Any]:
         enabled = self._enabled
         return {"enabled": enabled if isinstance(enabled, bool) else "predicate", "pending": len(self._script)}
+
+
+def _span(value: Any, field: str) -> tuple[float, float] | None:
+    """``x`` or ``(low, high)`` seconds as a validated ``(low, high)``."""
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, tuple | list)
+        or len(pair) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+        or not 0 <= pair[0] <= pair[1]
+    ):
+        raise FieldProblem(field, f"must be seconds >= 0, or (low, high) with 0 <= low <= high (got {value!r})")
+    return float(pair[0]), float(pair[1])
+
+
+def _empty(value: Any) -> Any:
+    if isinstance(value, str | list | dict | tuple):
+        return type(value)()
+    return None
+
+
+def _corrupt(kind: str, result: Any) -> Any:
+    """The result as a badly-behaved model would have answered: emptied, malformed, or under the wrong names."""
+    if isinstance(result, dspy.Prediction | dict):
+        fields = dict(result.items())
+        if kind == "empty":
+            changed = {name: _empty(value) for name, value in fields.items()}
+        elif kind == "malformed":
+            changed = {name: f"<malformed {name}>" for name in fields}
+        else:
+            changed = {f"unexpected_{name}": value for name, value in fields.items()}
+        if isinstance(result, dict):
+            return changed
+        corrupted = dspy.Prediction(**changed)
+        corrupted.set_lm_usage(result.get_lm_usage())
+        return corrupted
+    if kind == "empty":
+        return _empty(result)
+    if kind == "malformed":
+        return "<malformed>"
+    return dspy.Prediction(unexpected=result)
+
+
+async def _forever() -> None:
+    """Never return; only cancellation (a Timeout above, or the caller) ends it."""
+    await asyncio.Event().wait()
+
+
+def _describe_error(error: BaseException) -> str:
+    detail = type(error).__name__
+    status, retry_after = getattr(error, "status", None), getattr(error, "retry_after", None)
+    extras = [f"status={status}"] if status is not None else []
+    extras += [f"retry_after={retry_after:g}"] if isinstance(retry_after, int | float) else []
+    return f"{detail}({', '.join(extras)})" if extras else detail

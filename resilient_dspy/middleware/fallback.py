@@ -47,14 +47,6 @@ logger = logging.getLogger("resilient_dspy.fallback")
 ErrorFilter = tuple[type[Exception], ...] | Callable[[Exception], bool]
 
 
-def is_user_mistake(error: BaseException) -> bool:
-    """A configuration or programming error (see :data:`~resilient_dspy.errors.ErrorKind.USER_MISTAKE`), also as the
-    last error a Retry gave up on."""
-    if isinstance(error, RetriesExhaustedError):
-        error = error.last_error
-    return classify(error).kind is ErrorKind.USER_MISTAKE
-
-
 class _AnyButUserMistakes:
     """The default ``on=``: every error except a configuration or programming error, which no answer can fix."""
 
@@ -73,15 +65,6 @@ class _AnyButUserMistakes:
 
 DEFAULT_ON: Callable[[Exception], bool] = _AnyButUserMistakes()
 """Fallback's default filter: serve for any failure but a user mistake (no LM configured, a TypeError...)."""
-
-
-def matches(on: ErrorFilter, error: Exception) -> bool:
-    """True when ``on`` handles ``error`` (or the last error a Retry gave up on)."""
-    if not isinstance(on, tuple):
-        return bool(on(error))
-    if isinstance(error, on):
-        return True
-    return isinstance(error, RetriesExhaustedError) and isinstance(error.last_error, on)
 
 
 class Alternative(ABC):
@@ -152,31 +135,6 @@ class Static(Alternative):
         if self.factory is not None:
             return self.factory(call.inputs)
         return dspy.Prediction(**copy.deepcopy(self.fields))
-
-
-def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]]) -> Alternative | None:
-    if isinstance(candidate, Alternative):
-        return candidate
-    if isinstance(candidate, dspy.BaseLM):
-        return UseLM(candidate)
-    if isinstance(candidate, dspy.Prediction):
-        fields = dict(candidate.items())
-        if not fields:
-            problems.append((f"Fallback.alternatives[{index}]", "an empty dspy.Prediction is not an answer"))
-            return None
-        return Static(**fields)
-    inner: list[tuple[str, str]] = []
-    target = adapt_program(candidate, inner)
-    if target is None:
-        problems.append(
-            (
-                f"Fallback.alternatives[{index}]",
-                f"must be UseLM/UseProgram/Static, a dspy.LM, a dspy.Prediction, a program or an async callable "
-                f"(got {candidate!r:.80})",
-            )
-        )
-        return None
-    return UseProgram(candidate)
 
 
 class FallbackOptions(Options):
@@ -291,3 +249,45 @@ class Fallback(Layer):
             "name": self.options.name,
         }
         return {"layer": "Fallback", "name": self.name, "options": options}
+
+
+def is_user_mistake(error: BaseException) -> bool:
+    """A configuration or programming error (see :data:`~resilient_dspy.errors.ErrorKind.USER_MISTAKE`), also as the
+    last error a Retry gave up on."""
+    if isinstance(error, RetriesExhaustedError):
+        error = error.last_error
+    return classify(error).kind is ErrorKind.USER_MISTAKE
+
+
+def matches(on: ErrorFilter, error: Exception) -> bool:
+    """True when ``on`` handles ``error`` (or the last error a Retry gave up on)."""
+    if not isinstance(on, tuple):
+        return bool(on(error))
+    if isinstance(error, on):
+        return True
+    return isinstance(error, RetriesExhaustedError) and isinstance(error.last_error, on)
+
+
+def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]]) -> Alternative | None:
+    if isinstance(candidate, Alternative):
+        return candidate
+    if isinstance(candidate, dspy.BaseLM):
+        return UseLM(candidate)
+    if isinstance(candidate, dspy.Prediction):
+        fields = dict(candidate.items())
+        if not fields:
+            problems.append((f"Fallback.alternatives[{index}]", "an empty dspy.Prediction is not an answer"))
+            return None
+        return Static(**fields)
+    inner: list[tuple[str, str]] = []
+    target = adapt_program(candidate, inner)
+    if target is None:
+        problems.append(
+            (
+                f"Fallback.alternatives[{index}]",
+                f"must be UseLM/UseProgram/Static, a dspy.LM, a dspy.Prediction, a program or an async callable "
+                f"(got {candidate!r:.80})",
+            )
+        )
+        return None
+    return UseProgram(candidate)
