@@ -835,6 +835,62 @@ async def test_concurrent_calls_do_not_share_attempt_state() -> None:
     assert calls == {"one": 2, "three": 4}
 
 
+# ------------------------------------------------------------------------------ an opened circuit below
+
+
+class OpensFor:
+    """A layer below Retry that, like a CircuitBreaker tripping, marks the call blocked for ``seconds`` after a
+    failure (``call.record.blocked_until``, the record's contract with Retry)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def __call__(self, call: Any, next: Any) -> Any:
+        try:
+            return await next(call)
+        except Exception:
+            call.record.blocked_until = call.clock.now() + self.seconds
+            raise
+
+
+async def test_retry_waits_for_a_circuit_below_to_let_the_next_attempt_through() -> None:
+    events: list[Event] = []
+    pipeline = Pipeline(
+        Flaky(server_error()), Retry(3, base_delay=0, jitter="none"), OpensFor(5.0), listeners=[events.append]
+    )
+    await asyncio.sleep(10)
+    assert await pipeline("q") == "ok"
+    assert delays(events) == [5.0] and now() == 15.0
+
+
+async def test_retry_gives_up_at_once_when_the_circuit_stays_open_past_max_retry_after() -> None:
+    program = AlwaysFailing()
+    pipeline = Pipeline(program, Retry(3, base_delay=0, max_retry_after=60), OpensFor(60.5))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")
+    assert (caught.value.reason, caught.value.attempts, program.calls, now()) == ("circuit_open", 1, 1, 0.0)
+
+
+async def test_a_circuit_open_exactly_max_retry_after_is_waited_for() -> None:
+    pipeline = Pipeline(Flaky(server_error()), Retry(2, base_delay=0, jitter="none", max_retry_after=60), OpensFor(60))
+    assert await pipeline("q") == "ok"
+    assert now() == 60.0
+
+
+async def test_a_circuit_open_past_the_deadline_gives_up_for_the_deadline() -> None:
+    pipeline = Pipeline(AlwaysFailing(), Timeout(3), Retry(3, base_delay=0), OpensFor(5.0))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")
+    assert (caught.value.reason, caught.value.attempts) == ("deadline", 1)
+
+
+async def test_a_backoff_longer_than_max_retry_after_is_not_a_circuit_open() -> None:
+    """max_retry_after caps a server's (or a circuit's) wait, not the backoff: with no circuit below, retry."""
+    pipeline = Pipeline(Flaky(server_error()), Retry(2, base_delay=1, jitter="none", max_retry_after=0.5))
+    assert await pipeline("q") == "ok"
+    assert now() == 1.0
+
+
 # ------------------------------------------------------------------------------------------------ 10. budget
 
 

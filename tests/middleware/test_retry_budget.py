@@ -256,3 +256,81 @@ async def test_health_is_degraded_while_the_budget_is_spent_and_silent_otherwise
     assert report.details == {"budget_calls": 1, "budget_retries": 2, "allowed": 2.0}
     await asyncio.sleep(10)
     assert retry.health() is None
+
+
+def test_a_snapshot_taken_outside_the_loop_is_as_of_the_latest_call() -> None:
+    """The loop clock cannot be read outside a running loop: the snapshot is then taken at the latest time the
+    budget saw (here the slot of the call at 8, later than the retry at 5)."""
+    retry = Retry(2, base_delay=0, jitter="none", budget=RetryBudget(ratio=0.0, min_per_second=1.0, window=100.0))
+    pipeline = Pipeline(Held(), retry)
+
+    async def scenario() -> None:
+        await asyncio.sleep(5)
+        with pytest.raises(RetriesExhaustedError):
+            await pipeline("fail")
+        await asyncio.sleep(3)
+        assert await pipeline("ok") == "ok"
+
+    run_virtual(scenario)
+    assert retry.snapshot() == RetrySnapshot(time=8.0, window=100.0, calls=2, retries=1, allowed=100.0)
+
+
+def test_a_budget_with_no_room_yet_but_no_retry_spent_is_not_reported() -> None:
+    retry = Retry(budget=RetryBudget(ratio=0.5, min_per_second=0.0))
+    assert retry.snapshot().exhausted and retry.health() is None  # type: ignore[union-attr]
+
+
+async def test_a_slot_starting_exactly_one_window_ago_no_longer_counts() -> None:
+    """Slots of 1 s (window 100): the call at 3 is in slot [3, 4), which (3, 103] does not hold whole."""
+    pipeline, retry, clock, _ = on_hand_clock(RetryBudget(ratio=0.5, min_per_second=0.0, window=100.0), 3.0)
+    assert await pipeline("ok") == "ok"
+    clock.time = 102.0
+    assert retry.snapshot().calls == 1  # type: ignore[union-attr]
+    clock.time = 103.0
+    assert retry.snapshot().calls == 0  # type: ignore[union-attr]
+    assert await reason_of(pipeline) == ("budget", 1)
+
+
+async def test_calls_in_consecutive_slots_are_counted_apart() -> None:
+    """The calls at 0 and 1 fill two slots: at 100.5 the first has left the window, the second still counts."""
+    pipeline, retry, clock, _ = on_hand_clock(RetryBudget(ratio=0.5, min_per_second=0.0, window=100.0), 0.0)
+    assert await pipeline("ok") == "ok"
+    clock.time = 1.0
+    assert await pipeline("ok") == "ok"
+    clock.time = 100.5
+    assert retry.snapshot().calls == 1  # type: ignore[union-attr]
+
+
+async def test_every_call_still_in_flight_from_slots_that_left_together_keeps_counting() -> None:
+    pipeline, retry, clock, program = on_hand_clock(RetryBudget(ratio=0.34, min_per_second=0.0, window=100.0), 1.0)
+    held = [asyncio.create_task(pipeline("hold"))]
+    await asyncio.sleep(0)
+    clock.time = 2.0
+    held.append(asyncio.create_task(pipeline("hold")))
+    await asyncio.sleep(0)
+    clock.time = 103.0
+    assert await reason_of(pipeline) == ("max_attempts", 2)  # 1 retry <= 0.34 * 3 calls: both held ones count
+    assert retry.snapshot().calls == 3  # type: ignore[union-attr]
+    program.release.set()
+    assert await asyncio.gather(*held) == ["hold", "hold"]
+    assert retry.snapshot().calls == 1  # type: ignore[union-attr]
+
+
+async def test_one_failure_shared_by_several_attempts_is_paid_for_once() -> None:
+    """A single-flight cache hands its followers the leader's error object itself: retrying that one failure again
+    spends nothing, while a fresh failure needs room (one retry per window here)."""
+    shared = ConnectionError("dropped")
+
+    async def program(question: str) -> str:
+        raise shared if question == "shared" else ConnectionError("dropped")
+
+    retry = Retry(3, base_delay=0, jitter="none", budget=RetryBudget(ratio=0.0, min_per_second=0.1, window=10.0))
+    pipeline = Pipeline(program, retry)
+    for _ in range(2):
+        with pytest.raises(RetriesExhaustedError) as caught:
+            await pipeline("shared")
+        assert (caught.value.reason, caught.value.attempts) == ("max_attempts", 3)
+    assert retry.snapshot().retries == 1  # type: ignore[union-attr]
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("fresh")
+    assert (caught.value.reason, caught.value.attempts) == ("budget", 1)
