@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+import dspy
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Budget, Limit, Pipeline, RateLimiter
-from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, UNMEASURED_CHARS, estimate_chars
+from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, UNMEASURED_CHARS, ProgramEstimate, estimate_chars
+from resilient_dspy.testing import FaultInjectingLM
 
 
 class Unprintable:
@@ -87,3 +90,66 @@ def test_every_input_gets_a_bounded_estimate_that_never_raises(value: Any, depth
         except Exception:
             continue
         assert chars == len(text)
+
+
+# ----------------------------------------------------------------------------------------- the default estimate
+
+
+def inputs(**values: Any) -> Any:
+    """What an estimate reads of a call: its inputs."""
+    return SimpleNamespace(inputs=values)
+
+
+def test_the_default_estimate_is_the_characters_over_four_and_the_lms_max_tokens() -> None:
+    """Prompt = (inputs + instructions + demos) / 4, integer division; completion = the context LM's max_tokens."""
+    program = dspy.Predict("question -> answer")
+    demo = dspy.Example(question="q", answer="a")
+    program.demos = [demo]
+    estimate = ProgramEstimate(program)
+    prompt_chars = len(program.signature.instructions) + len(str(demo))
+    with dspy.context(lm=FaultInjectingLM(max_tokens=77)):
+        assert estimate.tokens(inputs(question="abcdefgh", n=1234)) == ((prompt_chars + 8 + 4) // 4, 77)
+    with dspy.context(lm=None):
+        assert estimate.tokens(inputs(question="")) == (prompt_chars // 4, DEFAULT_MAX_TOKENS)
+
+
+def test_a_pinned_lm_sets_the_completion_and_the_model_whatever_the_context_says() -> None:
+    program = dspy.Predict("question -> answer")
+    program.lm = FaultInjectingLM("pinned", max_tokens=30)
+    estimate = ProgramEstimate(program)
+    with dspy.context(lm=FaultInjectingLM("context", max_tokens=500)):
+        assert estimate.tokens(inputs(question="q"))[1] == 30
+        assert estimate.model() == program.lm.model
+    bare = ProgramEstimate(dspy.Predict("question -> answer"))
+    with dspy.context(lm=FaultInjectingLM("context", max_tokens=500)):
+        assert bare.tokens(inputs(question="q"))[1] == 500
+        assert bare.model() == "custom/context"
+    with dspy.context(lm=None):
+        assert bare.model() == "unknown"
+
+
+def test_an_estimate_learning_several_programs_keeps_the_largest_prompt_and_completion() -> None:
+    """A layer built into two pipelines must not under-estimate either: the longer instructions, the larger
+    pinned max_tokens, and the first pinned model are kept; learn() returns the program's pinned LMs."""
+    short, long = dspy.Predict("question -> answer"), dspy.Predict("question -> answer")
+    long.signature = long.signature.with_instructions("x" * 400)
+    short.lm = FaultInjectingLM("first", max_tokens=10)
+    long.lm = FaultInjectingLM("second", max_tokens=90)
+    estimate = ProgramEstimate()
+    assert estimate.learn(short) == [short.lm]
+    assert estimate.learn(long) == [long.lm]
+    assert estimate.learn(short) == [short.lm]
+    assert estimate.tokens(inputs()) == (400 // 4, 90)
+    assert estimate.model() == short.lm.model
+
+
+async def test_the_budget_and_the_rate_limiter_make_the_same_default_estimate() -> None:
+    """One estimate for both layers: the limiter charges prompt + completion, the budget reserves the same."""
+    program = dspy.Predict("question -> answer")
+    limiter = RateLimiter(Limit.tokens(10_000_000, per=60.0))
+    budget = Budget(tokens=10_000_000)
+    pipeline = Pipeline(program, limiter, budget)
+    call = pipeline.new_call({"question": "What is DSPy?", "n": 1234})
+    with dspy.context(lm=FaultInjectingLM(max_tokens=64)):
+        shared = sum(ProgramEstimate(program).tokens(call))
+        assert limiter.default_estimate(call) == sum(budget.estimate(call)) == shared

@@ -1,8 +1,8 @@
 """Token estimates made before a call, shared by the layers that must decide before the LM answers.
 
 ``RateLimiter`` (token limits) and ``Budget`` both charge an estimate first and reconcile with the measured usage
-after: (characters of the inputs + the program's instructions and demos) / 4 for the prompt, plus the LM's
-``max_tokens`` for the completion.
+after. The default estimate, :class:`ProgramEstimate`, is written here once: (characters of the inputs + the
+program's instructions and demos) / 4 for the prompt, plus the LM's ``max_tokens`` for the completion.
 
 An input is measured as ``str(value)``. One that cannot be printed never fails the call: a structure too deep for
 ``str()`` (a list nested 100,000 deep) is counted without recursion, and a value whose ``str()`` raises counts
@@ -11,13 +11,17 @@ An input is measured as ``str(value)``. One that cannot be printed never fails t
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import dspy
+
+from resilient_dspy.binding.settings import setting
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "UNMEASURED_CHARS",
+    "ProgramEstimate",
     "estimate_chars",
     "lm_max_tokens",
     "measure_chars",
@@ -125,3 +129,51 @@ def program_parts(program: Any) -> tuple[int, list[Any]]:
         if getattr(predictor, "lm", None) is not None:
             lms.append(predictor.lm)
     return chars, lms
+
+
+class HasInputs(Protocol):
+    """What an estimate reads of a call: its inputs (a :class:`~resilient_dspy.core.call.Call` has them)."""
+
+    @property
+    def inputs(self) -> Mapping[str, Any]: ...
+
+
+class ProgramEstimate:
+    """The default token estimate of the program a layer is built around: learned from the program once (walking
+    its predictors per call would be slow), then ``tokens(call)`` per call, with no I/O.
+
+    ``prompt_chars`` counts the instructions and demos, ``pinned_max_tokens`` the largest completion of an LM pinned
+    on a predictor, ``pinned_model`` the first pinned LM's model (what runs, whatever ``dspy.context`` says). A layer
+    built into several pipelines learns each program and keeps the largest, so no pipeline is under-estimated.
+    """
+
+    __slots__ = ("pinned_max_tokens", "pinned_model", "prompt_chars")
+
+    def __init__(self, program: Any = None) -> None:
+        self.prompt_chars = 0
+        self.pinned_max_tokens: int | None = None
+        self.pinned_model: str | None = None
+        if program is not None:
+            self.learn(program)
+
+    def learn(self, program: Any) -> list[Any]:
+        """Take in ``program`` (unwrapped from its Pipeline: ``innermost_program``); return the LMs pinned on it."""
+        chars, lms = program_parts(program)
+        self.prompt_chars = max(self.prompt_chars, chars)
+        if lms:
+            pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
+            self.pinned_max_tokens = max(self.pinned_max_tokens or 0, *pinned)
+            self.pinned_model = self.pinned_model or getattr(lms[0], "model", None)
+        return lms
+
+    def tokens(self, call: HasInputs) -> tuple[int, int]:
+        """``(prompt, completion)``: (characters of the inputs + instructions and demos) / 4, and the ``max_tokens``
+        of a pinned LM, else of the LM in effect (``dspy.context``, ``dspy.configure``), else the default 1024."""
+        chars = self.prompt_chars
+        for value in call.inputs.values():
+            chars += len(value) if isinstance(value, str) else estimate_chars(value)
+        return chars // 4, self.pinned_max_tokens or lm_max_tokens(setting("lm")) or DEFAULT_MAX_TOKENS
+
+    def model(self) -> str:
+        """The model a call is expected to run on, to price its estimate: a pinned LM's, else the one in effect."""
+        return self.pinned_model or getattr(setting("lm"), "model", None) or "unknown"

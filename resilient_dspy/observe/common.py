@@ -24,6 +24,7 @@ from resilient_dspy.binding.settings import setting
 from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
 from resilient_dspy.errors import RejectedError, TimeoutExceededError
 from resilient_dspy.events import Event
+from resilient_dspy.middleware.breaker.events import CircuitSnapshot
 from resilient_dspy.observe.redact import to_plain
 
 if TYPE_CHECKING:
@@ -246,7 +247,8 @@ CIRCUIT_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2, "isolated": 3}
 
 
 def circuit_snapshots(pipeline: Pipeline) -> list[tuple[str, str, str]]:
-    """``(layer, key, state)`` of every circuit a pipeline's breakers know now, to seed a state gauge."""
+    """``(layer, key, state)`` of every circuit a pipeline's breakers know now, to seed a state gauge: the layers
+    whose snapshots are of type :class:`CircuitSnapshot` (a Budget or a Bulkhead has snapshots too, but no circuit)."""
     found = []
     for layer in pipeline.layers:
         snapshots = getattr(layer, "snapshots", None)
@@ -255,7 +257,8 @@ def circuit_snapshots(pipeline: Pipeline) -> list[tuple[str, str, str]]:
             continue
         try:
             for key, snapshot in snapshots().items():
-                found.append((name, key_label(key), str(getattr(snapshot, "state", ""))))
+                if isinstance(snapshot, CircuitSnapshot):
+                    found.append((name, key_label(key), str(snapshot.state)))
         except Exception:
             logger.debug("could not read the circuits of %r", layer, exc_info=True)
     return found

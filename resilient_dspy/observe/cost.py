@@ -20,6 +20,7 @@ from typing import Any, Literal
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.events import Event
+from resilient_dspy.middleware.cache.events import CacheCoalesced, CacheHit
 from resilient_dspy.observe.common import TokenUsage, UsageWindow, outcome_of, safely, subscribe_once
 
 __all__ = [
@@ -219,7 +220,9 @@ class CostTotals:
         return self.input_tokens + self.output_tokens
 
 
-class _Account:
+class _RunningTotals:
+    """The sums behind one :class:`CostTotals` (the whole tracker, a pipeline, a key or a model), kept mutable."""
+
     __slots__ = ("calls", "cost", "input_tokens", "output_tokens", "saved_cost", "saved_tokens", "unpriced_tokens")
 
     def __init__(self) -> None:
@@ -238,7 +241,8 @@ class _Account:
         )
 
 
-KeyFunction = Callable[[Call], Hashable]
+CostKeyFunction = Callable[[Call], Hashable]
+"""Which key a call's cost is totalled under (``by_key()``); not a partition key: nothing is kept apart by it."""
 
 
 class CostTracker:
@@ -253,7 +257,7 @@ class CostTracker:
         self,
         prices: PriceTable | Mapping[str, ModelPrice | tuple[float, float]] | None = None,
         *,
-        key: KeyFunction | None = None,
+        key: CostKeyFunction | None = None,
         on_call: Callable[[CallCost], object] | None = None,
         name: str = "CostTracker",
     ) -> None:
@@ -261,10 +265,10 @@ class CostTracker:
         self.key = key
         self.on_call = on_call
         self.name = name
-        self._total = _Account()
-        self._pipelines: dict[str, _Account] = {}
-        self._keys: dict[Hashable, _Account] = {}
-        self._models: dict[str, _Account] = {}
+        self._total = _RunningTotals()
+        self._pipelines: dict[str, _RunningTotals] = {}
+        self._keys: dict[Hashable, _RunningTotals] = {}
+        self._models: dict[str, _RunningTotals] = {}
         self._current: ContextVar[tuple[str, Hashable] | None] = ContextVar(f"{name}.current", default=None)
 
     def on_build(self, pipeline: Pipeline) -> None:
@@ -295,10 +299,13 @@ class CostTracker:
             logger.exception("%s: the key function failed; the call is counted without a key", self.name)
             return None
 
-    def _accounts(self, pipeline: str, key: Hashable) -> list[_Account]:
-        accounts = [self._total, self._pipelines.get(pipeline) or self._pipelines.setdefault(pipeline, _Account())]
+    def _accounts(self, pipeline: str, key: Hashable) -> list[_RunningTotals]:
+        accounts = [
+            self._total,
+            self._pipelines.get(pipeline) or self._pipelines.setdefault(pipeline, _RunningTotals()),
+        ]
         if self.key is not None and key is not None:
-            accounts.append(self._keys.get(key) or self._keys.setdefault(key, _Account()))
+            accounts.append(self._keys.get(key) or self._keys.setdefault(key, _RunningTotals()))
         return accounts
 
     def _record(self, call: Call, key: Hashable, window: UsageWindow, error: BaseException | None) -> None:
@@ -307,7 +314,7 @@ class CostTracker:
         unpriced: list[str] = []
         for model, tokens in usage.items():
             dollars = self.prices.cost_of(model, tokens)
-            account = self._models.get(model) or self._models.setdefault(model, _Account())
+            account = self._models.get(model) or self._models.setdefault(model, _RunningTotals())
             account.calls += 1
             account.input_tokens += tokens.input
             account.output_tokens += tokens.output
@@ -329,8 +336,9 @@ class CostTracker:
             self.on_call(CallCost(pipeline, key, outcome, usage, cost, tuple(unpriced)))
 
     def on_event(self, event: Event) -> None:
-        """Count what a cache hit saved: ``saved_tokens``, and ``saved_cost`` or ``saved_usage`` when present."""
-        if type(event).__name__ not in ("CacheHit", "CacheCoalesced") or getattr(event, "error", None) is not None:
+        """Count what a cache hit, or a coalesced call that got the answer, saved: ``saved_tokens``, priced from
+        ``saved_usage`` (or a ``saved_cost`` an event of one's own carries). Matched by type, subclasses included."""
+        if not isinstance(event, CacheHit | CacheCoalesced) or getattr(event, "error", None) is not None:
             return
         tokens = getattr(event, "saved_tokens", 0)
         tokens = tokens if isinstance(tokens, int) else 0
@@ -365,7 +373,7 @@ class CostTracker:
 
     def reset(self) -> None:
         """Forget every total."""
-        self._total = _Account()
+        self._total = _RunningTotals()
         self._pipelines.clear()
         self._keys.clear()
         self._models.clear()

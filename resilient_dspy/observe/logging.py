@@ -15,30 +15,39 @@ from collections.abc import Mapping
 from typing import Any
 
 from resilient_dspy.core.call import Call, Handler
-from resilient_dspy.events import Event
+from resilient_dspy.events import Event, Rejected
+from resilient_dspy.middleware.breaker.events import CircuitStateChanged
+from resilient_dspy.middleware.bulkhead import BulkheadAcquired, BulkheadQueued
+from resilient_dspy.middleware.cache.events import CacheBackendFailed, CacheCoalesced, CacheHit, CacheMiss, CacheStored
+from resilient_dspy.middleware.fallback import FallbackUsed
+from resilient_dspy.middleware.ratelimit.events import RateLimitReconciled
+from resilient_dspy.middleware.retry import RetryGaveUp
+from resilient_dspy.middleware.timeout import TimeoutFired
 from resilient_dspy.observe.common import event_fields, report_call, safely
 from resilient_dspy.observe.redact import Redactor, to_plain
 
 __all__ = ["DEFAULT_LEVELS", "JsonFormatter", "LogCalls", "LoggingListener", "RedactingFilter"]
 
-DEFAULT_LEVELS: Mapping[str, int] = {
-    "RetryGaveUp": logging.WARNING,
-    "TimeoutFired": logging.WARNING,
-    "FallbackUsed": logging.WARNING,
-    "CircuitStateChanged": logging.WARNING,
-    "CircuitRejected": logging.WARNING,
-    "BulkheadRejected": logging.WARNING,
-    "RateLimitRejected": logging.WARNING,
-    "CacheBackendFailed": logging.WARNING,
-    "CacheHit": logging.DEBUG,
-    "CacheMiss": logging.DEBUG,
-    "CacheStored": logging.DEBUG,
-    "CacheCoalesced": logging.DEBUG,
-    "BulkheadQueued": logging.DEBUG,
-    "BulkheadAcquired": logging.DEBUG,
-    "RateLimitReconciled": logging.DEBUG,
+LevelKey = type[Event] | str
+"""An event type (its subclasses included) or, as before, an event class's name."""
+
+DEFAULT_LEVELS: Mapping[type[Event], int] = {
+    RetryGaveUp: logging.WARNING,
+    TimeoutFired: logging.WARNING,
+    FallbackUsed: logging.WARNING,
+    CircuitStateChanged: logging.WARNING,
+    Rejected: logging.WARNING,  # every refusal, of any layer: breaker, bulkhead, limiter, budget, guard, yours
+    CacheBackendFailed: logging.WARNING,
+    CacheHit: logging.DEBUG,
+    CacheMiss: logging.DEBUG,
+    CacheStored: logging.DEBUG,
+    CacheCoalesced: logging.DEBUG,
+    BulkheadQueued: logging.DEBUG,
+    BulkheadAcquired: logging.DEBUG,
+    RateLimitReconciled: logging.DEBUG,
 }
-"""Per-event levels used when ``levels`` is not given; other events log at the listener's ``level``."""
+"""Per-event levels used when ``levels`` is not given, by type (subclasses included); other events log at the
+listener's ``level``."""
 
 _DEFAULT_REDACTOR = Redactor()
 
@@ -69,8 +78,9 @@ def _summary(fields: Mapping[str, Any]) -> str:
 class LoggingListener:
     """A listener that logs each event as one structured record (``extra`` = the event's fields, redacted).
 
-    ``levels`` maps event class names to levels (default :data:`DEFAULT_LEVELS`); any other event — including
-    those of layers written later — logs at ``level``. ``redactor=None`` turns redaction off.
+    ``levels`` maps event types to levels (default :data:`DEFAULT_LEVELS`): an event takes the level of its most
+    specific type listed (``Rejected`` covers every rejection); an event class's name works as a key too. Any other
+    event — including those of layers written later — logs at ``level``. ``redactor=None`` turns redaction off.
     """
 
     def __init__(
@@ -78,17 +88,30 @@ class LoggingListener:
         logger: str | logging.Logger = "resilient_dspy",
         level: int = logging.INFO,
         *,
-        levels: Mapping[str, int] | None = None,
+        levels: Mapping[type[Event], int] | Mapping[str, int] | Mapping[LevelKey, int] | None = None,
         redactor: Redactor | None = _DEFAULT_REDACTOR,
     ) -> None:
         self.logger = logger if isinstance(logger, logging.Logger) else logging.getLogger(logger)
         self.level = level
-        self.levels = dict(DEFAULT_LEVELS if levels is None else levels)
+        given = DEFAULT_LEVELS if levels is None else levels
+        self.levels: dict[LevelKey, int] = {kind: level for kind, level in given.items()}
         self.redactor = redactor
+
+    def level_of(self, kind: type[Event]) -> int:
+        """The level for events of ``kind``: that of its most specific class in ``levels`` (by type, else by
+        name), else ``level``."""
+        levels = self.levels
+        for base in kind.__mro__:
+            level = levels.get(base)
+            if level is None:
+                level = levels.get(base.__name__)
+            if level is not None:
+                return level
+        return self.level
 
     def __call__(self, event: Event) -> None:
         name = type(event).__name__
-        level = self.levels.get(name, self.level)
+        level = self.level_of(type(event))
         if not self.logger.isEnabledFor(level):
             return
         fields = event_fields(event)

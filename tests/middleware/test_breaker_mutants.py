@@ -14,8 +14,10 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import CircuitBreaker, CircuitOpenError, ConfigurationError, Event, Pipeline
+from resilient_dspy import CircuitBreaker, CircuitOpenError, Pipeline
 from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.breaker import CircuitRejected, CircuitSnapshot, CircuitState, CircuitStateChanged
 from resilient_dspy.middleware.breaker.windows import _FAILED, _TimeWindow
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from resilient_dspy import BulkheadFullError, Event, Pipeline
+from resilient_dspy import BulkheadFullError, Pipeline
 from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.bulkhead import (
     Bulkhead,
     BulkheadAcquired,

@@ -14,8 +14,9 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import Event, Pipeline, RateLimitedError
+from resilient_dspy import Pipeline, RateLimitedError
 from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.ratelimit import (
     Limit,
     LimitUsage,

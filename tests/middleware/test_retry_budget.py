@@ -10,7 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import Event, Pipeline, RetriesExhaustedError, Retry, RetryBudget, RetryScheduled
+from resilient_dspy import Pipeline, RetriesExhaustedError, Retry, RetryBudget
+from resilient_dspy.events import Event, RetryScheduled
 from resilient_dspy.middleware.retry import RetrySnapshot
 from resilient_dspy.testing.plugin import ManualClock
 from tests.conftest import run_virtual

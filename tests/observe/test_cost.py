@@ -12,7 +12,8 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import Event, Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy import Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import Cache
 from resilient_dspy.observe import DEFAULT_PRICES, CallCost, CostTotals, CostTracker, ModelPrice, PriceTable, TokenUsage
 from resilient_dspy.testing import FaultInjectingLM
@@ -94,16 +95,20 @@ async def test_cache_hits_count_as_saved() -> None:
     assert totals.saved_cost == pytest.approx(totals.cost)  # the hit saved exactly what the miss cost
 
 
-def test_saved_usage_or_cost_on_an_event_is_priced() -> None:
+def test_saved_usage_on_a_cache_event_is_priced_and_events_are_matched_by_type_not_name() -> None:
+    from resilient_dspy.middleware.cache.events import CacheHit
+
     @dataclass(frozen=True, slots=True, kw_only=True)
-    class CacheHit(Event):
+    class Lookalike(Event):  # any name: only a CacheHit (or CacheCoalesced) counts as saved
         key: str
         saved_tokens: int
         saved_usage: dict[str, Any]
 
+    Lookalike.__name__ = "CacheHit"
     tracker = CostTracker(PRICES)
     usage = {MODEL: {"prompt_tokens": 1000, "completion_tokens": 100}}
     tracker.on_event(CacheHit(pipeline="qa", layer="Cache", time=0.0, key="k", saved_tokens=1100, saved_usage=usage))
+    tracker.on_event(Lookalike(pipeline="qa", layer="Cache", time=0.0, key="k", saved_tokens=1100, saved_usage=usage))
     assert tracker.total().saved_tokens == 1100
     assert tracker.total().saved_cost == pytest.approx(dollars(1000, 100))
     assert tracker.by_pipeline()["qa"].saved_cost == pytest.approx(dollars(1000, 100))

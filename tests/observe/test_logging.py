@@ -10,14 +10,8 @@ from typing import Any
 
 import pytest
 
-from resilient_dspy import (
-    CircuitBreaker,
-    Event,
-    Pipeline,
-    RetriesExhaustedError,
-    Retry,
-    Timeout,
-)
+from resilient_dspy import CircuitBreaker, Pipeline, RetriesExhaustedError, Retry, Timeout
+from resilient_dspy.events import Event
 from resilient_dspy.observe import JsonFormatter, LogCalls, LoggingListener, RedactingFilter, Redactor
 from tests.observe import AlwaysFailing, Scripted, captured_json, server_error
 
@@ -70,6 +64,68 @@ async def test_default_levels_warn_on_give_up() -> None:
     assert [(r["event"], r["level"]) for r in records(lines)] == [
         ("RetryScheduled", "INFO"),
         ("RetryGaveUp", "WARNING"),
+    ]
+
+
+def test_every_rejection_warns_by_default_whatever_its_layer_or_name() -> None:
+    """Levels are looked up by event type, subclasses included: a Budget's or Guard's refusal, or a rejection of
+    one's own, logs at WARNING like the breaker's; an event merely named like one does not."""
+    from resilient_dspy.events import Rejected
+    from resilient_dspy.middleware.budget import BudgetRejected
+    from resilient_dspy.middleware.guard import GuardRejectedInput
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class QuotaRefusal(Rejected):
+        reason: str
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class Lookalike(Event):
+        reason: str
+
+    Lookalike.__name__ = "CircuitRejected"
+    budget = BudgetRejected(
+        pipeline="qa",
+        layer="Budget",
+        time=0.0,
+        key=None,
+        unit="tokens",
+        limit=1,
+        spent=1,
+        reserved=0,
+        estimate=1,
+        retry_after=None,
+    )
+    guard = GuardRejectedInput(pipeline="qa", layer="Guard", time=0.0, field="q", rule="r", problems=())
+    listener = LoggingListener()
+    with captured_json(level=logging.DEBUG) as lines:
+        for event in (budget, guard, QuotaRefusal(pipeline="qa", layer="Quota", time=0.0, reason="monthly")):
+            listener(event)
+        listener(Lookalike(pipeline="qa", layer="Other", time=0.0, reason="x"))
+    assert [(r["event"], r["level"]) for r in records(lines)] == [
+        ("BudgetRejected", "WARNING"),
+        ("GuardRejectedInput", "WARNING"),
+        ("QuotaRefusal", "WARNING"),
+        ("CircuitRejected", "INFO"),
+    ]
+
+
+def test_levels_may_name_event_types_and_the_most_specific_wins() -> None:
+    from resilient_dspy.events import Rejected
+    from resilient_dspy.middleware.bulkhead import BulkheadRejected
+
+    listener = LoggingListener(levels={Rejected: logging.ERROR, BulkheadRejected: logging.DEBUG})
+    rejected = BulkheadRejected(pipeline="qa", layer="Bulkhead", time=0.0, key=None, reason="queue_full", waited=0.0)
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class QuotaRefusal(Rejected):
+        reason: str
+
+    with captured_json(level=logging.DEBUG) as lines:
+        listener(rejected)
+        listener(QuotaRefusal(pipeline="qa", layer="Quota", time=0.0, reason="monthly"))
+    assert [(r["event"], r["level"]) for r in records(lines)] == [
+        ("BulkheadRejected", "DEBUG"),
+        ("QuotaRefusal", "ERROR"),
     ]
 
 

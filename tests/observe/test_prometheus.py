@@ -31,6 +31,19 @@ def value(metrics: PrometheusMetrics, name: str, **labels: str) -> float | None:
     return samples(metrics).get((name, frozenset(labels.items())))
 
 
+def test_the_circuit_state_gauge_is_seeded_from_breakers_only() -> None:
+    """Other stateful layers have snapshots() too (Budget, Bulkhead): they are no circuits and get no series."""
+    from resilient_dspy import Budget, Bulkhead
+
+    async def echo(question: str) -> str:
+        return question
+
+    metrics = PrometheusMetrics()
+    Pipeline(echo, metrics, Budget(tokens=100), Bulkhead(2), CircuitBreaker(2), name="qa")
+    series = {labels for (name, labels) in samples(metrics) if name == "resilient_dspy_circuit_state"}
+    assert series == {frozenset({"pipeline": "qa", "layer": "CircuitBreaker", "key": ""}.items())}
+
+
 class Switch:
     """An async program that fails with a 503 while ``failing`` is set."""
 
