@@ -261,19 +261,21 @@ async def test_health_is_degraded_while_the_budget_is_spent_and_silent_otherwise
 
 def test_a_snapshot_taken_outside_the_loop_is_as_of_the_latest_call() -> None:
     """The loop clock cannot be read outside a running loop: the snapshot is then taken at the latest time the
-    budget saw (here the slot of the call at 8, later than the retry at 5)."""
-    retry = Retry(2, base_delay=0, jitter="none", budget=RetryBudget(ratio=0.0, min_per_second=1.0, window=100.0))
+    budget saw (here the slot of the call at 8, later than the retry at 5; slots of 0.5 s)."""
+    retry = Retry(2, base_delay=0, jitter="none", budget=RetryBudget(ratio=0.0, min_per_second=1.0, window=50.0))
     pipeline = Pipeline(Held(), retry)
 
     async def scenario() -> None:
-        await asyncio.sleep(5)
+        await asyncio.sleep(2)
+        assert await pipeline("ok") == "ok"
+        await asyncio.sleep(3)
         with pytest.raises(RetriesExhaustedError):
             await pipeline("fail")
         await asyncio.sleep(3)
         assert await pipeline("ok") == "ok"
 
     run_virtual(scenario)
-    assert retry.snapshot() == RetrySnapshot(time=8.0, window=100.0, calls=2, retries=1, allowed=100.0)
+    assert retry.snapshot() == RetrySnapshot(time=8.0, window=50.0, calls=3, retries=1, allowed=50.0)
 
 
 def test_a_budget_with_no_room_yet_but_no_retry_spent_is_not_reported() -> None:
