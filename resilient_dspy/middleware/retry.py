@@ -47,6 +47,8 @@ _REJECTED = ErrorKind.REJECTED  # a module global: reading an enum member off it
 
 
 class RetryOptions(Options):
+    """What a Retry retries, how long it waits and what bounds it; see docs/patterns/retry.md."""
+
     max_attempts: int = Field(default=3, ge=1, description="Attempts in all, counting the first.")
     backoff: Backoff = Field(default="exponential", description="How the delay grows with the retry number.")
     base_delay: float = Field(default=0.5, ge=0, allow_inf_nan=False, description="The first delay, before jitter.")
