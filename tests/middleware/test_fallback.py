@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -641,3 +642,50 @@ def test_the_default_fallback_never_serves_a_user_mistake(
     with pytest.raises(type(error)):
         asyncio.run(pipeline.invoke("q"))
     assert log == ["primary"]  # and never retried
+
+
+async def test_a_user_mistake_a_retry_gave_up_on_still_propagates_through_the_default_fallback() -> None:
+    """A Retry told to retry TypeError wraps it in RetriesExhaustedError: the default on= looks inside."""
+    log: list[str] = []
+    pipeline = Pipeline(
+        program("primary", log, TypeError("bug")),
+        Fallback(Static(answer="sorry")),
+        Retry(2, base_delay=0, retry_on=TypeError),
+    )
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")
+    assert isinstance(caught.value.last_error, TypeError) and log == ["primary", "primary"]
+
+
+# --- the answers a Static gives, checked when the pipeline is built ----------------------------------------
+
+
+def test_a_static_answer_lacking_an_output_field_every_answer_has_is_refused_at_build() -> None:
+    """Each Static (fields, not a factory) must give every output field of the program: each one that does not is
+    named by its place, with the fields it lacks."""
+    two_outputs = dspy.Predict("question -> answer, confidence")
+    with pytest.raises(ConfigurationError) as raised:
+        Pipeline(
+            two_outputs,
+            Fallback(UseProgram(program("spare", [])), Static(answer="sorry", name="apology"), Static(confidence="0")),
+        )
+    assert [field for field, _ in raised.value.problems] == ["Fallback.alternatives[1]", "Fallback.alternatives[2]"]
+    (_, lacks_confidence), (_, lacks_answer) = raised.value.problems
+    assert "confidence" in lacks_confidence and "'apology'" in lacks_confidence and "answer" in lacks_answer
+    Pipeline(two_outputs, Fallback(Static(answer="?", confidence="0")))
+    Pipeline(two_outputs, Fallback(Static(lambda inputs: dspy.Prediction())))  # a factory's answer is unknowable
+    Pipeline(program("any", []), Fallback(Static(answer="x")))  # a function's outputs are unknown: not checked
+
+
+async def test_serving_an_alternative_logs_a_warning_naming_the_pipeline_the_alternative_and_the_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipeline = Pipeline(
+        program("primary", [], Boom("primary down")), Fallback(Static(answer="s", name="apology")), name="qa"
+    )
+    with caplog.at_level(logging.WARNING, logger="resilient_dspy.fallback"):
+        await pipeline("q")
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert all(part in message for part in ("qa", "'apology'", "Boom", "primary down"))
