@@ -1240,7 +1240,9 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2, default=str))
         print(f"Wrote {args.json}")
     if args.write_docs:
-        args.write_docs.write_text(DOC_HEADER + "\n" + "\n".join(lines) + "\n")
+        previous = args.write_docs.read_text() if args.write_docs.exists() else ""
+        batches = previous[previous.find("<!-- bench_batch.py") :] if "<!-- bench_batch.py" in previous else ""
+        args.write_docs.write_text(DOC_HEADER + "\n" + "\n".join(lines) + "\n" + ("\n" + batches if batches else ""))
         print(f"Wrote {args.write_docs}")
 
 

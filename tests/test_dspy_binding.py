@@ -502,3 +502,93 @@ def test_an_async_generator_is_refused_at_build() -> None:
             Pipeline(program)
         ((field, rule),) = raised.value.problems
         assert field == "program" and "generator" in rule
+
+
+# ------------------------------------------------------------------------------- what a target's cache key is made of
+
+
+async def answer_point(question: str) -> json.JSONDecodeError:  # any class: a return annotation to report
+    raise NotImplementedError
+
+
+def test_each_target_says_what_its_cache_key_is_made_of() -> None:
+    from resilient_dspy.binding.shape import KeyIdentity
+
+    program = dspy.Predict("question -> answer")
+    module = Pipeline(program).target.key_identity()  # type: ignore[attr-defined]
+    assert (module.kind, module.names, module.lm, module.adapter) == (
+        "module",
+        ("dspy.predict.predict.Predict",),
+        None,
+        True,
+    )
+    assert module.predictors == (("self", program),)
+    lm = FaultInjectingLM()
+    bare = Pipeline(lm).target.key_identity()  # type: ignore[attr-defined]
+    assert (bare.kind, bare.names, bare.predictors, bare.lm, bare.adapter) == ("lm", (), None, lm, False)
+    function = Pipeline(answer_point).target.key_identity()  # type: ignore[attr-defined]
+    assert (function.kind, function.names, function.predictors) == ("function", (f"{__name__}.answer_point",), None)
+    assert isinstance(module, KeyIdentity) and module.inner is None
+
+
+def test_a_module_target_gives_the_same_identity_until_its_program_changes() -> None:
+    program = dspy.Predict("question -> answer")
+    target = Pipeline(program).target
+    first = target.key_identity()  # type: ignore[attr-defined]
+    program.history.append({"prompt": "p"})  # DSPy's call log: not part of the identity
+    assert target.key_identity() is first  # type: ignore[attr-defined]
+    program.demos.append(dspy.Example(question="1+1?", answer="2"))
+    changed = target.key_identity()  # type: ignore[attr-defined]
+    assert changed is not first and changed.predictors == (("self", program),)
+    assert target.key_identity() is changed  # type: ignore[attr-defined]
+
+
+def test_a_module_target_notices_its_program_changing_class() -> None:
+    class Terse(dspy.Predict):  # type: ignore[misc]
+        pass
+
+    program = dspy.Predict("question -> answer")
+    target = Pipeline(program).target
+    first = target.key_identity()  # type: ignore[attr-defined]
+    program.__class__ = Terse
+    changed = target.key_identity()  # type: ignore[attr-defined]
+    assert changed is not first and changed.names == (f"{__name__}.{Terse.__qualname__}",)
+
+
+def test_a_nested_pipeline_has_the_identity_of_the_program_it_runs() -> None:
+    from resilient_dspy.binding.shape import identity_source
+
+    program = dspy.Predict("question -> answer")
+    inner = Pipeline(program)
+    source = identity_source(Pipeline(inner).target)
+    nested = source()
+    assert (nested.kind, nested.inner) == ("pipeline", inner.target.key_identity())  # type: ignore[attr-defined]
+    assert source() is nested  # the same object while the program holds
+    program.demos.append(dspy.Example(question="1+1?", answer="2"))
+    assert source() is not nested and source().inner is inner.target.key_identity()  # type: ignore[attr-defined]
+
+
+def test_whether_a_key_needs_the_lm_of_the_context() -> None:
+    from resilient_dspy.binding.shape import identity_source
+
+    pinned = dspy.Predict("question -> answer")
+    pinned.lm = FaultInjectingLM()
+    free = dspy.Predict("question -> answer")
+    needs = {
+        "free": identity_source(Pipeline(free).target)().needs_settings_lm(),
+        "pinned": identity_source(Pipeline(pinned).target)().needs_settings_lm(),
+        "nested free": identity_source(Pipeline(Pipeline(free)).target)().needs_settings_lm(),
+        "function": identity_source(Pipeline(answer_point).target)().needs_settings_lm(),
+        "lm": identity_source(Pipeline(FaultInjectingLM()).target)().needs_settings_lm(),
+    }
+    assert needs == {"free": True, "pinned": False, "nested free": True, "function": False, "lm": False}
+
+
+def test_each_target_names_the_annotations_its_answers_may_hold() -> None:
+    from resilient_dspy.binding.shape import answer_annotations_of
+
+    program = dspy.Predict("question -> answer: int")
+    assert answer_annotations_of(Pipeline(program).target) == (str, int)
+    assert answer_annotations_of(Pipeline(Pipeline(program)).target) == (str, int)
+    assert answer_annotations_of(Pipeline(answer_point).target) == (json.JSONDecodeError,)
+    assert answer_annotations_of(Pipeline(FaultInjectingLM()).target) == ()

@@ -1,22 +1,29 @@
-"""A program's shape: its input fields and their rules, its output fields, its named predictors, and the
-cheap check that they (and so the program's identity in cache keys) still hold."""
+"""A program's shape: its input fields and their rules, its output fields, its named predictors, the cheap check that
+they still hold, and what a target is made of for cache keys (:class:`KeyIdentity`)."""
 
 from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import dspy
 from dspy.predict.parameter import Parameter
 from dspy.predict.predict import Predict
 from dspy.primitives.base_module import BaseModule
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["InputRule", "ProgramShape", "find_predictors"]
+__all__ = [
+    "InputRule",
+    "KeyIdentity",
+    "NestedIdentity",
+    "ProgramShape",
+    "answer_annotations_of",
+    "find_predictors",
+    "identity_source",
+    "qualified_name",
+]
 
 
 def _signature_inputs(signature: Any) -> tuple[str, ...]:
@@ -232,3 +239,75 @@ class ProgramShape:
         except Exception:  # an odd attribute (a key whose == raises): treat the program as changed
             return False
         return True
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class KeyIdentity:
+    """What decides a target's answers besides its inputs: the parts a cache key is made of.
+
+    A target says what it is made of; the cache encodes it (canonical JSON, LM digests, never a secret). A target
+    hands back the same object while these parts hold, so the cache encodes them again only for a new object.
+    """
+
+    kind: str
+    """The key's tag for this kind of program: ``"module"``, ``"lm"``, ``"function"``, ``"pipeline"``, ``"target"``."""
+    names: tuple[str, ...] = ()
+    """What names the program: a module's class or a function, as ``"module.qualname"`` (:func:`qualified_name`)."""
+    predictors: tuple[tuple[str, Any], ...] | None = None
+    """A module's named predictors, each keyed by its signature, demos, config and LM (its own, else the one in
+    effect); None for a program without predictors, which is keyed by the one LM in effect."""
+    lm: Any = None
+    """The LM every call goes to when the target fixes it (a wrapped ``dspy.LM``); None: the LM in ``dspy.settings``."""
+    adapter: bool = True
+    """Its answers go through the adapter in ``dspy.settings`` (every program but a bare LM)."""
+    inner: KeyIdentity | None = None
+    """The identity of the target this one runs (a nested pipeline); then only ``kind`` and ``inner`` count."""
+
+    def needs_settings_lm(self) -> bool:
+        """True when a predictor takes its LM from ``dspy.settings``: outside an LM context no call has this key."""
+        if self.inner is not None:
+            return self.inner.needs_settings_lm()
+        return self.predictors is not None and any(getattr(p, "lm", None) is None for _, p in self.predictors)
+
+
+def qualified_name(thing: Any) -> str:
+    """``"module.qualname"`` of a class or function (``"?"`` for a missing module); else of its type."""
+    qualname = getattr(thing, "__qualname__", None)
+    if isinstance(qualname, str):
+        return f"{getattr(thing, '__module__', '?')}.{qualname}"
+    kind = type(thing)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def identity_source(target: Any) -> Callable[[], KeyIdentity]:
+    """What to call for ``target``'s :class:`KeyIdentity` now: its ``key_identity`` (every target of the library
+    has one); a target of one's own without it is known by its class and name."""
+    own = getattr(target, "key_identity", None)
+    if callable(own):
+        return own  # type: ignore[no-any-return]
+    fixed = KeyIdentity("target", (qualified_name(type(target)), target.name))
+    return lambda: fixed
+
+
+def answer_annotations_of(target: Any) -> tuple[Any, ...]:
+    """``target.answer_annotations()``, or none for a target of one's own without it."""
+    own = getattr(target, "answer_annotations", None)
+    return tuple(own()) if callable(own) else ()
+
+
+class NestedIdentity:
+    """The identity of a nested pipeline: its inner target's, wrapped once per inner identity (same object while
+    that holds, as :class:`KeyIdentity` promises)."""
+
+    __slots__ = ("_inner", "_wrapped")
+
+    def __init__(self, inner: Callable[[], KeyIdentity]) -> None:
+        self._inner = inner
+        self._wrapped: KeyIdentity | None = None
+
+    def __call__(self) -> KeyIdentity:
+        inner = self._inner()
+        wrapped = self._wrapped
+        if wrapped is None or wrapped.inner is not inner:
+            wrapped = self._wrapped = KeyIdentity("pipeline", inner=inner)
+        return wrapped

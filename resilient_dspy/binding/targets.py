@@ -4,13 +4,14 @@ A ``dspy.Module`` is called with ``acall`` (never ``aforward``, which skips usag
 a sync ``forward``, in a worker thread (``dspy.asyncify``, settings carried over); a ``dspy.LM``
 with ``acall(prompt=...)``, and any ``async def`` with its parameters as inputs (a nested
 :class:`~resilient_dspy.Pipeline` is adapted in :mod:`resilient_dspy.core.pipeline`). Each adapter knows its input
-fields, so a positional argument maps to the first one.
+fields, so a positional argument maps to the first one, and what its cache key is made of (``key_identity()``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import typing
 from collections.abc import Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,17 +19,25 @@ import dspy
 
 from resilient_dspy.binding.settings import RetryWatch, setting
 from resilient_dspy.binding.shape import (
+    KeyIdentity,
     ProgramShape,
     _module_inputs,
     _module_outputs,
     _parameters_rule,
     find_predictors,
+    qualified_name,
 )
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call
 
-__all__ = ["CallableTarget", "LMTarget", "ModuleTarget", "Target", "adapt_target"]
+__all__ = [
+    "CallableTarget",
+    "LMTarget",
+    "ModuleTarget",
+    "Target",
+    "adapt_target",
+]
 
 
 class Target(Protocol):
@@ -49,6 +58,14 @@ class Target(Protocol):
         """Warn (once per LM) when an LM this target uses retries on its own (``num_retries > 0``)."""
         ...
 
+    def key_identity(self) -> KeyIdentity:
+        """What decides this target's answers besides its inputs (for cache keys); the same object while that holds."""
+        ...
+
+    def answer_annotations(self) -> tuple[Any, ...]:
+        """Every type annotation its answers may hold (signature fields, a return type): what a cache may decode."""
+        ...
+
 
 class ModuleTarget:
     """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off.
@@ -67,6 +84,7 @@ class ModuleTarget:
         self._threaded = getattr(type(program), "aforward", None) is None
         self._in_thread: Any = dspy.asyncify(program) if self._threaded else None
         self._shape: ProgramShape | None = None
+        self._identity: tuple[type[Any], ProgramShape, KeyIdentity] | None = None
 
     def shape(self) -> ProgramShape:
         """The program's predictors, found on first use and found again only after the program changed."""
@@ -78,6 +96,18 @@ class ModuleTarget:
     def named_predictors(self) -> tuple[tuple[str, Any], ...]:
         """``program.named_predictors()`` as it is now, without DSPy's walk of every ``history`` entry."""
         return self.shape().predictors
+
+    def key_identity(self) -> KeyIdentity:
+        """The program's class and its predictors as they are now: a new identity only after the program changed."""
+        shape = self.shape()
+        cls = type(self.program)
+        known = self._identity
+        if known is None or known[1] is not shape or known[0] is not cls:
+            known = self._identity = (cls, shape, KeyIdentity("module", (qualified_name(cls),), shape.predictors))
+        return known[2]
+
+    def answer_annotations(self) -> tuple[Any, ...]:
+        return tuple(info.annotation for _, p in self.named_predictors() for info in p.signature.fields.values())
 
     def watch_dspy_retries(self) -> None:
         self._watch.enabled = True
@@ -134,6 +164,14 @@ class LMTarget:
         self.lm = lm
         self.name = f"LM({getattr(lm, 'model', type(lm).__name__)})"
         self._watch = RetryWatch(self.name)
+        self._identity = KeyIdentity("lm", lm=lm, adapter=False)
+
+    def key_identity(self) -> KeyIdentity:
+        """The LM itself (its model, endpoint and kwargs are read by the cache on every call); no adapter."""
+        return self._identity
+
+    def answer_annotations(self) -> tuple[Any, ...]:
+        return ()
 
     def watch_dspy_retries(self) -> None:
         self._watch.enabled = True
@@ -169,6 +207,20 @@ class CallableTarget:
         self._positional_only = tuple(p.name for p in parameters if p.kind is p.POSITIONAL_ONLY)
         self._rule = _parameters_rule(self.name, parameters)
         self.output_fields: tuple[str, ...] | None = None
+        self._identity = KeyIdentity("function", (qualified_name(function),))
+
+    def key_identity(self) -> KeyIdentity:
+        """The function's qualified name (a callable object: its class), under the LM and adapter in effect."""
+        return self._identity
+
+    def answer_annotations(self) -> tuple[Any, ...]:
+        """The function's return annotation, if it has one that resolves."""
+        function = self.function
+        try:
+            hints = typing.get_type_hints(function if inspect.isroutine(function) else type(function).__call__)
+        except Exception:
+            return ()
+        return (hints["return"],) if "return" in hints else ()
 
     def watch_dspy_retries(self) -> None:
         """A plain function's LMs are not visible to us; see the retry docs on ``num_retries``."""

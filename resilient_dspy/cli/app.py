@@ -1,5 +1,5 @@
-"""The ``resilient-dspy`` command: ``demo``, ``chaos-server`` (a local OpenAI-compatible endpoint with faults), and
-``chaos`` (a scorecard of your pipeline under a battery of fault scenarios)."""
+"""The ``resilient-dspy`` command: ``demo``, ``chaos-server`` (a local OpenAI-compatible endpoint with faults),
+``chaos`` (a scorecard of your pipeline under a battery of fault scenarios) and ``batch`` (a resumable batch job)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     from resilient_dspy.cli.chaos import add_arguments
 
     add_arguments(scorecard)
+    from resilient_dspy.cli.batch import add_arguments as add_batch_arguments
+
+    add_batch_arguments(
+        commands.add_parser(
+            "batch",
+            help="run a JSONL file of inputs through your pipeline into a JSONL of results, resumable after a crash",
+            description="Runs every line of --input (a JSON object of inputs, or a question) through TARGET "
+            "(module:attr or file.py:attr, a Pipeline or a zero-argument factory of one) and appends one JSON line "
+            "per finished item to --output, flushed, so a crash loses at most the calls in flight. Rerun the same "
+            "command to resume: items already in the output (by their 'id' field, else their line number) are "
+            "skipped, never written twice. Failed items carry their typed error; --retry-failed runs them again. "
+            "Exit 0: no item failed; 1: some failed; 2: bad input; 130: interrupted.",
+        )
+    )
     return parser
 
 
@@ -128,7 +142,6 @@ def _fault_rate(text: str) -> tuple[str, float]:
 def _demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from resilient_dspy.cli.demo import DemoConfig, exit_status, render, report_json, run_demo
 
@@ -142,21 +155,7 @@ def _demo(args: argparse.Namespace) -> int:
         progress=not args.no_progress and not args.json,
     )
     console = Console(stderr=args.json)
-    if not config.progress:
-        report = asyncio.run(run_demo(config))
-    else:
-        columns: Sequence[Any] = (
-            TextColumn("{task.description:>18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, transient=False) as progress:
-            tasks = {
-                "resilient": progress.add_task("resilient pipeline", total=config.questions),
-                "bare": progress.add_task("bare program", total=config.questions),
-            }
-            report = asyncio.run(run_demo(config, on_progress=lambda label: progress.advance(tasks[label])))
+    report = asyncio.run(run_demo(config))
     if args.json:
         print(json.dumps(report_json(report), indent=2, default=str))
     else:
@@ -247,6 +246,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from resilient_dspy.cli.chaos import command
 
         return command(args)
+    if args.command == "batch":
+        from resilient_dspy.cli.batch import command as batch_command
+
+        return batch_command(args)
     if args.command == "chaos-server":
         from resilient_dspy.testing.chaos_server import is_loopback
 

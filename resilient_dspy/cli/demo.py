@@ -12,7 +12,6 @@ import asyncio
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ from resilient_dspy.middleware import (
     UseLM,
 )
 from resilient_dspy.middleware._shared.partitions import by_model
+from resilient_dspy.observe.progress import ProgressBar
 from resilient_dspy.testing import FaultInjectingLM, FaultProfile
 
 __all__ = ["DemoConfig", "DemoReport", "NoAnswerError", "RunStats", "build_pipeline", "exit_status", "run_demo"]
@@ -181,80 +181,53 @@ def _questions(count: int) -> list[str]:
     return [base[i % len(base)] + ("" if i < len(base) else f" (#{i // len(base) + 1})") for i in range(count)]
 
 
-async def _run_batch(
-    label: str,
-    questions: list[str],
-    concurrency: int,
-    ask: Callable[[str], Any],
-    advance: Callable[[], None],
-) -> RunStats:
-    stats = RunStats(label)
-    gate = asyncio.Semaphore(concurrency)
+async def _run_batch(label: str, title: str, pipeline: Pipeline, questions: list[str], config: DemoConfig) -> RunStats:
+    """The batch through ``pipeline``, ``config.concurrency`` calls at a time, with a live bar (``title``) on a
+    terminal."""
     loop = asyncio.get_running_loop()
-
-    async def one(question: str) -> None:
-        async with gate:
-            started = loop.time()
-            try:
-                served_by = await ask(question)
-            except Exception as error:
-                stats.failed += 1
-                stats.failures[type(error).__name__] += 1
-            else:
-                if served_by == "primary":
-                    stats.answered += 1
-                else:
-                    stats.fallback += 1
-            finally:
-                stats.latencies.append(loop.time() - started)
-                advance()
-
     started = loop.time()
-    async with asyncio.TaskGroup() as group:
-        for question in questions:
-            group.create_task(one(question))
-    stats.wall = loop.time() - started
+    progress = ProgressBar(f"{title:>18}") if config.progress else False
+    outcomes = await pipeline.map(questions, concurrency=config.concurrency, progress=progress)
+    stats = RunStats(label, wall=loop.time() - started)
+    for outcome in outcomes:
+        stats.latencies.append(outcome.duration)
+        stats.retries += outcome.retries
+        if outcome.error is not None:
+            stats.failed += 1
+            stats.failures[type(outcome.error).__name__] += 1
+            continue
+        stats.served_by[outcome.served_by] += 1
+        if outcome.served_by == "primary":
+            stats.answered += 1
+        else:
+            stats.fallback += 1
     return stats
 
 
-async def run_demo(config: DemoConfig, on_progress: Callable[[str], None] | None = None) -> DemoReport:
+async def run_demo(config: DemoConfig) -> DemoReport:
     """Run the batch through the resilient pipeline, then through the bare program, and compare."""
     questions = _questions(config.questions)
-
-    def tick(label: str) -> Callable[[], None]:
-        return (lambda: on_progress(label)) if on_progress is not None else (lambda: None)
-
     primary, backup, faulty = _lms(config)
     program = dspy.ChainOfThought("question -> answer")
     pipeline = build_pipeline(program, backup)
-    resilient_stats = RunStats("resilient")
-
-    async def ask_resilient(question: str) -> str:
-        outcome = await pipeline.invoke(question)
-        resilient_stats.served_by[outcome.served_by] += 1
-        resilient_stats.retries += outcome.retries
-        return outcome.served_by
-
     with dspy.context(lm=primary):
-        batch = await _run_batch("resilient", questions, config.concurrency, ask_resilient, tick("resilient"))
-    batch.served_by, batch.retries = resilient_stats.served_by, resilient_stats.retries
-    batch.lm_calls = sum(lm.requests for lm in faulty)
+        resilient = await _run_batch("resilient", "resilient pipeline", pipeline, questions, config)
+    resilient.lm_calls = sum(lm.requests for lm in faulty)
 
     bare_primary, _, bare_faulty = _lms(config)
 
-    async def ask_bare(question: str) -> str:
+    async def bare_program(question: str) -> Any:
         # The bare program has no deadline: a hung request would wait forever, so the demo stops
         # waiting after `patience` seconds and counts it as a failure.
         try:
-            await asyncio.wait_for(program.acall(question=question), config.patience)
+            return await asyncio.wait_for(program.acall(question=question), config.patience)
         except TimeoutError:
             raise NoAnswerError(f"no answer after {config.patience:g}s") from None
-        return "primary"
 
     with dspy.context(lm=bare_primary):
-        bare = await _run_batch("bare", questions, config.concurrency, ask_bare, tick("bare"))
+        bare = await _run_batch("bare", "bare program", Pipeline(bare_program, name="bare"), questions, config)
     bare.lm_calls = sum(lm.requests for lm in bare_faulty[:1])
-    return DemoReport(config, batch, bare, pipeline.describe())
+    return DemoReport(config, resilient, bare, pipeline.describe())
 
 
 def render(report: DemoReport) -> Any:

@@ -13,16 +13,18 @@ import dataclasses
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Hashable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Hashable
 from typing import Any
 
 from pydantic import BaseModel
 
 from resilient_dspy.binding.targets import Target, adapt_target, is_dspy_program
+from resilient_dspy.core import batch
 from resilient_dspy.core.call import Call, CallRecord, Handler, Middleware, Runtime
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.health import LayerHealth, PipelineHealth, worst
+from resilient_dspy.core.nested import PipelineTarget
+from resilient_dspy.core.outcome import Outcome
 from resilient_dspy.core.placement import warn_about_order
 from resilient_dspy.core.trace import Trace, traced
 from resilient_dspy.errors import ConfigurationError, ErrorKind, InvalidInputError, classify
@@ -31,18 +33,6 @@ from resilient_dspy.events import Event, Listener, OfKinds, listener_problem
 __all__ = ["Outcome", "Pipeline", "PipelineTarget", "adapt_program", "innermost_program"]
 
 logger = logging.getLogger("resilient_dspy.pipeline")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """A result with the story of how it was obtained (see :meth:`Pipeline.invoke`)."""
-
-    value: Any
-    served_by: str
-    attempts: int
-    retries: int
-    duration: float
-    trace: Trace | None = None
 
 
 def layer_label(layer: Any) -> str:
@@ -301,6 +291,35 @@ class Pipeline:
         record = call.record
         return Outcome(value, record.served_by, record.attempts, record.retries, now - record.started_at, trace)
 
+    async def map(
+        self,
+        inputs: batch.Inputs,
+        *,
+        concurrency: int = batch.DEFAULT_CONCURRENCY,
+        progress: batch.Progress = False,
+        return_exceptions: bool = True,
+        total: int | None = None,
+    ) -> list[Outcome]:
+        """Run every input (a question, a dict of inputs, a ``dspy.Example``), ``concurrency`` calls at a time: one
+        :class:`Outcome` per input, in input order, a failure's with its typed ``error`` (see :mod:`.batch`)."""
+        return await batch.map(
+            self, inputs, concurrency=concurrency, progress=progress, return_exceptions=return_exceptions, total=total
+        )
+
+    def imap(
+        self,
+        inputs: batch.Inputs,
+        *,
+        concurrency: int = batch.DEFAULT_CONCURRENCY,
+        progress: batch.Progress = False,
+        return_exceptions: bool = True,
+        total: int | None = None,
+    ) -> AsyncGenerator[tuple[int, Outcome], None]:
+        """Like :meth:`map`, but yields ``(index, outcome)`` as each call finishes: memory stays flat at any size."""
+        return batch.imap(
+            self, inputs, concurrency=concurrency, progress=progress, return_exceptions=return_exceptions, total=total
+        )
+
     def _traced_chain(self) -> Handler:
         handler: Handler = traced(f"program {self._target.name}", self._target)
         for layer in reversed(self.layers):
@@ -346,38 +365,6 @@ class Pipeline:
     def __repr__(self) -> str:
         layers = ", ".join(type(layer).__name__ for layer in self.layers)
         return f"Pipeline({self._target.name}{', ' if layers else ''}{layers})"
-
-
-class PipelineTarget:
-    """Runs a nested :class:`~resilient_dspy.Pipeline`, handing down the caller's deadline."""
-
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.name = pipeline.name
-        self.input_fields = pipeline.input_fields
-        self.output_fields: tuple[str, ...] | None = getattr(pipeline.target, "output_fields", None)
-
-    def watch_dspy_retries(self) -> None:
-        self.pipeline.target.watch_dspy_retries()
-
-    def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
-        return self.pipeline.target.input_problems(inputs)
-
-    async def __call__(self, call: Call) -> Any:
-        nested = self.pipeline.new_call(
-            call.inputs,
-            deadline=call.deadline,
-            properties=call.properties,
-            partition_key=call.partition_key,
-            bypass_cache=call.bypass_cache,
-        )
-        try:
-            return await self.pipeline.run(nested)
-        finally:
-            call.record.absorb(nested.record)
-
-    def describe(self) -> dict[str, Any]:
-        return {"layer": "program", "target": self.name, "pipeline": self.pipeline.describe()}
 
 
 def adapt_program(program: Any, problems: list[tuple[str, str]]) -> Target | None:

@@ -511,24 +511,24 @@ def test_the_key_is_the_digest_of_version_identity_and_canonical_inputs() -> Non
     """The fast paths (a function's identity assembled as text, flat inputs not walked) hash the same bytes."""
     import hashlib
 
-    from resilient_dspy.middleware.cache.keys import KEY_VERSION, _canonical, _dumps
+    from resilient_dspy.middleware.cache.keys import KEY_VERSION, KeyBuilder, _canonical, _dumps
 
     async def ask(question: str, context: Any = None) -> str:
         return question
 
-    def expected(cache: Cache, inputs: dict[str, Any]) -> str:
-        keys = cache._keys
-        assert keys is not None
-        identity = keys._identity(keys.target, dspy.settings.lm, dspy.settings.adapter)
+    def expected(keys: KeyBuilder, inputs: dict[str, Any]) -> str:
+        identity = keys.identity(dspy.settings.lm, dspy.settings.adapter)  # built afresh, without the fast paths
         text = _dumps([KEY_VERSION, identity, _canonical(inputs)])
         return f"default:{hashlib.sha256(text.encode()).hexdigest()}"
 
-    for cache, needs_lm in ((keyed(ask), False), (keyed(dspy.Predict("question, context -> answer")), True)):
+    for program, needs_lm in ((ask, False), (dspy.Predict("question, context -> answer"), True)):
+        cache = Cache()
+        keys = KeyBuilder("default", Pipeline(program, cache).target)
         for inputs in ({"question": "q"}, {"question": "q", "context": ["a", ("b",)]}, {"question": 1.5}):
             if not needs_lm:  # a DSPy program's key needs the LM in context
-                assert cache.key_for(**inputs) == expected(cache, inputs)
+                assert cache.key_for(**inputs) == expected(keys, inputs)
             with dspy.context(lm=FaultInjectingLM(temperature=0.2), adapter=dspy.JSONAdapter()):
-                assert cache.key_for(**inputs) == expected(cache, inputs)
+                assert cache.key_for(**inputs) == expected(keys, inputs)
 
 
 def test_the_key_follows_the_lm_model_endpoint_and_sampling_kwargs_but_not_secrets() -> None:
@@ -1211,3 +1211,21 @@ async def test_key_for_outside_any_lm_context_says_so_instead_of_returning_a_key
     pinned_cache = Cache()
     Pipeline(pinned, pinned_cache)
     assert pinned_cache.key_for("q").startswith("default:")  # every predictor has its LM: no context needed
+
+
+async def test_key_for_a_nested_pipeline_outside_any_lm_context_says_so_too() -> None:
+    """A Cache around a Pipeline of a DSPy program keys the LM its predictors take from the context, as a Cache
+    around the program itself does: outside any LM context, no call has the key key_for would return."""
+    cache = Cache()
+    pipeline = Pipeline(Pipeline(dspy.Predict("question -> answer")), cache)
+    with dspy.context(lm=FaultInjectingLM()):
+        await pipeline("q")
+        key = cache.key_for("q")
+    with pytest.raises(LookupError):
+        cache.key_for("q")
+    assert await cache.invalidate(key)
+    pinned = dspy.Predict("question -> answer")
+    pinned.lm = FaultInjectingLM()
+    pinned_cache = Cache()
+    Pipeline(Pipeline(pinned), pinned_cache)
+    assert pinned_cache.key_for("q").startswith("default:")

@@ -513,10 +513,6 @@ async def test_without_listeners_injections_are_still_counted() -> None:
 # ------------------------------------------------------------------------------------------ 10. placement
 
 
-@pytest.mark.skipif(
-    getattr(Cache, "placement", None) != "cache",
-    reason="Chaos reads the 'cache' placement role; Cache declares it in the cache conversion (issue 15)",
-)
 def test_chaos_above_a_cache_warns_and_below_does_not() -> None:
     """Chaos above Cache is a ResilienceWarning (it fails calls the cache would serve); below is the right place."""
     with pytest.warns(ResilienceWarning, match="above a Cache"):

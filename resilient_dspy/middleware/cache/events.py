@@ -1,4 +1,4 @@
-"""What a Cache reports: the events it emits and its counters (CacheStats)."""
+"""What a Cache reports: its counters (:class:`CacheStats`, from ``Cache.snapshot()``) and the events it emits."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ __all__ = [
     "CacheNotStored",
     "CacheStats",
     "CacheStored",
+    "Counters",
 ]
 
 
@@ -43,6 +44,43 @@ class CacheStats:
         """Share of lookups served without running the program (hits + coalesced), 0.0 before any lookup."""
         total = self.hits + self.misses + self.coalesced + self.bypassed
         return (self.hits + self.coalesced) / total if total else 0.0
+
+
+class Counters:
+    """The running counts behind :class:`CacheStats` (plain attributes: the hot path adds to them)."""
+
+    __slots__ = (
+        "bypassed",
+        "coalesced",
+        "errors",
+        "hits",
+        "misses",
+        "saved_cost",
+        "saved_tokens",
+        "skipped_stores",
+        "stores",
+        "timeouts",
+    )
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.coalesced = self.bypassed = self.stores = self.errors = 0
+        self.timeouts = self.skipped_stores = 0
+        self.saved_tokens = 0
+        self.saved_cost = 0.0
+
+    def snapshot(self) -> CacheStats:
+        return CacheStats(
+            self.hits,
+            self.misses,
+            self.coalesced,
+            self.bypassed,
+            self.stores,
+            self.errors,
+            self.saved_tokens,
+            self.saved_cost,
+            self.timeouts,
+            self.skipped_stores,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

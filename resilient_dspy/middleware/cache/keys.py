@@ -6,11 +6,10 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
-import inspect
 import math
 import re
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dspy
@@ -18,17 +17,21 @@ from pydantic import BaseModel
 
 from resilient_dspy.binding.lm_identity import DEPLOYMENT_KEYS, lm_identity
 from resilient_dspy.binding.settings import setting
-from resilient_dspy.binding.targets import CallableTarget, LMTarget, ModuleTarget, Target
+from resilient_dspy.binding.shape import KeyIdentity, identity_source
+from resilient_dspy.binding.targets import Target
 from resilient_dspy.core.call import Call
-from resilient_dspy.core.pipeline import PipelineTarget
 from resilient_dspy.middleware.cache.serializer import _type_name, compact_json
 
-__all__ = ["KEY_VERSION", "KeyBuilder", "KeyFunction", "compute_key"]
+__all__ = ["KEY_VERSION", "CacheKeyFunction", "KeyBuilder", "compute_key"]
 
 
 KEY_VERSION = 2
 """Bumped whenever the key text changes (2: an LM is identified by :func:`lm_identity`)."""
-KeyFunction = Callable[[Call], object]
+
+CacheKeyFunction = Callable[[Call], object]
+"""``Cache(key=...)``: the call's cache key in place of the computed one; a ``str`` is hashed as it is, anything
+else in canonical JSON (unlike the partition key of Bulkhead, CircuitBreaker and RateLimiter, it is never a dict
+key: any JSON-like value will do)."""
 
 
 _SECRET = re.compile(r"api_?key|secret|passw|credential|auth|cookie|header|private|(?:^|_)token$|(?:^|_)key$", re.I)
@@ -155,87 +158,96 @@ def _adapter_identity(adapter: Any) -> Any:
     return [_type_name(type(adapter)), _canonical(scalars)]
 
 
-def _callable_name(function: Any) -> str:
-    qualname = getattr(function, "__qualname__", None)
-    if isinstance(qualname, str):
-        return f"{getattr(function, '__module__', '?')}.{qualname}"
-    return _type_name(type(function))
-
-
 class KeyBuilder:
-    """Computes the keys of one target's calls. A module's part (each predictor's signature, demos, config) is
-    encoded once and again only when :meth:`ModuleTarget.shape` reports a change; an LM's identity is memoised and
-    re-checked against its current kwargs; the LM in effect and the adapter are read on every call.
+    """Computes the keys of one target's calls from the :class:`~resilient_dspy.binding.shape.KeyIdentity` the target
+    gives: its fixed parts (names, each predictor's signature, demos, config) are encoded once per identity object,
+    an LM's identity is memoised and re-checked against its current kwargs, and the LM in effect and the adapter are
+    read on every call. The Cache never looks at what kind of target it keys.
     """
 
-    __slots__ = ("_class", "_function", "_lms", "_parts", "_shape", "namespace", "target")
+    __slots__ = ("_adapter", "_close", "_head", "_identity_now", "_lm_of", "_lms", "_parts", "_seen", "namespace")
 
     def __init__(self, namespace: str, target: Target) -> None:
         self.namespace = namespace
-        self.target = target
+        self._identity_now = identity_source(target)
         self._lms: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
-        # a function target's name, as JSON text: its identity is then assembled without encoding a list per call
-        self._function = _dumps(_callable_name(target.function)) if isinstance(target, CallableTarget) else None
-        # a module target: the ProgramShape encoded, its class, and per predictor the JSON text before its LM
-        self._shape: Any = None
-        self._class: tuple[type[Any], str] | None = None
-        self._parts: tuple[tuple[Any, str], ...] = ()
+        # the encoding of the identity last seen: the JSON text before the LM part, per predictor the text before its
+        # LM (None: one LM for the whole target), whether the adapter follows, and the text closing the nesting
+        self._seen: KeyIdentity | None = None
+        self._head = ""
+        self._parts: tuple[tuple[Any, str], ...] | None = None
+        self._lm_of: Any = None
+        self._adapter = True
+        self._close = "]"
 
     def key(self, inputs: dict[str, Any]) -> str:
         """``"<namespace>:<sha256 hex>"`` for ``inputs``, under the LM and adapter in ``dspy.settings`` now."""
         lm = setting("lm")
         adapter = setting("adapter")
-        if self._function is not None:
-            # the text _dumps gives the identity list below, without building and encoding it
-            digest = self._lm(lm)
+        identity = self._identity_now()
+        if identity is not self._seen:
+            self._encode(identity)
+        parts = self._parts
+        if parts is None:
+            fixed = self._lm_of
+            digest = self._lm(lm if fixed is None else fixed)
             lm_text = "null" if digest is None else f'"{digest}"'
-            adapter_text = "null" if adapter is None else _dumps(_adapter_identity(adapter))
-            identity = f'["function",{self._function},{lm_text},{adapter_text}]'
         else:
-            identity = self._identity_text(self.target, lm, adapter)
+            predictors = []
+            for predictor, head in parts:
+                digest = self._lm(getattr(predictor, "lm", None) or lm)
+                predictors.append(f"{head}null]" if digest is None else f'{head}"{digest}"]')
+            lm_text = f"[{','.join(predictors)}]"
+        if self._adapter:
+            adapter_text = "null" if adapter is None else _dumps(_adapter_identity(adapter))
+            text = f"{self._head}{lm_text},{adapter_text}{self._close}"
+        else:
+            text = f"{self._head}{lm_text}{self._close}"
         for name, value in inputs.items():  # flat inputs (str keys, scalar values) are their own canonical form
             if type(value) not in _SCALARS or type(name) is not str or name[:1] == "$":
                 inputs = _canonical(inputs)
                 break
-        text = f"[{KEY_VERSION},{identity},{_dumps(inputs)}]"
+        text = f"[{KEY_VERSION},{text},{_dumps(inputs)}]"
         return f"{self.namespace}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
-    def _identity_text(self, target: Target, settings_lm: Any, adapter: Any) -> str:
-        """``_dumps(self._identity(...))``; a module's part comes from the memo, without walking the program."""
-        if isinstance(target, ModuleTarget):
-            shape = target.shape()
-            if shape is not self._shape:
-                self._parts = tuple(
-                    (predictor, _dumps(self._fixed(name, predictor))[:-1] + ",") for name, predictor in shape.predictors
-                )
-                self._shape = shape
-            cls = type(target.program)
-            if self._class is None or self._class[0] is not cls:
-                self._class = (cls, _dumps(_type_name(cls)))
-            predictors = []
-            for predictor, head in self._parts:
-                digest = self._lm(getattr(predictor, "lm", None) or settings_lm)
-                predictors.append(f"{head}null]" if digest is None else f'{head}"{digest}"]')
-            adapter_text = "null" if adapter is None else _dumps(_adapter_identity(adapter))
-            return f'["module",{self._class[1]},[{",".join(predictors)}],{adapter_text}]'
-        if isinstance(target, PipelineTarget):
-            return f'["pipeline",{self._identity_text(target.pipeline.target, settings_lm, adapter)}]'
-        return _dumps(self._identity(target, settings_lm, adapter))
+    def identity(self, settings_lm: Any = None, adapter: Any = None) -> list[Any]:
+        """The identity part of the key as a JSON list, built afresh (no memo): :meth:`key` hashes the same text."""
+        return self._listed(self._identity_now(), settings_lm, adapter)
 
-    def _identity(self, target: Target, settings_lm: Any, adapter: Any) -> Any:
-        if isinstance(target, ModuleTarget):
-            program = target.program
-            predictors = [self._predictor(name, p, settings_lm) for name, p in target.named_predictors()]
-            return ["module", _type_name(type(program)), predictors, _adapter_identity(adapter)]
-        if isinstance(target, LMTarget):
-            return ["lm", self._lm(target.lm)]
-        if isinstance(target, CallableTarget):
-            return ["function", _callable_name(target.function), self._lm(settings_lm), _adapter_identity(adapter)]
-        if isinstance(target, PipelineTarget):
-            return ["pipeline", self._identity(target.pipeline.target, settings_lm, adapter)]
-        return ["target", _type_name(type(target)), target.name, self._lm(settings_lm), _adapter_identity(adapter)]
+    def needs_settings_lm(self) -> bool:
+        """True when a predictor of the target takes its LM from ``dspy.settings`` (see ``Cache.key_for``)."""
+        return self._identity_now().needs_settings_lm()
 
-    def _predictor(self, name: str, predictor: Any, settings_lm: Any) -> Any:
+    def _encode(self, identity: KeyIdentity) -> None:
+        """Encode what stays fixed while ``identity`` holds: ``_dumps(self._listed(...))`` up to the LM parts."""
+        opened = closed = ""
+        core = identity
+        while core.inner is not None:
+            opened, closed = f"{opened}[{_dumps(core.kind)},", f"]{closed}"
+            core = core.inner
+        self._head = f"{opened}[{','.join(_dumps(part) for part in (core.kind, *core.names))},"
+        self._close = f"]{closed}"
+        self._lm_of = core.lm
+        self._adapter = core.adapter
+        if core.predictors is None:
+            self._parts = None
+        else:
+            self._parts = tuple((p, _dumps(self._fixed(name, p))[:-1] + ",") for name, p in core.predictors)
+        self._seen = identity
+
+    def _listed(self, identity: KeyIdentity, settings_lm: Any, adapter: Any) -> list[Any]:
+        if identity.inner is not None:
+            return [identity.kind, self._listed(identity.inner, settings_lm, adapter)]
+        listed: list[Any] = [identity.kind, *identity.names]
+        if identity.predictors is None:
+            listed.append(self._lm(settings_lm if identity.lm is None else identity.lm))
+        else:
+            listed.append([self._predictor(name, p, settings_lm) for name, p in identity.predictors])
+        if identity.adapter:
+            listed.append(_adapter_identity(adapter))
+        return listed
+
+    def _predictor(self, name: str, predictor: Any, settings_lm: Any) -> list[Any]:
         return [*self._fixed(name, predictor), self._lm(getattr(predictor, "lm", None) or settings_lm)]
 
     @staticmethod
@@ -280,28 +292,6 @@ def compute_key(namespace: str, target: Target, inputs: dict[str, Any]) -> str:
     return KeyBuilder(namespace, target).key(inputs)
 
 
-def _prefixed(prefix: str) -> Callable[[str], bool]:
-    return lambda key: key.startswith(prefix)
-
-
 def _custom_key(namespace: str, raw: object) -> str:
     text = raw if type(raw) is str else _dumps(_canonical(raw))
     return f"{namespace}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
-
-
-def _annotations_of(target: Target) -> Iterator[Any]:
-    """Every type annotation the target's answers may contain: signature fields, or a function's return type."""
-    if isinstance(target, ModuleTarget):
-        for _, predictor in target.named_predictors():
-            for info in predictor.signature.fields.values():
-                yield info.annotation
-    elif isinstance(target, CallableTarget):
-        function = target.function
-        try:
-            hints = typing.get_type_hints(function if inspect.isroutine(function) else type(function).__call__)
-        except Exception:
-            return
-        if "return" in hints:
-            yield hints["return"]
-    elif isinstance(target, PipelineTarget):
-        yield from _annotations_of(target.pipeline.target)
