@@ -16,9 +16,7 @@ MAX_LINES = 400
 
 # Modules over the limit when the rule came in (issue 15, phase 1), with their size then: each may only shrink, and
 # leaves this list once it is under the limit (the test below says so). Splitting them is the rest of issue 15.
-OVERSIZED = {
-    "resilient_dspy.middleware.chaos": 402,
-}
+OVERSIZED: dict[str, int] = {}
 
 # Applications on top of the library and its test kit (the demo and chaos commands drive FaultInjectingLM and the
 # harness): they may import resilient_dspy.testing; the library may not.

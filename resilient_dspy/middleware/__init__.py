@@ -32,7 +32,7 @@ from resilient_dspy.middleware.cache import (
     CacheStats,
     CacheStored,
 )
-from resilient_dspy.middleware.chaos import Chaos, ChaosInjected
+from resilient_dspy.middleware.chaos import Chaos, ChaosInjected, ChaosSnapshot
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, GuardRejectedInput, GuardRejectedOutput, InputRules
 from resilient_dspy.middleware.ratelimit import (
@@ -44,7 +44,7 @@ from resilient_dspy.middleware.ratelimit import (
     RateLimitRejected,
     RateLimitWaited,
 )
-from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled
+from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, RetryScheduled, RetrySnapshot
 from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "CacheStored",
     "Chaos",
     "ChaosInjected",
+    "ChaosSnapshot",
     "CircuitBreaker",
     "CircuitRejected",
     "CircuitSnapshot",
@@ -91,6 +92,7 @@ __all__ = [
     "RetryBudget",
     "RetryGaveUp",
     "RetryScheduled",
+    "RetrySnapshot",
     "Static",
     "Timeout",
     "TimeoutFired",

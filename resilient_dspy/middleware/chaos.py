@@ -19,38 +19,25 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import dspy
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from resilient_dspy.core.call import Call, Handler
-from resilient_dspy.core.options import FieldProblem, Options, build_options
+from resilient_dspy.core.health import LayerHealth, Status
+from resilient_dspy.core.layer import Layer, roles
+from resilient_dspy.core.options import FieldProblem, Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.errors import ConfigurationError, ResilienceWarning
 from resilient_dspy.events import Event
 from resilient_dspy.faults import Fault, FaultStep, ScriptEntry, fault_error, parse_steps
 
-__all__ = ["Chaos", "ChaosInjected", "ChaosOptions", "OutcomeKind"]
+__all__ = ["Chaos", "ChaosInjected", "ChaosOptions", "ChaosSnapshot", "OutcomeKind"]
 
 OutcomeKind = Literal["empty", "malformed", "wrong_fields"]
 OUTCOME_KINDS: tuple[str, ...] = ("empty", "malformed", "wrong_fields")
 Enabled = bool | Callable[[Call], bool]
-
-
-def _span(value: Any, field: str) -> tuple[float, float] | None:
-    """``x`` or ``(low, high)`` seconds as a validated ``(low, high)``."""
-    if value is None:
-        return None
-    pair = (value, value) if isinstance(value, int | float) and not isinstance(value, bool) else value
-    if (
-        not isinstance(pair, tuple | list)
-        or len(pair) != 2
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
-        or not 0 <= pair[0] <= pair[1]
-    ):
-        raise FieldProblem(field, f"must be seconds >= 0, or (low, high) with 0 <= low <= high (got {value!r})")
-    return float(pair[0]), float(pair[1])
 
 
 class ChaosOptions(Options):
@@ -165,49 +152,20 @@ class ChaosInjected(Event):
     scripted: bool = False
 
 
-def _empty(value: Any) -> Any:
-    if isinstance(value, str | list | dict | tuple):
-        return type(value)()
-    return None
+@dataclass(frozen=True, slots=True)
+class ChaosSnapshot:
+    """A Chaos now: its switch (``"predicate"`` when decided per call), the scripted steps left, the injections made."""
+
+    enabled: bool | Literal["predicate"]
+    pending: tuple[FaultStep, ...]
+    injected: int
 
 
-def _corrupt(kind: str, result: Any) -> Any:
-    """The result as a badly-behaved model would have answered: emptied, malformed, or under the wrong names."""
-    if isinstance(result, dspy.Prediction | dict):
-        fields = dict(result.items())
-        if kind == "empty":
-            changed = {name: _empty(value) for name, value in fields.items()}
-        elif kind == "malformed":
-            changed = {name: f"<malformed {name}>" for name in fields}
-        else:
-            changed = {f"unexpected_{name}": value for name, value in fields.items()}
-        if isinstance(result, dict):
-            return changed
-        corrupted = dspy.Prediction(**changed)
-        corrupted.set_lm_usage(result.get_lm_usage())
-        return corrupted
-    if kind == "empty":
-        return _empty(result)
-    if kind == "malformed":
-        return "<malformed>"
-    return dspy.Prediction(unexpected=result)
-
-
-async def _forever() -> None:
-    """Never return; only cancellation (a Timeout above, or the caller) ends it."""
-    await asyncio.Event().wait()
-
-
-def _describe_error(error: BaseException) -> str:
-    detail = type(error).__name__
-    status, retry_after = getattr(error, "status", None), getattr(error, "retry_after", None)
-    extras = [f"status={status}"] if status is not None else []
-    extras += [f"retry_after={retry_after:g}"] if isinstance(retry_after, int | float) else []
-    return f"{detail}({', '.join(extras)})" if extras else detail
-
-
-class Chaos:
+class Chaos(Layer):
     """Inject a fault, latency, a replaced outcome or a side effect into calls below this layer."""
+
+    options_type: ClassVar[type[Options]] = ChaosOptions
+    options: ChaosOptions
 
     def __init__(
         self,
@@ -223,29 +181,14 @@ class Chaos:
         seed: int | None = None,
         name: str | None = None,
     ) -> None:
-        self.options = build_options(
-            ChaosOptions,
-            "Chaos",
-            {
-                "fault": fault,
-                "latency": latency,
-                "outcome": outcome,
-                "effect": effect,
-                "rate": rate,
-                "script": script,
-                "retry_after": retry_after,
-                "enabled": enabled,
-                "seed": seed,
-                "name": name,
-            },
-        )
-        self._enabled: Enabled = self.options.enabled
-        self._script: deque[FaultStep] = deque(self.options.script)
+        self.options = options = options_from(ChaosOptions, "Chaos", locals())
+        self._enabled: Enabled = options.enabled
+        self._script: deque[FaultStep] = deque(options.script)
         self._rng = random.Random(seed) if seed is not None else None
         self._signature: Any = None
-        fault = self.options.fault
-        self._named_step = FaultStep(fault) if isinstance(fault, Fault) else None
+        self._named_step = FaultStep(options.fault) if isinstance(options.fault, Fault) else None
         self.injected = 0
+        """Injections so far (also in :meth:`snapshot`)."""
 
     @property
     def enabled(self) -> Enabled:
@@ -261,7 +204,7 @@ class Chaos:
 
     @property
     def pending(self) -> tuple[FaultStep, ...]:
-        """The scripted steps not yet consumed, in order."""
+        """The scripted steps not yet consumed, in order (also in :meth:`snapshot`)."""
         return tuple(self._script)
 
     def push(self, *entries: ScriptEntry) -> None:
@@ -269,17 +212,14 @@ class Chaos:
         self._script.extend(parse_steps(entries, "Chaos.push"))
 
     def on_build(self, pipeline: Pipeline) -> None:
-        """Learn the program's signature (for injected parse errors); warn when a Cache sits below this layer."""
-        from resilient_dspy.middleware.cache import Cache
-
+        """Learn the program's signature (for injected parse errors); warn when a cache sits below this layer."""
         program = pipeline.program
         if isinstance(program, dspy.Module):
             predictors = program.predictors()
             if predictors:
                 self._signature = predictors[-1].signature
-        layers = pipeline.layers
-        below = layers[next(i for i, layer in enumerate(layers) if layer is self) + 1 :]
-        if any(isinstance(layer, Cache) for layer in below):
+        _, inner = pipeline.layers_around(self)
+        if "cache" in roles(inner):
             warnings.warn(
                 "Chaos is placed above a Cache: it fails calls the cache would have served, and a cached answer "
                 "hides its faults. Place Chaos below the Cache, just above the program.",
@@ -293,18 +233,7 @@ class Chaos:
 
     def _emit(self, call: Call, kind: str, detail: str, fault: Fault | None = None, scripted: bool = False) -> None:
         self.injected += 1
-        if call.listening:
-            call.emit(
-                ChaosInjected(
-                    pipeline=call.runtime.name,
-                    layer=self.options.name or "Chaos",
-                    time=call.clock.now(),
-                    kind=kind,
-                    detail=detail,
-                    fault=fault,
-                    scripted=scripted,
-                )
-            )
+        self.emit(call, ChaosInjected, kind=kind, detail=detail, fault=fault, scripted=scripted)
 
     def _retry_after(self, rng: random.Random) -> float | None:
         span = self.options.retry_after
@@ -392,11 +321,76 @@ class Chaos:
         options = self.options
         return any(v is not None for v in (options.fault, options.latency, options.outcome, options.effect))
 
-    def describe(self) -> dict[str, Any]:
+    def snapshot(self) -> ChaosSnapshot:
+        """Its switch, the scripted steps left and the injections so far."""
         enabled = self._enabled
-        return {
-            "layer": "Chaos",
-            "enabled": enabled if isinstance(enabled, bool) else "predicate",
-            "pending": len(self._script),
-            "options": self.options.model_dump(),
-        }
+        return ChaosSnapshot(enabled if isinstance(enabled, bool) else "predicate", self.pending, self.injected)
+
+    def health(self) -> LayerHealth:
+        """Degraded while it can inject (switched on, with a strategy at a rate above 0 or script steps left): the
+        calls below fail on purpose. Ok once switched off or spent."""
+        snapshot, options = self.snapshot(), self.options
+        armed = snapshot.pending or (self._has_strategy() and options.rate > 0)
+        status: Status = "degraded" if snapshot.enabled is not False and armed else "ok"
+        details = {"enabled": snapshot.enabled, "pending": len(snapshot.pending), "injected": snapshot.injected}
+        return LayerHealth(self.name, status, details)
+
+    def describe_state(self) -> dict[str, Any]:
+        enabled = self._enabled
+        return {"enabled": enabled if isinstance(enabled, bool) else "predicate", "pending": len(self._script)}
+
+
+def _span(value: Any, field: str) -> tuple[float, float] | None:
+    """``x`` or ``(low, high)`` seconds as a validated ``(low, high)``."""
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, tuple | list)
+        or len(pair) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+        or not 0 <= pair[0] <= pair[1]
+    ):
+        raise FieldProblem(field, f"must be seconds >= 0, or (low, high) with 0 <= low <= high (got {value!r})")
+    return float(pair[0]), float(pair[1])
+
+
+def _empty(value: Any) -> Any:
+    if isinstance(value, str | list | dict | tuple):
+        return type(value)()
+    return None
+
+
+def _corrupt(kind: str, result: Any) -> Any:
+    """The result as a badly-behaved model would have answered: emptied, malformed, or under the wrong names."""
+    if isinstance(result, dspy.Prediction | dict):
+        fields = dict(result.items())
+        if kind == "empty":
+            changed = {name: _empty(value) for name, value in fields.items()}
+        elif kind == "malformed":
+            changed = {name: f"<malformed {name}>" for name in fields}
+        else:
+            changed = {f"unexpected_{name}": value for name, value in fields.items()}
+        if isinstance(result, dict):
+            return changed
+        corrupted = dspy.Prediction(**changed)
+        corrupted.set_lm_usage(result.get_lm_usage())
+        return corrupted
+    if kind == "empty":
+        return _empty(result)
+    if kind == "malformed":
+        return "<malformed>"
+    return dspy.Prediction(unexpected=result)
+
+
+async def _forever() -> None:
+    """Never return; only cancellation (a Timeout above, or the caller) ends it."""
+    await asyncio.Event().wait()
+
+
+def _describe_error(error: BaseException) -> str:
+    detail = type(error).__name__
+    status, retry_after = getattr(error, "status", None), getattr(error, "retry_after", None)
+    extras = [f"status={status}"] if status is not None else []
+    extras += [f"retry_after={retry_after:g}"] if isinstance(retry_after, int | float) else []
+    return f"{detail}({', '.join(extras)})" if extras else detail

@@ -24,7 +24,8 @@ from pydantic import Field, field_validator
 
 from resilient_dspy.binding.targets import Target
 from resilient_dspy.core.call import Call, Handler
-from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.layer import Layer
+from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import Pipeline, adapt_program
 from resilient_dspy.core.stream import stream_started
 from resilient_dspy.errors import ConfigurationError, ErrorKind, FallbackFailedError, RetriesExhaustedError, classify
@@ -48,14 +49,6 @@ logger = logging.getLogger("resilient_dspy.fallback")
 ErrorFilter = tuple[type[Exception], ...] | Callable[[Exception], bool]
 
 
-def is_user_mistake(error: BaseException) -> bool:
-    """A configuration or programming error (see :data:`~resilient_dspy.errors.ErrorKind.USER_MISTAKE`), also as the
-    last error a Retry gave up on."""
-    if isinstance(error, RetriesExhaustedError):
-        error = error.last_error
-    return classify(error).kind is ErrorKind.USER_MISTAKE
-
-
 class _AnyButUserMistakes:
     """The default ``on=``: every error except a configuration or programming error, which no answer can fix."""
 
@@ -65,18 +58,15 @@ class _AnyButUserMistakes:
     def __repr__(self) -> str:
         return "every error but a user mistake"
 
+    def __copy__(self) -> _AnyButUserMistakes:
+        return self  # stateless: the default stays one object, however pydantic copies field defaults
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _AnyButUserMistakes:
+        return self
+
 
 DEFAULT_ON: Callable[[Exception], bool] = _AnyButUserMistakes()
 """Fallback's default filter: serve for any failure but a user mistake (no LM configured, a TypeError...)."""
-
-
-def matches(on: ErrorFilter, error: Exception) -> bool:
-    """True when ``on`` handles ``error`` (or the last error a Retry gave up on)."""
-    if not isinstance(on, tuple):
-        return bool(on(error))
-    if isinstance(error, on):
-        return True
-    return isinstance(error, RetriesExhaustedError) and isinstance(error.last_error, on)
 
 
 class Alternative(ABC):
@@ -149,37 +139,13 @@ class Static(Alternative):
         return dspy.Prediction(**copy.deepcopy(self.fields))
 
 
-def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]]) -> Alternative | None:
-    if isinstance(candidate, Alternative):
-        return candidate
-    if isinstance(candidate, dspy.BaseLM):
-        return UseLM(candidate)
-    if isinstance(candidate, dspy.Prediction):
-        fields = dict(candidate.items())
-        if not fields:
-            problems.append((f"Fallback.alternatives[{index}]", "an empty dspy.Prediction is not an answer"))
-            return None
-        return Static(**fields)
-    inner: list[tuple[str, str]] = []
-    target = adapt_program(candidate, inner)
-    if target is None:
-        problems.append(
-            (
-                f"Fallback.alternatives[{index}]",
-                f"must be UseLM/UseProgram/Static, a dspy.LM, a dspy.Prediction, a program or an async callable "
-                f"(got {candidate!r:.80})",
-            )
-        )
-        return None
-    return UseProgram(candidate)
-
-
 class FallbackOptions(Options):
     alternatives: tuple[Any, ...] = Field(min_length=1, description="Tried in order after the primary fails.")
     on: Any = Field(
         default=DEFAULT_ON,
         description="Errors the fallback handles at all (types or predicate); default: all but user mistakes.",
     )
+    name: str | None = Field(default=None, description="Label in events and describe().")
 
     @field_validator("on")
     @classmethod
@@ -201,16 +167,18 @@ class FallbackUsed(Event):
     error: BaseException
 
 
-class Fallback:
+class Fallback(Layer):
     """On failure below, try each alternative in order; the first success is the answer."""
 
-    placement: ClassVar[str] = "fallback"  # what the pipeline's layer-order rules read (core/placement.py)
+    placement: ClassVar[str] = "fallback"
+    options_type: ClassVar[type[Options]] = FallbackOptions
+    options: FallbackOptions
 
-    def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON) -> None:
+    def __init__(self, *alternatives: Any, on: Any = DEFAULT_ON, name: str | None = None) -> None:
         problems: list[tuple[str, str]] = []
         converted = [_as_alternative(a, i, problems) for i, a in enumerate(alternatives)]
         try:
-            self.options = build_options(FallbackOptions, "Fallback", {"alternatives": alternatives, "on": on})
+            self.options = options_from(FallbackOptions, "Fallback", locals())
         except ConfigurationError as error:
             problems[:0] = error.problems
         if problems:
@@ -253,16 +221,7 @@ class Fallback:
         for alternative in self.alternatives:
             if alternative.on is not None and not matches(alternative.on, latest):
                 continue
-            if call.listening:
-                call.emit(
-                    FallbackUsed(
-                        pipeline=call.runtime.name,
-                        layer="Fallback",
-                        time=call.clock.now(),
-                        alternative=alternative.name,
-                        error=latest,
-                    )
-                )
+            self.emit(call, FallbackUsed, alternative=alternative.name, error=latest)
             try:
                 value = await alternative.run(call, next)
             except Exception as error:
@@ -284,8 +243,53 @@ class Fallback:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "layer": "Fallback",
-            "alternatives": [a.name for a in self.alternatives],
-            "on": [t.__name__ for t in self.on] if isinstance(self.on, tuple) else repr(self.on),
+        """The options as names, not objects: each alternative's name, the filter's types (or its repr)."""
+        on = self.on
+        options = {
+            "alternatives": [alternative.name for alternative in self.alternatives],
+            "on": [kind.__name__ for kind in on] if isinstance(on, tuple) else repr(on),
+            "name": self.options.name,
         }
+        return {"layer": "Fallback", "name": self.name, "options": options}
+
+
+def is_user_mistake(error: BaseException) -> bool:
+    """A configuration or programming error (see :data:`~resilient_dspy.errors.ErrorKind.USER_MISTAKE`), also as the
+    last error a Retry gave up on."""
+    if isinstance(error, RetriesExhaustedError):
+        error = error.last_error
+    return classify(error).kind is ErrorKind.USER_MISTAKE
+
+
+def matches(on: ErrorFilter, error: Exception) -> bool:
+    """True when ``on`` handles ``error`` (or the last error a Retry gave up on)."""
+    if not isinstance(on, tuple):
+        return bool(on(error))
+    if isinstance(error, on):
+        return True
+    return isinstance(error, RetriesExhaustedError) and isinstance(error.last_error, on)
+
+
+def _as_alternative(candidate: Any, index: int, problems: list[tuple[str, str]]) -> Alternative | None:
+    if isinstance(candidate, Alternative):
+        return candidate
+    if isinstance(candidate, dspy.BaseLM):
+        return UseLM(candidate)
+    if isinstance(candidate, dspy.Prediction):
+        fields = dict(candidate.items())
+        if not fields:
+            problems.append((f"Fallback.alternatives[{index}]", "an empty dspy.Prediction is not an answer"))
+            return None
+        return Static(**fields)
+    inner: list[tuple[str, str]] = []
+    target = adapt_program(candidate, inner)
+    if target is None:
+        problems.append(
+            (
+                f"Fallback.alternatives[{index}]",
+                f"must be UseLM/UseProgram/Static, a dspy.LM, a dspy.Prediction, a program or an async callable "
+                f"(got {candidate!r:.80})",
+            )
+        )
+        return None
+    return UseProgram(candidate)

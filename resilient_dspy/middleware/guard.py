@@ -15,13 +15,14 @@ import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dspy
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from resilient_dspy.binding.estimate import measure_chars
-from resilient_dspy.core.options import FieldProblem, Options, build_options, problems_of
+from resilient_dspy.core.layer import Layer
+from resilient_dspy.core.options import FieldProblem, Options, options_from, problems_of
 from resilient_dspy.errors import ConfigurationError, InvalidInputError, InvalidOutputError
 from resilient_dspy.events import Rejected
 
@@ -42,10 +43,6 @@ Problem = tuple[str, str]
 
 _FRESH = "resilient_dspy.guard.fresh"
 """Call property set after an invalid answer: the next pass through a Guard asks below for an uncached answer."""
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 class InputRules(Options):
@@ -117,26 +114,6 @@ class InputRules(Options):
         return problems
 
 
-def _is_model(value: Any) -> bool:
-    return isinstance(value, type) and issubclass(value, BaseModel)
-
-
-def _is_async(value: Any) -> bool:
-    return inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(type(value).__call__)
-
-
-def _check_spec(value: Any, field: str, kinds: str) -> Any:
-    if value is InputRules:
-        raise FieldProblem(field, "give the rules: InputRules(max_chars=..., ...), not the class")
-    if value is None or _is_model(value) or isinstance(value, InputRules):
-        return value
-    if isinstance(value, type) or not callable(value):
-        raise FieldProblem(field, f"must be {kinds} (got {value!r:.80})")
-    if _is_async(value):
-        raise FieldProblem(field, f"must be a sync function: it runs on every call (got the async {value!r:.80})")
-    return value
-
-
 class GuardOptions(Options):
     """What the Guard checks; see docs/patterns/guard.md."""
 
@@ -185,6 +162,73 @@ class GuardRejectedOutput(Rejected):
 
     def rejection_reason(self) -> str:
         return "output"
+
+
+class Guard(Layer):
+    """Reject bad inputs before the program runs and bad answers after; see the module docstring."""
+
+    options_type: ClassVar[type[Options]] = GuardOptions
+    options: GuardOptions
+
+    def __init__(self, input: Any = None, output: Any = None, *, name: str | None = None) -> None:
+        self.options = options = options_from(GuardOptions, "Guard", locals())
+        self._check_input = None if options.input is None else _input_checker(options.input)
+        self._check_output = None if options.output is None else _output_checker(options.output)
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        check_input = self._check_input
+        if check_input is not None:
+            problems = check_input(call.inputs)
+            if problems:
+                raise self._reject_input(call, problems)
+        check_output = self._check_output
+        if check_output is None:
+            return await next(call)
+        if call.properties.pop(_FRESH, False) and not call.bypass_cache:
+            call = call.replace(bypass_cache=True)
+        result = await next(call)
+        verdict = check_output(result)
+        if verdict is None:
+            return result
+        reason, field = verdict
+        call.properties[_FRESH] = True
+        self.emit(call, GuardRejectedOutput, reason=reason, field=field, attempt=call.attempt)
+        raise InvalidOutputError(reason, result, field=field)
+
+    def _reject_input(self, call: Call, problems: list[Problem]) -> InvalidInputError:
+        field, rule = problems[0]
+        self.emit(call, GuardRejectedInput, field=field, rule=rule, problems=tuple(problems))
+        return InvalidInputError(field, rule, problems=problems)
+
+    def describe(self) -> dict[str, Any]:
+        """The options as what they check (rules, a model's fields, a function's name), not the objects."""
+        options = self.options
+        described = {"input": _describe_spec(options.input), "output": _describe_spec(options.output)}
+        return {"layer": "Guard", "name": self.name, "options": {**described, "name": options.name}}
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _is_model(value: Any) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)
+
+
+def _is_async(value: Any) -> bool:
+    return inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(type(value).__call__)
+
+
+def _check_spec(value: Any, field: str, kinds: str) -> Any:
+    if value is InputRules:
+        raise FieldProblem(field, "give the rules: InputRules(max_chars=..., ...), not the class")
+    if value is None or _is_model(value) or isinstance(value, InputRules):
+        return value
+    if isinstance(value, type) or not callable(value):
+        raise FieldProblem(field, f"must be {kinds} (got {value!r:.80})")
+    if _is_async(value):
+        raise FieldProblem(field, f"must be a sync function: it runs on every call (got the async {value!r:.80})")
+    return value
 
 
 def _verdict(result: Any, function: Any, what: str) -> str | None:
@@ -262,69 +306,6 @@ def _output_checker(spec: Any) -> Callable[[Any], tuple[str, str | None] | None]
         return None if reason is None else (reason, None)
 
     return check_function
-
-
-class Guard:
-    """Reject bad inputs before the program runs and bad answers after; see the module docstring."""
-
-    def __init__(self, input: Any = None, output: Any = None, *, name: str | None = None) -> None:
-        self.options = build_options(GuardOptions, "Guard", {"input": input, "output": output, "name": name})
-        options = self.options
-        self.name = options.name or "Guard"
-        self._check_input = None if options.input is None else _input_checker(options.input)
-        self._check_output = None if options.output is None else _output_checker(options.output)
-
-    async def __call__(self, call: Call, next: Handler) -> Any:
-        check_input = self._check_input
-        if check_input is not None:
-            problems = check_input(call.inputs)
-            if problems:
-                raise self._reject_input(call, problems)
-        check_output = self._check_output
-        if check_output is None:
-            return await next(call)
-        if call.properties.pop(_FRESH, False) and not call.bypass_cache:
-            call = call.replace(bypass_cache=True)
-        result = await next(call)
-        verdict = check_output(result)
-        if verdict is None:
-            return result
-        reason, field = verdict
-        call.properties[_FRESH] = True
-        if call.listening:
-            call.emit(
-                GuardRejectedOutput(
-                    pipeline=call.runtime.name,
-                    layer=self.name,
-                    time=call.clock.now(),
-                    reason=reason,
-                    field=field,
-                    attempt=call.attempt,
-                )
-            )
-        raise InvalidOutputError(reason, result, field=field)
-
-    def _reject_input(self, call: Call, problems: list[Problem]) -> InvalidInputError:
-        field, rule = problems[0]
-        if call.listening:
-            call.emit(
-                GuardRejectedInput(
-                    pipeline=call.runtime.name,
-                    layer=self.name,
-                    time=call.clock.now(),
-                    field=field,
-                    rule=rule,
-                    problems=tuple(problems),
-                )
-            )
-        return InvalidInputError(field, rule, problems=problems)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "layer": "Guard",
-            "name": self.name,
-            "options": {"input": _describe_spec(self.options.input), "output": _describe_spec(self.options.output)},
-        }
 
 
 def _describe_spec(spec: Any) -> Any:

@@ -3,26 +3,31 @@
 Decisions, in order, after an attempt fails: cancellation and inner rejections are never retried; the
 predicate (default :func:`~resilient_dspy.errors.classify`) must say retryable; attempts must remain; the
 delay (backoff, then jitter, then at least the server's Retry-After, capped) must end before the call's
-deadline; the retry budget must allow it. ``AdapterParseError`` is retried with DSPy's cache bypassed,
-because DSPy caches the malformed answer before parsing fails. A streamed call is never run again once a chunk
-reached the consumer (:mod:`resilient_dspy.core.stream`).
+deadline; the retry budget (retry_budget.py) must allow it. ``AdapterParseError`` is retried with DSPy's cache
+bypassed, because DSPy caches the malformed answer before parsing fails. A streamed call is never run again once a
+chunk reached the consumer (:mod:`resilient_dspy.core.stream`). Retry state is per call, except the budget, which
+one Retry shares among its calls: :meth:`Retry.snapshot` reads it.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from resilient_dspy.core.call import Call, Handler
-from resilient_dspy.core.options import Options, build_options
+from resilient_dspy.core.clock import Clock
+from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.core.layer import Layer
+from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.core.stream import stream_started
 from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
+from resilient_dspy.middleware._shared.filters import normalise_filter
+from resilient_dspy.middleware.retry_budget import BudgetWindow, RetryBudget, RetrySnapshot
 
 __all__ = [
     "Retry",
@@ -30,40 +35,41 @@ __all__ = [
     "RetryGaveUp",
     "RetryOptions",
     "RetryScheduled",
+    "RetrySnapshot",
     "compute_delay",
 ]
 
 Backoff = Literal["constant", "linear", "exponential"]
 Jitter = Literal["none", "full", "equal", "decorrelated"]
 ErrorPredicate = Callable[[Exception], bool]
-
-
-class RetryBudget(Options):
-    """At every retry at ``t``, the retries of ``(t - window, t]`` (that one included) never exceed ``ratio`` * the
-    calls that reached the Retry in that span + ``min_per_second`` * ``window``: a true sliding bound."""
-
-    ratio: float = Field(default=0.2, ge=0, allow_inf_nan=False)
-    min_per_second: float = Field(default=1.0, ge=0, allow_inf_nan=False)
-    window: float = Field(default=10.0, gt=0, allow_inf_nan=False)
-
+ErrorTypes = tuple[type[Exception], ...] | list[type[Exception]] | type[Exception]
 
 _DEFAULT_BUDGET = RetryBudget()
 _REJECTED = ErrorKind.REJECTED  # a module global: reading an enum member off its class costs ~100 ns in 3.11
 
 
 class RetryOptions(Options):
+    """What a Retry retries, how long it waits and what bounds it; see docs/patterns/retry.md."""
+
     max_attempts: int = Field(default=3, ge=1, description="Attempts in all, counting the first.")
-    backoff: Backoff = "exponential"
-    base_delay: float = Field(default=0.5, ge=0, allow_inf_nan=False)
-    max_delay: float = Field(default=30.0, gt=0, allow_inf_nan=False)
-    jitter: Jitter = "full"
+    backoff: Backoff = Field(default="exponential", description="How the delay grows with the retry number.")
+    base_delay: float = Field(default=0.5, ge=0, allow_inf_nan=False, description="The first delay, before jitter.")
+    max_delay: float = Field(default=30.0, gt=0, allow_inf_nan=False, description="Cap on the backoff delay.")
+    jitter: Jitter = Field(default="full", description="How the delay is randomised (the pipeline's rng).")
     retry_on: tuple[type[Exception], ...] | ErrorPredicate | None = Field(
-        default=None, description="Exception types or a predicate; None = the default classification."
+        default=None, description="Exception types (one, a list or a tuple) or a predicate; None = classify()."
     )
-    retry_on_result: Callable[[Any], bool] | None = None
-    respect_retry_after: bool = True
-    max_retry_after: float = Field(default=60.0, ge=0, allow_inf_nan=False)
-    budget: RetryBudget | None = Field(default_factory=RetryBudget)
+    retry_on_result: Callable[[Any], bool] | None = Field(default=None, description="True retries that result.")
+    respect_retry_after: bool = Field(default=True, description="Honour the error's retry_after.")
+    max_retry_after: float = Field(default=60.0, ge=0, allow_inf_nan=False, description="Cap on a Retry-After wait.")
+    budget: RetryBudget | None = Field(default_factory=RetryBudget, description="The retry budget; None = none.")
+    name: str | None = Field(default=None, description="Label in events and describe().")
+
+    @field_validator("retry_on", mode="before")
+    @classmethod
+    def _types_as_tuple(cls, value: Any) -> Any:
+        """One exception type (a class is callable: it must not pass as a predicate) or a list, as a tuple."""
+        return normalise_filter(value)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,116 +91,12 @@ class RetryGaveUp(Event):
     error: BaseException | None
 
 
-def compute_delay(
-    options: RetryOptions, retry: int, previous: float, uniform: Callable[[float, float], float]
-) -> float:
-    """Delay before retry number ``retry`` (1 = the first retry); ``previous`` feeds decorrelated jitter."""
-    base, cap = options.base_delay, options.max_delay
-    if options.jitter == "decorrelated":
-        return min(cap, uniform(base, max(base, previous * 3)))
-    if options.backoff == "constant":
-        delay = base
-    elif options.backoff == "linear":
-        delay = base * retry
-    else:
-        delay = base * 2.0 ** min(retry - 1, 1000)
-    delay = min(delay, cap)
-    if options.jitter == "full":
-        return uniform(0.0, delay)
-    if options.jitter == "equal":
-        return delay / 2 + uniform(0.0, delay / 2)
-    return delay
-
-
-class _BudgetWindow:
-    """The retry budget as a true sliding bound: at each retry at ``t``, retries in ``(t - window, t]`` (exact
-    timestamps) must stay within ``ratio`` * calls in that span + ``min_per_second`` * ``window``.
-
-    Calls are counted per slot of ``window / slots`` seconds, and only slots wholly inside the span count: the call
-    count is never over-stated (at most one slot's calls are left out), so the bound holds exactly while memory stays
-    ``slots`` entries whatever the traffic. A call still in flight when its slot leaves the span keeps counting until
-    it ends (``lingering``): a burst queued below the Retry (in a Bulkhead) is live traffic, not forgotten after
-    ``window`` seconds. The retry timestamps are bounded by the budget itself. Each operation is O(1) amortised.
-    """
-
-    __slots__ = ("calls", "charged", "floor", "lingering", "ratio", "retries", "total", "width", "window")
-
-    def __init__(self, budget: RetryBudget, slots: int = 100) -> None:
-        self.ratio = budget.ratio
-        self.window = budget.window
-        self.floor = budget.min_per_second * budget.window
-        self.width = budget.window / slots
-        self.calls: deque[list[int]] = deque()  # [slot number, calls recorded in it, of them in flight], oldest first
-        self.total = 0  # calls in ``calls``
-        self.lingering = 0  # calls in flight whose slot has left the span
-        self.retries: deque[tuple[float, BaseException | None]] = deque()  # (time, failure) spent, oldest first
-        self.charged: dict[int, int] = {}  # id of a failure in ``retries`` -> its entries (kept alive by the deque)
-
-    def record_call(self, now: float) -> list[int]:
-        """Count a call that reached the Retry at ``now`` (times are non-decreasing: they are read from the clock);
-        its slot, for :meth:`call_ended`."""
-        stamp = int(now // self.width)
-        calls = self.calls
-        if calls and calls[-1][0] >= stamp:
-            slot = calls[-1]
-            slot[1] += 1
-            slot[2] += 1
-        else:
-            slot = [stamp, 1, 1]
-            calls.append(slot)
-            self._expire_calls(now)
-        self.total += 1
-        return slot
-
-    def call_ended(self, slot: list[int]) -> None:
-        """The call counted in ``slot`` ended: it no longer lingers once its slot has left the span."""
-        if slot[1] < 0:  # the slot left the span: the call was lingering
-            self.lingering -= 1
-        else:
-            slot[2] -= 1
-
-    def _expire_calls(self, now: float) -> None:
-        """Drop the slots that start at or before ``now - window``: not wholly inside the span any more (their calls
-        still in flight linger)."""
-        calls = self.calls
-        opened = now - self.window
-        width = self.width
-        while calls and calls[0][0] * width <= opened:
-            slot = calls.popleft()
-            self.total -= slot[1]
-            self.lingering += slot[2]
-            slot[1] = -1
-
-    def try_spend(self, now: float, failure: BaseException | None = None) -> bool:
-        """Spend one retry at ``now`` if the budget of ``(now - window, now]`` has room for it. A retry of a
-        ``failure`` already paid for in the window (one error object shared by a Cache's single-flight followers)
-        is allowed at no cost: one shared failure counts once."""
-        retries = self.retries
-        charged = self.charged
-        opened = now - self.window
-        while retries and retries[0][0] <= opened:
-            _, old = retries.popleft()
-            if old is not None:
-                left = charged[id(old)] - 1
-                if left:
-                    charged[id(old)] = left
-                else:
-                    del charged[id(old)]
-        if failure is not None and id(failure) in charged:
-            return True
-        self._expire_calls(now)
-        if len(retries) + 1 > self.ratio * (self.total + self.lingering) + self.floor:
-            return False
-        retries.append((now, failure))
-        if failure is not None:
-            charged[id(failure)] = charged.get(id(failure), 0) + 1
-        return True
-
-
-class Retry:
+class Retry(Layer):
     """Retry the layers below on transient failures (see the module docstring for the rules)."""
 
-    placement: ClassVar[str] = "retry"  # what the pipeline's layer-order rules read (core/placement.py)
+    placement: ClassVar[str] = "retry"
+    options_type: ClassVar[type[Options]] = RetryOptions
+    options: RetryOptions
 
     def __init__(
         self,
@@ -204,39 +106,26 @@ class Retry:
         base_delay: float = 0.5,
         max_delay: float = 30.0,
         jitter: Jitter = "full",
-        retry_on: tuple[type[Exception], ...] | list[type[Exception]] | type[Exception] | ErrorPredicate | None = None,
+        retry_on: ErrorTypes | ErrorPredicate | None = None,
         retry_on_result: Callable[[Any], bool] | None = None,
         respect_retry_after: bool = True,
         max_retry_after: float = 60.0,
         budget: RetryBudget | None = _DEFAULT_BUDGET,
+        name: str | None = None,
     ) -> None:
-        if isinstance(retry_on, type):
-            retry_on = (retry_on,)
-        self.options = build_options(
-            RetryOptions,
-            "Retry",
-            {
-                "max_attempts": max_attempts,
-                "backoff": backoff,
-                "base_delay": base_delay,
-                "max_delay": max_delay,
-                "jitter": jitter,
-                "retry_on": retry_on,
-                "retry_on_result": retry_on_result,
-                "respect_retry_after": respect_retry_after,
-                "max_retry_after": max_retry_after,
-                "budget": budget,
-            },
-        )
-        self._budget = _BudgetWindow(self.options.budget) if self.options.budget is not None else None
-        options = self.options
+        self.options = options = options_from(RetryOptions, "Retry", locals())
+        self._budget = BudgetWindow(options.budget) if options.budget is not None else None
+        self._clock: Clock | None = None
         self._fixed_delay: float | None = None
         if options.jitter == "none" and (options.backoff == "constant" or options.base_delay == 0):
             # compute_delay's answer for every retry, and it draws no randomness: skip the call
             self._fixed_delay = float(min(options.base_delay, options.max_delay))
 
     def on_build(self, pipeline: Pipeline) -> None:
+        """Watch for DSPy's own retries under this layer; keep the first pipeline's clock for :meth:`snapshot`."""
         pipeline.target.watch_dspy_retries()
+        if self._clock is None:
+            self._clock = pipeline.runtime.clock
 
     def _retryable(self, error: Exception, kind: ErrorKind, default: bool) -> bool:
         if kind is ErrorKind.REJECTED:
@@ -298,33 +187,13 @@ class Retry:
                     elif budget is not None and not budget.try_spend(clock.now(), error):
                         stop = "budget"
                 if stop is not None:
-                    if call.runtime.listeners:
-                        call.emit(
-                            RetryGaveUp(
-                                pipeline=call.runtime.name,
-                                layer="Retry",
-                                time=clock.now(),
-                                attempts=attempt,
-                                reason=stop,
-                                error=error,
-                            )
-                        )
+                    self.emit(call, RetryGaveUp, attempts=attempt, reason=stop, error=error)
                     if error is None:
                         return result
                     raise RetriesExhaustedError(attempt, error, reason=stop)
 
-                if call.runtime.listeners:  # call.listening, without the property call
-                    call.emit(
-                        RetryScheduled(
-                            pipeline=call.runtime.name,
-                            layer="Retry",
-                            time=clock.now(),
-                            attempt=attempt,
-                            delay=delay,
-                            reason=type(error).__name__ if error is not None else "result rejected",
-                            error=error,
-                        )
-                    )
+                reason = type(error).__name__ if error is not None else "result rejected"
+                self.emit(call, RetryScheduled, attempt=attempt, delay=delay, reason=reason, error=error)
                 call.record.retries += 1
                 await clock.sleep(delay)
                 attempt += 1
@@ -334,5 +203,44 @@ class Retry:
             if budget is not None and slot is not None:
                 budget.call_ended(slot)
 
-    def describe(self) -> dict[str, Any]:
-        return {"layer": "Retry", "options": self.options.model_dump()}
+    def snapshot(self) -> RetrySnapshot | None:
+        """The retry budget now (on the pipeline clock): calls and retries in its window; None without a budget."""
+        budget = self._budget
+        if budget is None:
+            return None
+        clock = self._clock
+        try:
+            now = clock.now() if clock is not None else budget.latest()
+        except RuntimeError:  # the loop clock outside a running loop: as of the latest call
+            now = budget.latest()
+        return budget.snapshot(now)
+
+    def health(self) -> LayerHealth | None:
+        """Degraded while the retry budget is spent (retries made in its window, room for no more): failures are no
+        longer retried. Otherwise nothing to report."""
+        snapshot = self.snapshot()
+        if snapshot is None or not (snapshot.retries and snapshot.exhausted):
+            return None
+        details = {"budget_calls": snapshot.calls, "budget_retries": snapshot.retries, "allowed": snapshot.allowed}
+        return LayerHealth(self.name, "degraded", details)
+
+
+def compute_delay(
+    options: RetryOptions, retry: int, previous: float, uniform: Callable[[float, float], float]
+) -> float:
+    """Delay before retry number ``retry`` (1 = the first retry); ``previous`` feeds decorrelated jitter."""
+    base, cap = options.base_delay, options.max_delay
+    if options.jitter == "decorrelated":
+        return min(cap, uniform(base, max(base, previous * 3)))
+    if options.backoff == "constant":
+        delay = base
+    elif options.backoff == "linear":
+        delay = base * retry
+    else:
+        delay = base * 2.0 ** min(retry - 1, 1000)
+    delay = min(delay, cap)
+    if options.jitter == "full":
+        return uniform(0.0, delay)
+    if options.jitter == "equal":
+        return delay / 2 + uniform(0.0, delay / 2)
+    return delay

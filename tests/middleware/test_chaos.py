@@ -19,7 +19,7 @@ from resilient_dspy.core import Call
 from resilient_dspy.errors import ConfigurationError, ResilienceWarning
 from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import Cache
-from resilient_dspy.middleware.chaos import Chaos, ChaosInjected
+from resilient_dspy.middleware.chaos import Chaos, ChaosInjected, ChaosSnapshot
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultStep, fault_error
 from tests.conftest import other_tasks
 
@@ -520,6 +520,21 @@ def test_chaos_above_a_cache_warns_and_below_does_not() -> None:
     Pipeline(Program(), Cache(), Chaos(fault="server_error"))
 
 
+class OwnCache:
+    """A layer of one's own that declares the cache role: Chaos reads the role, not the class."""
+
+    placement = "cache"
+
+    async def __call__(self, call: Call, next: Any) -> Any:
+        return await next(call)
+
+
+def test_chaos_above_any_layer_in_the_cache_role_warns() -> None:
+    with pytest.warns(ResilienceWarning, match="above a Cache"):
+        Pipeline(Program(), Chaos(fault="server_error"), Timeout(5), OwnCache())
+    Pipeline(Program(), OwnCache(), Chaos(fault="server_error"))
+
+
 def test_describe_shows_the_options_switch_and_pending_script() -> None:
     """describe() reports the layer, its switch, how many scripted steps remain and its options."""
     chaos = Chaos(latency=(0.1, 0.2), rate=0.25, script=["rate_limit"], retry_after=1, name="slow")
@@ -532,8 +547,36 @@ def test_describe_shows_the_options_switch_and_pending_script() -> None:
         (1.0, 1.0),
         "slow",
     )
+    assert described["name"] == "slow" and Chaos(fault="timeout").describe()["name"] == "Chaos"
     chaos.enabled = lambda call: True
     assert chaos.describe()["enabled"] == "predicate"
+
+
+async def test_the_snapshot_shows_the_switch_the_script_left_and_the_injections() -> None:
+    chaos = Chaos(script=["rate_limit", None, "auth"])
+    assert chaos.snapshot() == ChaosSnapshot(enabled=True, pending=chaos.pending, injected=0)
+    pipeline = Pipeline(Program(), chaos)
+    await outcome_of(pipeline)
+    await outcome_of(pipeline)
+    assert chaos.snapshot() == ChaosSnapshot(enabled=True, pending=(FaultStep(Fault.AUTH),), injected=1)
+    chaos.enabled = lambda call: False
+    assert chaos.snapshot().enabled == "predicate"
+
+
+async def test_health_is_degraded_while_chaos_can_inject_and_ok_when_off_or_spent() -> None:
+    chaos = Chaos(script=["server_error"], name="faults")
+    pipeline = Pipeline(Program(), chaos)
+    (report,) = pipeline.health().layers
+    assert (report.layer, report.status, report.details) == (
+        "faults",
+        "degraded",
+        {"enabled": True, "pending": 1, "injected": 0},
+    )
+    await outcome_of(pipeline)
+    assert chaos.health().status == "ok"  # the script is spent and there is no strategy
+    assert Chaos(fault="timeout", rate=0.0).health().status == "ok"
+    assert Chaos(fault="timeout", enabled=False).health().status == "ok"
+    assert Chaos(fault="timeout", enabled=lambda call: False).health().status == "degraded"  # decided per call
 
 
 # ---------------------------------------------------------------------------------------- 11. bad options

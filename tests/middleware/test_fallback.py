@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -93,6 +94,19 @@ async def test_fallback_used_event_names_alternative_and_error() -> None:
         ("fb", "Fallback", "canned"),
     ]
     assert used[0].error is first and used[1].error is second
+
+
+async def test_fallback_used_carries_the_pipeline_clock_time() -> None:
+    async def late(question: str) -> str:
+        await asyncio.sleep(1.5)
+        raise Boom("late")
+
+    events: list[Event] = []
+    pipeline = Pipeline(late, Fallback(Static(answer="s")), listeners=[events.append])
+    started = asyncio.get_running_loop().time()
+    await pipeline("q")
+    [used] = events
+    assert used.time == pytest.approx(started + 1.5)
 
 
 # --- on= filtering -------------------------------------------------------------------------------------
@@ -231,6 +245,15 @@ async def test_use_lm_does_not_leak_into_concurrent_calls() -> None:
     assert not other_tasks()
 
 
+def test_use_lm_is_named_after_its_model_or_its_type() -> None:
+    class Bare(dspy.BaseLM):  # type: ignore[misc]
+        def __init__(self) -> None:  # no BaseLM.__init__: no `model` attribute
+            pass
+
+    assert UseLM(Bare()).name == "lm:Bare"
+    assert UseLM(dspy.LM("openai/x", api_key="k")).name == "lm:openai/x"
+
+
 def test_use_lm_rejects_a_non_lm() -> None:
     """UseLM(42) is a ConfigurationError naming UseLM.lm."""
     with pytest.raises(ConfigurationError) as raised:
@@ -273,6 +296,15 @@ async def test_static_factory_receives_the_inputs() -> None:
     outcome = await pipeline.invoke("hello")
     assert (outcome.value.answer, outcome.served_by) == ("HELLO", "shout")
     assert seen == [{"question": "hello"}]
+
+
+async def test_a_static_alternative_handles_only_the_errors_in_its_on_filter() -> None:
+    pipeline = Pipeline(program("primary", [], ValueError("other")), Fallback(Static(answer="static", on=Boom)))
+    with pytest.raises(FallbackFailedError) as caught:
+        await pipeline("q")
+    assert caught.value.tried == ("primary",)
+    handled = Pipeline(program("primary", [], Boom("mine")), Fallback(Static(answer="static", on=[Boom])))
+    assert (await handled("q")).answer == "static"
 
 
 async def test_a_prediction_passed_directly_becomes_static() -> None:
@@ -484,7 +516,29 @@ def test_use_program_rejects_a_sync_function() -> None:
 def test_describe_lists_alternatives_and_filter() -> None:
     """Fallback.describe() names the alternatives in order and the handled error types."""
     fallback = Fallback(UseLM(FaultInjectingLM("fault/big"), name="big"), Static(answer="x"), on=dspy.LMError)
-    assert fallback.describe() == {"layer": "Fallback", "alternatives": ["big", "static"], "on": ["LMError"]}
+    assert fallback.describe() == {
+        "layer": "Fallback",
+        "name": "Fallback",
+        "options": {"alternatives": ["big", "static"], "on": ["LMError"], "name": None},
+    }
+    assert Fallback(Static(answer="s"), on=(Boom, KeyError)).describe()["options"]["on"] == ["Boom", "KeyError"]
+
+
+def test_describe_shows_a_predicate_filter_by_repr() -> None:
+    def only_boom(error: Exception) -> bool:
+        return isinstance(error, Boom)
+
+    assert Fallback(Static(answer="s"), on=only_boom).describe()["options"]["on"] == repr(only_boom)
+    assert Fallback(Static(answer="s")).describe()["options"]["on"] == "every error but a user mistake"
+
+
+async def test_a_named_fallback_labels_its_events_and_describe() -> None:
+    events: list[Event] = []
+    fallback = Fallback(Static(answer="s"), name="qa-fallback")
+    await Pipeline(program("primary", [], Boom("p")), fallback, listeners=[events.append])("q")
+    assert [(type(event), event.layer) for event in events] == [(FallbackUsed, "qa-fallback")]
+    assert fallback.name == fallback.describe()["name"] == "qa-fallback"
+    assert fallback.snapshot() is None and fallback.health() is None  # no state between calls
 
 
 async def test_a_custom_alternative_runs_and_one_without_run_cannot_be_built() -> None:
@@ -588,3 +642,50 @@ def test_the_default_fallback_never_serves_a_user_mistake(
     with pytest.raises(type(error)):
         asyncio.run(pipeline.invoke("q"))
     assert log == ["primary"]  # and never retried
+
+
+async def test_a_user_mistake_a_retry_gave_up_on_still_propagates_through_the_default_fallback() -> None:
+    """A Retry told to retry TypeError wraps it in RetriesExhaustedError: the default on= looks inside."""
+    log: list[str] = []
+    pipeline = Pipeline(
+        program("primary", log, TypeError("bug")),
+        Fallback(Static(answer="sorry")),
+        Retry(2, base_delay=0, retry_on=TypeError),
+    )
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")
+    assert isinstance(caught.value.last_error, TypeError) and log == ["primary", "primary"]
+
+
+# --- the answers a Static gives, checked when the pipeline is built ----------------------------------------
+
+
+def test_a_static_answer_lacking_an_output_field_every_answer_has_is_refused_at_build() -> None:
+    """Each Static (fields, not a factory) must give every output field of the program: each one that does not is
+    named by its place, with the fields it lacks."""
+    two_outputs = dspy.Predict("question -> answer, confidence")
+    with pytest.raises(ConfigurationError) as raised:
+        Pipeline(
+            two_outputs,
+            Fallback(UseProgram(program("spare", [])), Static(answer="sorry", name="apology"), Static(confidence="0")),
+        )
+    assert [field for field, _ in raised.value.problems] == ["Fallback.alternatives[1]", "Fallback.alternatives[2]"]
+    (_, lacks_confidence), (_, lacks_answer) = raised.value.problems
+    assert "confidence" in lacks_confidence and "'apology'" in lacks_confidence and "answer" in lacks_answer
+    Pipeline(two_outputs, Fallback(Static(answer="?", confidence="0")))
+    Pipeline(two_outputs, Fallback(Static(lambda inputs: dspy.Prediction())))  # a factory's answer is unknowable
+    Pipeline(program("any", []), Fallback(Static(answer="x")))  # a function's outputs are unknown: not checked
+
+
+async def test_serving_an_alternative_logs_a_warning_naming_the_pipeline_the_alternative_and_the_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pipeline = Pipeline(
+        program("primary", [], Boom("primary down")), Fallback(Static(answer="s", name="apology")), name="qa"
+    )
+    with caplog.at_level(logging.WARNING, logger="resilient_dspy.fallback"):
+        await pipeline("q")
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert all(part in message for part in ("qa", "'apology'", "Boom", "primary down"))

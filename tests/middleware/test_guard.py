@@ -325,10 +325,12 @@ def test_describe_shows_what_is_checked() -> None:
     assert described["name"] == "qa-guard"
     assert described["options"]["input"]["rules"]["forbidden"] == ["x+"]
     assert described["options"]["output"] == {"function": "not_bad"}
-    assert Guard(output=Answer).describe()["options"] == {
-        "input": None,
-        "output": {"model": "Answer", "fields": ["answer"]},
+    assert Guard(output=Answer).describe() == {
+        "layer": "Guard",
+        "name": "Guard",
+        "options": {"input": None, "output": {"model": "Answer", "fields": ["answer"]}, "name": None},
     }
+    assert guard.snapshot() is None and guard.health() is None  # no state between calls
 
 
 class Unprintable:

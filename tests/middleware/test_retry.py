@@ -151,6 +151,58 @@ async def test_always_failing_makes_max_attempts_calls_then_gives_up(max_attempt
     assert (final.attempts, final.reason, final.error) == (max_attempts, "max_attempts", program.raised[-1])
 
 
+class Attempts:
+    """A layer below Retry recording the attempt number of each call it sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def __call__(self, call: Any, next: Any) -> Any:
+        self.seen.append(call.attempt)
+        return await next(call)
+
+
+async def test_giving_up_after_max_attempts_emits_each_retry_and_the_give_up_exactly() -> None:
+    """Every field of RetryScheduled and RetryGaveUp, on the pipeline clock; each attempt is numbered below."""
+    events: list[Event] = []
+    program = AlwaysFailing()
+    attempts = Attempts()
+    retry = Retry(3, backoff="constant", base_delay=2, jitter="none")
+    pipeline = Pipeline(program, retry, attempts, name="p", listeners=[events.append])
+    await asyncio.sleep(1)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")
+    assert (caught.value.attempts, caught.value.reason) == (3, "max_attempts")
+    assert program.calls == 3 and attempts.seen == [1, 2, 3]
+    first, second, third = program.raised
+    assert events == [
+        RetryScheduled(
+            pipeline="p", layer="Retry", time=1.0, attempt=1, delay=2.0, reason="LMServerError", error=first
+        ),
+        RetryScheduled(
+            pipeline="p", layer="Retry", time=3.0, attempt=2, delay=2.0, reason="LMServerError", error=second
+        ),
+        RetryGaveUp(pipeline="p", layer="Retry", time=5.0, attempts=3, reason="max_attempts", error=third),
+    ]
+
+
+async def test_a_named_retry_labels_its_events_and_describe() -> None:
+    events: list[Event] = []
+    retry = Retry(2, base_delay=0, name="llm-retry")
+    with pytest.raises(RetriesExhaustedError):
+        await Pipeline(AlwaysFailing(), retry, listeners=[events.append])("q")
+    assert {event.layer for event in events} == {"llm-retry"}
+    assert retry.name == retry.describe()["name"] == "llm-retry"
+    assert Retry().name == "Retry"
+
+
+async def test_a_single_attempt_gives_up_at_once() -> None:
+    program = AlwaysFailing()
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await Pipeline(program, Retry(1))("q")
+    assert (caught.value.attempts, caught.value.reason, program.calls) == (1, "max_attempts", 1)
+
+
 # ---------------------------------------------------------------------------------------- 2. backoff sequences
 
 
@@ -200,6 +252,28 @@ async def test_seeded_full_jitter_is_reproducible_and_within_each_backoff_step()
     for sleep, cap in zip(runs[0], [1.0, 2.0, 4.0, 8.0], strict=True):
         assert 0.0 <= sleep <= cap
     assert len(set(runs[0])) == 4  # really jittered, not the plain backoff
+
+
+async def test_constant_backoff_with_jitter_is_still_jittered() -> None:
+    events: list[Event] = []
+    retry = Retry(2, backoff="constant", base_delay=1, jitter="full")
+    pipeline = Pipeline(Flaky(server_error()), retry, rng=random.Random(7), listeners=[events.append])
+    assert await pipeline("q") == "ok"
+    assert delays(events) == [random.Random(7).uniform(0.0, 1.0)]
+
+
+async def test_decorrelated_jitter_feeds_each_delay_into_the_next() -> None:
+    events: list[Event] = []
+    program = Flaky(server_error(), server_error(), server_error())
+    retry = Retry(4, base_delay=1, max_delay=100, jitter="decorrelated", budget=None)
+    pipeline = Pipeline(program, retry, rng=random.Random(3), listeners=[events.append])
+    assert await pipeline("q") == "ok"
+    rng = random.Random(3)
+    expected, previous = [], 1.0
+    for _ in range(3):
+        previous = rng.uniform(1.0, max(1.0, previous * 3))
+        expected.append(previous)
+    assert delays(events) == expected
 
 
 # ------------------------------------------------------------------------------------ 3. jitter bound properties
@@ -279,6 +353,37 @@ def test_a_chain_of_delays_stays_within_bounds(jitter: Any, backoff: Any, base: 
     for retry in range(1, 31):
         previous = compute_delay(options, retry, previous, rng.uniform)
         assert 0.0 <= previous <= cap
+
+
+class Recorder:
+    """A ``uniform`` that records its arguments and returns the upper bound."""
+
+    def __init__(self) -> None:
+        self.args: list[tuple[float, float]] = []
+
+    def __call__(self, low: float, high: float) -> float:
+        self.args.append((low, high))
+        return high
+
+
+@pytest.mark.parametrize(
+    ("jitter", "backoff", "retry", "previous", "calls", "delay"),
+    [
+        ("full", "exponential", 3, 0.0, [(0.0, 4.0)], 4.0),
+        ("equal", "exponential", 3, 0.0, [(0.0, 2.0)], 4.0),
+        ("equal", "linear", 3, 0.0, [(0.0, 1.5)], 3.0),
+        ("decorrelated", "exponential", 5, 2.0, [(1.0, 6.0)], 6.0),
+        ("decorrelated", "exponential", 5, 0.1, [(1.0, 1.0)], 1.0),
+        ("none", "constant", 7, 0.0, [], 1.0),
+    ],
+)
+def test_compute_delay_draws_from_the_documented_range(
+    jitter: str, backoff: str, retry: int, previous: float, calls: list[tuple[float, float]], delay: float
+) -> None:
+    options = RetryOptions(jitter=jitter, backoff=backoff, base_delay=1.0, max_delay=100.0)
+    uniform = Recorder()
+    assert compute_delay(options, retry, previous, uniform) == delay
+    assert uniform.args == calls
 
 
 def test_exponential_delay_beyond_retry_1024_is_capped_not_overflowing() -> None:
@@ -427,6 +532,15 @@ async def test_retries_that_fit_run_and_the_one_that_does_not_stops() -> None:
         await pipeline(question="q")
     assert (caught.value.reason, caught.value.attempts, program.calls) == ("deadline", 2, 2)
     assert now() - start == pytest.approx(4.0)
+
+
+async def test_a_delay_exactly_reaching_the_deadline_gives_up() -> None:
+    program = AlwaysFailing()
+    pipeline = Pipeline(program, Retry(3, backoff="constant", base_delay=1, jitter="none"))
+    call = pipeline.new_call({"question": "q"}, deadline=1.0)
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline.run(call)
+    assert (caught.value.attempts, caught.value.reason, program.calls) == (1, "deadline", 1)
 
 
 async def test_total_timeout_cancels_a_hanging_attempt_without_retrying_it() -> None:
@@ -678,6 +792,22 @@ async def test_retry_on_result_returns_the_last_result_when_attempts_run_out() -
     assert [(e.attempts, e.reason, e.error) for e in gave_up(events)] == [(4, "max_attempts", None)]
 
 
+async def test_a_rejected_result_is_retried_then_returned_with_exact_events() -> None:
+    events: list[Event] = []
+
+    async def program(question: str) -> str:
+        return "same"
+
+    retry = Retry(2, base_delay=0, jitter="none", retry_on_result=lambda result: result == "same")
+    assert await Pipeline(program, retry, name="p", listeners=[events.append])("q") == "same"
+    assert events == [
+        RetryScheduled(
+            pipeline="p", layer="Retry", time=0.0, attempt=1, delay=0.0, reason="result rejected", error=None
+        ),
+        RetryGaveUp(pipeline="p", layer="Retry", time=0.0, attempts=2, reason="max_attempts", error=None),
+    ]
+
+
 # ----------------------------------------------------------------------------------- 9. per-call attempt state
 
 
@@ -700,6 +830,62 @@ async def test_concurrent_calls_do_not_share_attempt_state() -> None:
     assert one.duration == pytest.approx(1.0)
     assert three.duration == pytest.approx(1.0 + 2.0 + 4.0)
     assert calls == {"one": 2, "three": 4}
+
+
+# ------------------------------------------------------------------------------ an opened circuit below
+
+
+class OpensFor:
+    """A layer below Retry that, like a CircuitBreaker tripping, marks the call blocked for ``seconds`` after a
+    failure (``call.record.blocked_until``, the record's contract with Retry)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    async def __call__(self, call: Any, next: Any) -> Any:
+        try:
+            return await next(call)
+        except Exception:
+            call.record.blocked_until = call.clock.now() + self.seconds
+            raise
+
+
+async def test_retry_waits_for_a_circuit_below_to_let_the_next_attempt_through() -> None:
+    events: list[Event] = []
+    pipeline = Pipeline(
+        Flaky(server_error()), Retry(3, base_delay=0, jitter="none"), OpensFor(5.0), listeners=[events.append]
+    )
+    await asyncio.sleep(10)
+    assert await pipeline("q") == "ok"
+    assert delays(events) == [5.0] and now() == 15.0
+
+
+async def test_retry_gives_up_at_once_when_the_circuit_stays_open_past_max_retry_after() -> None:
+    program = AlwaysFailing()
+    pipeline = Pipeline(program, Retry(3, base_delay=0, max_retry_after=60), OpensFor(60.5))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")
+    assert (caught.value.reason, caught.value.attempts, program.calls, now()) == ("circuit_open", 1, 1, 0.0)
+
+
+async def test_a_circuit_open_exactly_max_retry_after_is_waited_for() -> None:
+    pipeline = Pipeline(Flaky(server_error()), Retry(2, base_delay=0, jitter="none", max_retry_after=60), OpensFor(60))
+    assert await pipeline("q") == "ok"
+    assert now() == 60.0
+
+
+async def test_a_circuit_open_past_the_deadline_gives_up_for_the_deadline() -> None:
+    pipeline = Pipeline(AlwaysFailing(), Timeout(3), Retry(3, base_delay=0), OpensFor(5.0))
+    with pytest.raises(RetriesExhaustedError) as caught:
+        await pipeline("q")
+    assert (caught.value.reason, caught.value.attempts) == ("deadline", 1)
+
+
+async def test_a_backoff_longer_than_max_retry_after_is_not_a_circuit_open() -> None:
+    """max_retry_after caps a server's (or a circuit's) wait, not the backoff: with no circuit below, retry."""
+    pipeline = Pipeline(Flaky(server_error()), Retry(2, base_delay=1, jitter="none", max_retry_after=0.5))
+    assert await pipeline("q") == "ok"
+    assert now() == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ 10. budget
@@ -872,6 +1058,33 @@ def test_good_options_are_described() -> None:
         "equal",
     )
     assert options["retry_on"] == (KeyError,)
+
+
+def test_the_defaults_are_described_exactly() -> None:
+    assert Retry().describe() == {
+        "layer": "Retry",
+        "name": "Retry",
+        "options": {
+            "max_attempts": 3,
+            "backoff": "exponential",
+            "base_delay": 0.5,
+            "max_delay": 30.0,
+            "jitter": "full",
+            "retry_on": None,
+            "retry_on_result": None,
+            "respect_retry_after": True,
+            "max_retry_after": 60.0,
+            "budget": {"ratio": 0.2, "min_per_second": 1.0, "window": 10.0},
+            "name": None,
+        },
+    }
+
+
+@pytest.mark.parametrize("retry_on", [KeyError, [KeyError], (KeyError,)])
+def test_retry_on_types_are_options_as_a_tuple_however_given(retry_on: Any) -> None:
+    """A single class is callable, so it must not pass as a predicate: the options hold it as a tuple."""
+    assert RetryOptions(retry_on=retry_on).retry_on == (KeyError,)
+    assert Retry(retry_on=retry_on).options.retry_on == (KeyError,)
 
 
 # ------------------------------------------------------------------------------- property: fault schedules

@@ -360,6 +360,65 @@ def test_the_timeout_name_shows_in_describe() -> None:
     assert Pipeline(program, Timeout(1, name="llm-budget")).describe()[0]["name"] == "llm-budget"
 
 
+def test_an_unplaced_timeout_describes_its_scope_as_total() -> None:
+    assert Timeout(5).describe() == {
+        "layer": "Timeout",
+        "name": "Timeout(total)",
+        "scope": "total",
+        "options": {"seconds": 5.0, "first_chunk": None, "idle": None, "name": None},
+    }
+    assert Timeout(5).scope == "total"
+
+
+async def test_our_deadline_and_the_callers_cancellation_at_once_let_the_bodys_own_error_through() -> None:
+    """The body answers the cancellation with an error of its own while the caller also cancels: that error is the
+    caller's business, not our timeout (the deadline's cancellation is not the only one pending)."""
+
+    async def stubborn(question: str) -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+        return question
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(Pipeline(stubborn, Timeout(1)).invoke("q"))
+    loop.call_at(loop.time() + 1, task.cancel)  # the same instant as the Timeout's deadline
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        await task
+
+
+def test_a_timeout_refused_for_a_second_scope_names_itself_and_keeps_its_first_scope() -> None:
+    timeout = Timeout(5)
+    Pipeline(hangs_then_answers(1), timeout)
+    with pytest.raises(ConfigurationError) as caught, pytest.warns(ResilienceWarning):
+        Pipeline(hangs_then_answers(1), Retry(2), timeout)
+    [(field, rule)] = caught.value.problems
+    assert field == "Timeout" and "total" in rule and "attempt" in rule
+    assert timeout.scope == "total"
+
+
+async def test_an_earlier_outer_deadline_is_reported_as_the_time_left() -> None:
+    events: list[Event] = []
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(5), name="p", listeners=[events.append])
+    await asyncio.sleep(10)
+    with pytest.raises(TimeoutExceededError) as caught:
+        await pipeline.run(pipeline.new_call({"question": "q"}, deadline=12.0))
+    assert (caught.value.timeout, caught.value.scope) == (2.0, "total")
+    assert events == [TimeoutFired(pipeline="p", layer="Timeout(total)", time=12.0, timeout=2.0, scope="total")]
+
+
+async def test_an_equal_outer_deadline_keeps_our_own_seconds() -> None:
+    pipeline = Pipeline(hangs_then_answers(1), Timeout(0.2))
+    await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    deadline = started + 0.2
+    assert deadline - started != 0.2  # float rounding: recomputing the seconds would not give 0.2 back
+    with pytest.raises(TimeoutExceededError) as caught:
+        await pipeline.run(pipeline.new_call({"question": "q"}, deadline=deadline))
+    assert caught.value.timeout == 0.2
+
+
 async def _answers_cancellation_with(error: Exception) -> None:
     """A child task that, when cancelled, raises ``error`` instead (as a wrapper around a client may do)."""
     try:
