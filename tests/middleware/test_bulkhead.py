@@ -520,7 +520,8 @@ async def sleeper(question: str) -> str:
 
 
 def by_prefix(call: Any) -> str:
-    return call.inputs["question"].split("|")[0]
+    key: str = call.inputs["question"].split("|")[0]
+    return key
 
 
 def says(error: BaseException, *facts: str) -> None:
