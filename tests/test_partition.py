@@ -104,18 +104,10 @@ def test_two_thousand_keys_that_failed_once_stay_bounded_by_max_keys() -> None:
 # ------------------------------------------------------------------------------------------- a layer's states
 
 
-class Asked:
-    """Stands in for a call: KeyedStates reads it only through the layer's key function."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
 def test_without_a_key_function_every_call_gets_the_one_shared_state() -> None:
     states: KeyedStates[State] = KeyedStates(PartitionOptions(), State)
     shared = states.single
     assert shared is not None and shared.key is None
-    assert states.of(Asked("a"), 0) == (None, shared)  # type: ignore[arg-type]
     assert states.get("b", 1) is shared and states.peek("c") is shared
     assert states.items() == [(None, shared)]
     assert len(states.partitions) == 0
@@ -128,11 +120,10 @@ def test_a_given_factory_builds_the_shared_state() -> None:
 
 
 def test_with_a_key_function_each_key_gets_its_own_state_created_on_first_use() -> None:
-    states: KeyedStates[State] = KeyedStates(PartitionOptions(key=lambda call: call.key), State)
+    states: KeyedStates[State] = KeyedStates(PartitionOptions(key=lambda call: call.inputs["key"]), State)
     assert states.single is None and states.peek("a") is None
-    key, first = states.of(Asked("a"), 0)  # type: ignore[arg-type]
-    assert key == "a" and first.key == "a"
-    assert states.of(Asked("a"), 1) == ("a", first)  # type: ignore[arg-type]
+    first = states.get("a", 0)
+    assert first.key == "a" and states.get("a", 1) is first
     second = states.get("b", 2)
     assert states.peek("b") is second and states.peek("z") is None
     assert states.items() == [("a", first), ("b", second)]
@@ -140,7 +131,7 @@ def test_with_a_key_function_each_key_gets_its_own_state_created_on_first_use() 
 
 def test_a_layers_states_are_bounded_by_its_partition_options() -> None:
     evicted: list[Hashable] = []
-    options = PartitionOptions(key=lambda call: call.key, max_keys=1, idle_after=60)
+    options = PartitionOptions(key=lambda call: call.inputs["key"], max_keys=1, idle_after=60)
     states: KeyedStates[State] = KeyedStates(options, State, on_evict=lambda key, state: evicted.append(key))
     states.get("a", 0).level = Hold.PROTECTION
     states.get("b", 1)

@@ -112,6 +112,7 @@ class Bulkhead(Layer):
         self._max_concurrent = self.options.max_concurrent
         self._states: KeyedStates[_Compartment] = KeyedStates(self.options, _Compartment)
         self._single = self._states.single
+        self._key_of, self._partitions = self.options.key, self._states.partitions  # the keyed hot path, inlined
         self._lends = False
 
     def on_build(self, pipeline: Pipeline) -> None:
@@ -122,7 +123,10 @@ class Bulkhead(Layer):
     async def __call__(self, call: Call, next: Handler) -> Any:
         compartment = self._single
         if compartment is None:
-            key, compartment = self._states.of(call, call.clock.now())
+            key_of = self._key_of
+            assert key_of is not None
+            key = key_of(call)
+            compartment = self._partitions.get(key, call.clock.now())
         else:
             key = None
         if compartment.in_flight < self._max_concurrent:

@@ -80,6 +80,7 @@ class CircuitBreaker(Layer):
             on_evict=self._evicted,
         )
         self._single = self._states.single
+        self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
         self._slow = options.slow_call_duration
         time_window = options.consecutive is None and options.window is None  # window_seconds, or the default 60 s
         self._timed = options.slow_call_duration is not None or time_window
@@ -137,7 +138,12 @@ class CircuitBreaker(Layer):
             return result
         clock = call.clock
         started = clock.now()
-        circuit = single if single is not None else self._states.of(call, started)[1]
+        if single is not None:
+            circuit = single
+        else:
+            key_of = self._key_of
+            assert key_of is not None
+            circuit = self._partitions.get(key_of(call), started)
         try:
             ticket, transition = circuit.admit(started)
         except CircuitOpenError as rejection:

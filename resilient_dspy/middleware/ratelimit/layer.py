@@ -73,6 +73,7 @@ class RateLimiter(Layer):
         self._token_limits = tuple(lim for lim in options.limits if lim.unit == "tokens")
         self._states: KeyedStates[_Lane] = KeyedStates(options, self._new_lane)
         self._single = single = self._states.single
+        self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
         only = () if single is None else single.meters
         self._sole = only[0] if len(only) == 1 and isinstance(only[0], _RequestWindow) else None
         self._estimate: Callable[[Any], int] = options.estimate_tokens or self.default_estimate
@@ -105,7 +106,10 @@ class RateLimiter(Layer):
         now = clock.now()
         lane = self._single
         if lane is None:
-            key, lane = self._states.of(call, now)
+            key_of = self._key_of
+            assert key_of is not None
+            key = key_of(call)
+            lane = self._partitions.get(key, now)
         else:
             key = None
             sole = self._sole
