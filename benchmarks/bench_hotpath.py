@@ -46,11 +46,12 @@ import dspy
 from bench_guards import fresh, same
 from bench_overhead import Group, Runner, Variant, measure, time_batch
 
-from resilient_dspy import Cache, Pipeline, classify  # noqa: F401 - some names are used in timeit statements
+from resilient_dspy import Cache, Pipeline
 from resilient_dspy.binding.settings import setting  # noqa: F401
 from resilient_dspy.binding.usage import usage_scope  # noqa: F401
 from resilient_dspy.core.call import Call, CallRecord  # noqa: F401
 from resilient_dspy.core.clock import LoopClock
+from resilient_dspy.errors import classify  # noqa: F401
 from resilient_dspy.middleware.cache.backends import MemoryBackend
 from resilient_dspy.middleware.cache.keys import KEY_VERSION, _dumps
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import dspy
 
-from resilient_dspy import Call, Handler, Pipeline, Retry
+from resilient_dspy import Pipeline, Retry
+from resilient_dspy.core import Call, Handler
 from resilient_dspy.testing import FaultInjectingLM
 
 

@@ -20,7 +20,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import dspy
 
-from resilient_dspy import Pipeline, ResilienceWarning, Retry
+from resilient_dspy import Pipeline, Retry
+from resilient_dspy.errors import ResilienceWarning
 
 # The LM the program would use in production: DSPy's retries on (num_retries=3), under our Retry. The chaos
 # command mirrors this setting on the fault-injecting LM it puts in its place.

@@ -1,6 +1,7 @@
-"""Old import paths kept for one release: each shim module warns (DeprecationWarning) and re-exports the new one.
+"""Old import paths kept for one release: each shim module warns (DeprecationWarning) and re-exports the new one,
+and each name the package root no longer exports still resolves there, warning with its new module.
 
-See docs/architecture.md for the layout the names moved to.
+See docs/architecture.md for the layout the names moved to and the public surface.
 """
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["MOVED", "alias"]
+__all__ = ["MOVED", "MOVED_FROM_ROOT", "alias", "moved_names"]
 
 # old module -> the modules its names moved to (first one wins a name); the shims at the old paths read this.
 MOVED: dict[str, tuple[str, ...]] = {
@@ -79,3 +81,80 @@ def alias(old: str) -> None:
         raise AttributeError(f"module {old!r} has no attribute {name!r}")
 
     shim.__dict__["__getattr__"] = __getattr__
+
+
+# the names the package root exported before its surface was cut down (issue 15), by the module that exports them now
+_LEFT_THE_ROOT: dict[str, tuple[str, ...]] = {
+    "resilient_dspy.core": ("Call", "CallRecord", "Clock", "Handler", "LoopClock", "Middleware"),
+    "resilient_dspy.errors": (
+        "ConfigurationError",
+        "ErrorInfo",
+        "ErrorKind",
+        "RequestTooLargeError",
+        "ResilienceWarning",
+        "classify",
+    ),
+    "resilient_dspy.events": (
+        "Event",
+        "BudgetAlert",
+        "BudgetRejected",
+        "BudgetSpent",
+        "BulkheadAcquired",
+        "BulkheadQueued",
+        "BulkheadRejected",
+        "CacheBackendFailed",
+        "CacheCoalesced",
+        "CacheHit",
+        "CacheMiss",
+        "CacheNotStored",
+        "CacheStored",
+        "ChaosInjected",
+        "CircuitRejected",
+        "CircuitStateChanged",
+        "FallbackUsed",
+        "GuardRejectedInput",
+        "GuardRejectedOutput",
+        "RateLimitReconciled",
+        "RateLimitRejected",
+        "RateLimitWaited",
+        "RetryGaveUp",
+        "RetryScheduled",
+        "TimeoutFired",
+    ),
+    "resilient_dspy.middleware.breaker": ("CircuitSnapshot", "CircuitState"),
+    "resilient_dspy.middleware.budget": ("BudgetSnapshot", "BudgetUsage"),
+    "resilient_dspy.middleware.bulkhead": ("BulkheadSnapshot",),
+    "resilient_dspy.middleware.cache": ("CacheStats",),
+    "resilient_dspy.middleware.cache.backends": (
+        "AiocacheBackend",
+        "CacheBackend",
+        "DiskBackend",
+        "MemoryBackend",
+        "NowaitBackend",
+        "TieredBackend",
+    ),
+    "resilient_dspy.middleware.ratelimit": ("LimitUsage", "RateLimiterSnapshot"),
+}
+
+MOVED_FROM_ROOT: dict[str, str] = {name: module for module, names in _LEFT_THE_ROOT.items() for name in names}
+"""Old root name -> the module to import it from now; the root's ``__getattr__`` reads this."""
+
+
+def moved_names(package: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for ``package``: each name of ``moved`` resolves at its new module and warns
+    (DeprecationWarning) naming it; anything else is an AttributeError as usual."""
+
+    def __getattr__(name: str) -> Any:
+        new = moved.get(name)
+        if new is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        # `from package import name` first asks importlib's hasattr, then the importing line: warn once, for that line
+        if not sys._getframe(1).f_code.co_filename.startswith("<frozen importlib"):
+            warnings.warn(
+                f"{package}.{name} is deprecated and will be removed in the next release; import it from {new}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return getattr(importlib.import_module(new), name)
+
+    return __getattr__

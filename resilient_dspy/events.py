@@ -1,19 +1,91 @@
 """Typed events that layers emit, and the per-pipeline sink that delivers them to listeners.
 
-Each pattern module defines its own event classes (subclasses of :class:`Event`); this module only holds
-the base and the delivery rule: with no listener nothing is built, and a listener's ``Exception`` never fails a call
-(any other ``BaseException`` propagates: see :func:`deliver`).
+Each pattern module defines its own event classes (subclasses of :class:`Event`); this module holds the base and the
+delivery rule: with no listener nothing is built, and a listener's ``Exception`` never fails a call (any other
+``BaseException`` propagates: see :func:`deliver`). It is also where users import every event from: the layers
+import this module, so a pattern's events are looked up in its module on first use (PEP 562), never imported here.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["Event", "EventRouter", "Listener", "Rejected"]
+if TYPE_CHECKING:
+    from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged
+    from resilient_dspy.middleware.budget import BudgetAlert, BudgetRejected, BudgetSpent
+    from resilient_dspy.middleware.bulkhead import BulkheadAcquired, BulkheadQueued, BulkheadRejected
+    from resilient_dspy.middleware.cache import (
+        CacheBackendFailed,
+        CacheCoalesced,
+        CacheHit,
+        CacheMiss,
+        CacheNotStored,
+        CacheStored,
+    )
+    from resilient_dspy.middleware.chaos import ChaosInjected
+    from resilient_dspy.middleware.fallback import FallbackUsed
+    from resilient_dspy.middleware.guard import GuardRejectedInput, GuardRejectedOutput
+    from resilient_dspy.middleware.ratelimit import RateLimitReconciled, RateLimitRejected, RateLimitWaited
+    from resilient_dspy.middleware.retry import RetryGaveUp, RetryScheduled
+    from resilient_dspy.middleware.timeout import TimeoutFired
+
+__all__ = [
+    "BudgetAlert",
+    "BudgetRejected",
+    "BudgetSpent",
+    "BulkheadAcquired",
+    "BulkheadQueued",
+    "BulkheadRejected",
+    "CacheBackendFailed",
+    "CacheCoalesced",
+    "CacheHit",
+    "CacheMiss",
+    "CacheNotStored",
+    "CacheStored",
+    "ChaosInjected",
+    "CircuitRejected",
+    "CircuitStateChanged",
+    "Event",
+    "EventRouter",
+    "FallbackUsed",
+    "GuardRejectedInput",
+    "GuardRejectedOutput",
+    "Listener",
+    "RateLimitReconciled",
+    "RateLimitRejected",
+    "RateLimitWaited",
+    "Rejected",
+    "RetryGaveUp",
+    "RetryScheduled",
+    "TimeoutFired",
+]
+
+# each pattern's events, by the module of the layer that emits them (the same names as the imports above)
+_PATTERN_EVENTS: dict[str, tuple[str, ...]] = {
+    "resilient_dspy.middleware.breaker": ("CircuitRejected", "CircuitStateChanged"),
+    "resilient_dspy.middleware.budget": ("BudgetAlert", "BudgetRejected", "BudgetSpent"),
+    "resilient_dspy.middleware.bulkhead": ("BulkheadAcquired", "BulkheadQueued", "BulkheadRejected"),
+    "resilient_dspy.middleware.cache": (
+        "CacheBackendFailed",
+        "CacheCoalesced",
+        "CacheHit",
+        "CacheMiss",
+        "CacheNotStored",
+        "CacheStored",
+    ),
+    "resilient_dspy.middleware.chaos": ("ChaosInjected",),
+    "resilient_dspy.middleware.fallback": ("FallbackUsed",),
+    "resilient_dspy.middleware.guard": ("GuardRejectedInput", "GuardRejectedOutput"),
+    "resilient_dspy.middleware.ratelimit": ("RateLimitReconciled", "RateLimitRejected", "RateLimitWaited"),
+    "resilient_dspy.middleware.retry": ("RetryGaveUp", "RetryScheduled"),
+    "resilient_dspy.middleware.timeout": ("TimeoutFired",),
+}
+_EMITTED_BY = {name: module for module, names in _PATTERN_EVENTS.items() for name in names}
 
 logger = logging.getLogger("resilient_dspy.events")
 
@@ -115,3 +187,20 @@ def deliver(listeners: tuple[Listener, ...], event: Event) -> None:
             listener(event)
         except Exception:
             logger.exception("event listener %r failed on %s", listener, type(event).__name__)
+
+
+if not TYPE_CHECKING:  # type checkers read the imports above
+
+    def __getattr__(name: str) -> Any:
+        """A pattern's event class, looked up in the module of the layer that emits it."""
+        module = _EMITTED_BY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    """The module's names and the pattern events it gives on first use."""
+    return sorted({*globals(), *__all__})

@@ -21,10 +21,6 @@ OVERSIZED = {
     "resilient_dspy.middleware.budget": 595,
     "resilient_dspy.middleware.cache.layer": 718,
     "resilient_dspy.middleware.chaos": 402,
-    "resilient_dspy.testing.chaos_server": 522,
-    "resilient_dspy.testing.fault_lm": 582,
-    "resilient_dspy.testing.harness": 573,
-    "resilient_dspy.testing.invariants": 546,
 }
 
 # Applications on top of the library and its test kit (the demo and chaos commands drive FaultInjectingLM and the

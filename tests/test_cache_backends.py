@@ -25,8 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from resilient_dspy import ConfigurationError
 from resilient_dspy.core.clock import LoopClock
+from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.middleware.cache.backends import (
     AiocacheBackend,
     DiskBackend,

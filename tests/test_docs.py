@@ -215,7 +215,7 @@ def fault_rows() -> list[tuple[str, str, str]]:
 
 def test_fault_tables_say_what_classify_decides() -> None:
     """Every page's 'retried' column for a fault kind agrees with classify() on the error that fault raises."""
-    from resilient_dspy import classify
+    from resilient_dspy.errors import classify
     from resilient_dspy.testing import fault_error
 
     rows = fault_rows()

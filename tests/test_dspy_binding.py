@@ -10,21 +10,18 @@ import dspy
 import pytest
 
 from resilient_dspy import (
-    Call,
-    Event,
     Fallback,
-    Handler,
     Pipeline,
-    ResilienceWarning,
     RetriesExhaustedError,
     Retry,
-    RetryScheduled,
     Static,
     Timeout,
     TimeoutExceededError,
-    TimeoutFired,
     no_dspy_retries,
 )
+from resilient_dspy.core import Call, Handler
+from resilient_dspy.errors import ResilienceWarning
+from resilient_dspy.events import Event, RetryScheduled, TimeoutFired
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile
 from tests.conftest import other_tasks
 
@@ -479,7 +476,7 @@ async def test_forward_only_calls_use_a_bounded_number_of_threads() -> None:
 
 def test_a_module_with_neither_forward_nor_aforward_is_refused_at_build() -> None:
     """A module that defines neither forward nor aforward cannot run: ConfigurationError naming the program."""
-    from resilient_dspy import ConfigurationError
+    from resilient_dspy.errors import ConfigurationError
 
     class Empty(dspy.Module):  # type: ignore[misc]
         pass
@@ -491,7 +488,7 @@ def test_a_module_with_neither_forward_nor_aforward_is_refused_at_build() -> Non
 
 def test_an_async_generator_is_refused_at_build() -> None:
     """An async generator function (or a module whose forward/aforward is one) is refused with its own reason."""
-    from resilient_dspy import ConfigurationError
+    from resilient_dspy.errors import ConfigurationError
 
     async def stream(question: str) -> Any:
         yield question

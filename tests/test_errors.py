@@ -14,18 +14,14 @@ from resilient_dspy import (
     BudgetExceededError,
     BulkheadFullError,
     CircuitOpenError,
-    ConfigurationError,
-    ErrorInfo,
-    ErrorKind,
     FallbackFailedError,
     RateLimitedError,
     RejectedError,
     ResilienceError,
     RetriesExhaustedError,
     TimeoutExceededError,
-    classify,
 )
-from resilient_dspy.errors import MAX_RETRY_AFTER
+from resilient_dspy.errors import MAX_RETRY_AFTER, ConfigurationError, ErrorInfo, ErrorKind, classify
 
 K = ErrorKind
 MAX = MAX_RETRY_AFTER

@@ -7,18 +7,8 @@ from typing import Any
 
 import dspy
 
-from resilient_dspy import (
-    Bulkhead,
-    Cache,
-    CircuitBreaker,
-    Event,
-    Fallback,
-    Pipeline,
-    RateLimiter,
-    Retry,
-    Static,
-    Timeout,
-)
+from resilient_dspy import Bulkhead, Cache, CircuitBreaker, Fallback, Pipeline, RateLimiter, Retry, Static, Timeout
+from resilient_dspy.events import Event
 
 
 def summary(events: list[Event]) -> list[tuple[Any, ...]]:

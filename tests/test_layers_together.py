@@ -21,7 +21,6 @@ from resilient_dspy import (
     CircuitBreaker,
     Fallback,
     Pipeline,
-    ResilienceWarning,
     RetriesExhaustedError,
     Retry,
     RetryBudget,
@@ -30,6 +29,7 @@ from resilient_dspy import (
     UseProgram,
     by_model,
 )
+from resilient_dspy.errors import ResilienceWarning
 from resilient_dspy.middleware.breaker import CircuitState
 from tests.conftest import run_virtual
 

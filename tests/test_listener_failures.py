@@ -22,15 +22,13 @@ from resilient_dspy import (
     Cache,
     CircuitBreaker,
     CircuitOpenError,
-    CircuitState,
-    Event,
     Limit,
     Pipeline,
     RateLimitedError,
     RateLimiter,
 )
-from resilient_dspy.events import deliver
-from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged
+from resilient_dspy.events import Event, deliver
+from resilient_dspy.middleware.breaker import CircuitRejected, CircuitState, CircuitStateChanged
 from resilient_dspy.middleware.budget import BudgetRejected, BudgetSpent
 from resilient_dspy.middleware.bulkhead import BulkheadAcquired, BulkheadQueued, BulkheadRejected
 from resilient_dspy.middleware.cache import CacheCoalesced, CacheHit, CacheMiss, CacheStored

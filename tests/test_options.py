@@ -140,7 +140,7 @@ def test_retry_takes_a_list_of_exception_types() -> None:
     ],
 )
 def test_a_bad_value_is_reported_once_per_field_without_pydantic_internals(build: Any) -> None:
-    from resilient_dspy import ConfigurationError
+    from resilient_dspy.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError) as caught:
         build()

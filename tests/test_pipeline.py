@@ -13,19 +13,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from resilient_dspy import (
-    Call,
-    ConfigurationError,
-    Event,
-    Handler,
-    LoopClock,
-    Middleware,
-    Outcome,
-    Pipeline,
-    Retry,
-    RetryScheduled,
-    Timeout,
-)
+from resilient_dspy import Outcome, Pipeline, Retry, Timeout
+from resilient_dspy.core import Call, Handler, LoopClock, Middleware
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event, RetryScheduled
 
 
 @dataclass
@@ -356,7 +347,7 @@ async def test_call_replace_matches_dataclasses_replace_for_every_field() -> Non
 )
 def test_options_are_strict(build: Any, field: str) -> None:
     """Options do not coerce: Retry(True) is not one attempt, Timeout("5") is not five seconds."""
-    from resilient_dspy import ConfigurationError
+    from resilient_dspy.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError) as raised:
         build()
@@ -528,7 +519,8 @@ def test_a_static_answer_missing_an_output_field_of_the_module_is_refused() -> N
 
 def test_a_retry_outside_the_fallback_is_warned_with_the_rule() -> None:
     """Retry ▶ Fallback: the static answer is a success, so the Retry never retries; a ResilienceWarning says so."""
-    from resilient_dspy import Fallback, ResilienceWarning, Static
+    from resilient_dspy import Fallback, Static
+    from resilient_dspy.errors import ResilienceWarning
 
     with pytest.warns(ResilienceWarning, match="Fallback") as warned:
         Pipeline(_echo, Retry(3), Fallback(Static(answer="sorry")))
@@ -537,7 +529,7 @@ def test_a_retry_outside_the_fallback_is_warned_with_the_rule() -> None:
 
 def test_an_attempt_timeout_longer_than_the_total_is_warned() -> None:
     """Timeout(5) ▶ Retry ▶ Timeout(30): the attempt is clamped to the total, so nothing is left to retry."""
-    from resilient_dspy import ResilienceWarning
+    from resilient_dspy.errors import ResilienceWarning
 
     with pytest.warns(ResilienceWarning, match="attempt") as warned:
         Pipeline(_echo, Timeout(5), Retry(3), Timeout(30))
@@ -546,7 +538,7 @@ def test_an_attempt_timeout_longer_than_the_total_is_warned() -> None:
 
 def test_an_attempt_timeout_without_a_total_deadline_is_warned() -> None:
     """Retry ▶ Timeout(10) alone: the call can take attempts x 10 s plus every sleep; a total Timeout is missing."""
-    from resilient_dspy import ResilienceWarning
+    from resilient_dspy.errors import ResilienceWarning
 
     with pytest.warns(ResilienceWarning, match="total") as warned:
         Pipeline(_echo, Retry(3), Timeout(10))

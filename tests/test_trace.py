@@ -8,17 +8,9 @@ import dataclasses
 import dspy
 import pytest
 
-from resilient_dspy import (
-    CircuitBreaker,
-    Fallback,
-    Pipeline,
-    RetriesExhaustedError,
-    Retry,
-    RetryScheduled,
-    Static,
-    Timeout,
-)
+from resilient_dspy import CircuitBreaker, Fallback, Pipeline, RetriesExhaustedError, Retry, Static, Timeout
 from resilient_dspy.core.trace import Span
+from resilient_dspy.events import RetryScheduled
 
 
 def server_error() -> Exception:

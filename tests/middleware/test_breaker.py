@@ -22,8 +22,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from resilient_dspy import (
     CircuitBreaker,
     CircuitOpenError,
-    ConfigurationError,
-    Event,
     Fallback,
     Pipeline,
     RetriesExhaustedError,
@@ -31,6 +29,8 @@ from resilient_dspy import (
     Static,
     Timeout,
 )
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware._shared.partitions import by_model
 from resilient_dspy.middleware.breaker import CircuitRejected, CircuitState, CircuitStateChanged
 from resilient_dspy.testing import FaultInjectingLM

@@ -15,14 +15,9 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import (
-    BudgetExceededError,
-    ConfigurationError,
-    Event,
-    Pipeline,
-    RequestTooLargeError,
-    by_partition_key,
-)
+from resilient_dspy import BudgetExceededError, Pipeline, by_partition_key
+from resilient_dspy.errors import ConfigurationError, RequestTooLargeError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.budget import Budget, BudgetAlert, BudgetRejected, BudgetSpent
 from resilient_dspy.testing import FaultInjectingLM
 from tests.conftest import other_tasks
@@ -433,7 +428,7 @@ def test_describe_names_the_caps_and_functions() -> None:
 
 
 def test_a_dollar_budget_whose_price_table_does_not_know_a_pinned_model_is_refused_at_build() -> None:
-    from resilient_dspy import ConfigurationError
+    from resilient_dspy.errors import ConfigurationError
     from resilient_dspy.observe import PriceTable
 
     program = dspy.Predict("question -> answer")

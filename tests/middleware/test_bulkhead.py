@@ -17,9 +17,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import BulkheadFullError, ConfigurationError, Event, Pipeline, Retry
+from resilient_dspy import BulkheadFullError, Pipeline, Retry
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.bulkhead import (
     Bulkhead,
     BulkheadAcquired,

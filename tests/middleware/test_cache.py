@@ -20,20 +20,10 @@ import dspy
 import pytest
 from pydantic import BaseModel
 
-from resilient_dspy import (
-    Bulkhead,
-    CircuitBreaker,
-    ConfigurationError,
-    Event,
-    Fallback,
-    LoopClock,
-    Pipeline,
-    RateLimiter,
-    Retry,
-    Static,
-    Timeout,
-    UseLM,
-)
+from resilient_dspy import Bulkhead, CircuitBreaker, Fallback, Pipeline, RateLimiter, Retry, Static, Timeout, UseLM
+from resilient_dspy.core import LoopClock
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import (
     Cache,
     CacheBackendFailed,

@@ -27,8 +27,10 @@ import dspy
 import pytest
 from pydantic import BaseModel, field_serializer
 
-from resilient_dspy import ConfigurationError, Event, Pipeline
+from resilient_dspy import Pipeline
 from resilient_dspy.core.call import Call
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import (
     Cache,
     CacheBackendFailed,

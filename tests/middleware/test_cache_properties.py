@@ -12,8 +12,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import Event, Pipeline, Retry, Timeout
+from resilient_dspy import Pipeline, Retry, Timeout
 from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import Cache, CacheCoalesced, CacheHit, CacheMiss
 from resilient_dspy.middleware.cache.backends import MemoryBackend
 from tests.conftest import other_tasks, run_virtual

@@ -14,17 +14,10 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import (
-    Call,
-    ConfigurationError,
-    Event,
-    Pipeline,
-    ResilienceWarning,
-    RetriesExhaustedError,
-    Retry,
-    Timeout,
-    TimeoutExceededError,
-)
+from resilient_dspy import Pipeline, RetriesExhaustedError, Retry, Timeout, TimeoutExceededError
+from resilient_dspy.core import Call
+from resilient_dspy.errors import ConfigurationError, ResilienceWarning
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import Cache
 from resilient_dspy.middleware.chaos import Chaos, ChaosInjected
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultStep, fault_error

@@ -12,11 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import (
-    ConfigurationError,
-    Event,
     Fallback,
     FallbackFailedError,
-    FallbackUsed,
     Pipeline,
     ResilienceError,
     RetriesExhaustedError,
@@ -26,6 +23,8 @@ from resilient_dspy import (
     UseProgram,
 )
 from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event, FallbackUsed
 from resilient_dspy.middleware.fallback import Alternative
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile
 from tests.conftest import other_tasks

@@ -9,7 +9,9 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import ConfigurationError, Event, Fallback, FallbackFailedError, Pipeline, Static, UseLM
+from resilient_dspy import Fallback, FallbackFailedError, Pipeline, Static, UseLM
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 
 
 class Boom(Exception):

@@ -15,15 +15,9 @@ import dspy
 import pytest
 from pydantic import BaseModel, Field
 
-from resilient_dspy import (
-    ConfigurationError,
-    Event,
-    Fallback,
-    Pipeline,
-    RetriesExhaustedError,
-    Retry,
-    Static,
-)
+from resilient_dspy import Fallback, Pipeline, RetriesExhaustedError, Retry, Static
+from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.guard import (
     Guard,
     GuardRejectedInput,

@@ -18,8 +18,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import ConfigurationError, Event, Pipeline, RateLimitedError, RequestTooLargeError, Retry
+from resilient_dspy import Pipeline, RateLimitedError, Retry
 from resilient_dspy.core.health import LayerHealth
+from resilient_dspy.errors import ConfigurationError, RequestTooLargeError
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.ratelimit import (
     DEFAULT_MAX_TOKENS,
     Limit,

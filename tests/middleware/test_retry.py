@@ -23,20 +23,17 @@ from resilient_dspy import (
     BudgetExceededError,
     BulkheadFullError,
     CircuitOpenError,
-    ConfigurationError,
-    Event,
-    LoopClock,
     Pipeline,
     RateLimitedError,
-    ResilienceWarning,
     RetriesExhaustedError,
     Retry,
     RetryBudget,
-    RetryGaveUp,
-    RetryScheduled,
     Timeout,
     TimeoutExceededError,
 )
+from resilient_dspy.core import LoopClock
+from resilient_dspy.errors import ConfigurationError, ResilienceWarning
+from resilient_dspy.events import Event, RetryGaveUp, RetryScheduled
 from resilient_dspy.middleware.retry import RetryOptions, compute_delay
 from resilient_dspy.testing import FaultInjectingLM
 

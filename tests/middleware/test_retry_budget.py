@@ -9,7 +9,8 @@ import math
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import Event, Pipeline, RetriesExhaustedError, Retry, RetryBudget, RetryScheduled
+from resilient_dspy import Pipeline, RetriesExhaustedError, Retry, RetryBudget
+from resilient_dspy.events import Event, RetryScheduled
 from tests.conftest import run_virtual
 
 EPSILON = 1e-9

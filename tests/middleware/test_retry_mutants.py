@@ -13,7 +13,8 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import Event, Pipeline, RetriesExhaustedError, Retry, RetryGaveUp, RetryScheduled
+from resilient_dspy import Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy.events import Event, RetryGaveUp, RetryScheduled
 from resilient_dspy.middleware.retry import RetryBudget, RetryOptions, _BudgetWindow, compute_delay
 
 

@@ -10,22 +10,10 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import (
-    Call,
-    ConfigurationError,
-    Event,
-    Handler,
-    Pipeline,
-    ResilienceError,
-    ResilienceWarning,
-    RetriesExhaustedError,
-    Retry,
-    RetryGaveUp,
-    RetryScheduled,
-    Timeout,
-    TimeoutExceededError,
-    TimeoutFired,
-)
+from resilient_dspy import Pipeline, ResilienceError, RetriesExhaustedError, Retry, Timeout, TimeoutExceededError
+from resilient_dspy.core import Call, Handler
+from resilient_dspy.errors import ConfigurationError, ResilienceWarning
+from resilient_dspy.events import Event, RetryGaveUp, RetryScheduled, TimeoutFired
 from resilient_dspy.testing import Fault, FaultInjectingLM
 from tests.conftest import other_tasks
 
@@ -343,7 +331,8 @@ async def test_a_clamped_deadline_reports_the_time_it_really_allowed() -> None:
 
 def test_one_timeout_instance_cannot_be_both_total_and_attempt() -> None:
     """Regression: a shared instance silently took the scope of the last pipeline built."""
-    from resilient_dspy import ConfigurationError, Pipeline, Retry, Timeout
+    from resilient_dspy import Pipeline, Retry, Timeout
+    from resilient_dspy.errors import ConfigurationError
 
     async def program(question: str) -> str:
         return question

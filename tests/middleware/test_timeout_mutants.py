@@ -10,16 +10,9 @@ import asyncio
 
 import pytest
 
-from resilient_dspy import (
-    ConfigurationError,
-    Event,
-    Pipeline,
-    ResilienceWarning,
-    Retry,
-    Timeout,
-    TimeoutExceededError,
-    TimeoutFired,
-)
+from resilient_dspy import Pipeline, Retry, Timeout, TimeoutExceededError
+from resilient_dspy.errors import ConfigurationError, ResilienceWarning
+from resilient_dspy.events import Event, TimeoutFired
 
 
 async def hangs(question: str) -> str:

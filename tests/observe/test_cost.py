@@ -12,7 +12,8 @@ from typing import Any
 import dspy
 import pytest
 
-from resilient_dspy import Event, Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy import Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy.events import Event
 from resilient_dspy.middleware.cache import Cache
 from resilient_dspy.observe import DEFAULT_PRICES, CallCost, CostTotals, CostTracker, ModelPrice, PriceTable, TokenUsage
 from resilient_dspy.testing import FaultInjectingLM

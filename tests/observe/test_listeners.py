@@ -12,18 +12,9 @@ import pytest
 import resilient_dspy.middleware.breaker.layer as breaker_module
 import resilient_dspy.middleware.retry as retry_module
 import resilient_dspy.middleware.timeout as timeout_module
-from resilient_dspy import (
-    CircuitBreaker,
-    CircuitOpenError,
-    ConfigurationError,
-    Event,
-    Pipeline,
-    ResilienceWarning,
-    RetriesExhaustedError,
-    Retry,
-    RetryScheduled,
-    Timeout,
-)
+from resilient_dspy import CircuitBreaker, CircuitOpenError, Pipeline, RetriesExhaustedError, Retry, Timeout
+from resilient_dspy.errors import ConfigurationError, ResilienceWarning
+from resilient_dspy.events import Event, RetryScheduled
 from resilient_dspy.observe import AsyncListener, LoggingListener, PriceTable, PrometheusMetrics
 from tests.conftest import other_tasks
 from tests.observe import Scripted, server_error

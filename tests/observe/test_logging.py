@@ -10,14 +10,8 @@ from typing import Any
 
 import pytest
 
-from resilient_dspy import (
-    CircuitBreaker,
-    Event,
-    Pipeline,
-    RetriesExhaustedError,
-    Retry,
-    Timeout,
-)
+from resilient_dspy import CircuitBreaker, Pipeline, RetriesExhaustedError, Retry, Timeout
+from resilient_dspy.events import Event
 from resilient_dspy.observe import JsonFormatter, LogCalls, LoggingListener, RedactingFilter, Redactor
 from tests.observe import AlwaysFailing, Scripted, captured_json, server_error
 

@@ -21,18 +21,10 @@ import aiohttp
 import dspy
 import pytest
 
-from resilient_dspy import (
-    ConfigurationError,
-    Event,
-    Pipeline,
-    ResilienceWarning,
-    RetriesExhaustedError,
-    Retry,
-    RetryScheduled,
-    Timeout,
-    TimeoutExceededError,
-)
+from resilient_dspy import Pipeline, RetriesExhaustedError, Retry, Timeout, TimeoutExceededError
 from resilient_dspy.cli import main
+from resilient_dspy.errors import ConfigurationError, ResilienceWarning
+from resilient_dspy.events import Event, RetryScheduled
 from resilient_dspy.testing import ChaosServer, Fault, FaultStep, Quota, fault_error
 from tests.conftest import other_tasks
 

@@ -12,8 +12,8 @@ import dspy
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from resilient_dspy import ConfigurationError
 from resilient_dspy.core.options import build_options
+from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.faults import parse_steps
 from resilient_dspy.testing import Fault, FaultInjectingLM, FaultProfile, FaultStep, fault_error
 from resilient_dspy.testing.fault_lm import render_answer
