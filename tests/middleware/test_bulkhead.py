@@ -17,8 +17,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import BulkheadFullError, Pipeline, Retry
-from resilient_dspy.core.call import Call, Handler
+from resilient_dspy import BulkheadFullError, Pipeline, Retry, Timeout
+from resilient_dspy.core.call import Call, Handler, leases_lent, lend_leases, reclaim_leases
 from resilient_dspy.core.health import LayerHealth
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
@@ -569,10 +569,60 @@ def test_describe_gives_the_name_every_option_and_whether_it_lends_permits() -> 
     }
 
 
+class Plain:
+    """A layer that says nothing about coalescing (no ``coalesces`` attribute at all)."""
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        return await next(call)
+
+
 def test_only_a_coalescing_layer_below_makes_it_lend_permits() -> None:
     above = Bulkhead()
     Pipeline(sleeper, Coalescing(), above)
     assert above.describe()["lends_permits"] is False
+    over_plain = Bulkhead()
+    Pipeline(sleeper, over_plain, Plain(), Timeout(5))
+    assert over_plain.describe()["lends_permits"] is False
+
+
+class Follower:
+    """Below the bulkhead, as a single-flight Cache's follower: a ``follow`` call lends its permit while it waits
+    for ``release``, then takes one back before it runs."""
+
+    coalesces = True
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.lent: list[bool] = []
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        if call.inputs["question"].startswith("follow"):
+            lend_leases(call)
+            self.lent.append(leases_lent(call))
+            await self.release.wait()
+            await reclaim_leases(call)
+        return await next(call)
+
+
+async def test_a_follower_lends_its_permit_while_it_waits_and_takes_one_back_before_it_runs() -> None:
+    """1 slot: the follower's lent slot lets another call run at once; released at t=0.5, the follower queues for
+    a slot again (busy until t=2) and runs after, so no more than one call ever runs below the bulkhead."""
+    follower = Follower()
+    bulkhead = Bulkhead(1, max_queue=5)
+    pipeline = Pipeline(sleeper, bulkhead, follower)
+    first = asyncio.create_task(pipeline("follow|1"))
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 1, 5) and follower.lent == [True]
+    other = asyncio.create_task(pipeline("other|2"))
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 1, 0, 1, 5)  # ran at once, in the lent slot
+    await asyncio.sleep(0.5)
+    follower.release.set()
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 1, 1, 1, 5)  # the follower queues to take a slot back
+    assert await other == "other|2" and now() == 2.0
+    assert await first == "follow|1" and now() == 3.0
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 1, 5)
 
 
 async def test_a_full_queue_rejects_at_once_naming_the_layer_and_its_occupancy() -> None:
@@ -583,7 +633,7 @@ async def test_a_full_queue_rejects_at_once_naming_the_layer_and_its_occupancy()
     await asyncio.sleep(1)
     with pytest.raises(BulkheadFullError) as caught:
         await pipeline("0")
-    says(caught.value, "bh", "1/1", "0 queued")
+    says(caught.value, "bh:", "1/1", "0 queued")  # no key to show
     assert caught.value.retry_after is None
     assert events == [BulkheadRejected(pipeline="p", layer="bh", time=1.0, key=None, reason="queue_full", waited=0.0)]
     assert await running == "5"
@@ -604,7 +654,7 @@ async def test_partitioned_queue_events_and_max_wait_rejections_carry_the_key() 
     assert bulkhead.snapshots() == {"a": BulkheadSnapshot("a", 1, 2, 1, 2)}
     with pytest.raises(BulkheadFullError) as caught:
         await first
-    says(caught.value, "Bulkhead['a']", "1/1", "1 queued")
+    says(caught.value, "Bulkhead['a']:", "1/1", "1 queued")
     with pytest.raises(BulkheadFullError):
         await second
     assert events == [
@@ -649,7 +699,7 @@ async def test_whichever_of_max_wait_and_the_deadline_ends_first_is_the_reason(
     call = pipeline.new_call({"question": "0"}, deadline=deadline)
     with pytest.raises(BulkheadFullError) as caught:
         await pipeline.run(call)
-    says(caught.value, "bh", reason, "1/1", "0 queued")
+    says(caught.value, "bh:", reason, "1/1", "0 queued")
     assert events[-1] == BulkheadRejected(
         pipeline="p", layer="bh", time=1.0 + waited, key=None, reason=reason, waited=waited
     )
@@ -666,7 +716,7 @@ async def test_a_deadline_already_reached_is_rejected_at_once_without_queueing()
     await asyncio.sleep(1)
     with pytest.raises(BulkheadFullError) as caught:
         await pipeline.run(pipeline.new_call({"question": "0"}, deadline=1.0))
-    says(caught.value, "bh", "deadline", "1/1", "0 queued")
+    says(caught.value, "bh:", "deadline", "1/1", "0 queued")
     assert events == [BulkheadRejected(pipeline="p", layer="bh", time=1.0, key=None, reason="deadline", waited=0.0)]
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -721,7 +771,7 @@ async def test_partitioned_deadline_rejection_and_acquired_events_carry_the_key(
     await asyncio.sleep(1)
     with pytest.raises(BulkheadFullError) as caught:
         await pipeline.run(pipeline.new_call({"question": "a|0"}, deadline=1.0))
-    says(caught.value, "bh['a']", "deadline", "1/1", "0 queued")
+    says(caught.value, "bh['a']:", "deadline", "1/1", "0 queued")
     assert await pipeline("a|0") == "a|0"
     assert await running == "a|5"
     assert events == [
