@@ -891,7 +891,7 @@ def test_a_bad_error_filter_is_one_problem_showing_the_value(field: str, value: 
     with pytest.raises(ConfigurationError) as caught:
         CircuitBreaker(**{field: value})
     [(name, rule)] = caught.value.problems
-    assert name == f"CircuitBreaker.{field}" and shown in rule
+    assert name == f"CircuitBreaker.{field}" and shown in rule and "exception types" in rule
 
 
 def test_good_error_filters_are_normalised_to_tuples_or_kept_callable() -> None:

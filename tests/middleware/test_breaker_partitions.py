@@ -243,3 +243,16 @@ async def test_beyond_max_keys_the_oldest_protecting_circuit_goes_and_is_logged(
     [record] = caplog.records
     assert record.levelno == logging.WARNING
     says(record.getMessage(), "cb['a']", "closed", "max_keys=1")
+
+
+async def test_health_is_degraded_for_idle_after_seconds_after_a_protecting_circuit_is_evicted() -> None:
+    breaker = CircuitBreaker(2, key=by_prefix, max_keys=1, idle_after=600)
+    pipeline = Pipeline(program, breaker)
+    await asyncio.sleep(400)
+    await run(pipeline, "a|fail")
+    await run(pipeline, "b|ok")  # a still protects (a failure count): evicted beyond max_keys, counted
+    assert breaker.health().status == "degraded" and breaker.health().details["evicted_protecting"] == 1
+    await asyncio.sleep(599)
+    assert breaker.health().status == "degraded"
+    await asyncio.sleep(1)
+    assert breaker.health().status == "ok"

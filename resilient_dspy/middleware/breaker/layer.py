@@ -18,6 +18,7 @@ import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from resilient_dspy.core.clock import LoopClock
 from resilient_dspy.core.emit import emit_event
 from resilient_dspy.core.health import LayerHealth, Status, key_name
 from resilient_dspy.core.layer import Layer
@@ -31,7 +32,6 @@ from resilient_dspy.middleware.breaker.windows import _Probe
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler, Runtime
-    from resilient_dspy.core.clock import DeadlineScope
     from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
@@ -281,7 +281,7 @@ class CircuitBreaker(Layer):
         return {**super().describe(), "options": options}
 
 
-class _NoLoopClock:
+class _NoLoopClock(LoopClock):
     """The time of an event announced where the pipeline's loop clock has none (a manual ``isolate()`` before the
     loop runs): 0.0, like :meth:`CircuitBreaker.snapshot` there."""
 
@@ -289,12 +289,6 @@ class _NoLoopClock:
 
     def now(self) -> float:
         return 0.0
-
-    async def sleep(self, seconds: float) -> None:
-        raise RuntimeError("no running event loop")
-
-    def deadline(self, when: float) -> DeadlineScope:
-        raise RuntimeError("no running event loop")
 
 
 def _with_time(runtime: Runtime) -> Runtime:
