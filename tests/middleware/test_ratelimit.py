@@ -797,10 +797,12 @@ async def test_a_bad_estimate_names_the_option_and_the_value(bad: Any) -> None:
 
 
 async def test_default_estimate_counts_non_string_inputs_as_text() -> None:
-    """(3 chars + len("1234")) // 4 + max_tokens: 7 // 4 = 1, so one stray character would round up to 2."""
+    """(3 chars + len("1234")) // 4 + max_tokens: 7 // 4 = 1, so one stray character would round up to 2; and
+    (3 + len("12345")) // 4 = 2: the value's own text is counted, not a placeholder's."""
     limiter = RateLimiter(tokens=1_000_000)
     pipeline = Pipeline(FaultInjectingLM(max_tokens=77), limiter)
     assert limiter.default_estimate(pipeline.new_call({"prompt": "abc", "n": 1234})) == 1 + 77
+    assert limiter.default_estimate(pipeline.new_call({"prompt": "abc", "n": 12345})) == 2 + 77
 
 
 # ------------------------------------------------------------------------------------------ 12. snapshots, health
@@ -953,13 +955,27 @@ async def test_the_earlier_of_max_wait_and_deadline_is_the_reason() -> None:
     await pipeline(question="a")
     with pytest.raises(RateLimitedError) as caught:
         await pipeline.run(pipeline.new_call({"question": "b"}, deadline=2.5))
-    says(caught.value, "RateLimiter", "deadline")
+    says(caught.value, "RateLimiter:", "deadline")  # no key to show
     assert caught.value.retry_after == 10.0
     with pytest.raises(RateLimitedError) as caught:
         await pipeline.run(pipeline.new_call({"question": "c"}, deadline=3.0))
-    says(caught.value, "RateLimiter", "max_wait=2.5s")
+    says(caught.value, "RateLimiter:", "max_wait=2.5s")
     assert "deadline" not in str(caught.value)
-    assert [e.reason for e in events if isinstance(e, RateLimitRejected)] == ["deadline", "max_wait"]
+    rejected = [e for e in events if isinstance(e, RateLimitRejected)]
+    assert [(e.reason, e.key) for e in rejected] == [("deadline", None), ("max_wait", None)]
+
+
+async def test_unpartitioned_waits_and_reconciliations_carry_no_key() -> None:
+    events: list[Event] = []
+    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input)
+    pipeline = Pipeline(Recorder(), limiter, listeners=[events.append])
+    await pipeline(question="a", tokens=100, actual=100)
+    await pipeline(question="b", tokens=10, actual=10)
+    assert [(type(e), e.key) for e in events] == [  # type: ignore[attr-defined]
+        (RateLimitReconciled, None),
+        (RateLimitWaited, None),
+        (RateLimitReconciled, None),
+    ]
 
 
 # ------------------------------------------------------------------------------------------ 14. partition eviction
@@ -978,6 +994,28 @@ async def test_a_token_lane_is_kept_while_a_call_is_in_flight_and_evicted_after(
     await asyncio.sleep(2.0)
     await pipeline(question="c")
     assert set(limiter.snapshots()) == {"c"}
+
+
+async def test_a_token_lane_with_admissions_in_its_window_outlives_idle_after_and_goes_once_it_empties() -> None:
+    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input, key=first_char, idle_after=5)
+    pipeline = Pipeline(Recorder(), limiter)
+    await pipeline(question="a")
+    await asyncio.sleep(6.0)
+    await pipeline(question="b")
+    assert set(limiter.snapshots()) == {"a", "b"}  # a is stale, but its window still holds its admission
+    await asyncio.sleep(5.0)
+    await pipeline(question="c")
+    assert set(limiter.snapshots()) == {"b", "c"}  # a's window emptied at t=10; b's holds until t=16
+
+
+async def test_a_bucket_lane_whose_debt_is_paid_exactly_now_is_idle() -> None:
+    """1/s, burst 1: a's bucket is full again at exactly t=1, so a stale lane goes then (idle_after=1)."""
+    limiter = RateLimiter(Limit.requests(1, 1.0, burst=1), key=first_char, idle_after=1.0)
+    pipeline = Pipeline(Recorder(), limiter)
+    await pipeline(question="a")
+    await asyncio.sleep(1.0)
+    await pipeline(question="b")
+    assert set(limiter.snapshots()) == {"b"}
 
 
 async def test_a_bucket_lane_is_idle_once_its_debt_is_paid() -> None:
