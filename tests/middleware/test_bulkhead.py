@@ -625,6 +625,61 @@ async def test_a_follower_lends_its_permit_while_it_waits_and_takes_one_back_bef
     assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 1, 5)
 
 
+def by_key_after_follow(call: Any) -> str:
+    key: str = call.inputs["question"].split("|")[0].removeprefix("follow-")
+    return key
+
+
+async def test_a_keyed_follower_takes_a_permit_back_in_its_own_compartment() -> None:
+    """Key a, 1 slot: the follower's slot goes to a|2 while it waits; released at t=0.5 it queues in a's
+    compartment (not another's) behind a|2, so it runs from t=2 to t=3."""
+    follower = Follower()
+    bulkhead = Bulkhead(1, max_queue=5, key=by_key_after_follow)
+    pipeline = Pipeline(sleeper, bulkhead, follower)
+    assert await pipeline("b|0") == "b|0"  # another key exists: a's lookups sweep past it
+    first = asyncio.create_task(pipeline("follow-a|1"))
+    await settle()
+    other = asyncio.create_task(pipeline("a|2"))
+    await settle()
+    assert bulkhead.snapshot("a") == BulkheadSnapshot("a", 1, 0, 1, 5)
+    await asyncio.sleep(0.5)
+    follower.release.set()
+    await settle()
+    assert bulkhead.snapshot("a") == BulkheadSnapshot("a", 1, 1, 1, 5)
+    assert set(bulkhead.snapshots()) == {"a", "b"}
+    assert await other == "a|2" and now() == 2.0
+    assert await first == "follow-a|1" and now() == 3.0
+
+
+async def test_a_follower_takes_a_free_slot_back_at_once_beside_a_running_call() -> None:
+    follower = Follower()
+    bulkhead = Bulkhead(2, max_queue=5)
+    pipeline = Pipeline(sleeper, bulkhead, follower)
+    first = asyncio.create_task(pipeline("follow|1"))
+    await settle()
+    other = asyncio.create_task(pipeline("other|5"))
+    await settle()
+    follower.release.set()
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 2, 0, 2, 5)
+    assert await first == "follow|1" and now() == 1.0
+    assert await other == "other|5"
+
+
+async def test_a_follower_below_two_bulkheads_lends_both_permits() -> None:
+    follower = Follower()
+    outer, inner = Bulkhead(1, max_queue=5), Bulkhead(1, max_queue=5)
+    pipeline = Pipeline(sleeper, outer, inner, follower)
+    first = asyncio.create_task(pipeline("follow|1"))
+    await settle()
+    assert outer.snapshot().in_flight == inner.snapshot().in_flight == 0
+    other = asyncio.create_task(pipeline("other|2"))
+    await settle()
+    assert outer.snapshot().in_flight == inner.snapshot().in_flight == 1  # through both lent slots at once
+    follower.release.set()
+    assert await other == "other|2" and await first == "follow|1" and now() == 3.0
+
+
 async def test_a_full_queue_rejects_at_once_naming_the_layer_and_its_occupancy() -> None:
     events: list[Event] = []
     bulkhead = Bulkhead(1, max_queue=0, name="bh")
