@@ -634,8 +634,9 @@ async def test_a_keyed_follower_takes_a_permit_back_in_its_own_compartment() -> 
     """Key a, 1 slot: the follower's slot goes to a|2 while it waits; released at t=0.5 it queues in a's
     compartment (not another's) behind a|2, so it runs from t=2 to t=3."""
     follower = Follower()
+    events: list[Event] = []
     bulkhead = Bulkhead(1, max_queue=5, key=by_key_after_follow)
-    pipeline = Pipeline(sleeper, bulkhead, follower)
+    pipeline = Pipeline(sleeper, bulkhead, follower, listeners=[events.append])
     assert await pipeline("b|0") == "b|0"  # another key exists: a's lookups sweep past it
     first = asyncio.create_task(pipeline("follow-a|1"))
     await settle()
@@ -649,6 +650,7 @@ async def test_a_keyed_follower_takes_a_permit_back_in_its_own_compartment() -> 
     assert set(bulkhead.snapshots()) == {"a", "b"}
     assert await other == "a|2" and now() == 2.0
     assert await first == "follow-a|1" and now() == 3.0
+    assert [(type(e), e.key) for e in events] == [(BulkheadQueued, "a"), (BulkheadAcquired, "a")]  # type: ignore[attr-defined]
 
 
 async def test_a_follower_takes_a_free_slot_back_at_once_beside_a_running_call() -> None:
