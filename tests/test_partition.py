@@ -8,7 +8,7 @@ from collections.abc import Hashable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy.middleware._shared.partitions import Hold, Partitions
+from resilient_dspy.middleware._shared.partitions import Hold, KeyedStates, PartitionOptions, Partitions
 
 
 class State:
@@ -99,6 +99,43 @@ def test_two_thousand_keys_that_failed_once_stay_bounded_by_max_keys() -> None:
     for index in range(2000):
         parts.get(index, index).level = Hold.PROTECTION
     assert len(parts) == 16 and parts.evicted_protective == 2000 - 16
+
+
+# ------------------------------------------------------------------------------------------- a layer's states
+
+
+def test_without_a_key_function_every_call_gets_the_one_shared_state() -> None:
+    states: KeyedStates[State] = KeyedStates(PartitionOptions(), State)
+    shared = states.single
+    assert shared is not None and shared.key is None
+    assert states.get("b", 1) is shared and states.peek("c") is shared
+    assert states.items() == [(None, shared)]
+    assert len(states.partitions) == 0
+
+
+def test_a_given_factory_builds_the_shared_state() -> None:
+    made = State("made")
+    states: KeyedStates[State] = KeyedStates(PartitionOptions(), State, single=lambda: made)
+    assert states.single is made
+
+
+def test_with_a_key_function_each_key_gets_its_own_state_created_on_first_use() -> None:
+    states: KeyedStates[State] = KeyedStates(PartitionOptions(key=lambda call: call.inputs["key"]), State)
+    assert states.single is None and states.peek("a") is None
+    first = states.get("a", 0)
+    assert first.key == "a" and states.get("a", 1) is first
+    second = states.get("b", 2)
+    assert states.peek("b") is second and states.peek("z") is None
+    assert states.items() == [("a", first), ("b", second)]
+
+
+def test_a_layers_states_are_bounded_by_its_partition_options() -> None:
+    evicted: list[Hashable] = []
+    options = PartitionOptions(key=lambda call: call.inputs["key"], max_keys=1, idle_after=60)
+    states: KeyedStates[State] = KeyedStates(options, State, on_evict=lambda key, state: evicted.append(key))
+    states.get("a", 0).level = Hold.PROTECTION
+    states.get("b", 1)
+    assert [key for key, _ in states.items()] == ["b"] and evicted == ["a"]
 
 
 # ------------------------------------------------------------------------------------------- properties

@@ -37,6 +37,8 @@ from resilient_dspy.testing import FaultInjectingLM
 from resilient_dspy.testing import ManualClock as SteppedClock
 from tests.conftest import other_tasks
 
+from .breaker_steps import by_prefix, program, run, says, snap, transitions
+
 CLOSED, OPEN, HALF_OPEN, ISOLATED = (
     CircuitState.CLOSED,
     CircuitState.OPEN,
@@ -574,6 +576,106 @@ async def test_calls_started_before_the_circuit_opened_do_not_count_after() -> N
     assert breaker.state is CLOSED and breaker.snapshot().consecutive_failures == 0
 
 
+# ------------------------------------------------------------------------------------------- half-open, exactly
+
+
+async def test_half_open_rejection_when_the_probe_is_out_carries_the_reclaim_time() -> None:
+    breaker = CircuitBreaker(1, break_duration=10)
+    pipeline = Pipeline(program, breaker)
+    await run(pipeline, "fail")
+    await asyncio.sleep(10)
+    probe = asyncio.create_task(pipeline("sleep:100"))
+    await asyncio.sleep(9.5)
+    with pytest.raises(CircuitOpenError) as caught:
+        await pipeline("ok")
+    assert caught.value.retry_after == pytest.approx(0.5)
+    says(caught.value, "half-open")
+    assert breaker.snapshot() == snap(state=HALF_OPEN, break_duration=10.0, probes_in_flight=1)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+
+
+async def test_cancelling_a_reclaimed_probe_is_neutral() -> None:
+    breaker = CircuitBreaker(1, break_duration=10)
+    pipeline = Pipeline(program, breaker)
+    await run(pipeline, "fail")
+    await asyncio.sleep(10)
+    hung = asyncio.create_task(pipeline("sleep:100"))
+    await asyncio.sleep(10)
+    second = asyncio.create_task(pipeline("sleep:100"))  # reclaims the hung probe's permit
+    await asyncio.sleep(1)
+    hung.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await hung
+    assert breaker.snapshot().probes_in_flight == 1
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert breaker.snapshot() == snap(state=HALF_OPEN, break_duration=10.0)
+
+
+@pytest.mark.parametrize(
+    ("question", "reason", "retry_after", "break_duration"),
+    [
+        ("fail", "probe_failed", 20.0, 20.0),
+        ("rl:50", "probe_failed", 50.0, 20.0),
+        ("sleep:2", "probe_slow", 20.0, 20.0),
+    ],
+)
+async def test_a_probe_reopens_with_its_reason_and_the_grown_break(
+    question: str, reason: str, retry_after: float, break_duration: float
+) -> None:
+    events: list[Event] = []
+    breaker = CircuitBreaker(
+        failure_rate=1.0, slow_call_rate=1.0, slow_call_duration=2, window=1, min_calls=1, break_duration=10,
+        break_multiplier=2, name="cb",
+    )  # fmt: skip
+    pipeline = Pipeline(program, breaker, name="p", listeners=[events.append])
+    await run(pipeline, "fail")
+    await asyncio.sleep(10)
+    await run(pipeline, question)
+    assert transitions(events) == [
+        (CLOSED, OPEN, "failure_rate", 10.0),
+        (OPEN, HALF_OPEN, "break_elapsed", None),
+        (HALF_OPEN, OPEN, reason, retry_after),
+    ]
+    assert breaker.snapshot().break_duration == break_duration
+    assert breaker.snapshot().retry_after == pytest.approx(retry_after)  # reopened as the probe ended
+
+
+async def test_a_rejection_names_the_circuit_and_its_state() -> None:
+    breaker = CircuitBreaker(1, break_duration=10, key=by_prefix)
+    pipeline = Pipeline(program, breaker)
+    await run(pipeline, "a|fail")
+    with pytest.raises(CircuitOpenError) as caught:
+        await pipeline("a|ok")
+    says(caught.value, "'a'", "open")
+    assert caught.value.retry_after == 10.0
+    breaker.isolate("b")
+    with pytest.raises(CircuitOpenError) as caught:
+        await pipeline("b|ok")
+    says(caught.value, "'b'", "isolated")
+    assert caught.value.retry_after is None
+
+
+# ------------------------------------------------------------------------------------------- generations
+
+
+async def test_a_call_started_two_transitions_ago_does_not_count() -> None:
+    breaker = CircuitBreaker(1, break_duration=10)
+    pipeline = Pipeline(program, breaker)
+    breaker.isolate()
+    breaker.reset()
+    late = asyncio.create_task(pipeline("sleep:5:fail"))
+    await asyncio.sleep(1)
+    breaker.isolate()
+    breaker.reset()
+    with pytest.raises(dspy.LMServerError):
+        await late
+    assert breaker.snapshot() == snap(break_duration=10.0)
+
+
 # ------------------------------------------------------------------------------------------- classification
 
 
@@ -774,6 +876,42 @@ def test_several_bad_options_are_reported_at_once() -> None:
     with pytest.raises(ConfigurationError) as caught:
         CircuitBreaker(failure_threshold=0, half_open_probes=0, break_duration=-1)
     assert len(caught.value.problems) == 3
+
+
+def predicate_failure(error: BaseException) -> bool:
+    return "boom" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [([], "[]"), ([int], "[<class 'int'>]"), ((ValueError, int), "(<class 'ValueError'>, <class 'int'>)"), (42, "42")],
+)
+@pytest.mark.parametrize("field", ["exclude", "failure_on"])
+def test_a_bad_error_filter_is_one_problem_showing_the_value(field: str, value: Any, shown: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        CircuitBreaker(**{field: value})
+    [(name, rule)] = caught.value.problems
+    assert name == f"CircuitBreaker.{field}" and shown in rule and "exception types" in rule
+
+
+def test_good_error_filters_are_normalised_to_tuples_or_kept_callable() -> None:
+    breaker = CircuitBreaker(exclude=KeyError, failure_on=[ValueError, OSError])
+    assert breaker.options.exclude == (KeyError,) and breaker.options.failure_on == (ValueError, OSError)
+    assert CircuitBreaker(failure_on=predicate_failure).options.failure_on is predicate_failure
+
+
+def test_a_predicate_failure_on_is_called_with_the_error() -> None:
+    seen: list[BaseException] = []
+
+    def predicate(error: BaseException) -> bool:
+        seen.append(error)
+        return "boom" in str(error)
+
+    breaker = CircuitBreaker(failure_on=predicate)
+    boom, other = RuntimeError("boom"), RuntimeError("other")
+    assert breaker.counts_as_failure(boom) is True
+    assert breaker.counts_as_failure(other) is None
+    assert seen == [boom, other]
 
 
 def test_describe() -> None:

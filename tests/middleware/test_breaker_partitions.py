@@ -5,6 +5,7 @@ with its break over; a failure count) is never evicted, and memory stays bounded
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from typing import Any
 
@@ -15,6 +16,8 @@ from hypothesis import strategies as st
 from resilient_dspy import CircuitBreaker, CircuitOpenError, Pipeline
 from resilient_dspy.middleware.breaker import CircuitState
 from tests.conftest import run_virtual
+
+from .breaker_steps import CLOSED, HALF_OPEN, ISOLATED, OPEN, by_prefix, program, run, says, snap
 
 
 class Tenants:
@@ -172,3 +175,84 @@ async def test_a_grown_break_survives_idle_after() -> None:
     assert breaker.snapshot("A").break_duration == 20
     await outcome(pipeline, "A|fail")  # the probe fails again: 40
     assert breaker.snapshot("A").break_duration == 40
+
+
+# ------------------------------------------------------------------------------------------- eviction, exactly
+
+
+async def test_a_closed_circuit_with_failures_is_not_evicted_but_a_clean_one_is() -> None:
+    breaker = CircuitBreaker(2, key=by_prefix, max_keys=2)
+    pipeline = Pipeline(program, breaker)
+    await run(pipeline, "a|fail")
+    await run(pipeline, "b|ok")
+    assert set(breaker.snapshots()) == {"a", "b"}
+    assert breaker.snapshot("a").consecutive_failures == 1
+    await run(pipeline, "c|ok")  # evicts b (clean), keeps a
+    assert set(breaker.snapshots()) == {"a", "c"}
+    await run(pipeline, "a|fail")
+    assert breaker.snapshot("a").state is OPEN
+
+
+async def test_a_time_window_circuit_with_failures_is_not_evicted() -> None:
+    breaker = CircuitBreaker(failure_rate=0.5, window_seconds=10, key=by_prefix, max_keys=2)
+    pipeline = Pipeline(program, breaker)
+    await asyncio.sleep(20)
+    await run(pipeline, "a|fail")
+    await run(pipeline, "a|ok")  # no consecutive failures left: only the window remembers the failure
+    await run(pipeline, "b|ok")
+    assert set(breaker.snapshots()) == {"a", "b"}
+    assert breaker.snapshot("a") == snap(key="a", calls=2, failures=1)
+    await run(pipeline, "c|ok")
+    assert set(breaker.snapshots()) == {"a", "c"}
+
+
+async def test_an_isolated_or_half_open_circuit_is_not_evicted() -> None:
+    breaker = CircuitBreaker(1, break_duration=10, key=by_prefix, max_keys=1)
+    pipeline = Pipeline(program, breaker)
+    breaker.isolate("i")
+    await run(pipeline, "h|fail")
+    await asyncio.sleep(10)
+    probe = asyncio.create_task(pipeline("h|sleep:5"))
+    await asyncio.sleep(1)
+    await run(pipeline, "x|ok")
+    assert {k: s.state for k, s in breaker.snapshots().items()} == {"i": ISOLATED, "h": HALF_OPEN, "x": CLOSED}
+    assert await probe == "answer"
+
+
+async def test_an_open_circuit_is_kept_after_its_break_until_a_probe_closes_it() -> None:
+    breaker = CircuitBreaker(1, break_duration=10, key=by_prefix, max_keys=2, idle_after=5)
+    pipeline = Pipeline(program, breaker)
+    await run(pipeline, "a|fail")
+    await asyncio.sleep(100)
+    await run(pipeline, "b|ok")
+    await run(pipeline, "c|ok")
+    assert set(breaker.snapshots()) == {"a", "c"}  # b was clean; a is open, its break long over
+    assert await run(pipeline, "a|ok") == "answer"
+    await asyncio.sleep(100)
+    await run(pipeline, "d|ok")
+    assert set(breaker.snapshots()) == {"d"}  # closed by the probe, clean, unused past idle_after
+
+
+async def test_beyond_max_keys_the_oldest_protecting_circuit_goes_and_is_logged(caplog: Any) -> None:
+    breaker = CircuitBreaker(2, key=by_prefix, max_keys=1, name="cb")
+    pipeline = Pipeline(program, breaker)
+    await run(pipeline, "a|fail")
+    with caplog.at_level(logging.WARNING, logger="resilient_dspy.breaker"):
+        await run(pipeline, "b|ok")
+    assert set(breaker.snapshots()) == {"b"}
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    says(record.getMessage(), "cb['a']", "closed", "max_keys=1")
+
+
+async def test_health_is_degraded_for_idle_after_seconds_after_a_protecting_circuit_is_evicted() -> None:
+    breaker = CircuitBreaker(2, key=by_prefix, max_keys=1, idle_after=600)
+    pipeline = Pipeline(program, breaker)
+    await asyncio.sleep(400)
+    await run(pipeline, "a|fail")
+    await run(pipeline, "b|ok")  # a still protects (a failure count): evicted beyond max_keys, counted
+    assert breaker.health().status == "degraded" and breaker.health().details["evicted_protecting"] == 1
+    await asyncio.sleep(599)
+    assert breaker.health().status == "degraded"
+    await asyncio.sleep(1)
+    assert breaker.health().status == "ok"

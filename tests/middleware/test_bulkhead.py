@@ -1,5 +1,6 @@
 """Bulkhead: the concurrency bound, the queue bound, FIFO hand-off, max_wait and deadlines, cancellation without
-permit leaks, partitions, events, validation, and a hypothesis property over random arrivals and cancellations.
+permit leaks, partitions, events, validation, what it reports (describe, snapshots, health, rejections), and a
+hypothesis property over random arrivals and cancellations.
 
 Async tests run on looptime's virtual loop clock (``--looptime``); the property test builds its own looptime loop
 per example.
@@ -16,8 +17,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import BulkheadFullError, Pipeline, Retry
-from resilient_dspy.core.call import Call, Handler
+from resilient_dspy import BulkheadFullError, Pipeline, Retry, Timeout
+from resilient_dspy.core.call import Call, Handler, leases_lent, lend_leases, reclaim_leases
+from resilient_dspy.core.health import LayerHealth
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
 from resilient_dspy.middleware.bulkhead import (
@@ -411,9 +413,7 @@ async def test_idle_keys_are_evicted_and_busy_ones_kept() -> None:
     await settle()
     for name in ("k1", "k2", "k3", "k4"):
         await pipeline(question=name)
-    partitions = bulkhead._partitions
-    assert len(partitions) == 2
-    assert "busy" in partitions and "k4" in partitions
+    assert set(bulkhead.snapshots()) == {"busy", "k4"}
     assert bulkhead.snapshot("busy").in_flight == 1
     release.set()
     await busy
@@ -448,8 +448,7 @@ async def test_idle_keys_expire_after_idle_after() -> None:
     await pipeline(question="old")
     await asyncio.sleep(11)
     await pipeline(question="new")
-    assert "old" not in bulkhead._partitions
-    assert "new" in bulkhead._partitions
+    assert set(bulkhead.snapshots()) == {"new"}
 
 
 # ------------------------------------------------------------------------------------------------ 6. options, events
@@ -513,7 +512,333 @@ async def test_events_carry_pipeline_layer_key_and_position() -> None:
     assert len([e for e in events if isinstance(e, BulkheadAcquired)]) == 2
 
 
-# ------------------------------------------------------------------------------------------------ 7. property
+# ------------------------------------------------------------------------------------------------ 7. what it reports
+
+
+async def sleeper(question: str) -> str:
+    """Sleeps the seconds after the ``key|`` prefix, then answers."""
+    await asyncio.sleep(float(question.split("|")[-1]))
+    return question
+
+
+def by_prefix(call: Any) -> str:
+    key: str = call.inputs["question"].split("|")[0]
+    return key
+
+
+def says(error: BaseException, *facts: str) -> None:
+    """The message carries these facts (the layer and key, the occupancy), whatever its wording."""
+    for fact in facts:
+        assert fact in str(error), (fact, str(error))
+
+
+class Coalescing:
+    """A layer that says calls through it may wait for another call's work (as a single-flight Cache does)."""
+
+    coalesces = True
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        return await next(call)
+
+
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "key": None,
+    "max_keys": 1024,
+    "idle_after": 600.0,
+    "max_concurrent": 10,
+    "max_queue": 1000,
+    "max_wait": None,
+    "name": None,
+}
+
+
+def test_describe_gives_the_name_every_option_and_whether_it_lends_permits() -> None:
+    assert Bulkhead().describe() == {
+        "layer": "Bulkhead",
+        "name": "Bulkhead",
+        "options": DEFAULT_OPTIONS,
+        "lends_permits": False,
+    }
+    named = Bulkhead(2, name="db")
+    Pipeline(sleeper, named, Coalescing())
+    assert named.describe() == {
+        "layer": "Bulkhead",
+        "name": "db",
+        "options": {**DEFAULT_OPTIONS, "max_concurrent": 2, "name": "db"},
+        "lends_permits": True,
+    }
+
+
+class Plain:
+    """A layer that says nothing about coalescing (no ``coalesces`` attribute at all)."""
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        return await next(call)
+
+
+def test_only_a_coalescing_layer_below_makes_it_lend_permits() -> None:
+    above = Bulkhead()
+    Pipeline(sleeper, Coalescing(), above)
+    assert above.describe()["lends_permits"] is False
+    over_plain = Bulkhead()
+    Pipeline(sleeper, over_plain, Plain(), Timeout(5))
+    assert over_plain.describe()["lends_permits"] is False
+
+
+class Follower:
+    """Below the bulkhead, as a single-flight Cache's follower: a ``follow`` call lends its permit while it waits
+    for ``release``, then takes one back before it runs."""
+
+    coalesces = True
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.lent: list[bool] = []
+
+    async def __call__(self, call: Call, next: Handler) -> Any:
+        if call.inputs["question"].startswith("follow"):
+            lend_leases(call)
+            self.lent.append(leases_lent(call))
+            await self.release.wait()
+            await reclaim_leases(call)
+        return await next(call)
+
+
+async def test_a_follower_lends_its_permit_while_it_waits_and_takes_one_back_before_it_runs() -> None:
+    """1 slot: the follower's lent slot lets another call run at once; released at t=0.5, the follower queues for
+    a slot again (busy until t=2) and runs after, so no more than one call ever runs below the bulkhead."""
+    follower = Follower()
+    bulkhead = Bulkhead(1, max_queue=5)
+    pipeline = Pipeline(sleeper, bulkhead, follower)
+    first = asyncio.create_task(pipeline("follow|1"))
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 1, 5) and follower.lent == [True]
+    other = asyncio.create_task(pipeline("other|2"))
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 1, 0, 1, 5)  # ran at once, in the lent slot
+    await asyncio.sleep(0.5)
+    follower.release.set()
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 1, 1, 1, 5)  # the follower queues to take a slot back
+    assert await other == "other|2" and now() == 2.0
+    assert await first == "follow|1" and now() == 3.0
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 0, 0, 1, 5)
+
+
+def by_key_after_follow(call: Any) -> str:
+    key: str = call.inputs["question"].split("|")[0].removeprefix("follow-")
+    return key
+
+
+async def test_a_keyed_follower_takes_a_permit_back_in_its_own_compartment() -> None:
+    """Key a, 1 slot: the follower's slot goes to a|2 while it waits; released at t=0.5 it queues in a's
+    compartment (not another's) behind a|2, so it runs from t=2 to t=3."""
+    follower = Follower()
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=5, key=by_key_after_follow)
+    pipeline = Pipeline(sleeper, bulkhead, follower, listeners=[events.append])
+    assert await pipeline("b|0") == "b|0"  # another key exists: a's lookups sweep past it
+    first = asyncio.create_task(pipeline("follow-a|1"))
+    await settle()
+    other = asyncio.create_task(pipeline("a|2"))
+    await settle()
+    assert bulkhead.snapshot("a") == BulkheadSnapshot("a", 1, 0, 1, 5)
+    await asyncio.sleep(0.5)
+    follower.release.set()
+    await settle()
+    assert bulkhead.snapshot("a") == BulkheadSnapshot("a", 1, 1, 1, 5)
+    assert set(bulkhead.snapshots()) == {"a", "b"}
+    assert await other == "a|2" and now() == 2.0
+    assert await first == "follow-a|1" and now() == 3.0
+    assert [(type(e), e.key) for e in events] == [(BulkheadQueued, "a"), (BulkheadAcquired, "a")]  # type: ignore[attr-defined]
+
+
+async def test_a_follower_takes_a_free_slot_back_at_once_beside_a_running_call() -> None:
+    follower = Follower()
+    bulkhead = Bulkhead(2, max_queue=5)
+    pipeline = Pipeline(sleeper, bulkhead, follower)
+    first = asyncio.create_task(pipeline("follow|1"))
+    await settle()
+    other = asyncio.create_task(pipeline("other|5"))
+    await settle()
+    follower.release.set()
+    await settle()
+    assert bulkhead.snapshot() == BulkheadSnapshot(None, 2, 0, 2, 5)
+    assert await first == "follow|1" and now() == 1.0
+    assert await other == "other|5"
+
+
+async def test_a_follower_below_two_bulkheads_lends_both_permits() -> None:
+    follower = Follower()
+    outer, inner = Bulkhead(1, max_queue=5), Bulkhead(1, max_queue=5)
+    pipeline = Pipeline(sleeper, outer, inner, follower)
+    first = asyncio.create_task(pipeline("follow|1"))
+    await settle()
+    assert outer.snapshot().in_flight == inner.snapshot().in_flight == 0
+    other = asyncio.create_task(pipeline("other|2"))
+    await settle()
+    assert outer.snapshot().in_flight == inner.snapshot().in_flight == 1  # through both lent slots at once
+    follower.release.set()
+    assert await other == "other|2" and await first == "follow|1" and now() == 3.0
+
+
+async def test_a_full_queue_rejects_at_once_naming_the_layer_and_its_occupancy() -> None:
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=0, name="bh")
+    pipeline = Pipeline(sleeper, bulkhead, name="p", listeners=[events.append])
+    running = asyncio.create_task(pipeline("5"))
+    await asyncio.sleep(1)
+    with pytest.raises(BulkheadFullError) as caught:
+        await pipeline("0")
+    says(caught.value, "bh:", "1/1", "0 queued")  # no key to show
+    assert caught.value.retry_after is None
+    assert events == [BulkheadRejected(pipeline="p", layer="bh", time=1.0, key=None, reason="queue_full", waited=0.0)]
+    assert await running == "5"
+
+
+async def test_partitioned_queue_events_and_max_wait_rejections_carry_the_key() -> None:
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=2, max_wait=3, key=by_prefix)
+    pipeline = Pipeline(sleeper, bulkhead, name="p", listeners=[events.append])
+    running = asyncio.create_task(pipeline("a|10"))
+    await asyncio.sleep(1)
+    first = asyncio.create_task(pipeline("a|0"))
+    await asyncio.sleep(1)
+    second = asyncio.create_task(pipeline("a|0"))
+    await settle()
+    assert bulkhead.snapshot("a") == BulkheadSnapshot("a", 1, 2, 1, 2)
+    assert bulkhead.snapshot("zz") == BulkheadSnapshot("zz", 0, 0, 1, 2)
+    assert bulkhead.snapshots() == {"a": BulkheadSnapshot("a", 1, 2, 1, 2)}
+    with pytest.raises(BulkheadFullError) as caught:
+        await first
+    says(caught.value, "Bulkhead['a']:", "1/1", "1 queued")
+    with pytest.raises(BulkheadFullError):
+        await second
+    assert events == [
+        BulkheadQueued(pipeline="p", layer="Bulkhead", time=1.0, key="a", position=1),
+        BulkheadQueued(pipeline="p", layer="Bulkhead", time=2.0, key="a", position=2),
+        BulkheadRejected(pipeline="p", layer="Bulkhead", time=4.0, key="a", reason="max_wait", waited=3.0),
+        BulkheadRejected(pipeline="p", layer="Bulkhead", time=5.0, key="a", reason="max_wait", waited=3.0),
+    ]
+    assert await running == "a|10"
+
+
+async def test_the_acquired_event_reports_the_time_spent_queued() -> None:
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=1, name="bh")
+    pipeline = Pipeline(sleeper, bulkhead, name="p", listeners=[events.append])
+    running = asyncio.create_task(pipeline("5"))
+    await asyncio.sleep(2)
+    assert await pipeline("0") == "0"
+    assert await running == "5"
+    assert events == [
+        BulkheadQueued(pipeline="p", layer="bh", time=2.0, key=None, position=1),
+        BulkheadAcquired(pipeline="p", layer="bh", time=5.0, key=None, waited=3.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("max_wait", "deadline", "reason", "waited"),
+    [
+        (3.0, 5.0, "max_wait", 3.0),  # max_wait (t=4) ends before the deadline
+        (3.0, 4.0, "deadline", 3.0),  # both at t=4: the deadline is the reason
+        (None, 3.0, "deadline", 2.0),
+    ],
+)
+async def test_whichever_of_max_wait_and_the_deadline_ends_first_is_the_reason(
+    max_wait: Any, deadline: float, reason: str, waited: float
+) -> None:
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=1, max_wait=max_wait, name="bh")
+    pipeline = Pipeline(sleeper, bulkhead, name="p", listeners=[events.append])
+    running = asyncio.create_task(pipeline("10"))
+    await asyncio.sleep(1)
+    call = pipeline.new_call({"question": "0"}, deadline=deadline)
+    with pytest.raises(BulkheadFullError) as caught:
+        await pipeline.run(call)
+    says(caught.value, "bh:", reason, "1/1", "0 queued")
+    assert events[-1] == BulkheadRejected(
+        pipeline="p", layer="bh", time=1.0 + waited, key=None, reason=reason, waited=waited
+    )
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+
+async def test_a_deadline_already_reached_is_rejected_at_once_without_queueing() -> None:
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=1, name="bh")
+    pipeline = Pipeline(sleeper, bulkhead, name="p", listeners=[events.append])
+    running = asyncio.create_task(pipeline("10"))
+    await asyncio.sleep(1)
+    with pytest.raises(BulkheadFullError) as caught:
+        await pipeline.run(pipeline.new_call({"question": "0"}, deadline=1.0))
+    says(caught.value, "bh:", "deadline", "1/1", "0 queued")
+    assert events == [BulkheadRejected(pipeline="p", layer="bh", time=1.0, key=None, reason="deadline", waited=0.0)]
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+
+async def test_health_is_degraded_while_a_compartment_is_full() -> None:
+    bulkhead = Bulkhead(1, max_queue=1, name="bh")
+    pipeline = Pipeline(sleeper, bulkhead)
+    ok = {"*": {"in_flight": 0, "queued": 0, "max_concurrent": 1}}
+    assert bulkhead.health() == LayerHealth("bh", "ok", {"compartments": ok})
+    running = asyncio.create_task(pipeline("5"))
+    queued = asyncio.create_task(pipeline("0"))
+    await settle()
+    full = {"*": {"in_flight": 1, "queued": 1, "max_concurrent": 1}}
+    assert bulkhead.health() == LayerHealth("bh", "degraded", {"compartments": full})
+    assert bulkhead.snapshots() == {None: BulkheadSnapshot(None, 1, 1, 1, 1)}
+    assert await running == "5" and await queued == "0"
+
+    keyed = Bulkhead(2, key=by_prefix)
+    pipeline = Pipeline(sleeper, keyed)
+    tasks = [asyncio.create_task(pipeline(q)) for q in ("a|5", "b|5", "b|5")]
+    await settle()
+    details = {
+        "a": {"in_flight": 1, "queued": 0, "max_concurrent": 2},
+        "b": {"in_flight": 2, "queued": 0, "max_concurrent": 2},
+    }
+    assert keyed.health() == LayerHealth("Bulkhead", "degraded", {"compartments": details})
+    await asyncio.gather(*tasks)
+    assert keyed.health().status == "ok"
+
+
+async def test_a_cancelled_waiter_not_yet_cleaned_up_does_not_fill_the_queue() -> None:
+    bulkhead = Bulkhead(1, max_queue=1)
+    pipeline = Pipeline(sleeper, bulkhead)
+    running = asyncio.create_task(pipeline("5"))
+    await asyncio.sleep(1)
+    waiter = asyncio.create_task(pipeline("0"))
+    await settle()
+    waiter.cancel()  # its future is cancelled now; its task removes it from the queue only when it next runs
+    assert await pipeline("0") == "0"  # runs before that cleanup: queues behind `running`, not rejected
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert await running == "5"
+
+
+async def test_partitioned_deadline_rejection_and_acquired_events_carry_the_key() -> None:
+    events: list[Event] = []
+    bulkhead = Bulkhead(1, max_queue=1, key=by_prefix, name="bh")
+    pipeline = Pipeline(sleeper, bulkhead, name="p", listeners=[events.append])
+    running = asyncio.create_task(pipeline("a|5"))
+    await asyncio.sleep(1)
+    with pytest.raises(BulkheadFullError) as caught:
+        await pipeline.run(pipeline.new_call({"question": "a|0"}, deadline=1.0))
+    says(caught.value, "bh['a']:", "deadline", "1/1", "0 queued")
+    assert await pipeline("a|0") == "a|0"
+    assert await running == "a|5"
+    assert events == [
+        BulkheadRejected(pipeline="p", layer="bh", time=1.0, key="a", reason="deadline", waited=0.0),
+        BulkheadQueued(pipeline="p", layer="bh", time=1.0, key="a", position=1),
+        BulkheadAcquired(pipeline="p", layer="bh", time=5.0, key="a", waited=4.0),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ 8. property
 
 
 Arrival = tuple[float, float, float | None]  # gap before arriving, run time, cancel after (None = never)

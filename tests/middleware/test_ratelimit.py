@@ -1,6 +1,7 @@
 """RateLimiter: exact sliding windows (property-tested against a reference model), utilisation, FIFO fairness for
 large requests, several limits at once, token reconciliation, max_wait and deadlines, oversize requests,
-cancellation, partitions, burst mode, events, validation, and a real ``dspy.Predict`` on the fault-injecting LM.
+cancellation, partitions, burst mode, events, validation, what it reports (describe, snapshots, health, rejections),
+and a real ``dspy.Predict`` on the fault-injecting LM. Exact waits and ``retry_after`` figures: test_ratelimit_exact.py.
 
 Async tests run on looptime's virtual loop clock (``--looptime``); property tests build a looptime loop per example.
 """
@@ -18,6 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Pipeline, RateLimitedError, Retry
+from resilient_dspy.core.health import LayerHealth
 from resilient_dspy.errors import ConfigurationError, RequestTooLargeError
 from resilient_dspy.events import Event
 from resilient_dspy.middleware.ratelimit import (
@@ -25,6 +27,7 @@ from resilient_dspy.middleware.ratelimit import (
     Limit,
     LimitUsage,
     RateLimiter,
+    RateLimiterOptions,
     RateLimiterSnapshot,
     RateLimitReconciled,
     RateLimitRejected,
@@ -590,12 +593,11 @@ async def test_idle_keys_are_evicted_once_their_windows_are_empty() -> None:
         await pipeline(question=name)
     await asyncio.sleep(6.0)
     await pipeline(question="k3")
-    partitions = limiter._partitions
-    assert {"k1", "k2", "k3"} <= set(dict(partitions.items()))  # unused past idle_after, but windows hold admissions
+    assert {"k1", "k2", "k3"} <= set(limiter.snapshots())  # unused past idle_after, but windows hold admissions
     await asyncio.sleep(10.0)
     await pipeline(question="k4")
     await pipeline(question="k4")
-    assert set(dict(partitions.items())) == {"k4"}  # every window has emptied and every key is stale
+    assert set(limiter.snapshots()) == {"k4"}  # every window has emptied and every key is stale
 
 
 # ------------------------------------------------------------------------------------------ 9. burst
@@ -728,3 +730,301 @@ async def test_no_events_without_waiting_and_layer_names_in_events() -> None:
         await pipeline(question="b")
     assert [(type(e), e.pipeline, e.layer) for e in events] == [(RateLimitRejected, "p", "api")]
     assert [e.key for e in events if isinstance(e, RateLimitRejected)] == ["k"]
+
+
+def says(error: BaseException, *facts: str) -> None:
+    """The message carries these facts (the layer and key, what bounded the wait), whatever its wording."""
+    for fact in facts:
+        assert fact in str(error), (fact, str(error))
+
+
+def first_char(call: Any) -> str:
+    key: str = call.inputs["question"][0]
+    return key
+
+
+async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_limit_without_burst_describes_itself() -> None:
+    assert str(Limit.requests(5, 2.0)) == "5 requests per 2s"
+    assert str(Limit.tokens(100, 0.5)) == "100 tokens per 0.5s"
+
+
+def test_describe_gives_the_name_and_every_option_with_the_shortcuts_folded_into_limits() -> None:
+    limiter = RateLimiter(requests=5)
+    assert limiter.name == "RateLimiter"
+    assert limiter.describe() == {
+        "layer": "RateLimiter",
+        "name": "RateLimiter",
+        "options": {
+            "key": None,
+            "max_keys": 1024,
+            "idle_after": 600.0,
+            "limits": ({"amount": 5, "per": 1.0, "unit": "requests", "burst": None},),
+            "requests": None,
+            "tokens": None,
+            "per": 1.0,
+            "max_wait": None,
+            "estimate_tokens": None,
+            "name": None,
+        },
+    }
+
+
+def test_options_rebuilt_from_their_dump_are_the_same_limits_not_doubled() -> None:
+    options = RateLimiter(Limit.tokens(10, 2.0), requests=5, tokens=50, per=2.0).options
+    assert options.limits == (Limit.tokens(10, 2.0), Limit.requests(5, 2.0), Limit.tokens(50, 2.0))
+    assert RateLimiterOptions(**options.model_dump()) == options
+    assert RateLimiterOptions.model_validate(options.model_dump(mode="json")) == options
+
+
+def test_a_bad_shortcut_period_is_named_even_beside_explicit_limits() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        RateLimiter(Limit.requests(1, 1.0), requests=2, per=float("inf"))
+    assert [field for field, _ in caught.value.problems] == ["RateLimiter.per"]
+
+
+@pytest.mark.parametrize("bad", [True, 2.5, -1])
+async def test_a_bad_estimate_names_the_option_and_the_value(bad: Any) -> None:
+    pipeline = Pipeline(Recorder(), RateLimiter(tokens=100, estimate_tokens=lambda call: bad))
+    with pytest.raises(ValueError, match="estimate_tokens") as caught:
+        await pipeline(question="q")
+    says(caught.value, "RateLimiter", repr(bad))
+
+
+async def test_default_estimate_counts_non_string_inputs_as_text() -> None:
+    """(3 chars + len("1234")) // 4 + max_tokens: 7 // 4 = 1, so one stray character would round up to 2; and
+    (3 + len("12345")) // 4 = 2: the value's own text is counted, not a placeholder's."""
+    limiter = RateLimiter(tokens=1_000_000)
+    pipeline = Pipeline(FaultInjectingLM(max_tokens=77), limiter)
+    assert limiter.default_estimate(pipeline.new_call({"prompt": "abc", "n": 1234})) == 1 + 77
+    assert limiter.default_estimate(pipeline.new_call({"prompt": "abc", "n": 12345})) == 2 + 77
+
+
+# ------------------------------------------------------------------------------------------ 12. snapshots, health
+
+
+def test_snapshot_before_any_call_shows_every_limit_free() -> None:
+    requests, tokens = Limit.requests(3, 1.0), Limit.tokens(100, 1.0, burst=50)
+    limiter = RateLimiter(requests, tokens)
+    expected = RateLimiterSnapshot(None, 0, (LimitUsage(requests, 0.0, 3.0), LimitUsage(tokens, 0.0, 50.0)))
+    assert limiter.snapshot() == expected
+    assert limiter.snapshots() == {None: expected}
+
+
+async def test_snapshot_usage_of_a_window_a_token_window_and_a_bucket() -> None:
+    """Bucket 100 tokens / 25 s (0.25 s a token), burst 40: its debt is (tat - now) / 0.25 tokens."""
+    requests, window, bucket = Limit.requests(3, 10.0), Limit.tokens(40, 10.0), Limit.tokens(100, 25.0, burst=40)
+    limiter = RateLimiter(requests, window, bucket, estimate_tokens=by_tokens_input)
+    pipeline = Pipeline(Recorder(), limiter)
+    await asyncio.sleep(1.0)
+    await pipeline(question="a", tokens=30)
+    assert limiter.snapshot().limits == (
+        LimitUsage(requests, 1.0, 2.0),
+        LimitUsage(window, 30.0, 10.0),
+        LimitUsage(bucket, 30.0, 10.0),
+    )
+    await pipeline(question="b", tokens=10)
+    await pipeline(question="c", tokens=0)
+    assert limiter.snapshot().limits == (
+        LimitUsage(requests, 3.0, 0.0),
+        LimitUsage(window, 40.0, 0.0),
+        LimitUsage(bucket, 40.0, 0.0),
+    )
+    await asyncio.sleep(2.0)
+    assert limiter.snapshot().limits[2] == LimitUsage(bucket, 32.0, 8.0)
+    await asyncio.sleep(20.0)
+    assert limiter.snapshot() == RateLimiterSnapshot(
+        None, 0, (LimitUsage(requests, 0.0, 3.0), LimitUsage(window, 0.0, 40.0), LimitUsage(bucket, 0.0, 40.0))
+    )
+
+
+async def test_snapshot_of_a_key_and_of_every_key() -> None:
+    limit = Limit.requests(2, 10.0)
+    limiter = RateLimiter(limit, key=first_char)
+    await Pipeline(Recorder(), limiter)(question="a1")
+    assert limiter.snapshot("a") == RateLimiterSnapshot("a", 0, (LimitUsage(limit, 1.0, 1.0),))
+    assert limiter.snapshots() == {"a": limiter.snapshot("a")}
+
+
+async def test_a_token_bucket_counts_tokens_and_a_refund_lowers_its_debt() -> None:
+    """Estimate 50 then actual 20 at 0.25 s a token: the debt is 20 tokens (tat 5.0 moved back to 5.0 - 7.5)."""
+    bucket = Limit.tokens(100, 25.0, burst=100)
+    limiter = RateLimiter(bucket, estimate_tokens=by_tokens_input)
+    pipeline = Pipeline(Recorder(), limiter)
+    await pipeline(question="a", tokens=50, actual=20)
+    assert limiter.snapshot().limits == (LimitUsage(bucket, 20.0, 80.0),)
+    await pipeline(question="b", tokens=10, actual=40)
+    assert limiter.snapshot().limits == (LimitUsage(bucket, 60.0, 40.0),)
+
+
+async def test_a_requests_bucket_beside_a_token_limit_counts_one_per_call() -> None:
+    bucket, tokens = Limit.requests(1, 1.0, burst=3), Limit.tokens(1000, 1.0)
+    limiter = RateLimiter(bucket, tokens, estimate_tokens=by_tokens_input)
+    await Pipeline(Recorder(), limiter)(question="a", tokens=2)
+    assert limiter.snapshot().limits == (LimitUsage(bucket, 1.0, 2.0), LimitUsage(tokens, 2.0, 998.0))
+
+
+async def test_health_of_a_single_lane_is_degraded_while_calls_queue() -> None:
+    limiter = RateLimiter(requests=1, per=10.0, name="api")
+    pipeline = Pipeline(Recorder(), limiter)
+    lane = {"queued": 0, "limits": [{"unit": "requests", "per": 10.0, "used": 0.0, "available": 1.0}]}
+    assert limiter.health() == LayerHealth("api", "ok", {"lanes": {"*": lane}})
+    await pipeline(question="a")
+    waiting = spawn(pipeline, "b")
+    await settle()
+    lane = {"queued": 1, "limits": [{"unit": "requests", "per": 10.0, "used": 1.0, "available": 0.0}]}
+    assert limiter.health() == LayerHealth("api", "degraded", {"lanes": {"*": lane}})
+    await cancel_all([waiting])
+
+
+async def test_health_of_partitioned_lanes() -> None:
+    limiter = RateLimiter(requests=1, per=10.0, key=first_char)
+    pipeline = Pipeline(Recorder(), limiter)
+    await pipeline(question="a1")
+    waiting = spawn(pipeline, "a2")
+    await settle()
+    await pipeline(question="b1")
+
+    def lane(queued: int) -> dict[str, Any]:
+        return {"queued": queued, "limits": [{"unit": "requests", "per": 10.0, "used": 1.0, "available": 0.0}]}
+
+    assert limiter.health() == LayerHealth("RateLimiter", "degraded", {"lanes": {"a": lane(1), "b": lane(0)}})
+    await cancel_all([waiting])
+    assert limiter.health() == LayerHealth("RateLimiter", "ok", {"lanes": {"a": lane(0), "b": lane(0)}})
+
+
+# ------------------------------------------------------------------------------------------ 13. events, rejections
+
+
+async def test_waited_and_reconciled_events_carry_every_field() -> None:
+    events: list[Event] = []
+    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input, key=lambda call: "k", name="tok")
+    pipeline = Pipeline(Recorder(), limiter, name="p", listeners=[events.append])
+    first = spawn(pipeline, "a", tokens=100, actual=80, latency=2.0)
+    await asyncio.sleep(1.0)
+    await pipeline(question="b", tokens=50, actual=50)
+    await first
+    with pytest.raises(ValueError):
+        await pipeline(question="c", tokens=10, actual=30, fail=True)
+    assert events == [
+        RateLimitReconciled(pipeline="p", layer="tok", time=2.0, key="k", estimate=100, actual=80, charged=80),
+        RateLimitWaited(pipeline="p", layer="tok", time=10.0, key="k", waited=9.0, tokens=50),
+        RateLimitReconciled(pipeline="p", layer="tok", time=10.0, key="k", estimate=50, actual=50, charged=50),
+        RateLimitReconciled(pipeline="p", layer="tok", time=10.0, key="k", estimate=10, actual=30, charged=30),
+    ]
+
+
+async def test_an_uncontended_token_call_without_usage_emits_nothing_and_attaches_nothing() -> None:
+    events: list[Event] = []
+
+    async def program(question: str) -> dspy.Prediction:
+        return dspy.Prediction(answer=question)
+
+    pipeline = Pipeline(program, RateLimiter(tokens=1000, estimate_tokens=lambda call: 5), listeners=[events.append])
+    with dspy.context(track_usage=True):
+        result = await pipeline(question="q")
+    assert result.get_lm_usage() is None
+    assert events == []
+
+
+async def test_a_call_past_its_deadline_is_rejected_at_once_naming_the_layer_and_key() -> None:
+    events: list[Event] = []
+    limiter = RateLimiter(requests=1, per=10.0, name="api", key=lambda call: "k")
+    pipeline = Pipeline(Recorder(), limiter, name="p", listeners=[events.append])
+    await asyncio.sleep(1.0)
+    await pipeline(question="a")
+    await asyncio.sleep(9.5)
+    with pytest.raises(RateLimitedError) as caught:
+        await pipeline.run(pipeline.new_call({"question": "b"}, deadline=10.5))
+    says(caught.value, "api['k']", "deadline")
+    assert caught.value.retry_after == 0.5
+    assert events == [
+        RateLimitRejected(pipeline="p", layer="api", time=10.5, key="k", reason="deadline", retry_after=0.5, waited=0.0)
+    ]
+
+
+async def test_the_earlier_of_max_wait_and_deadline_is_the_reason() -> None:
+    """max_wait 2.5 s: a deadline at the same moment names the deadline; a later one names max_wait."""
+    events: list[Event] = []
+    pipeline = Pipeline(Recorder(), RateLimiter(requests=1, per=10.0, max_wait=2.5), listeners=[events.append])
+    await pipeline(question="a")
+    with pytest.raises(RateLimitedError) as caught:
+        await pipeline.run(pipeline.new_call({"question": "b"}, deadline=2.5))
+    says(caught.value, "RateLimiter:", "deadline")  # no key to show
+    assert caught.value.retry_after == 10.0
+    with pytest.raises(RateLimitedError) as caught:
+        await pipeline.run(pipeline.new_call({"question": "c"}, deadline=3.0))
+    says(caught.value, "RateLimiter:", "max_wait=2.5s")
+    assert "deadline" not in str(caught.value)
+    rejected = [e for e in events if isinstance(e, RateLimitRejected)]
+    assert [(e.reason, e.key) for e in rejected] == [("deadline", None), ("max_wait", None)]
+
+
+async def test_unpartitioned_waits_and_reconciliations_carry_no_key() -> None:
+    events: list[Event] = []
+    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input)
+    pipeline = Pipeline(Recorder(), limiter, listeners=[events.append])
+    await pipeline(question="a", tokens=100, actual=100)
+    await pipeline(question="b", tokens=10, actual=10)
+    assert [(type(e), e.key) for e in events] == [  # type: ignore[attr-defined]
+        (RateLimitReconciled, None),
+        (RateLimitWaited, None),
+        (RateLimitReconciled, None),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ 14. partition eviction
+
+
+async def test_a_token_lane_is_kept_while_a_call_is_in_flight_and_evicted_after() -> None:
+    """Tokens per 1 s, max_keys=1: key a, with one of its two calls still running at t=4, is kept; at t=10 it
+    is evicted with b."""
+    limiter = RateLimiter(Limit.tokens(100, 1.0), estimate_tokens=by_tokens_input, key=first_char, max_keys=1)
+    pipeline = Pipeline(Recorder(), limiter)
+    running = [spawn(pipeline, "a1", tokens=10, latency=3.0), spawn(pipeline, "a2", tokens=10, latency=8.0)]
+    await asyncio.sleep(4.0)
+    await pipeline(question="b")
+    assert "a" in limiter.snapshots()
+    await asyncio.gather(*running)
+    await asyncio.sleep(2.0)
+    await pipeline(question="c")
+    assert set(limiter.snapshots()) == {"c"}
+
+
+async def test_a_token_lane_with_admissions_in_its_window_outlives_idle_after_and_goes_once_it_empties() -> None:
+    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input, key=first_char, idle_after=5)
+    pipeline = Pipeline(Recorder(), limiter)
+    await pipeline(question="a")
+    await asyncio.sleep(6.0)
+    await pipeline(question="b")
+    assert set(limiter.snapshots()) == {"a", "b"}  # a is stale, but its window still holds its admission
+    await asyncio.sleep(5.0)
+    await pipeline(question="c")
+    assert set(limiter.snapshots()) == {"b", "c"}  # a's window emptied at t=10; b's holds until t=16
+
+
+async def test_a_bucket_lane_whose_debt_is_paid_exactly_now_is_idle() -> None:
+    """1/s, burst 1: a's bucket is full again at exactly t=1, so a stale lane goes then (idle_after=1)."""
+    limiter = RateLimiter(Limit.requests(1, 1.0, burst=1), key=first_char, idle_after=1.0)
+    pipeline = Pipeline(Recorder(), limiter)
+    await pipeline(question="a")
+    await asyncio.sleep(1.0)
+    await pipeline(question="b")
+    assert set(limiter.snapshots()) == {"b"}
+
+
+async def test_a_bucket_lane_is_idle_once_its_debt_is_paid() -> None:
+    """1/s, burst 1: key a's bucket is full again at exactly t=1 and is evicted then; b's (due at 1.5) is kept."""
+    limiter = RateLimiter(Limit.requests(1, 1.0, burst=1), key=first_char, max_keys=2)
+    pipeline = Pipeline(Recorder(), limiter)
+    await pipeline(question="a")
+    await asyncio.sleep(0.5)
+    await pipeline(question="b")
+    await asyncio.sleep(0.5)
+    await pipeline(question="c")
+    assert set(limiter.snapshots()) == {"b", "c"}

@@ -1,1 +1,4 @@
-"""Helpers shared by several layers (partitions, error filters); one copy each. See docs/architecture.md."""
+"""Helpers shared by several layers (partitions, error filters, bounded waits); one copy each.
+
+See docs/architecture.md.
+"""

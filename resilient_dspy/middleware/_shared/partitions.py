@@ -25,7 +25,16 @@ from resilient_dspy.core.options import Options
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call
 
-__all__ = ["Hold", "KeyFunction", "PartitionOptions", "PartitionState", "Partitions", "by_model", "by_partition_key"]
+__all__ = [
+    "Hold",
+    "KeyFunction",
+    "KeyedStates",
+    "PartitionOptions",
+    "PartitionState",
+    "Partitions",
+    "by_model",
+    "by_partition_key",
+]
 
 KeyFunction = Callable[["Call"], Hashable]
 
@@ -191,3 +200,43 @@ class Partitions(Generic[StateT]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._states or key in self._held
+
+
+class KeyedStates(Generic[StateT]):
+    """A stateful layer's states: its one shared state without ``key=``, else one per key in :class:`Partitions`.
+    The one place a layer gets a key's state, peeks at it and lists every live one (for ``snapshots()``); a layer's
+    hot path reads ``single``, ``key_of`` and ``partitions`` directly (a method call there costs ~5 %)."""
+
+    __slots__ = ("key_of", "partitions", "single")
+
+    def __init__(
+        self,
+        options: PartitionOptions,
+        factory: Callable[[Hashable], StateT],
+        *,
+        single: Callable[[], StateT] | None = None,
+        on_evict: Callable[[Hashable, StateT], None] | None = None,
+    ) -> None:
+        self.key_of: Callable[[Any], Hashable] | None = options.key
+        self.single: StateT | None = None
+        """The shared state (None when partitioned): a layer's fast path reads it directly."""
+        if options.key is None:
+            self.single = factory(None) if single is None else single()
+        self.partitions: Partitions[StateT] = Partitions(
+            factory, max_keys=options.max_keys, idle_after=options.idle_after, on_evict=on_evict
+        )
+
+    def get(self, key: Hashable, now: float) -> StateT:
+        """The state for ``key`` (the shared one when unpartitioned), created on first use."""
+        single = self.single
+        return single if single is not None else self.partitions.get(key, now)
+
+    def peek(self, key: Hashable) -> StateT | None:
+        """The state for ``key`` if it exists (the shared one when unpartitioned), its LRU place untouched."""
+        single = self.single
+        return single if single is not None else self.partitions.peek(key)
+
+    def items(self) -> list[tuple[Hashable, StateT]]:
+        """Every live state by key: ``[(None, shared)]`` when unpartitioned."""
+        single = self.single
+        return [(None, single)] if single is not None else list(self.partitions.items())

@@ -12,23 +12,26 @@ cancellations are neutral: they count as nothing, and a cancelled probe returns 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from resilient_dspy.core.clock import LoopClock
+from resilient_dspy.core.emit import emit_event
 from resilient_dspy.core.health import LayerHealth, Status, key_name
-from resilient_dspy.core.options import build_options
+from resilient_dspy.core.layer import Layer
+from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.errors import CircuitOpenError, classify
-from resilient_dspy.events import deliver
-from resilient_dspy.middleware._shared.partitions import KeyFunction, Partitions
+from resilient_dspy.middleware._shared.partitions import KeyedStates, KeyFunction
 from resilient_dspy.middleware.breaker.circuit import Transition, _Circuit, _KeyedCircuit
 from resilient_dspy.middleware.breaker.events import CircuitRejected, CircuitSnapshot, CircuitState, CircuitStateChanged
 from resilient_dspy.middleware.breaker.options import _FAILURE_KINDS, CircuitBreakerOptions
 from resilient_dspy.middleware.breaker.windows import _Probe
 
 if TYPE_CHECKING:
-    from resilient_dspy.core.call import Call, Handler
+    from resilient_dspy.core.call import Call, Handler, Runtime
     from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = [
@@ -40,8 +43,12 @@ __all__ = [
 logger = logging.getLogger("resilient_dspy.breaker")
 
 
-class CircuitBreaker:
+class CircuitBreaker(Layer):
     """Open the circuit when failures (or slow calls) cross a threshold; see the module docstring."""
+
+    placement: ClassVar[str] = "breaker"
+    options_type: ClassVar[type[Options]] = CircuitBreakerOptions
+    options: CircuitBreakerOptions
 
     def __init__(
         self,
@@ -65,40 +72,15 @@ class CircuitBreaker:
         idle_after: float = 600.0,
         name: str | None = None,
     ) -> None:
-        self.options = build_options(
-            CircuitBreakerOptions,
-            "CircuitBreaker",
-            {
-                "failure_threshold": failure_threshold,
-                "failure_rate": failure_rate,
-                "slow_call_rate": slow_call_rate,
-                "slow_call_duration": slow_call_duration,
-                "window": window,
-                "window_seconds": window_seconds,
-                "buckets": buckets,
-                "min_calls": min_calls,
-                "break_duration": break_duration,
-                "break_multiplier": break_multiplier,
-                "max_break_duration": max_break_duration,
-                "half_open_probes": half_open_probes,
-                "failure_on": failure_on,
-                "exclude": exclude,
-                "key": key,
-                "max_keys": max_keys,
-                "idle_after": idle_after,
-                "name": name,
-            },
-        )
-        options = self.options
-        self.name = options.name or "CircuitBreaker"
-        self._key = options.key
-        self._single = _Circuit(options, None) if options.key is None else None
-        self._partitions: Partitions[_Circuit] = Partitions(
+        self.options = options = options_from(CircuitBreakerOptions, "CircuitBreaker", locals())
+        self._states: KeyedStates[_Circuit] = KeyedStates(
+            options,
             lambda k: _KeyedCircuit(options, k),
-            max_keys=options.max_keys,
-            idle_after=options.idle_after,
+            single=lambda: _Circuit(options, None),
             on_evict=self._evicted,
         )
+        self._single = self._states.single
+        self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
         self._slow = options.slow_call_duration
         time_window = options.consecutive is None and options.window is None  # window_seconds, or the default 60 s
         self._timed = options.slow_call_duration is not None or time_window
@@ -120,13 +102,6 @@ class CircuitBreaker:
         self._pipelines.add(pipeline)
 
     # --------------------------------------------------------------------------------------- the call
-
-    def _circuit(self, call: Call, now: float) -> _Circuit:
-        single = self._single
-        if single is not None:
-            return single
-        assert self._key is not None
-        return self._partitions.get(self._key(call), now)
 
     def counts_as_failure(self, error: BaseException) -> bool | None:
         """True for a failure, None for neutral (excluded, cancellation, or not a failure by ``failure_on``)."""
@@ -163,27 +138,22 @@ class CircuitBreaker:
             return result
         clock = call.clock
         started = clock.now()
-        circuit = single if single is not None else self._circuit(call, started)
+        if single is not None:
+            circuit = single
+        else:
+            key_of = self._key_of
+            assert key_of is not None
+            circuit = self._partitions.get(key_of(call), started)
         try:
             ticket, transition = circuit.admit(started)
         except CircuitOpenError as rejection:
-            if call.listening:
-                call.emit(
-                    CircuitRejected(
-                        pipeline=call.runtime.name,
-                        layer=self.name,
-                        time=started,
-                        key=circuit.key,
-                        state=circuit.state,
-                        retry_after=rejection.retry_after,
-                    )
-                )
+            self.emit(call, CircuitRejected, key=circuit.key, state=circuit.state, retry_after=rejection.retry_after)
             raise
         record = call.record
         reached = record.attempts
         try:
             if transition is not None:  # inside: a listener's BaseException must give the probe back too
-                self._announce(call, circuit.key, transition, started)
+                self._announce(call, circuit.key, transition)
             result = await next(call)
         except Exception as error:
             if record.attempts == reached:  # a cache's follower or an inner rejection: the provider was not asked
@@ -201,7 +171,7 @@ class CircuitBreaker:
         slow = self._slow is not None and now - started >= self._slow
         transition = circuit.succeeded(ticket, slow, now)
         if transition is not None:
-            self._announce(call, circuit.key, transition, now)
+            self._announce(call, circuit.key, transition)
         return result
 
     def _failed(self, call: Call, circuit: _Circuit, ticket: int | _Probe, error: Exception, started: float) -> None:
@@ -212,44 +182,31 @@ class CircuitBreaker:
         slow = self._slow is not None and now - started >= self._slow
         transition = circuit.failed(ticket, slow, classify(error).retry_after, now)
         if transition is not None:
-            self._announce(call, circuit.key, transition, now)
+            self._announce(call, circuit.key, transition)
         if circuit.state is CircuitState.OPEN:
             call.record.blocked_until = circuit.open_until
 
-    def _announce(self, call: Call | None, key: Hashable, transition: Transition, now: float) -> None:
-        old, new, reason, _ = transition
+    def _announce(self, call: Call | None, key: Hashable, transition: Transition) -> None:
+        """Log a transition and emit it: to the calling pipeline, or (manual control) to every pipeline built with
+        this breaker."""
+        old, new, reason, retry_after = transition
         log = logger.warning if new is CircuitState.OPEN else logger.info
         log("circuit %s%s: %s -> %s (%s)", self.name, "" if key is None else f"[{key!r}]", old, new, reason)
+        fields = {"key": key, "old": old, "new": new, "reason": reason, "retry_after": retry_after}
         if call is not None:
-            if call.listening:
-                call.emit(self._event(call.runtime.name, key, transition, now))
+            self.emit(call, CircuitStateChanged, **fields)
             return
         for pipeline in list(self._pipelines):
             runtime = pipeline.runtime
             if runtime.listeners:
-                deliver(runtime.listeners, self._event(runtime.name, key, transition, now))
-
-    def _event(self, pipeline: str, key: Hashable, transition: Transition, now: float) -> CircuitStateChanged:
-        old, new, reason, retry_after = transition
-        return CircuitStateChanged(
-            pipeline=pipeline,
-            layer=self.name,
-            time=now,
-            key=key,
-            old=old,
-            new=new,
-            reason=reason,
-            retry_after=retry_after,
-        )
+                emit_event(_with_time(runtime), self.name, CircuitStateChanged, **fields)
 
     # --------------------------------------------------------------------------------------- manual control
 
     def _circuits(self, key: Hashable | None) -> list[_Circuit]:
-        if self._single is not None:
-            return [self._single]
-        if key is None:
-            return [circuit for _, circuit in self._partitions.items()]
-        return [self._partitions.get(key, self._now())]
+        if self._single is not None or key is None:
+            return [circuit for _, circuit in self._states.items()]
+        return [self._states.get(key, self._now())]
 
     def _now(self) -> float:
         for pipeline in self._pipelines:
@@ -261,36 +218,28 @@ class CircuitBreaker:
 
     def isolate(self, key: Hashable | None = None) -> None:
         """Hold the circuit (for ``key``, or every existing one) open until :meth:`reset`: manual override."""
-        now = self._now()
         for circuit in self._circuits(key):
             transition = circuit.isolate()
             if transition is not None:
-                self._announce(None, circuit.key, transition, now)
+                self._announce(None, circuit.key, transition)
 
     def reset(self, key: Hashable | None = None) -> None:
         """Close the circuit (for ``key``, or every one) and forget its counts, isolation included."""
-        now = self._now()
         for circuit in self._circuits(key):
             transition = circuit.reset()
             if transition is not None:
-                self._announce(None, circuit.key, transition, now)
+                self._announce(None, circuit.key, transition)
 
     def snapshot(self, key: Hashable | None = None) -> CircuitSnapshot:
-        """State and counts of the circuit for ``key`` (the only one when unpartitioned)."""
-        if self._single is not None:
-            return self._single.snapshot(self._now())
-        circuit = self._partitions.peek(key)
+        """State and counts of the circuit for ``key`` (the only one when unpartitioned; a fresh circuit's for a key
+        not seen)."""
+        circuit = self._states.peek(key)
         return (circuit or _Circuit(self.options, key)).snapshot(self._now())
 
     def snapshots(self) -> dict[Hashable, CircuitSnapshot]:
-        """Every live circuit's snapshot by key."""
+        """Every live circuit's snapshot by key (``{None: ...}`` when unpartitioned)."""
         now = self._now()
-        return {key: circuit.snapshot(now) for key, circuit in self._all()}
-
-    def _all(self) -> list[tuple[Hashable, _Circuit]]:
-        if self._single is not None:
-            return [(None, self._single)]
-        return list(self._partitions.items())
+        return {key: circuit.snapshot(now) for key, circuit in self._states.items()}
 
     def health(self) -> LayerHealth:
         """Down when the (only) circuit refuses calls; degraded when some partitions do, or when a protecting
@@ -311,7 +260,7 @@ class CircuitBreaker:
         states = {key_name(key): snap.state.value for key, snap in snapshots.items()}
         details: dict[str, Any] = {"circuits": states, "refusing": sorted(refusing)}
         if self._single is None:
-            partitions = self._partitions
+            partitions = self._states.partitions
             details["evicted_protecting"] = partitions.evicted_protective
             last = partitions.last_evicted_at
             if last is not None and self._now() - last < self.options.idle_after:
@@ -320,11 +269,32 @@ class CircuitBreaker:
 
     @property
     def state(self) -> CircuitState:
-        """The state of the unpartitioned circuit (use :meth:`snapshot` with a key when partitioned)."""
+        """Alias of ``snapshot().state``: the state of the unpartitioned circuit (docs and tests read it)."""
         return self.snapshot().state
 
     def describe(self) -> dict[str, Any]:
+        """The base's, with ``options`` holding the mode and partitioning in effect instead of the error filters
+        and key function (types or callables, which say nothing once printed)."""
         options = self.options.model_dump(exclude={"failure_on", "exclude", "key"})
         options["mode"] = "consecutive" if self.options.consecutive is not None else "rate"
         options["partitioned"] = self.options.key is not None
-        return {"layer": "CircuitBreaker", "name": self.name, "options": options}
+        return {**super().describe(), "options": options}
+
+
+class _NoLoopClock(LoopClock):
+    """The time of an event announced where the pipeline's loop clock has none (a manual ``isolate()`` before the
+    loop runs): 0.0, like :meth:`CircuitBreaker.snapshot` there."""
+
+    __slots__ = ()
+
+    def now(self) -> float:
+        return 0.0
+
+
+def _with_time(runtime: Runtime) -> Runtime:
+    """``runtime``, or a copy whose clock reads 0.0 when its own cannot be read (no running loop)."""
+    try:
+        runtime.clock.now()
+    except RuntimeError:
+        return dataclasses.replace(runtime, clock=_NoLoopClock())
+    return runtime

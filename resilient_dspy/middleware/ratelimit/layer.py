@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
 from resilient_dspy.binding.settings import setting
 from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
 from resilient_dspy.core.health import LayerHealth, key_name
-from resilient_dspy.core.options import build_options
+from resilient_dspy.core.layer import Layer
+from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import innermost_program
-from resilient_dspy.errors import ConfigurationError, RateLimitedError, RequestTooLargeError
-from resilient_dspy.middleware._shared.partitions import KeyFunction, Partitions
+from resilient_dspy.errors import RateLimitedError, RequestTooLargeError
+from resilient_dspy.middleware._shared.partitions import KeyedStates, KeyFunction
+from resilient_dspy.middleware._shared.waiting import give_up_at, wait_until
 from resilient_dspy.middleware.ratelimit.algorithms import _Entry, _RequestWindow
 from resilient_dspy.middleware.ratelimit.events import (
     LimitUsage,
@@ -31,7 +33,7 @@ from resilient_dspy.middleware.ratelimit.events import (
     RateLimitRejected,
     RateLimitWaited,
 )
-from resilient_dspy.middleware.ratelimit.options import Limit, RateLimiterOptions, Unit
+from resilient_dspy.middleware.ratelimit.options import Limit, RateLimiterOptions
 from resilient_dspy.middleware.ratelimit.queue import _Lane, _Waiter
 
 if TYPE_CHECKING:
@@ -45,8 +47,12 @@ __all__ = [
 ]
 
 
-class RateLimiter:
+class RateLimiter(Layer):
     """Admit calls within every limit (requests and tokens per period), FIFO per key, waiting up to ``max_wait``."""
+
+    placement: ClassVar[str] = "ratelimit"
+    options_type: ClassVar[type[Options]] = RateLimiterOptions
+    options: RateLimiterOptions
 
     def __init__(
         self,
@@ -61,50 +67,15 @@ class RateLimiter:
         idle_after: float = 600.0,
         name: str | None = None,
     ) -> None:
-        problems: list[tuple[str, str]] = []
-        shortcuts: list[Limit] = []
-        shortcut: tuple[tuple[Unit, int | None], ...] = (("requests", requests), ("tokens", tokens))
-        for unit, amount in shortcut:
-            if amount is None:
-                continue
-            try:
-                shortcuts.append(Limit(amount=amount, per=per, unit=unit))
-            except ConfigurationError as error:
-                for field, rule in error.problems:
-                    problem = (f"RateLimiter.{unit}" if field == "Limit.amount" else f"RateLimiter.{field[6:]}", rule)
-                    if problem not in problems:
-                        problems.append(problem)
-        try:
-            self.options = build_options(
-                RateLimiterOptions,
-                "RateLimiter",
-                {
-                    "limits": (*limits, *shortcuts),
-                    "max_wait": max_wait,
-                    "estimate_tokens": estimate_tokens,
-                    "key": key,
-                    "max_keys": max_keys,
-                    "idle_after": idle_after,
-                    "name": name,
-                },
-            )
-        except ConfigurationError as error:
-            shortcut_failed = bool(problems) and not limits
-            problems.extend(p for p in error.problems if not (shortcut_failed and p[0] == "RateLimiter.limits"))
-        if problems:
-            raise ConfigurationError(problems)
-
+        self.options = options_from(RateLimiterOptions, "RateLimiter", locals())
         options = self.options
-        self.name = options.name or "RateLimiter"
         self._limits = options.limits
         self._token_limits = tuple(lim for lim in options.limits if lim.unit == "tokens")
-        self._key_of = options.key
-        self._single = _Lane(self._limits)
-        only = self._single.meters
+        self._states: KeyedStates[_Lane] = KeyedStates(options, self._new_lane)
+        self._single = single = self._states.single
+        self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
+        only = () if single is None else single.meters
         self._sole = only[0] if len(only) == 1 and isinstance(only[0], _RequestWindow) else None
-        self._partitions: Partitions[_Lane] = Partitions(
-            self._new_lane, max_keys=options.max_keys, idle_after=options.idle_after
-        )
         self._estimate: Callable[[Any], int] = options.estimate_tokens or self.default_estimate
         self._prompt_chars = 0
         self._pinned_max_tokens: int | None = None
@@ -133,15 +104,17 @@ class RateLimiter:
         clock = call.clock
         self._clock = clock
         now = clock.now()
-        key_of = self._key_of
-        if key_of is None:
-            lane, key = self._single, None
+        lane = self._single
+        if lane is None:
+            key_of = self._key_of
+            assert key_of is not None
+            key = key_of(call)
+            lane = self._partitions.get(key, now)
+        else:
+            key = None
             sole = self._sole
             if sole is not None and not lane.queue and sole.try_admit(now):
                 return await next(call)
-        else:
-            key = key_of(call)
-            lane = self._partitions.get(key, now)
         if self._token_limits:
             return await self._call_measured(call, next, lane, key, now)
         if lane.queue or lane.ready_at(0, now) > now:
@@ -204,69 +177,38 @@ class RateLimiter:
             lane.adjust(handles, delta, call.clock.now())
             if delta < 0:
                 lane.nudge()
-        if call.listening:
-            call.emit(
-                RateLimitReconciled(
-                    pipeline=call.runtime.name,
-                    layer=self.name,
-                    time=call.clock.now(),
-                    key=key,
-                    estimate=estimate,
-                    actual=actual,
-                    charged=charged,
-                )
-            )
+        self.emit(call, RateLimitReconciled, key=key, estimate=estimate, actual=actual, charged=charged)
         return True
 
     async def _queue(
         self, call: Call, lane: _Lane, key: Hashable, tokens: int | None, arrived: float
     ) -> list[_Entry | None]:
         """Wait in FIFO order, then charge every limit; raise :class:`RateLimitedError` if it cannot be in time."""
-        options = self.options
         clock = call.clock
         weight = tokens or 0
-        deadline = call.deadline
-        give_up, reason = deadline, "deadline"
-        if options.max_wait is not None and (deadline is None or arrived + options.max_wait < deadline):
-            give_up, reason = arrived + options.max_wait, "max_wait"
+        give_up = give_up_at(arrived, self.options.max_wait, call.deadline)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(weight, loop.create_future())
         queue = lane.queue
         queue.append(waiter)
         try:
             now = arrived
-            if give_up is not None and give_up <= arrived:
-                raise self._reject(call, key, reason, lane.estimate(waiter, now) - now, 0.0)
-            if queue[0] is not waiter:
-                if give_up is None:
-                    await waiter.future
-                else:
-                    scope = clock.deadline(give_up)
-                    try:
-                        async with scope:
-                            await waiter.future
-                    except TimeoutError:
-                        if not scope.expired():
-                            raise
-                        if queue[0] is not waiter:
-                            now = clock.now()
-                            retry_after = lane.estimate(waiter, now) - now
-                            raise self._reject(call, key, reason, retry_after, now - arrived) from None
-            while True:
+            if give_up.reached(arrived):
+                raise self._reject(call, key, give_up.reason, lane.estimate(waiter, now) - now, 0.0)
+            # Behind the head: wait to become head until the give-up time (made head as the time ran out: go on).
+            became_head = queue[0] is waiter or await wait_until(clock, waiter.future, give_up.at)
+            if not became_head and queue[0] is not waiter:
+                now = clock.now()
+                raise self._reject(call, key, give_up.reason, lane.estimate(waiter, now) - now, now - arrived)
+            while True:  # the head: sleep until its exact admission time, woken early by a refund
                 now = clock.now()
                 ready = lane.ready_at(weight, now)
                 if ready <= now:
                     break
-                if give_up is not None and ready > give_up:
-                    raise self._reject(call, key, reason, ready - now, now - arrived)
+                if give_up.before(ready):
+                    raise self._reject(call, key, give_up.reason, ready - now, now - arrived)
                 waiter.future = wake = loop.create_future()
-                scope = clock.deadline(ready)
-                try:
-                    async with scope:
-                        await wake
-                except TimeoutError:
-                    if not scope.expired():
-                        raise
+                await wait_until(clock, wake, ready)
             if tokens is None:
                 lane.charge(0, now)
                 handles: list[_Entry | None] = []
@@ -274,40 +216,19 @@ class RateLimiter:
                 handles = lane.charge_kept(tokens, now)
         finally:
             lane.leave(waiter)
-        if call.listening:
-            call.emit(
-                RateLimitWaited(
-                    pipeline=call.runtime.name,
-                    layer=self.name,
-                    time=now,
-                    key=key,
-                    waited=now - arrived,
-                    tokens=tokens,
-                )
-            )
+        self.emit(call, RateLimitWaited, key=key, waited=now - arrived, tokens=tokens)
         return handles
 
     def _reject(self, call: Call, key: Hashable, reason: str, retry_after: float, waited: float) -> RateLimitedError:
         retry_after = max(0.0, retry_after)
-        if call.listening:
-            call.emit(
-                RateLimitRejected(
-                    pipeline=call.runtime.name,
-                    layer=self.name,
-                    time=call.clock.now(),
-                    key=key,
-                    reason=reason,
-                    retry_after=retry_after,
-                    waited=waited,
-                )
-            )
+        self.emit(call, RateLimitRejected, key=key, reason=reason, retry_after=retry_after, waited=waited)
         why = f"max_wait={self.options.max_wait:g}s" if reason == "max_wait" else "the call's deadline"
         where = "" if key is None else f"[{key!r}]"
         return RateLimitedError(f"{self.name}{where}: cannot admit the call within {why}", retry_after=retry_after)
 
     def snapshot(self, key: Hashable = None) -> RateLimiterSnapshot:
         """Usage of each limit in its current window, and the queue length, for ``key`` (call it inside the loop)."""
-        lane = self._single if self._key_of is None else self._partitions.peek(key)
+        lane = self._states.peek(key)
         if lane is None:
             usages = tuple(LimitUsage(lim, 0.0, float(lim.capacity)) for lim in self._limits)
             return RateLimiterSnapshot(key, 0, usages)
@@ -315,13 +236,15 @@ class RateLimiter:
         usages = tuple(LimitUsage(meter.limit, *meter.usage(now)) for meter in lane.meters)
         return RateLimiterSnapshot(key, len(lane.queue), usages)
 
+    def snapshots(self) -> dict[Hashable, RateLimiterSnapshot]:
+        """Every live key's snapshot (``{None: ...}`` when there is no ``key=``)."""
+        return {key: self.snapshot(key) for key, _ in self._states.items()}
+
     def health(self) -> LayerHealth:
         """Degraded while calls queue for admission; the figures are each limit's use of its current window."""
-        lanes = [None] if self._key_of is None else [key for key, _ in self._partitions.items()]
         details: dict[str, Any] = {}
         queued = 0
-        for key in lanes:
-            snap = self.snapshot(key)
+        for key, snap in self.snapshots().items():
             queued += snap.queued
             details[key_name(key)] = {
                 "queued": snap.queued,
@@ -331,9 +254,3 @@ class RateLimiter:
                 ],
             }
         return LayerHealth(self.name, "degraded" if queued else "ok", {"lanes": details})
-
-    def describe(self) -> dict[str, Any]:
-        described: dict[str, Any] = {"layer": "RateLimiter", "options": self.options.model_dump()}
-        if self.options.name:
-            described["name"] = self.options.name
-        return described

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, model_validator
 
-from resilient_dspy.core.options import Options, problems_of
+from resilient_dspy.core.options import FieldProblem, Options, problems_of
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.middleware._shared.partitions import PartitionOptions
 
@@ -59,9 +59,17 @@ class Limit(Options):
 
 
 class RateLimiterOptions(PartitionOptions):
-    """The limits and how long a call may wait for them; see docs/patterns/rate-limiter.md."""
+    """The limits and how long a call may wait for them; see docs/patterns/rate-limiter.md.
 
-    limits: tuple[Limit, ...] = Field(description="Every limit a call must fit, all at once.")
+    ``requests``, ``tokens`` and ``per`` are a shortcut for ``Limit.requests(requests, per)`` and
+    ``Limit.tokens(tokens, per)``: once validated they are added to ``limits`` (and read ``None``), so ``limits``
+    is every limit and a model rebuilt from ``model_dump()`` is the same.
+    """
+
+    limits: tuple[Limit, ...] = Field(default=(), description="Every limit a call must fit, all at once.")
+    requests: int | None = Field(default=None, gt=0, description="Shortcut: Limit.requests(requests, per).")
+    tokens: int | None = Field(default=None, gt=0, description="Shortcut: Limit.tokens(tokens, per).")
+    per: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="The shortcuts' period, in seconds.")
     max_wait: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Seconds a call may wait; None = up to its deadline."
     )
@@ -70,11 +78,18 @@ class RateLimiterOptions(PartitionOptions):
     )
     name: str | None = Field(default=None, description="Label in events and describe().")
 
-    @field_validator("limits")
-    @classmethod
-    def _some_limit(cls, limits: tuple[Limit, ...]) -> tuple[Limit, ...]:
-        if not limits:
-            raise ValueError(
-                "give at least one limit: RateLimiter(requests=100, per=1.0) or RateLimiter(Limit.tokens(90_000, 60))"
+    @model_validator(mode="after")
+    def _fold_shortcuts(self) -> RateLimiterOptions:
+        """Add the shortcuts to ``limits`` (the model is frozen: this runs once, while it is being validated)."""
+        given = (("requests", self.requests), ("tokens", self.tokens))
+        shortcuts = [Limit(amount=amount, per=self.per, unit=unit) for unit, amount in given if amount is not None]
+        if shortcuts:
+            object.__setattr__(self, "limits", (*self.limits, *shortcuts))
+            object.__setattr__(self, "requests", None)
+            object.__setattr__(self, "tokens", None)
+        if not self.limits:
+            raise FieldProblem(
+                "limits",
+                "give at least one limit: RateLimiter(requests=100, per=1.0) or RateLimiter(Limit.tokens(90_000, 60))",
             )
-        return limits
+        return self
