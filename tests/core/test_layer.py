@@ -27,6 +27,17 @@ def built_in_layers() -> list[type[Layer]]:
     return sorted(found, key=lambda kind: kind.__name__)
 
 
+def test_every_layer_the_library_exports_is_written_on_the_layer_base() -> None:
+    exported = {
+        name
+        for name, value in vars(resilient_dspy.middleware).items()
+        if isinstance(value, type)
+        and inspect.iscoroutinefunction(getattr(value, "__call__", None))
+        and not name.startswith("_")
+    }
+    assert exported and exported == {kind.__name__ for kind in built_in_layers()}
+
+
 @pytest.mark.parametrize("layer", built_in_layers(), ids=lambda kind: kind.__name__)
 def test_a_layers_constructor_takes_exactly_its_options_with_the_same_defaults(layer: type[Layer]) -> None:
     parameters = {

@@ -15,8 +15,7 @@ import asyncio
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, estimate_chars, lm_max_tokens, program_parts
-from resilient_dspy.binding.settings import setting
+from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, ProgramEstimate
 from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
 from resilient_dspy.core.health import LayerHealth, key_name
 from resilient_dspy.core.layer import Layer
@@ -77,8 +76,7 @@ class RateLimiter(Layer):
         only = () if single is None else single.meters
         self._sole = only[0] if len(only) == 1 and isinstance(only[0], _RequestWindow) else None
         self._estimate: Callable[[Any], int] = options.estimate_tokens or self.default_estimate
-        self._prompt_chars = 0
-        self._pinned_max_tokens: int | None = None
+        self._default = ProgramEstimate()
         self._clock: Clock | None = None
 
     def _new_lane(self, key: Hashable) -> _Lane:
@@ -86,19 +84,12 @@ class RateLimiter(Layer):
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program's instructions and pinned LMs once, for the default token estimate."""
-        chars, lms = program_parts(innermost_program(pipeline.program))
-        self._prompt_chars = max(self._prompt_chars, chars)
-        pinned = [lm_max_tokens(lm) or DEFAULT_MAX_TOKENS for lm in lms]
-        if pinned:
-            self._pinned_max_tokens = max(self._pinned_max_tokens or 0, *pinned)
+        self._default.learn(innermost_program(pipeline.program))
 
     def default_estimate(self, call: Call) -> int:
         """(characters of the inputs + the program's instructions and demos) / 4 + the LM's ``max_tokens``."""
-        chars = self._prompt_chars
-        for value in call.inputs.values():
-            chars += len(value) if isinstance(value, str) else estimate_chars(value)
-        completion = self._pinned_max_tokens or lm_max_tokens(setting("lm")) or DEFAULT_MAX_TOKENS
-        return chars // 4 + completion
+        prompt, completion = self._default.tokens(call)
+        return prompt + completion
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         clock = call.clock
