@@ -27,13 +27,16 @@ def built_in_layers() -> list[type[Layer]]:
     return sorted(found, key=lambda kind: kind.__name__)
 
 
+def is_middleware_class(value: object) -> bool:
+    """A class whose instances are middleware: an ``async def __call__`` of its own or inherited."""
+    return isinstance(value, type) and any(
+        inspect.iscoroutinefunction(vars(kind).get("__call__")) for kind in value.__mro__[:-1]
+    )
+
+
 def test_every_layer_the_library_exports_is_written_on_the_layer_base() -> None:
     exported = {
-        name
-        for name, value in vars(resilient_dspy.middleware).items()
-        if isinstance(value, type)
-        and inspect.iscoroutinefunction(getattr(value, "__call__", None))
-        and not name.startswith("_")
+        name for name, value in vars(resilient_dspy.middleware).items() if is_middleware_class(value) and name[0] != "_"
     }
     assert exported and exported == {kind.__name__ for kind in built_in_layers()}
 

@@ -527,3 +527,19 @@ async def test_a_task_group_cut_by_both_deadlines_at_once_reports_the_total_time
         await pipeline("q")
     assert raised.value.scope == "total"
     assert not other_tasks()
+
+
+@pytest.mark.parametrize("limits", [{}, {"first_chunk": 1.0}, {"idle": 1.0}], ids=["plain", "first_chunk", "idle"])
+async def test_the_layers_below_see_the_deadline_with_or_without_stream_limits(limits: dict[str, float]) -> None:
+    seen: list[float | None] = []
+
+    class Look:
+        async def __call__(self, call: Call, next: Handler) -> Any:
+            seen.append(call.remaining())
+            return await next(call)
+
+    async def answer(question: str) -> str:
+        return question
+
+    assert await Pipeline(answer, Timeout(5.0, **limits), Look())("q") == "q"
+    assert seen == [pytest.approx(5.0)]
