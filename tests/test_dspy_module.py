@@ -345,6 +345,51 @@ def test_gepa_compiles_offline_and_returns_a_module_that_still_runs_through_the_
     module.pipeline.portal.close()
 
 
+def test_mipro_v2_compiles_offline_and_its_chosen_instruction_and_demos_reach_the_prompt() -> None:
+    """MIPROv2 (optuna's search, a proposer LM of its own) picks a candidate better than the student's, returns a
+    ResilientModule whose instruction and demos are sent, and a call of the result is still retried. The metric
+    rewards the proposed instruction and labeled demos in the prompt just sent (one thread: the last prompt is the
+    evaluated call's)."""
+    pytest.importorskip("optuna")
+    proposed = "Answer the question in the house style."
+    lm = FaultInjectingLM()
+    proposer = FaultInjectingLM("fault/propose", answers=lambda question: proposed)
+
+    def metric(example: Any, prediction: Any, trace: Any = None) -> float:
+        messages = sent_messages(lm)
+        return ((proposed in messages) + ("train question" in messages)) / 2
+
+    optimizer = dspy.MIPROv2(
+        metric=metric,
+        prompt_model=proposer,
+        task_model=lm,
+        auto=None,
+        num_candidates=2,
+        max_bootstrapped_demos=0,
+        max_labeled_demos=2,
+        num_threads=1,
+    )
+    module = resilient().as_module()
+    student = module.predictors()[0]
+    valset = [dspy.Example(question=f"held-out question {i}", answer="x").with_inputs("question") for i in range(2)]
+    with dspy.context(lm=lm):
+        compiled = optimizer.compile(
+            module, trainset=TRAIN, valset=valset, num_trials=4, minibatch=False, requires_permission_to_run=False
+        )
+        lm.push("server_error")
+        before = lm.requests
+        assert compiled(question="after MIPROv2").answer
+    assert isinstance(compiled, ResilientModule) and lm.requests == before + 2
+    (predictor,) = compiled.predictors()
+    instructions = predictor.signature.instructions
+    assert (instructions, len(predictor.demos)) != (student.signature.instructions, 0)  # the search chose a candidate
+    assert student.demos == [] and proposer.requests > 0
+    messages = sent_messages(lm)
+    assert instructions in messages
+    assert all(str(demo.question) in messages and str(demo.answer) in messages for demo in predictor.demos)
+    module.pipeline.portal.close()
+
+
 # --- save and load -----------------------------------------------------------------------------------------------
 
 
