@@ -1,5 +1,6 @@
-"""The one place events are built: the pipeline's name, the layer's name and the pipeline clock's time are filled in
-here, so a layer writes only what is its own (see :meth:`resilient_dspy.core.layer.Layer.emit`)."""
+"""Events built where there is a runtime but no Layer (a circuit object, a partition): the pipeline's name, the
+layer's name and the pipeline clock's time are filled in here, as :meth:`resilient_dspy.core.layer.Layer.emit`
+does for a layer, so a layer writes only what is its own."""
 
 from __future__ import annotations
 
