@@ -1241,7 +1241,8 @@ def main() -> None:
         print(f"Wrote {args.json}")
     if args.write_docs:
         previous = args.write_docs.read_text() if args.write_docs.exists() else ""
-        batches = previous[previous.find("<!-- bench_batch.py") :] if "<!-- bench_batch.py" in previous else ""
+        kept = [at for at in (previous.find("<!-- bench_serve.py"), previous.find("<!-- bench_batch.py")) if at >= 0]
+        batches = previous[min(kept) :] if kept else ""  # the sections bench_serve.py and bench_batch.py write
         args.write_docs.write_text(DOC_HEADER + "\n" + "\n".join(lines) + "\n" + ("\n" + batches if batches else ""))
         print(f"Wrote {args.write_docs}")
 
