@@ -38,6 +38,7 @@ from resilient_dspy.middleware.guard import Guard, InputRules
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
 from resilient_dspy.middleware.retry import Retry, RetryBudget
 from resilient_dspy.middleware.timeout import Timeout
+from resilient_dspy.store.redis import RedisStore
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "Pipeline",
     "RateLimitedError",
     "RateLimiter",
+    "RedisStore",
     "RejectedError",
     "ResilienceError",
     "ResilientModule",

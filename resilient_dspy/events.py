@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from resilient_dspy.middleware.ratelimit import RateLimitReconciled, RateLimitRejected, RateLimitWaited
     from resilient_dspy.middleware.retry import RetryGaveUp, RetryScheduled
     from resilient_dspy.middleware.timeout import TimeoutFired
+    from resilient_dspy.store.events import StoreRecovered, StoreUnavailable
 
 __all__ = [
     "BudgetAlert",
@@ -62,6 +63,8 @@ __all__ = [
     "Rejected",
     "RetryGaveUp",
     "RetryScheduled",
+    "StoreRecovered",
+    "StoreUnavailable",
     "TimeoutFired",
 ]
 
@@ -84,6 +87,7 @@ _PATTERN_EVENTS: dict[str, tuple[str, ...]] = {
     "resilient_dspy.middleware.ratelimit": ("RateLimitReconciled", "RateLimitRejected", "RateLimitWaited"),
     "resilient_dspy.middleware.retry": ("RetryGaveUp", "RetryScheduled"),
     "resilient_dspy.middleware.timeout": ("TimeoutFired",),
+    "resilient_dspy.store.events": ("StoreRecovered", "StoreUnavailable"),
 }
 _EMITTED_BY = {name: module for module, names in _PATTERN_EVENTS.items() for name in names}
 

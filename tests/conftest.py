@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import pytest
+
 os.environ.setdefault("DSPY_CACHEDIR", tempfile.mkdtemp(prefix="resilient-dspy-test-cache-"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -42,3 +44,31 @@ def run_virtual(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return loop.run_until_complete(bounded())
     finally:
         loop.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Any:
+    """A real redis-server's URL (see tests/redis_server.py); skips with the reason when none can be had."""
+    from tests.redis_server import redis_server, url_from_environment
+
+    url = url_from_environment()
+    if url is not None:
+        yield url
+        return
+    try:
+        with redis_server() as started:
+            yield started
+    except RuntimeError as error:
+        pytest.skip(f"no redis-server: {error}")
+
+
+@pytest.fixture
+async def redis_store(redis_url: str) -> Any:
+    """A :class:`RedisStore` on that server with a prefix of this test's own, closed after the test."""
+    import uuid
+
+    from resilient_dspy.store import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+    yield store
+    await store.aclose()
