@@ -10,7 +10,7 @@ from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.store import RedisStore, StateStore, StoreUnavailableError
 from tests.redis_server import free_port, redis_server
 
-pytestmark = pytest.mark.looptime(False)  # real sockets: virtual time would fire every timeout at once
+pytestmark = [pytest.mark.redis, pytest.mark.looptime(False)]  # real sockets: virtual time would fire timeouts at once
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 NOW = "local t = redis.call('TIME'); return {t[1], t[2]}"
