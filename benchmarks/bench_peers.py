@@ -44,6 +44,7 @@ import bench_cache
 import dspy
 from bench_guards import fresh, same
 from bench_overhead import Flaky, Group, Variant, failing_calls, measure, summarize
+from docs_section import first_section
 
 from resilient_dspy import Bulkhead, Cache, CircuitBreaker, Pipeline, RateLimiter, Retry, Timeout
 from resilient_dspy.middleware.cache.backends import MemoryBackend
@@ -1241,9 +1242,8 @@ def main() -> None:
         print(f"Wrote {args.json}")
     if args.write_docs:
         previous = args.write_docs.read_text() if args.write_docs.exists() else ""
-        kept = [at for at in (previous.find("<!-- bench_serve.py"), previous.find("<!-- bench_batch.py")) if at >= 0]
-        batches = previous[min(kept) :] if kept else ""  # the sections bench_serve.py and bench_batch.py write
-        args.write_docs.write_text(DOC_HEADER + "\n" + "\n".join(lines) + "\n" + ("\n" + batches if batches else ""))
+        sections = previous[first_section(previous) :]  # the sections the other scripts write (docs_section.py)
+        args.write_docs.write_text(DOC_HEADER + "\n" + "\n".join(lines) + "\n" + ("\n" + sections if sections else ""))
         print(f"Wrote {args.write_docs}")
 
 

@@ -33,10 +33,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from docs_section import write_section  # noqa: E402
+
 KEY = "bench-secret"
 MARK = "<!-- bench_serve.py: this section is written by `python benchmarks/bench_serve.py --write-docs` -->"
 END = "<!-- /bench_serve.py -->"
-BATCH_MARK = "<!-- bench_batch.py"
 
 
 async def echo(question: str) -> str:
@@ -201,21 +203,6 @@ def markdown(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_docs(path: Path, lines: list[str]) -> None:
-    """Replace this script's section of ``path`` (between its markers), else add it before bench_batch.py's."""
-    text = path.read_text() if path.exists() else ""
-    section = "\n".join(lines)
-    if MARK in text and END in text:
-        head, rest = text.split(MARK, 1)
-        tail = rest.split(END, 1)[1]
-        path.write_text(head + section + tail)
-    elif BATCH_MARK in text:  # before bench_batch.py's section, which runs to the end of the file
-        head, rest = text.split(BATCH_MARK, 1)
-        path.write_text(head.rstrip("\n") + "\n\n" + section + "\n\n" + BATCH_MARK + rest)
-    else:
-        path.write_text(text.rstrip("\n") + "\n\n" + section + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and rounds")
@@ -248,7 +235,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.write_docs:
-        write_docs(args.write_docs, lines)
+        write_section(args.write_docs, MARK, END, lines)
         print(f"Wrote {args.write_docs}")
 
 

@@ -19,8 +19,10 @@ from hypothesis import strategies as st
 from resilient_dspy import (
     Cache,
     CircuitBreaker,
+    CircuitOpenError,
     Fallback,
     Pipeline,
+    RateLimiter,
     RetriesExhaustedError,
     Retry,
     RetryBudget,
@@ -557,3 +559,43 @@ async def test_calls_queued_below_the_retry_keep_counting_for_its_budget_while_t
     results = await settle(*(pipeline(f"q{i}") for i in range(50)))
     assert results[40] == "answer:q40"
     assert all(isinstance(r, str) for r in results)
+
+
+# ------------------------------------------------------------------------ rate limiter ▶ cache / breaker below it
+
+
+async def test_a_cache_hit_below_the_rate_limiter_spends_none_of_its_quota() -> None:
+    """requests=2 per minute above a Cache: five hits of one question are admitted at once and leave the window at
+    once (no request reached the provider), so a second question still goes at once, and only 2 are counted."""
+    asked: list[str] = []
+
+    async def program(question: str) -> str:
+        asked.append(question)
+        return f"answer to {question}"
+
+    limiter = RateLimiter(requests=2, per=60.0)
+    pipeline = Pipeline(program, limiter, Cache())
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for _ in range(6):
+        assert await pipeline("same") == "answer to same"
+    assert await pipeline("other") == "answer to other"
+    assert loop.time() - start == 0.0
+    assert asked == ["same", "other"]
+    assert limiter.snapshot().limits[0].used == 2.0
+
+
+async def test_a_call_an_open_circuit_refuses_below_the_rate_limiter_spends_none_of_its_quota() -> None:
+    """The circuit below opened: its rejections are refunded, so once it closes the provider's quota is all there."""
+
+    async def failing(question: str) -> str:
+        raise server_error()
+
+    limiter = RateLimiter(requests=3, per=60.0)
+    pipeline = Pipeline(failing, limiter, CircuitBreaker(failure_threshold=1, break_duration=30.0))
+    with pytest.raises(dspy.LMServerError):
+        await pipeline("q0")
+    for i in range(5):
+        with pytest.raises(CircuitOpenError):
+            await pipeline(f"q{i + 1}")
+    assert limiter.snapshot().limits[0].used == 1.0

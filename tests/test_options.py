@@ -27,6 +27,8 @@ from resilient_dspy.middleware.guard import GuardOptions, InputRules
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiterOptions
 from resilient_dspy.middleware.retry import RetryBudget, RetryOptions
 from resilient_dspy.middleware.timeout import TimeoutOptions
+from resilient_dspy.store.link import StoreOptions
+from resilient_dspy.store.redis import RedisStoreOptions
 from resilient_dspy.testing.chaos_server import Quota
 from resilient_dspy.testing.fault_lm import FaultProfile
 
@@ -71,6 +73,8 @@ NO_TUPLE_FIELDS = {
     BulkheadOptions,
     PartitionOptions,
     Quota,
+    StoreOptions,
+    RedisStoreOptions,
 }
 
 

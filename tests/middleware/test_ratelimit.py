@@ -99,18 +99,22 @@ def window_sums(admissions: list[tuple[float, int]], per: float) -> list[int]:
     return sums
 
 
-def reference_admissions(limits: list[Limit], arrivals: list[tuple[float, int]]) -> list[float]:
-    """An ideal exact, FIFO, work-conserving limiter: each call at the earliest time every window has room."""
+def reference_admissions(
+    limits: list[Limit], arrivals: list[tuple[float, int]], held: list[float] | None = None
+) -> list[float]:
+    """An ideal exact, FIFO, work-conserving limiter: each call at the earliest time every window has room. With
+    ``held`` (each call's latency) an admission's window starts at its answer (``counts_from="answer"``)."""
     admitted: list[tuple[float, int]] = []
     previous = -math.inf
-    for arrival, tokens in arrivals:
+    for index, (arrival, tokens) in enumerate(arrivals):
         t = max(arrival, previous)
         while True:
             later = t
             for limit in limits:
                 weight = tokens if limit.unit == "tokens" else 1
+                spans = [(a + (held[i] if held else 0.0), w) for i, (a, w) in enumerate(admitted[:index])]
                 inside = sorted(
-                    (a + limit.per, w if limit.unit == "tokens" else 1) for a, w in admitted if a + limit.per > t
+                    (a + limit.per, w if limit.unit == "tokens" else 1) for a, w in spans if a + limit.per > t
                 )
                 excess = sum(w for _, w in inside) + weight - limit.amount
                 for expiry, w in inside:
@@ -145,13 +149,16 @@ Arrival = tuple[float, int, int, float]  # gap before arriving, token estimate, 
         min_size=1,
         max_size=30,
     ),
+    counts_from=st.sampled_from(["answer", "admission"]),
 )
 def test_property_no_window_exceeds_any_limit(
-    requests: tuple[int, float] | None, tokens: tuple[int, float] | None, arrivals: list[Arrival]
+    requests: tuple[int, float] | None, tokens: tuple[int, float] | None, arrivals: list[Arrival], counts_from: str
 ) -> None:
     """Any arrivals, weights, refunds and latencies, one or two limits: every window [s, s+per) starting at an
     admission holds at most ``amount`` (tokens counted at their reconciled weight), admissions are FIFO, and
-    without refunds each call is admitted exactly when an ideal exact limiter would admit it."""
+    without refunds each call is admitted exactly when an ideal exact limiter would admit it. Counting from the
+    answer, no moment has more than ``amount`` in [admitted, answered + per): a provider that stamps a request
+    anywhere between the two can never see more."""
     assume(requests is not None or tokens is not None)
     limits = []
     if requests is not None:
@@ -164,7 +171,8 @@ def test_property_no_window_exceeds_any_limit(
 
     async def scenario() -> None:
         program = Recorder()
-        pipeline = Pipeline(program, RateLimiter(*limits, estimate_tokens=by_tokens_input))
+        limiter = RateLimiter(*limits, estimate_tokens=by_tokens_input, counts_from=counts_from)  # type: ignore[arg-type]
+        pipeline = Pipeline(program, limiter)
         arrived: list[tuple[float, int]] = []
         tasks = []
         for index, (gap, weight, refund, latency) in enumerate(calls):
@@ -182,8 +190,16 @@ def test_property_no_window_exceeds_any_limit(
             else:
                 weights = [weight - weight * refund // 100 for _, weight, refund, _ in calls]
             assert max(window_sums(list(zip(times, weights, strict=True)), limit.per)) <= limit.amount
+            if counts_from == "answer":
+                spans = [(t, t + latency + limit.per) for t, (_, _, _, latency) in zip(times, calls, strict=True)]
+                for moment, _ in spans:
+                    inside = (
+                        w for (start, end), w in zip(spans, weights, strict=True) if start <= moment < end - SLACK
+                    )
+                    assert sum(inside) <= limit.amount
         if not refunds:
-            expected = reference_admissions(limits, arrived)
+            held = [latency for _, _, _, latency in calls] if counts_from == "answer" else None
+            expected = reference_admissions(limits, arrived, held)
             assert times == pytest.approx(expected, abs=1e-4)
 
     run_virtual(scenario)
@@ -328,10 +344,52 @@ async def test_a_refund_lets_the_next_waiter_in_early() -> None:
     assert limiter.snapshot().limits[0].used == 80.0
 
 
+async def test_counted_from_the_answer_an_excess_delays_later_calls_until_per_after_that_answer() -> None:
+    """The same excess, counted from the answer (the default): the first call answered at t=1, so the 30-token call
+    waits until t=11, and until then the first call's 90 tokens are held even though it was admitted at t=0."""
+    program = Recorder()
+    limiter = RateLimiter(Limit.tokens(100, per=10.0), estimate_tokens=by_tokens_input)
+    pipeline = Pipeline(program, limiter)
+    start = now()
+    await pipeline(question="first", tokens=20, actual=90, latency=1.0)
+    await asyncio.sleep(9.5)
+    assert limiter.snapshot().limits[0].used == 90.0
+    await pipeline(question="second", tokens=30, actual=30)
+    assert program.time_of("second") - start == pytest.approx(11.0)
+
+
+async def test_counted_from_the_answer_a_full_window_waits_for_a_running_call_to_answer() -> None:
+    """requests=2 per 5 s, both admissions still running: a third call waits for the first answer (t=3) and then
+    ``per`` more (t=8); counted from admission it would have gone at t=5, while the provider may still count the
+    first request (it reached it at some moment before t=3)."""
+    program = Recorder()
+    pipeline = Pipeline(program, RateLimiter(requests=2, per=5.0))
+    start = now()
+    running = [spawn(pipeline, "a", latency=3.0), spawn(pipeline, "b", latency=6.0)]
+    await settle()
+    await pipeline(question="c")
+    assert program.time_of("c") - start == pytest.approx(8.0)
+    await asyncio.gather(*running)
+
+
+async def test_counted_from_the_answer_a_call_waiting_on_running_calls_gives_up_at_max_wait() -> None:
+    """Room held by a call that runs longer than ``max_wait``: the waiter is refused at ``max_wait`` (not at once, nor
+    later), with a retry_after of at least ``per``."""
+    pipeline = Pipeline(Recorder(), RateLimiter(requests=1, per=5.0, max_wait=2.0))
+    start = now()
+    running = spawn(pipeline, "a", latency=30.0)
+    await settle()
+    with pytest.raises(RateLimitedError) as refused:
+        await pipeline(question="b")
+    assert now() - start == pytest.approx(2.0)
+    assert refused.value.retry_after is not None and refused.value.retry_after >= 5.0
+    await cancel_all([running])
+
+
 async def test_an_excess_delays_later_calls() -> None:
     """Estimate 20, actual 90: a 30-token call arriving at t=2 waits until the first leaves the window (t=10)."""
     program = Recorder()
-    limiter = RateLimiter(Limit.tokens(100, per=10.0), estimate_tokens=by_tokens_input)
+    limiter = RateLimiter(Limit.tokens(100, per=10.0), estimate_tokens=by_tokens_input, counts_from="admission")
     pipeline = Pipeline(program, limiter)
     start = now()
     await pipeline(question="first", tokens=20, actual=90, latency=1.0)
@@ -769,6 +827,7 @@ def test_describe_gives_the_name_and_every_option_with_the_shortcuts_folded_into
             "tokens": None,
             "per": 1.0,
             "max_wait": None,
+            "counts_from": "answer",
             "estimate_tokens": None,
             "name": None,
         },
@@ -903,7 +962,13 @@ async def test_health_of_partitioned_lanes() -> None:
 
 async def test_waited_and_reconciled_events_carry_every_field() -> None:
     events: list[Event] = []
-    limiter = RateLimiter(Limit.tokens(100, 10.0), estimate_tokens=by_tokens_input, key=lambda call: "k", name="tok")
+    limiter = RateLimiter(
+        Limit.tokens(100, 10.0),
+        estimate_tokens=by_tokens_input,
+        key=lambda call: "k",
+        name="tok",
+        counts_from="admission",
+    )
     pipeline = Pipeline(Recorder(), limiter, name="p", listeners=[events.append])
     first = spawn(pipeline, "a", tokens=100, actual=80, latency=2.0)
     await asyncio.sleep(1.0)

@@ -203,7 +203,7 @@ async def test_usage_measured_as_the_admission_leaves_the_window_is_not_charged(
     """The call ends 1 ns before its admission expires (within the slack): its excess goes nowhere."""
     clock = HandClock()
     tokens = Limit.tokens(10, 1.0)
-    limiter = RateLimiter(tokens, estimate_tokens=lambda call: 4)
+    limiter = RateLimiter(tokens, estimate_tokens=lambda call: 4, counts_from="admission")
 
     async def program(question: str) -> str:
         clock.time = 1.0 - 1e-9

@@ -12,8 +12,9 @@ No background task is involved.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, ProgramEstimate
 from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
@@ -60,6 +61,7 @@ class RateLimiter(Layer):
         tokens: int | None = None,
         per: float = 1.0,
         max_wait: float | None = None,
+        counts_from: Literal["admission", "answer"] = "answer",
         estimate_tokens: Callable[[Call], int] | None = None,
         key: KeyFunction | None = None,
         max_keys: int = 1024,
@@ -70,6 +72,7 @@ class RateLimiter(Layer):
         options = self.options
         self._limits = options.limits
         self._token_limits = tuple(lim for lim in options.limits if lim.unit == "tokens")
+        self._holds = options.counts_from == "answer" and any(lim.burst is None for lim in options.limits)
         self._states: KeyedStates[_Lane] = KeyedStates(options, self._new_lane)
         self._single = single = self._states.single
         self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
@@ -80,7 +83,7 @@ class RateLimiter(Layer):
         self._clock: Clock | None = None
 
     def _new_lane(self, key: Hashable) -> _Lane:
-        return _Lane(self._limits, key)
+        return _Lane(self._limits, key, self._holds)
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Learn the program's instructions and pinned LMs once, for the default token estimate."""
@@ -105,14 +108,28 @@ class RateLimiter(Layer):
             key = None
             sole = self._sole
             if sole is not None and not lane.queue and sole.try_admit(now):
-                return await next(call)
+                if not self._holds:
+                    return await next(call)
+                return await self._call_held(call, next, lane)
         if self._token_limits:
             return await self._call_measured(call, next, lane, key, now)
         if lane.queue or lane.ready_at(0, now) > now:
             await self._queue(call, lane, key, None, now)
         else:
             lane.charge(0, now)
-        return await next(call)
+        if not self._holds:
+            return await next(call)
+        return await self._call_held(call, next, lane)
+
+    async def _call_held(self, call: Call, next: Handler, lane: _Lane) -> Any:
+        """Run an admitted call whose admission is held until its answer; refunded if it never reached the
+        provider (``record.attempts`` unchanged: a cache hit, a coalesced follower, an inner rejection)."""
+        record = call.record
+        before = record.attempts
+        try:
+            return await next(call)
+        finally:
+            lane.release(None, call.clock.now(), record.attempts == before)
 
     async def _call_measured(self, call: Call, next: Handler, lane: _Lane, key: Hashable, now: float) -> Any:
         """The token path: estimate, admit, run inside a usage scope, then reconcile the charge with real usage."""
@@ -134,13 +151,15 @@ class RateLimiter(Layer):
         else:
             handles = lane.charge_kept(tokens, now)
         lane.in_flight += 1
+        record = call.record
+        before = record.attempts
         with usage_scope() as scope:
             try:
                 result = await next(call)
             except BaseException:
-                self._settle(call, lane, key, handles, tokens, scope, failed=True)
+                self._settle(call, lane, key, handles, tokens, scope, failed=True, reached=record.attempts != before)
                 raise
-            if self._settle(call, lane, key, handles, tokens, scope, failed=False):
+            if self._settle(call, lane, key, handles, tokens, scope, failed=False, reached=record.attempts != before):
                 attach_usage(result, scope)
         return result
 
@@ -154,20 +173,30 @@ class RateLimiter(Layer):
         scope: UsageScope,
         *,
         failed: bool,
+        reached: bool,
     ) -> bool:
         """Reconcile the estimate with measured usage (True if any was measured); a call that measured nothing keeps
-        its estimate, and a failed one at least its estimate."""
+        its estimate, and a failed one at least its estimate. Counting from the answer, a call that never
+        ``reached`` the provider is refunded whole."""
         lane.in_flight -= 1
+        now = call.clock.now()
+        if self._holds and not reached:
+            lane.release(handles, now, refund=True)
+            return False
         usage = scope.by_model()
         if not usage:
+            if self._holds:
+                lane.release(handles, now)
             return False
         actual = scope.total_tokens(usage)
         charged = max(actual, estimate) if failed else actual
         delta = charged - estimate
         if delta:
-            lane.adjust(handles, delta, call.clock.now())
-            if delta < 0:
-                lane.nudge()
+            lane.adjust(handles, delta, now)
+        if self._holds:
+            lane.release(handles, now)
+        elif delta < 0:
+            lane.nudge()
         self.emit(call, RateLimitReconciled, key=key, estimate=estimate, actual=actual, charged=charged)
         return True
 
@@ -191,15 +220,18 @@ class RateLimiter(Layer):
             if not became_head and queue[0] is not waiter:
                 now = clock.now()
                 raise self._reject(call, key, give_up.reason, lane.estimate(waiter, now) - now, now - arrived)
-            while True:  # the head: sleep until its exact admission time, woken early by a refund
+            while True:  # the head: sleep until its exact admission time, woken early by a refund or an answer
                 now = clock.now()
                 ready = lane.ready_at(weight, now)
                 if ready <= now:
                     break
-                if give_up.before(ready):
+                held = ready == math.inf  # the room is held by running calls: wait for an answer, up to giving up
+                if give_up.before(ready) and not held:
                     raise self._reject(call, key, give_up.reason, ready - now, now - arrived)
                 waiter.future = wake = loop.create_future()
-                await wait_until(clock, wake, ready)
+                if not await wait_until(clock, wake, give_up.at if held else ready) and held:
+                    now = clock.now()
+                    raise self._reject(call, key, give_up.reason, lane.estimate(waiter, now) - now, now - arrived)
             if tokens is None:
                 lane.charge(0, now)
                 handles: list[_Entry | None] = []
@@ -207,7 +239,12 @@ class RateLimiter(Layer):
                 handles = lane.charge_kept(tokens, now)
         finally:
             lane.leave(waiter)
-        self.emit(call, RateLimitWaited, key=key, waited=now - arrived, tokens=tokens)
+        try:
+            self.emit(call, RateLimitWaited, key=key, waited=now - arrived, tokens=tokens)
+        except BaseException:  # a listener stopping the call: a held admission must not stay held for ever
+            if self._holds:
+                lane.release(handles, clock.now())
+            raise
         return handles
 
     def _reject(self, call: Call, key: Hashable, reason: str, retry_after: float, waited: float) -> RateLimitedError:

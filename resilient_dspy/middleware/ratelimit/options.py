@@ -73,6 +73,10 @@ class RateLimiterOptions(PartitionOptions):
     max_wait: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="Seconds a call may wait; None = up to its deadline."
     )
+    counts_from: Literal["admission", "answer"] = Field(
+        default="answer",
+        description="When an admission's window starts: at its answer (held while the call runs) or at admission.",
+    )
     estimate_tokens: Callable[[Any], int] | None = Field(
         default=None, description="Token cost of a call before it runs; None = the default estimate."
     )

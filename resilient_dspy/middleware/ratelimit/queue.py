@@ -28,9 +28,9 @@ class _Lane:
 
     __slots__ = ("in_flight", "key", "meters", "queue")
 
-    def __init__(self, limits: tuple[Limit, ...], key: Hashable = None) -> None:
+    def __init__(self, limits: tuple[Limit, ...], key: Hashable = None, until_answer: bool = False) -> None:
         self.key = key
-        self.meters: tuple[_Meter, ...] = tuple(_meter(limit) for limit in limits)
+        self.meters: tuple[_Meter, ...] = tuple(_meter(limit, until_answer) for limit in limits)
         self.queue: deque[_Waiter] = deque()
         self.in_flight = 0
 
@@ -49,6 +49,13 @@ class _Lane:
     def charge_kept(self, tokens: int, now: float) -> list[_Entry | None]:
         """Charge every limit and keep the handles reconciliation needs."""
         return [meter.charge(tokens if meter.tokens else 1, now) for meter in self.meters]
+
+    def release(self, handles: list[_Entry | None] | None, now: float, refund: bool = False) -> None:
+        """A call admitted here has its answer: held admissions start their window now (or leave, ``refund``: the
+        call never reached the provider); the head may fit again."""
+        for index, meter in enumerate(self.meters):
+            meter.release(handles[index] if handles else None, now, refund)
+        self.nudge()
 
     def adjust(self, handles: list[_Entry | None], delta: int, now: float) -> None:
         for meter, handle in zip(self.meters, handles, strict=True):
@@ -89,6 +96,6 @@ class _Lane:
     def hold(self, now: float) -> Hold:
         """Queued or unreconciled calls are calls; admissions still in a window protect (a fresh lane would let a
         second burst through)."""
-        if self.queue or self.in_flight:
+        if self.queue or self.in_flight or any(getattr(meter, "held", 0) for meter in self.meters):
             return Hold.CALLS
         return Hold.NOTHING if all(meter.idle(now) for meter in self.meters) else Hold.PROTECTION
