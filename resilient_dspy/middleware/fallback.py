@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import dspy
-from pydantic import Field, field_validator
+from pydantic import Field, field_serializer, field_validator
 
 from resilient_dspy.binding.targets import Target
+from resilient_dspy.config.kinds import import_path
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import Options, options_from
@@ -79,6 +80,17 @@ class Alternative(ABC):
     async def run(self, call: Call, primary: Handler) -> Any:
         """Produce the answer; ``primary`` is the fallback's inner stack, for alternatives that rerun it."""
 
+    def describe(self) -> dict[str, Any]:
+        """The alternative as a config table (``{"kind": "Static", ...}``): what ``Pipeline.from_config`` rebuilds."""
+        described = {"kind": kind_of_class(type(self)), "name": self.name, **self.describe_fields()}
+        if self.on is not None:
+            described["on"] = describe_filter(self.on)
+        return described
+
+    def describe_fields(self) -> dict[str, Any]:
+        """What the alternative is made of, as config values (overridden by each kind)."""
+        return {}
+
 
 class UseLM(Alternative):
     """Run the same inner stack with another LM (``dspy.context(lm=...)``, per task, safe under concurrency)."""
@@ -94,6 +106,9 @@ class UseLM(Alternative):
         with dspy.context(lm=self.lm):
             return await primary(call)
 
+    def describe_fields(self) -> dict[str, Any]:
+        return {"lm": describe_lm(self.lm)}
+
 
 class UseProgram(Alternative):
     """Run another program: a ``dspy.Module``, ``dspy.LM``, ``Pipeline`` or ``async def`` on the same inputs."""
@@ -103,12 +118,16 @@ class UseProgram(Alternative):
         target = adapt_program(program, problems)
         if target is None:
             raise ConfigurationError([(f"UseProgram.{field}", rule) for field, rule in problems])
+        self.program = program
         self.target: Target = target
         self.name = name or f"program:{target.name}"
         self.on = normalise_filter(on) if on is not None else None
 
     async def run(self, call: Call, primary: Handler) -> Any:
         return await self.target(call)
+
+    def describe_fields(self) -> dict[str, Any]:
+        return {"program": import_path(self.program) or self.target.name}
 
 
 class Static(Alternative):
@@ -138,6 +157,11 @@ class Static(Alternative):
             return self.factory(call.inputs)
         return dspy.Prediction(**copy.deepcopy(self.fields))
 
+    def describe_fields(self) -> dict[str, Any]:
+        if self.factory is not None:
+            return {"factory": import_path(self.factory) or repr(self.factory)}
+        return copy.deepcopy(self.fields)
+
 
 class FallbackOptions(Options):
     alternatives: tuple[Any, ...] = Field(min_length=1, description="Tried in order after the primary fails.")
@@ -146,6 +170,11 @@ class FallbackOptions(Options):
         description="Errors the fallback handles at all (types or predicate); default: all but user mistakes.",
     )
     name: str | None = Field(default=None, description="Label in events and describe().")
+
+    @field_serializer("on")
+    def _dump_on(self, value: Any) -> Any:
+        """The filter as ``describe()`` shows it, so a config built from a description knows the default."""
+        return describe_filter(value)
 
     @field_validator("on")
     @classmethod
@@ -243,14 +272,37 @@ class Fallback(Layer):
         )
 
     def describe(self) -> dict[str, Any]:
-        """The options as names, not objects: each alternative's name, the filter's types (or its repr)."""
-        on = self.on
+        """The options as a config: each alternative's table, the filter's types by import path (or its repr)."""
         options = {
-            "alternatives": [alternative.name for alternative in self.alternatives],
-            "on": [kind.__name__ for kind in on] if isinstance(on, tuple) else repr(on),
+            "alternatives": [alternative.describe() for alternative in self.alternatives],
+            "on": describe_filter(self.on),
             "name": self.options.name,
         }
         return {"layer": "Fallback", "name": self.name, "options": options}
+
+
+def describe_filter(on: ErrorFilter) -> Any:
+    """An ``on=`` filter as config text: its types' import paths, a predicate's path, else its repr (the default's
+    is ``"every error but a user mistake"``, which a config rebuilds as the default)."""
+    if isinstance(on, tuple):
+        return [import_path(kind) or kind.__name__ for kind in on]
+    return (None if on is DEFAULT_ON else import_path(on)) or repr(on)
+
+
+def describe_lm(lm: dspy.BaseLM) -> dict[str, Any]:
+    """An LM as a config table: its kind, model and request settings; never its API key (a config names the
+    environment variable instead: ``api_key_env``)."""
+    settings = {
+        key: value
+        for key, value in dict(getattr(lm, "kwargs", {}) or {}).items()
+        if "key" not in key and isinstance(value, str | int | float | bool)
+    }
+    return {"kind": kind_of_class(type(lm)), "model": getattr(lm, "model", type(lm).__name__), **settings}
+
+
+def kind_of_class(cls: type) -> str:
+    """The kind a config names ``cls`` by: its built-in name, else ``module:qualname``."""
+    return import_path(cls) or f"{cls.__module__}:{cls.__qualname__}"
 
 
 def is_user_mistake(error: BaseException) -> bool:

@@ -21,6 +21,7 @@ import dspy
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from resilient_dspy.binding.estimate import measure_chars
+from resilient_dspy.config.kinds import import_path
 from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import FieldProblem, Options, options_from, problems_of
 from resilient_dspy.errors import ConfigurationError, InvalidInputError, InvalidOutputError
@@ -309,12 +310,17 @@ def _output_checker(spec: Any) -> Callable[[Any], tuple[str, str | None] | None]
 
 
 def _describe_spec(spec: Any) -> Any:
+    """A check as config: rules as an ``InputRules`` table, a model or function by import path (what a config
+    rebuilds); one with no importable name (a local class, a lambda) by what it is, which no config rebuilds."""
     if spec is None:
         return None
     if isinstance(spec, InputRules):
         dump = spec.model_dump()
         dump["forbidden"] = [pattern.pattern for pattern in spec.forbidden]
-        return {"rules": dump}
+        return {"kind": "InputRules", **dump}
+    path = import_path(spec)
+    if path is not None:
+        return path
     if _is_model(spec):
         return {"model": spec.__name__, "fields": list(spec.model_fields)}
     return {"function": getattr(spec, "__qualname__", None) or type(spec).__name__}

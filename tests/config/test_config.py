@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import dspy
+import pydantic
 import pytest
 
 from resilient_dspy import (
@@ -21,11 +22,14 @@ from resilient_dspy import (
     InputRules,
     Limit,
     Pipeline,
+    RateLimitedError,
     RateLimiter,
     Retry,
     RetryBudget,
     Static,
     Timeout,
+    UseLM,
+    UseProgram,
     by_partition_key,
 )
 from resilient_dspy.errors import ConfigurationError
@@ -141,6 +145,10 @@ async def answer(question: str) -> str:
     return f"echo: {question}"
 
 
+class Answer(pydantic.BaseModel):
+    answer: str
+
+
 async def test_a_program_given_by_module_path_runs() -> None:
     pipeline = Pipeline.from_config({"program": {"module": f"{__name__}:answer"}, "layers": []})
     assert await pipeline("hi") == "echo: hi"
@@ -248,13 +256,17 @@ ROUND_TRIP: dict[str, Any] = {
     "Cache": lambda: Cache(ttl=60, namespace="qa", single_flight=False),
     "Budget": lambda: Budget(tokens=1000, per=3600, alert_at=(0.5, 0.9)),
     "Chaos": lambda: Chaos(fault="server_error", rate=0.1, seed=3),
-    "Fallback": pytest.param(
-        lambda: Fallback(Static(answer="sorry")),
-        marks=pytest.mark.xfail(reason="Fallback.describe() shows its alternatives by name only", strict=True),
+    "Fallback": lambda: Fallback(Static(answer="sorry")),
+    "Fallback(lm, filters)": lambda: Fallback(
+        UseLM(dspy.LM("openai/backup", temperature=0.2), name="backup", on=(TimeoutError,)),
+        UseProgram(answer, name="local"),
+        Static(answer="sorry", name="apology"),
+        on=(TimeoutError, RateLimitedError),
     ),
-    "Guard": pytest.param(
-        lambda: Guard(input=InputRules(max_chars=100)),
-        marks=pytest.mark.xfail(reason="Guard.describe() dumps its rules without their kind", strict=True),
+    "Guard": lambda: Guard(input=InputRules(max_chars=100)),
+    "Guard(rules, model)": lambda: Guard(
+        input=InputRules(max_chars={"question": 50}, required=["question"], forbidden=["(?i)ignore previous"]),
+        output=Answer,
     ),
 }
 

@@ -514,14 +514,20 @@ def test_use_program_rejects_a_sync_function() -> None:
 
 
 def test_describe_lists_alternatives_and_filter() -> None:
-    """Fallback.describe() names the alternatives in order and the handled error types."""
+    """Fallback.describe() is a config: each alternative's table in order, the handled error types by import path."""
     fallback = Fallback(UseLM(FaultInjectingLM("fault/big"), name="big"), Static(answer="x"), on=dspy.LMError)
+    big = {"kind": "UseLM", "name": "big", "lm": {"kind": "FaultInjectingLM", "model": "custom/fault/big"}}
     assert fallback.describe() == {
         "layer": "Fallback",
         "name": "Fallback",
-        "options": {"alternatives": ["big", "static"], "on": ["LMError"], "name": None},
+        "options": {
+            "alternatives": [big, {"kind": "Static", "name": "static", "answer": "x"}],
+            "on": ["dspy.utils.exceptions:LMError"],
+            "name": None,
+        },
     }
-    assert Fallback(Static(answer="s"), on=(Boom, KeyError)).describe()["options"]["on"] == ["Boom", "KeyError"]
+    on = Fallback(Static(answer="s"), on=(Boom, KeyError)).describe()["options"]["on"]
+    assert on == [f"{__name__}:Boom", "builtins:KeyError"]
 
 
 def test_describe_shows_a_predicate_filter_by_repr() -> None:

@@ -323,13 +323,21 @@ def test_describe_shows_what_is_checked() -> None:
     guard = Guard(input=InputRules(max_chars=10, forbidden=["x+"]), output=not_bad, name="qa-guard")
     [described, _] = Pipeline(predict(), guard).describe()
     assert described["name"] == "qa-guard"
-    assert described["options"]["input"]["rules"]["forbidden"] == ["x+"]
-    assert described["options"]["output"] == {"function": "not_bad"}
+    assert described["options"]["input"]["kind"] == "InputRules"
+    assert described["options"]["input"]["forbidden"] == ["x+"]
+    assert described["options"]["output"] == f"{__name__}:not_bad"
     assert Guard(output=Answer).describe() == {
         "layer": "Guard",
         "name": "Guard",
-        "options": {"input": None, "output": {"model": "Answer", "fields": ["answer"]}, "name": None},
+        "options": {"input": None, "output": f"{__name__}:Answer", "name": None},
     }
+
+    class Local(BaseModel):
+        answer: str
+
+    described_local = Guard(output=Local, input=lambda inputs: None).describe()["options"]
+    assert described_local["output"] == {"model": "Local", "fields": ["answer"]}  # not importable: what it is
+    assert described_local["input"] == {"function": "test_describe_shows_what_is_checked.<locals>.<lambda>"}
     assert guard.snapshot() is None and guard.health() is None  # no state between calls
 
 

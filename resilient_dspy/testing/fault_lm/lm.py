@@ -264,6 +264,7 @@ class FaultInjectingLM(dspy.LM):  # type: ignore[misc]
         chunk_latency: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        model = model.removeprefix("custom/")  # the name DSPy shows (``lm.model``) builds the same LM again
         steps = parse_steps(script, "FaultInjectingLM.script")
         if not isinstance(profile, FaultProfile):
             profile = build_options(FaultProfile, "FaultProfile", dict(profile or {}))
