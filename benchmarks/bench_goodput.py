@@ -300,7 +300,6 @@ def render(rows: list[Row], scale: Scale, tpm: int, per_request: int, argv: list
     """The docs section: what was run, on what, and the table."""
     kept = [a for a in argv if a not in ("--write-docs", "--json") and not a.endswith((".md", ".json"))]
     shown = " ".join(["python", "benchmarks/bench_goodput.py", *kept])
-    )
     lines = [
         MARK,
         "",
@@ -310,8 +309,8 @@ def render(rows: list[Row], scale: Scale, tpm: int, per_request: int, argv: list
         f"{os.cpu_count()} cores: {scale.requests} distinct questions, {scale.concurrency} at a time, against the "
         f"chaos server in its own process as a provider with a quota of {scale.rpm} requests and {tpm} tokens per "
         f"{scale.window:g} s (sliding), 429 + Retry-After above it, and 5 % injected 500s ({per_request} tokens a "
-        "request). Quota-bound: the earliest a client that never exceeds the quota could finish (counting every request "
-        "the quota admitted, the 500s included).",
+        "request). Quota-bound: the earliest a client that never exceeds the quota could finish (counting every "
+        "request the quota admitted, the 500s included).",
         "",
         "| client | answered | wall s | quota-bound s | utilisation | requests sent | 429s | 5xx |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
