@@ -37,7 +37,8 @@ def build_pipeline(cls: Callable[..., P], source: Source, *, environment: bool =
     config = source if isinstance(source, StackConfig) else load_config(source, environment=environment)
     problems: Problems = []
     program = build_program(config.program, problems)
-    layers = [_layer(entry, f"layers[{index}]", problems) for index, entry in enumerate(config.layers)]
+    store = build_store(config.store, problems) if config.store is not None else None
+    layers = [_layer(entry, f"layers[{index}]", problems, store) for index, entry in enumerate(config.layers)]
     if problems:
         raise ConfigurationError(problems)
     try:
@@ -134,7 +135,26 @@ def _secret(spec: dict[str, Any], path: str, problems: Problems) -> str | None:
     return None
 
 
-def _layer(entry: dict[str, Any], path: str, problems: Problems) -> Any:
+def build_store(spec: dict[str, Any], problems: Problems) -> Any:
+    """The ``[store]`` table's store (``kind`` defaults to ``RedisStore``), one object for every layer; its URL may
+    come from the environment (``url_env``), as it may hold a password."""
+    options = {key: value for key, value in spec.items() if key not in ("kind", "url_env")}
+    variable = spec.get("url_env")
+    if variable is not None:
+        url = os.environ.get(str(variable))
+        if not url:
+            problems.append(("store.url_env", f"the environment variable {variable!r} is not set"))
+            return None
+        options["url"] = url
+    try:
+        cls = resolve_kind(str(spec.get("kind", "RedisStore")))
+    except ValueError as error:
+        problems.append(("store.kind", str(error)))
+        return None
+    return _construct(cls, options, "store", problems)
+
+
+def _layer(entry: dict[str, Any], path: str, problems: Problems, store: Any = None) -> Any:
     kind = entry.get("layer")
     if not isinstance(kind, str):
         problems.append((f"{path}.layer", 'names the layer\'s kind, e.g. layer = "Timeout" or "pkg.mod:MyLayer"'))
@@ -146,6 +166,9 @@ def _layer(entry: dict[str, Any], path: str, problems: Problems) -> Any:
         return None
     described = isinstance(entry.get("options"), dict)
     options = dict(entry["options"]) if described else {k: v for k, v in entry.items() if k != "layer"}
+    own = options.get("store")
+    if store is not None and "store" in _annotations(cls) and not (isinstance(own, dict) and "kind" in own):
+        options["store"] = store  # the [store] table: one store for every layer that keeps shared state
     return _construct(cls, options, path, problems, lenient=described)
 
 

@@ -49,6 +49,7 @@ BUILTIN_KINDS: dict[str, str] = {
     "FaultInjectingLM": "resilient_dspy.testing:FaultInjectingLM",
     "by_model": "resilient_dspy:by_model",
     "by_partition_key": "resilient_dspy:by_partition_key",
+    "RedisStore": "resilient_dspy.store:RedisStore",
 }
 """Kind name -> ``module:attr``; any other kind is read as an import path itself."""
 

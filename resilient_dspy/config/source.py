@@ -30,6 +30,10 @@ class StackConfig(BaseModel):
     name: str | None = None
     program: dict[str, Any] = Field(description="signature= or module= (and load=), with an optional lm table.")
     layers: list[dict[str, Any]] = Field(default_factory=list, description="Each: layer = kind, then its options.")
+    store: dict[str, Any] | None = Field(
+        default=None,
+        description="The shared state store of every layer that takes store= (kind = 'RedisStore', url_env = ...).",
+    )
 
 
 class _Environment(BaseSettings):
@@ -40,6 +44,7 @@ class _Environment(BaseSettings):
     name: str | None = None
     program: dict[str, Any] = Field(default_factory=dict)
     layers: dict[str, Any] = Field(default_factory=dict)
+    store: dict[str, Any] = Field(default_factory=dict)
 
 
 def load_config(source: Source, *, environment: bool = True) -> StackConfig:
@@ -144,6 +149,8 @@ def _with_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
                 )
             listed[position] = _merge(listed[position], _parsed(patch))
         merged["layers"] = listed
+    if overrides.get("store"):
+        merged["store"] = _merge(dict(merged.get("store") or {}), _parsed(overrides["store"]))
     return merged
 
 
