@@ -21,12 +21,15 @@ from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
 from resilient_dspy.middleware.cache import CacheOptions
 from resilient_dspy.middleware.cache.backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends.redis_backend import RedisBackendOptions
 from resilient_dspy.middleware.chaos import ChaosOptions
 from resilient_dspy.middleware.fallback import FallbackOptions, Static
 from resilient_dspy.middleware.guard import GuardOptions, InputRules
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiterOptions
 from resilient_dspy.middleware.retry import RetryBudget, RetryOptions
 from resilient_dspy.middleware.timeout import TimeoutOptions
+from resilient_dspy.store.link import StoreOptions
+from resilient_dspy.store.redis import RedisStoreOptions
 from resilient_dspy.testing.chaos_server import Quota
 from resilient_dspy.testing.fault_lm import FaultProfile
 
@@ -71,6 +74,9 @@ NO_TUPLE_FIELDS = {
     BulkheadOptions,
     PartitionOptions,
     Quota,
+    RedisBackendOptions,
+    RedisStoreOptions,
+    StoreOptions,
 }
 
 

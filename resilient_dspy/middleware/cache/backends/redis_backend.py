@@ -55,7 +55,8 @@ return {value, redis.call('PTTL', KEYS[1])}
 """
 
 # KEYS: entry, index, lease. ARGV: value, ttl ms (0: none), digest, max entries (0: none), token ('' none),
-# entry key prefix, no-expiry ms. Stores, trims the namespace to its limit (soonest expiry first), ends the lease if it is ours.
+# entry key prefix, no-expiry ms. Stores, trims the namespace to its limit (soonest expiry first), ends the lease
+# if it is ours.
 _STORE = """
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl) else redis.call('SET', KEYS[1], ARGV[1]) end
@@ -206,9 +207,7 @@ class RedisBackend:
         anchor = key_of("cache", f"{{{namespace or ''}}}", "index")
         cursor, removed = b"0", 0
         while True:
-            step = await self.store.run(
-                _CLEAR_STEP, [anchor], [cursor, match, _CLEAR_BATCH], operation="cache clear"
-            )
+            step = await self.store.run(_CLEAR_STEP, [anchor], [cursor, match, _CLEAR_BATCH], operation="cache clear")
             cursor, removed = step[0], removed + int(step[1])
             if cursor in (b"0", "0", 0):
                 return removed
