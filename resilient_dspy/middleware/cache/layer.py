@@ -148,7 +148,11 @@ class Cache(Layer):
         calls = self._calls
         stores = "inline" if calls.nowait is not None or not calls.blocking else "background"
         program = None if self._pipeline is None else self._pipeline.target.name
-        return {"backend": repr(self.backend), "stores": stores, "program": program}
+        state = {"backend": repr(self.backend), "stores": stores, "program": program}
+        describe = getattr(self.backend, "describe", None)
+        if callable(describe):  # a shared backend says which store it is on (never a secret)
+            state["backend_state"] = describe()
+        return state
 
     # ---------------------------------------------------------------- keys and invalidation
 
