@@ -4,8 +4,12 @@ limits, invalidation, single-flight across processes with leases, and failing op
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -307,3 +311,57 @@ async def test_a_hanging_server_costs_a_call_at_most_its_read_share() -> None:
         await store.aclose()
         server.close()
         await server.wait_closed()
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+
+WORKERS = 4
+QUESTIONS = 20
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_four_processes_asking_the_same_twenty_questions_at_once_make_twenty_requests(
+    redis_url: str, redis_store: RedisStore
+) -> None:
+    from resilient_dspy.testing.chaos_server import ChaosServer
+
+    root = ROOT
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    async with ChaosServer(profile={"latency": (0.5, 0.5)}, max_hang=5.0) as server:
+        processes = []
+        try:
+            for _ in range(WORKERS):
+                processes.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "tests.middleware.cache_worker",
+                        redis_url,
+                        redis_store.options.prefix,
+                        server.api_base,
+                        str(QUESTIONS),
+                        cwd=root,
+                        env=env,
+                        stdin=asyncio.subprocess.PIPE,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                    )
+                )
+            for process in processes:  # each has built its pipeline and warmed its connections
+                assert process.stdout is not None
+                ready = await asyncio.wait_for(process.stdout.readline(), 120.0)
+                assert ready.strip() == b"ready", ready
+            outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate(b"go\n") for p in processes)), 60.0)
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        reports = []
+        for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+            assert process.returncode == 0, stderr.decode()[-2000:]
+            reports.append(json.loads(stdout.decode().strip().splitlines()[-1]))
+        assert all(report["answers"] == QUESTIONS for report in reports), reports
+        assert server.requests == QUESTIONS, reports  # not 80: one request per question, cluster-wide
+        assert sum(report["misses"] for report in reports) == QUESTIONS
+        assert sum(report["coalesced"] + report["hits"] for report in reports) == QUESTIONS * (WORKERS - 1)
