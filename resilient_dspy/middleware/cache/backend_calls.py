@@ -4,7 +4,9 @@ A backend with the synchronous ``get_nowait``/``set_nowait`` pair is called inli
 is awaited as it is. A blocking backend's read runs under a deadline (``backend_timeout``, and at most a tenth of
 the call's remaining time); its store runs in a background task bounded by ``backend_timeout``, kept referenced,
 and at most ``max_pending_stores`` at once (beyond that an answer is not stored). A failure is counted, emitted
-(:class:`CacheBackendFailed`) and logged; a timeout is logged as a warning once per outage of that operation.
+(:class:`CacheBackendFailed`) and logged; a timeout is logged as a warning once per outage of that operation, and
+so is a shared store's outage (through its :class:`~resilient_dspy.store.link.StoreLink`: ``StoreUnavailable`` once,
+``StoreRecovered`` when it answers again). A leasing backend's lookups and lease releases are bounded the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from resilient_dspy.middleware.cache.backends.protocol import NowaitBackend, is_nowait
 from resilient_dspy.middleware.cache.backends.redis_backend import Claim
 from resilient_dspy.middleware.cache.events import CacheBackendFailed, CacheNotStored, CacheStored, Counters
+from resilient_dspy.store.link import StoreLink
+from resilient_dspy.store.protocol import StateStore, StoreUnavailableError
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call
@@ -53,6 +57,7 @@ class BackendCalls:
         "backend",
         "blocking",
         "leasing",
+        "link",
         "max_value_bytes",
         "nowait",
         "options",
@@ -73,6 +78,9 @@ class BackendCalls:
         """It leases missed keys (:class:`RedisBackend`): single-flight reaches across processes."""
         self.max_value_bytes: int | None = getattr(self.backend, "max_value_bytes", None)
         """A larger answer is not stored (the backend's own limit)."""
+        store = getattr(self.backend, "store", None)
+        self.link = StoreLink(owner, store, "local") if isinstance(store, StateStore) else None
+        """The backend's shared store: an outage is reported once (StoreUnavailable, StoreRecovered), never per call."""
         self._tasks: dict[asyncio.Task[None], str] = {}  # background stores of a blocking backend, by key
         self._pending: dict[str, _PendingStore] = {}  # the latest pending store of each key
         self._timing_out: set[str] = set()  # operations whose last attempt timed out (logged once until they answer)
@@ -146,6 +154,9 @@ class BackendCalls:
                 return None
             if self._timing_out:
                 self._answered(operation)
+            link = self.link
+            if link is not None and link.down_since is not None:
+                link.recovered(call)
             return result
         except Exception as error:
             self._failed(call, operation, key, error, timed_out=False)
@@ -218,6 +229,9 @@ class BackendCalls:
                     return
                 if self._timing_out:
                     self._answered("set")
+                link = self.link
+                if link is not None and link.down_since is not None:
+                    link.recovered(call)
         except Exception as error:
             self._failed(call, "set", key, error, timed_out=False)
             return
@@ -284,6 +298,9 @@ class BackendCalls:
                 budget,
                 key,
             )
+        elif isinstance(error, StoreUnavailableError) and self.link is not None:
+            self.link.failed(call, error)  # a store outage: StoreUnavailable and a warning once, not once per call
+            logger.debug("%s: backend %s failed for %s (%s); going on without it", name, operation, key, error)
         else:
             logger.warning("%s: backend %s failed for %s (%r); going on without it", name, operation, key, error)
         self._owner.emit(call, CacheBackendFailed, key=key, operation=operation, error=error, timed_out=timed_out)

@@ -141,6 +141,9 @@ class Cache(Layer):
             "saved_tokens": stats.saved_tokens,
             "saved_cost": stats.saved_cost,
         }
+        link = self._calls.link
+        if link is not None:
+            details.update(link.health_details())
         return LayerHealth(self.name, "degraded" if stats.errors else "ok", details)
 
     def describe_state(self) -> dict[str, Any]:

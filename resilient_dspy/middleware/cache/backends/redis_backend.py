@@ -64,10 +64,10 @@ local limit = tonumber(ARGV[4])
 local evicted = 0
 if limit > 0 then
   local t = redis.call('TIME')
-  local now = t[1] * 1000 + math.floor(t[2] / 1000)
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.0f', now))
+  local now = t[1] * 1000 + t[2] / 1000
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%.3f', now))
   local expiry = now + (ttl > 0 and ttl or tonumber(ARGV[7]))
-  redis.call('ZADD', KEYS[2], string.format('%.0f', expiry), ARGV[3])
+  redis.call('ZADD', KEYS[2], string.format('%.3f', expiry), ARGV[3])
   local over = redis.call('ZCARD', KEYS[2]) - limit
   if over > 0 then
     local popped = redis.call('ZPOPMIN', KEYS[2], over)
