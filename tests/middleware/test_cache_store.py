@@ -176,6 +176,35 @@ async def test_concurrent_identical_misses_in_two_processes_make_one_call_and_ar
     assert follower_cache.snapshot().coalesced == 1
 
 
+async def test_a_waiter_polls_on_a_computed_schedule_not_in_a_busy_loop(store: RedisStore, peer: RedisStore) -> None:
+    slow = Program(latency=1.0)
+    leader, leader_cache = build(peer, slow)
+    follower_program = Program()
+    follower, cache = build(store, follower_program)
+    before = await lookups(peer)
+    leading = asyncio.create_task(leader("slow"))
+    await asyncio.sleep(0.05)  # the leader holds the lease
+    assert await follower("slow") == "answer to slow"
+    await leading
+    await leader_cache.drain()
+    polls = await lookups(peer) - before - 2  # less the leader's lookup and store
+    assert (slow.calls, follower_program.calls, cache.snapshot().coalesced) == (1, 0, 1)
+    assert 3 <= polls <= 40  # about 25 looks in a second (5 ms growing to 100 ms apart), not thousands
+
+
+async def lookups(store: RedisStore) -> int:
+    """Scripts clients have run on the server so far."""
+    return int((await store.client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_without_single_flight_a_redis_cache_takes_no_lease(store: RedisStore, peer: RedisStore) -> None:
+    program = Program(latency=0.3)
+    first, _ = build(store, program, single_flight=False)
+    second, _ = build(peer, program, single_flight=False)
+    await asyncio.gather(first("q"), second("q"))
+    assert program.calls == 2  # both ran: nothing waited on the other
+
+
 async def test_a_crashed_leaders_lease_expires_and_one_waiter_takes_over(store: RedisStore, peer: RedisStore) -> None:
     program = Program()
     crashed = RedisBackend(peer)
