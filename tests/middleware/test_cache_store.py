@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from resilient_dspy import Cache, CircuitBreaker, Pipeline, Timeout
+from resilient_dspy import Bulkhead, Cache, CircuitBreaker, Pipeline, Timeout
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import CacheNotStored, Event
 from resilient_dspy.middleware.cache.backends import MemoryBackend, RedisBackend, TieredBackend
@@ -203,6 +203,24 @@ async def test_without_single_flight_a_redis_cache_takes_no_lease(store: RedisSt
     second, _ = build(peer, program, single_flight=False)
     await asyncio.gather(first("q"), second("q"))
     assert program.calls == 2  # both ran: nothing waited on the other
+
+
+async def test_a_waiter_lends_its_bulkhead_slot_while_another_process_leads(
+    store: RedisStore, peer: RedisStore
+) -> None:
+    slow = Program(latency=0.6)
+    leader, _ = build(peer, slow)
+    program = Program()
+    pipeline, _ = build(store, program, Bulkhead(1))
+    leading = asyncio.create_task(leader("shared"))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(pipeline("shared"))  # holds the one slot, then waits on the other process
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    assert await pipeline("unrelated") == "answer to unrelated"  # not stuck behind the waiter
+    assert time.monotonic() - started < 0.3
+    assert await waiting == "answer to shared" and program.calls == 1
+    await leading
 
 
 async def test_a_crashed_leaders_lease_expires_and_one_waiter_takes_over(store: RedisStore, peer: RedisStore) -> None:
