@@ -348,11 +348,12 @@ class Cache(Layer):
                 self._flights.end(key, flight)
 
     def _storable(self, call: Call, key: str, answer: Answer) -> bytes | None:
-        """The bytes to store, or None (and a CacheNotStored event) for a fallback's or an unencodable answer."""
+        """The bytes to store, or None (and a CacheNotStored event) for a fallback's, an unencodable or a too large
+        answer (over the backend's ``max_value_bytes``)."""
         data = answer.data
         reason = "fallback" if answer.fallback else "unencodable" if data is None else None
         limit = self._calls.max_value_bytes
-        if reason is None and limit is not None and len(data) > limit:  # type: ignore[arg-type]
+        if reason is None and limit is not None and data is not None and len(data) > limit:
             reason = "too_large"
         if reason is None:
             return data
