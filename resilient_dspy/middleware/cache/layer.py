@@ -5,7 +5,8 @@ The key is ``"<namespace>:<sha256>"`` of what the program is made of (its target
 program class or function name), the LM in effect (model, endpoint, sampling kwargs — never secrets), the adapter
 and the inputs (:mod:`~resilient_dspy.middleware.cache.keys`). A miss runs the layers below inside a usage scope
 and stores the answer with its LM usage (:mod:`~resilient_dspy.middleware.cache.answers`); errors and fallback
-answers are never stored. Identical misses in flight share one call (:mod:`~resilient_dspy.middleware.cache.flight`).
+answers are never stored. Identical misses in flight share one call (:mod:`~resilient_dspy.middleware.cache.flight`),
+across processes on a leasing backend (:mod:`~resilient_dspy.middleware.cache.shared_flight`).
 A broken or slow backend fails open: the call goes through, the failure is logged; every backend wait is clamped
 to the call's remaining time, and a blocking backend's store runs in the background
 (:mod:`~resilient_dspy.middleware.cache.backend_calls`; see :meth:`Cache.drain`).
