@@ -21,6 +21,7 @@ from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
 from resilient_dspy.middleware.cache import CacheOptions
 from resilient_dspy.middleware.cache.backends import MemoryBackend
+from resilient_dspy.middleware.cache.backends.redis_backend import RedisBackendOptions
 from resilient_dspy.middleware.chaos import ChaosOptions
 from resilient_dspy.middleware.fallback import FallbackOptions, Static
 from resilient_dspy.middleware.guard import GuardOptions, InputRules
@@ -73,8 +74,9 @@ NO_TUPLE_FIELDS = {
     BulkheadOptions,
     PartitionOptions,
     Quota,
-    StoreOptions,
+    RedisBackendOptions,
     RedisStoreOptions,
+    StoreOptions,
 }
 
 

@@ -4,19 +4,24 @@ A backend with the synchronous ``get_nowait``/``set_nowait`` pair is called inli
 is awaited as it is. A blocking backend's read runs under a deadline (``backend_timeout``, and at most a tenth of
 the call's remaining time); its store runs in a background task bounded by ``backend_timeout``, kept referenced,
 and at most ``max_pending_stores`` at once (beyond that an answer is not stored). A failure is counted, emitted
-(:class:`CacheBackendFailed`) and logged; a timeout is logged as a warning once per outage of that operation.
+(:class:`CacheBackendFailed`) and logged; a timeout is logged as a warning once per outage of that operation, and
+so is a shared store's outage (through its :class:`~resilient_dspy.store.link.StoreLink`: ``StoreUnavailable`` once,
+``StoreRecovered`` when it answers again). A leasing backend's lookups and lease releases are bounded the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from resilient_dspy.middleware.cache.backends.protocol import NowaitBackend, is_nowait
+from resilient_dspy.middleware.cache.backends.redis_backend import Claim
 from resilient_dspy.middleware.cache.events import CacheBackendFailed, CacheNotStored, CacheStored, Counters
+from resilient_dspy.store.link import StoreLink
+from resilient_dspy.store.protocol import StateStore, StoreUnavailableError
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call
@@ -51,6 +56,9 @@ class BackendCalls:
         "_timing_out",
         "backend",
         "blocking",
+        "leasing",
+        "link",
+        "max_value_bytes",
         "nowait",
         "options",
     )
@@ -64,6 +72,15 @@ class BackendCalls:
         """Its calls may wait on I/O: bounded by ``backend_timeout``, stores in the background."""
         self.nowait: NowaitBackend | None = self.backend if is_nowait(self.backend) else None
         """The backend, when it has the synchronous pair: called inline, never awaited."""
+        self.leasing = self.blocking and all(
+            callable(getattr(self.backend, name, None)) for name in ("lookup", "set_leased", "release")
+        )
+        """It leases missed keys (:class:`RedisBackend`): single-flight reaches across processes."""
+        self.max_value_bytes: int | None = getattr(self.backend, "max_value_bytes", None)
+        """A larger answer is not stored (the backend's own limit)."""
+        store = getattr(self.backend, "store", None)
+        self.link = StoreLink(owner, store, "local") if isinstance(store, StateStore) else None
+        """The backend's shared store: an outage is reported once (StoreUnavailable, StoreRecovered), never per call."""
         self._tasks: dict[asyncio.Task[None], str] = {}  # background stores of a blocking backend, by key
         self._pending: dict[str, _PendingStore] = {}  # the latest pending store of each key
         self._timing_out: set[str] = set()  # operations whose last attempt timed out (logged once until they answer)
@@ -87,15 +104,39 @@ class BackendCalls:
         """The stored bytes of ``key`` (a pending store's first), or None when absent, failed or out of time; the
         caller's cancellation propagates."""
         backend = self.backend
-        try:
-            if not self.blocking:
+        if not self.blocking:
+            try:
                 return await backend.get(key)  # type: ignore[no-any-return]
+            except Exception as error:
+                self._failed(call, "get", key, error, timed_out=False)
+                return None
+        if self._pending:
+            pending = self._pending_data(call, key)
+            if pending is not None:
+                return pending
+        return await self._bounded(call, key, "get", lambda: backend.get(key))  # type: ignore[no-any-return]
+
+    async def claim(self, call: Call, key: str, lease: float) -> Claim | None:
+        """A leasing backend's lookup (:meth:`RedisBackend.lookup`) under the same bounds as :meth:`read`: the entry,
+        this call's lease for ``lease`` seconds, or another's lease; None when it failed or is out of time."""
+        if self._pending:
+            pending = self._pending_data(call, key)
+            if pending is not None:
+                return Claim(pending)
+        backend = self.backend
+        return await self._bounded(call, key, "get", lambda: backend.lookup(key, lease))  # type: ignore[no-any-return]
+
+    def _pending_data(self, call: Call, key: str) -> bytes | None:
+        pending = self._pending.get(key)
+        if pending is not None and (pending.expires_at is None or call.clock.now() < pending.expires_at):
+            return pending.data
+        return None
+
+    async def _bounded(self, call: Call, key: str, operation: str, start: Callable[[], Awaitable[Any]]) -> Any:
+        """``start()`` awaited within ``backend_timeout`` and a tenth of the call's remaining time; None on failure."""
+        try:
             clock = call.clock
             now = clock.now()
-            if self._pending:
-                pending = self._pending.get(key)
-                if pending is not None and (pending.expires_at is None or now < pending.expires_at):
-                    return pending.data
             budget = self.options.backend_timeout
             deadline = call.deadline
             if deadline is not None:  # leave the program most of the time left
@@ -105,17 +146,20 @@ class BackendCalls:
             scope = clock.deadline(now + budget)
             try:
                 async with scope:
-                    data: bytes | None = await backend.get(key)
+                    result = await start()
             except TimeoutError as error:
                 if not scope.expired():
                     raise
-                self._failed(call, "get", key, error, timed_out=True, budget=budget)
+                self._failed(call, operation, key, error, timed_out=True, budget=budget)
                 return None
             if self._timing_out:
-                self._answered("get")
-            return data
+                self._answered(operation)
+            link = self.link
+            if link is not None and link.down_since is not None:
+                link.recovered(call)
+            return result
         except Exception as error:
-            self._failed(call, "get", key, error, timed_out=False)
+            self._failed(call, operation, key, error, timed_out=False)
             return None
 
     # ---------------------------------------------------------------- stores
@@ -128,10 +172,13 @@ class BackendCalls:
             return
         self._stored(call, key, data)
 
-    def store_later(self, call: Call, key: str, data: bytes) -> None:
-        """Store in a background task, kept referenced and bounded; when ``max_pending_stores`` are running, skip."""
+    def store_later(self, call: Call, key: str, data: bytes, lease: str | None = None) -> None:
+        """Store in a background task, kept referenced and bounded; when ``max_pending_stores`` are running, skip
+        (ending the call's ``lease`` all the same)."""
         tasks = self._tasks
         if len(tasks) >= self.options.max_pending_stores:
+            if lease is not None:
+                self.release_later(call, key, lease)
             self._count.skipped_stores += 1
             if not self._backlogged:
                 self._backlogged = True
@@ -145,7 +192,7 @@ class BackendCalls:
         ttl = self.options.ttl
         pending = _PendingStore(data, None if ttl is None else call.clock.now() + ttl)
         self._pending[key] = pending
-        task = asyncio.get_running_loop().create_task(self.store(call, key, data))
+        task = asyncio.get_running_loop().create_task(self.store(call, key, data, lease))
         tasks[task] = key
 
         def forget(task: asyncio.Task[None]) -> None:
@@ -157,8 +204,9 @@ class BackendCalls:
 
         task.add_done_callback(forget)
 
-    async def store(self, call: Call, key: str, data: bytes) -> None:
-        """Set ``key`` to ``data`` (under ``backend_timeout`` on a blocking backend); a failure is reported."""
+    async def store(self, call: Call, key: str, data: bytes, lease: str | None = None) -> None:
+        """Set ``key`` to ``data`` (under ``backend_timeout`` on a blocking backend), ending ``lease`` (a leasing
+        backend's) in the same step; a failure is reported."""
         ttl = self.options.ttl
         backend = self.backend
         try:
@@ -170,7 +218,10 @@ class BackendCalls:
                 scope = clock.deadline(clock.now() + budget)
                 try:
                     async with scope:
-                        await backend.set(key, data, ttl)
+                        if lease is None:
+                            await backend.set(key, data, ttl)
+                        else:
+                            await backend.set_leased(key, data, ttl, lease)
                 except TimeoutError as error:
                     if not scope.expired():
                         raise
@@ -178,10 +229,30 @@ class BackendCalls:
                     return
                 if self._timing_out:
                     self._answered("set")
+                link = self.link
+                if link is not None and link.down_since is not None:
+                    link.recovered(call)
         except Exception as error:
             self._failed(call, "set", key, error, timed_out=False)
             return
         self._stored(call, key, data)
+
+    def release_later(self, call: Call, key: str, lease: str) -> None:
+        """End ``lease`` in a background task (kept referenced, bounded by ``backend_timeout``): the call holding it
+        failed, was cancelled or stores nothing, so another process's waiter may lead at once."""
+        tasks = self._tasks
+        task = asyncio.get_running_loop().create_task(self._release(call, key, lease))
+        tasks[task] = key
+        task.add_done_callback(tasks.__delitem__)
+
+    async def _release(self, call: Call, key: str, lease: str) -> None:
+        clock = call.clock
+        budget = self.options.backend_timeout
+        try:
+            async with clock.deadline(clock.now() + budget):
+                await self.backend.release(key, lease)
+        except Exception as error:  # the lease then expires on its own
+            self._failed(call, "release", key, error, timed_out=isinstance(error, TimeoutError), budget=budget)
 
     async def settle(self, doomed: Callable[[str], bool]) -> None:
         """Wait for the pending stores of the keys ``doomed`` selects, so none lands after an invalidation."""
@@ -227,6 +298,9 @@ class BackendCalls:
                 budget,
                 key,
             )
+        elif isinstance(error, StoreUnavailableError) and self.link is not None:
+            self.link.failed(call, error)  # a store outage: StoreUnavailable and a warning once, not once per call
+            logger.debug("%s: backend %s failed for %s (%s); going on without it", name, operation, key, error)
         else:
             logger.warning("%s: backend %s failed for %s (%r); going on without it", name, operation, key, error)
         self._owner.emit(call, CacheBackendFailed, key=key, operation=operation, error=error, timed_out=timed_out)

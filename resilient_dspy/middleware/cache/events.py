@@ -111,7 +111,8 @@ class CacheStored(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheNotStored(Event):
-    """A successful answer was not stored: ``reason`` is ``"fallback"``, ``"unencodable"`` or ``"backlog"``."""
+    """A successful answer was not stored: ``reason`` is ``"fallback"``, ``"unencodable"``, ``"backlog"`` or
+    ``"too_large"`` (over the backend's ``max_value_bytes``)."""
 
     key: str
     reason: str

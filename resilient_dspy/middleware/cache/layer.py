@@ -5,7 +5,8 @@ The key is ``"<namespace>:<sha256>"`` of what the program is made of (its target
 program class or function name), the LM in effect (model, endpoint, sampling kwargs — never secrets), the adapter
 and the inputs (:mod:`~resilient_dspy.middleware.cache.keys`). A miss runs the layers below inside a usage scope
 and stores the answer with its LM usage (:mod:`~resilient_dspy.middleware.cache.answers`); errors and fallback
-answers are never stored. Identical misses in flight share one call (:mod:`~resilient_dspy.middleware.cache.flight`).
+answers are never stored. Identical misses in flight share one call (:mod:`~resilient_dspy.middleware.cache.flight`),
+across processes on a leasing backend (:mod:`~resilient_dspy.middleware.cache.shared_flight`).
 A broken or slow backend fails open: the call goes through, the failure is logged; every backend wait is clamped
 to the call's remaining time, and a blocking backend's store runs in the background
 (:mod:`~resilient_dspy.middleware.cache.backend_calls`; see :meth:`Cache.drain`).
@@ -43,6 +44,7 @@ from resilient_dspy.middleware.cache.flight import RETRY, Answer, Flights, fail,
 from resilient_dspy.middleware.cache.keys import CacheKeyFunction, KeyBuilder, _custom_key
 from resilient_dspy.middleware.cache.options import _NAMESPACE, CacheOptions, CachePriceFunction
 from resilient_dspy.middleware.cache.serializer import CachedEntry
+from resilient_dspy.middleware.cache.shared_flight import settle
 
 __all__ = [
     "Cache",
@@ -83,6 +85,8 @@ class Cache(Layer):
         self._answers = Answers(self, self._count, self.options.types, self.options.price)
         self._serializer = self._answers.serializer
         self._flights = Flights()
+        self._shared = self.options.single_flight and self._calls.leasing
+        """Single-flight reaches across processes through the backend's leases."""
         self._pipeline: Pipeline | None = None
         self._keys: KeyBuilder | None = None
 
@@ -138,6 +142,9 @@ class Cache(Layer):
             "saved_tokens": stats.saved_tokens,
             "saved_cost": stats.saved_cost,
         }
+        link = self._calls.link
+        if link is not None:
+            details.update(link.health_details())
         return LayerHealth(self.name, "degraded" if stats.errors else "ok", details)
 
     def describe_state(self) -> dict[str, Any]:
@@ -145,7 +152,11 @@ class Cache(Layer):
         calls = self._calls
         stores = "inline" if calls.nowait is not None or not calls.blocking else "background"
         program = None if self._pipeline is None else self._pipeline.target.name
-        return {"backend": repr(self.backend), "stores": stores, "program": program}
+        state = {"backend": repr(self.backend), "stores": stores, "program": program}
+        describe = getattr(self.backend, "describe", None)
+        if callable(describe):  # a shared backend says which store it is on (never a secret)
+            state["backend_state"] = describe()
+        return state
 
     # ---------------------------------------------------------------- keys and invalidation
 
@@ -225,6 +236,8 @@ class Cache(Layer):
             if flight is None:
                 if nowait is not None:
                     data = calls.read_now(call, key, nowait)
+                elif self._shared:
+                    return await self._lead_shared(call, next, key)
                 else:
                     try:
                         data = await calls.read(call, key)
@@ -256,8 +269,38 @@ class Cache(Layer):
             if call.record.leases and leases_lent(call):
                 await reclaim_leases(call)  # the leader was cancelled: this call may lead next
 
-    async def _lead(self, call: Call, next: Handler, key: str, flight: asyncio.Future[Any] | None) -> Any:
-        """Run the call, hand the answer to the followers waiting on ``flight`` (if any), and store it."""
+    async def _lead_shared(self, call: Call, next: Handler, key: str) -> Any:
+        """Lead ``key`` in this process; on the store: a hit, a lease (then run and store), or another process's
+        answer waited for (:mod:`~resilient_dspy.middleware.cache.shared_flight`)."""
+        flights = self._flights
+        flight = flights.start(key)
+        backend = self.backend
+        try:
+            settled = await settle(self._calls, call, key, backend.lease_ttl, backend.max_wait)
+        except BaseException:  # cancelled while looking or waiting: a follower in this process may lead next
+            flight.set_result(RETRY)
+            flights.end(key, flight)
+            raise
+        data = settled.data
+        entry = None if data is None else self._answers.decode(key, data)
+        if entry is None:
+            self._missed(call, key, bypassed=False)
+            return await self._lead(call, next, key, flight, settled.lease)
+        flight.set_result(Answer(entry.value, data, call.record.served_by, entry.usage, entry.tokens, False))
+        flights.end(key, flight)
+        if not settled.waited:
+            return self._hit(call, key, entry)
+        self._count.coalesced += 1  # another process's call answered: no provider outcome here
+        self._answers.saved(entry.usage, entry.tokens)
+        if call.listening:
+            self.emit(call, CacheCoalesced, key=key, error=None, saved_tokens=entry.tokens, saved_usage=entry.usage)
+        return self._answers.served(entry.value, entry.usage)
+
+    async def _lead(
+        self, call: Call, next: Handler, key: str, flight: asyncio.Future[Any] | None, lease: str | None = None
+    ) -> Any:
+        """Run the call, hand the answer to the followers waiting on ``flight`` (if any), and store it (ending this
+        call's ``lease`` on a leasing backend)."""
         record = call.record
         served_by = record.served_by
         leading = None if flight is None else lead(flight)
@@ -272,10 +315,14 @@ class Cache(Layer):
             except Exception as error:
                 if flight is not None:
                     fail(flight, error)
+                if lease is not None:
+                    self._calls.release_later(call, key, lease)
                 raise
             except BaseException:
                 if flight is not None:
                     flight.set_result(RETRY)
+                if lease is not None:
+                    self._calls.release_later(call, key, lease)
                 raise
             attach_usage(value, scope)
             usage = scope.by_model()
@@ -285,25 +332,32 @@ class Cache(Layer):
             if flight is not None:
                 flight.set_result(answer)
             data = self._storable(call, key, answer)
+            calls = self._calls
             if data is not None:
-                calls = self._calls
                 nowait = calls.nowait
                 if nowait is not None:
                     calls.store_now(call, key, data, nowait)
                 elif calls.blocking:
-                    calls.store_later(call, key, data)  # never on the caller's critical path
+                    calls.store_later(call, key, data, lease)  # never on the caller's critical path
                 else:
                     await calls.store(call, key, data)
+            elif lease is not None:
+                calls.release_later(call, key, lease)
             return value
         finally:
             if flight is not None:
                 self._flights.end(key, flight)
 
     def _storable(self, call: Call, key: str, answer: Answer) -> bytes | None:
-        """The bytes to store, or None (and a CacheNotStored event) for a fallback's or an unencodable answer."""
-        reason = "fallback" if answer.fallback else "unencodable" if answer.data is None else None
+        """The bytes to store, or None (and a CacheNotStored event) for a fallback's, an unencodable or a too large
+        answer (over the backend's ``max_value_bytes``)."""
+        data = answer.data
+        reason = "fallback" if answer.fallback else "unencodable" if data is None else None
+        limit = self._calls.max_value_bytes
+        if reason is None and limit is not None and data is not None and len(data) > limit:
+            reason = "too_large"
         if reason is None:
-            return answer.data
+            return data
         self.emit(call, CacheNotStored, key=key, reason=reason)
         return None
 
