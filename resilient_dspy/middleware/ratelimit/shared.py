@@ -242,7 +242,6 @@ class SharedMeter:
         self._process = uuid.uuid4().hex[:12]
         options = getattr(link.store, "options", None)
         self.retry_interval = float(getattr(options, "retry_interval", 1.0))
-        self.last_wait: dict[Hashable, float] = {}
 
     def keys(self, key: Hashable) -> list[str]:
         """The key's hash, then one sorted set per limit (every limit gets one, so KEYS[1 + i] is limit i)."""
@@ -265,7 +264,7 @@ class SharedMeter:
                 refused = True
                 became_head = not give_up.reached(arrived) and await wait_until(clock, waiter.future, give_up.at)
                 if not became_head and queue[0] is not waiter:
-                    raise self._reject(call, key, give_up.reason, self.last_wait.get(key, 0.0), arrived)
+                    raise self._reject(call, key, give_up.reason, lane.told, arrived)
             while True:
                 now = clock.now()
                 args = [*self.spec, weight, ident, now - arrived, since, TURN_LEASE]
@@ -288,7 +287,7 @@ class SharedMeter:
                     holder = True
                     now = clock.now()
                     wake = now + float(wait)
-                    self.last_wait[key] = float(wait)
+                    lane.told = float(wait)
                 refused = True
                 if give_up.before(wake) or give_up.reached(now):
                     raise self._reject(call, key, give_up.reason, wake - now, arrived)
