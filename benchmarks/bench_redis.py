@@ -5,9 +5,10 @@ Run ``python benchmarks/bench_redis.py [--quick | --smoke] [--json out.json]`` (
 90 s). It uses ``RESILIENT_DSPY_REDIS_URL`` or starts ``redis-server`` on a free loopback port; with neither it
 prints that it skipped and exits 0. Two parts:
 
-- **overhead**: one caller, ``--calls`` sequential calls through ``Pipeline(noop, RateLimiter(requests=10**9))`` in
-  memory and on the RedisStore (same run, paired rounds); µs per call, and per call the round trips (EVALSHA calls
-  counted by the server's ``INFO commandstats``) and every command the server ran (the script's own included).
+- **overhead**: one caller, sequential calls through ``Pipeline(noop, RateLimiter(requests=10**9))`` in memory and
+  on the RedisStore, and a bare redis-py ``PING`` (the floor), in paired rounds of one run; µs per call, and per
+  call the round trips (EVALSHA calls counted by the server's ``INFO commandstats``) and every command the server
+  ran (the script's own included).
 - **quota**: the chaos server with ``Quota(requests_per_minute=600, window=60)`` (the window scaled by
   ``--scale`` for ours: 60 per 6 s by default, the same rate), 4 worker processes of 10 callers each looping for
   ``--windows`` windows. Ours: ``RateLimiter(requests=quota, per=window * 1.01, store=RedisStore)`` (1 % margin for
@@ -113,11 +114,18 @@ async def overhead(url: str, calls: int, rounds: int) -> dict[str, float]:
         )
         return trips, sum(int(value.get("calls", 0)) for value in stats.values())
 
-    results: dict[str, list[float]] = {"bare": [], "memory": [], "redis": []}
+    async def ping() -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            await admin.ping()
+        return (time.perf_counter() - started) / calls * 1e6
+
+    results: dict[str, list[float]] = {"bare": [], "memory": [], "redis": [], "ping": []}
     trips = commands = 0
     for _ in range(rounds):
         results["bare"].append(await per_call(bare))
         results["memory"].append(await per_call(memory))
+        results["ping"].append(await ping())
         trips_before, commands_before = await counted()
         results["redis"].append(await per_call(shared))
         trips_after, commands_after = await counted()
@@ -129,6 +137,7 @@ async def overhead(url: str, calls: int, rounds: int) -> dict[str, float]:
     return {
         "memory_us": med["memory"] - med["bare"],
         "redis_us": med["redis"] - med["bare"],
+        "ping_us": med["ping"],
         "round_trips_per_call": trips / (calls * rounds),
         "server_commands_per_call": commands / (calls * rounds),
     }
@@ -272,7 +281,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         calls, rounds = (50, 2) if args.smoke else (1000, 5) if args.quick else (2000, 9)
         result: dict[str, Any] = {"overhead": await overhead(url, calls, rounds)}
         o = result["overhead"]
-        print(f"overhead per call: in memory {o['memory_us']:.1f} µs, on Redis {o['redis_us']:.1f} µs, ", end="")
+        print(f"overhead per call: in memory {o['memory_us']:.1f} µs, on Redis {o['redis_us']:.1f} µs ", end="")
+        print(f"(a bare redis-py PING: {o['ping_us']:.1f} µs), ", end="")
         print(
             f"{o['round_trips_per_call']:.2f} round trips per call ({o['server_commands_per_call']:.1f} commands run ",
             end="",

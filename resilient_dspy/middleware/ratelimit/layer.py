@@ -6,7 +6,8 @@ admitted only when every limit has room for its weight (1 for requests, the toke
 queue in strict FIFO order per key: only the head may be admitted, so a large request is never overtaken. The
 head sleeps on the injected clock exactly until its admission time, and is woken early when a reconciliation
 refunds tokens. Token cost is estimated before the call and reconciled with the usage DSPy measured after it.
-No background task is involved.
+No background task is involved. With ``store=`` the limits are counted on a shared server instead, one atomic step
+per admission (:mod:`resilient_dspy.middleware.ratelimit.shared`), so every process shares them.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class RateLimiter(Layer):
         self._default = ProgramEstimate()
         self._clock: Clock | None = None
         self._shared: SharedMeter | None = None
-        if options.store is not None:  # decided once: the in-memory paths below never look at the store
+        if options.store is not None:  # decided here: in memory, the fast path never sees it, the others test None
             self._shared = SharedMeter(self, StoreLink(self, options.store, options.on_store_failure), self._limits)
             self._sole = None
 
