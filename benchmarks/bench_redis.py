@@ -198,11 +198,11 @@ async def run_quota(
 async def worker(options: argparse.Namespace) -> None:
     """One worker process: ``CALLERS`` callers loop for ``--seconds`` through ours or LiteLLM's Router."""
     refused = 0
-    if options.worker == "ours":
+    if options.worker.startswith("ours"):
         import aiohttp
 
         from resilient_dspy import Pipeline, RedisStore
-        from resilient_dspy.middleware.ratelimit import RateLimiter
+        from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
 
         store = RedisStore(options.redis, prefix=options.prefix, timeout=1.0)
         session = aiohttp.ClientSession()
@@ -213,7 +213,10 @@ async def worker(options: argparse.Namespace) -> None:
                 await response.read()
                 return response.status
 
-        limiter = RateLimiter(requests=options.quota, per=options.window * MARGIN, store=store, name="quota")
+        limits = [Limit.requests(options.quota, per=options.window * MARGIN)]
+        if options.worker == "ours-paced":  # the same rate, spread evenly: no burst at each window's start
+            limits.append(Limit.requests(options.quota, per=options.window, burst=max(1, options.quota // 10)))
+        limiter = RateLimiter(*limits, store=store, name="quota")
         pipeline = Pipeline(program, limiter)
 
         async def one(question: str) -> None:
@@ -264,7 +267,7 @@ async def worker(options: argparse.Namespace) -> None:
             step += 1
 
     await asyncio.gather(*(caller(i) for i in range(CALLERS)))
-    if options.worker == "ours":
+    if options.worker.startswith("ours"):
         await session.close()
         await store.aclose()
     print(json.dumps({"refused": refused}), flush=True)
@@ -297,7 +300,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             litellm_seconds = 60.0 if args.quick else 120.0
         ours_quota = 20 if args.smoke else max(1, round(QUOTA * args.scale))
         workers = 1 if args.smoke else WORKERS
-        runs = [await run_quota("ours", url, ours_window, windows, ours_quota, workers)]
+        runs = [
+            await run_quota(name, url, ours_window, windows, ours_quota, workers) for name in ("ours", "ours-paced")
+        ]
         runs.append(await run_quota("litellm", url, litellm_window, litellm_seconds / litellm_window, QUOTA, workers))
         result["quota"] = runs
         print("| limiter | quota | seconds | answered | got 429 | utilisation | refused by the client |")
@@ -316,7 +321,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scale", type=float, default=0.1, help="our quota window as a fraction of a minute")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--worker", choices=["ours", "litellm"])
+    parser.add_argument("--worker", choices=["ours", "ours-paced", "litellm"])
     parser.add_argument("--redis")
     parser.add_argument("--prefix")
     parser.add_argument("--target")

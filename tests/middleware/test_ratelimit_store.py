@@ -174,15 +174,15 @@ async def test_several_limits_are_checked_and_charged_together(redis_store: Redi
 
 
 async def test_a_bucket_limit_is_a_gcra_on_the_server(redis_store: RedisStore) -> None:
-    """4 per 0.4 s with a burst of 3: 3 at once, then one every 0.1 s."""
+    """4 per 0.8 s with a burst of 3: 3 at once, then one every 0.2 s, never early."""
     program = Stamps()
-    pipeline = Pipeline(program, RateLimiter(Limit.requests(4, 0.4, burst=3), store=redis_store))
+    pipeline = Pipeline(program, RateLimiter(Limit.requests(4, 0.8, burst=3), store=redis_store))
     start = now()
     await asyncio.gather(*(pipeline(question=str(i)) for i in range(6)))
     times = [t - start for t, _ in program.admitted]
-    assert max(times[:3]) < 0.08
-    for index, expected in ((3, 0.1), (4, 0.2), (5, 0.3)):
-        assert expected - GUARD <= times[index] < expected + 0.08
+    assert max(times[:3]) < 0.15
+    for index, expected in ((3, 0.2), (4, 0.4), (5, 0.6)):
+        assert expected - GUARD <= times[index] < expected + 0.15
 
 
 # ------------------------------------------------------------------------------------------- reconciliation
@@ -272,7 +272,7 @@ async def test_a_cancelled_head_hands_back_its_turn(redis_url: str) -> None:
         await head
     start = now()
     await a(question="small", tokens=40)
-    assert program.time_of("small") - start < 0.3  # the turn was handed back (its lease would run past 1.6 s)
+    assert program.time_of("small") - start < 0.8  # the turn was handed back (its lease would run past 1.6 s)
     assert not other_tasks()
     for store in (store_a, store_b):
         await store.aclose()
