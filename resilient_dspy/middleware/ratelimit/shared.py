@@ -237,16 +237,17 @@ class SharedMeter:
         for limit in limits:
             letter = "r" if limit.unit == "requests" else "t"
             self.spec += [letter if limit.burst is None else letter.upper(), limit.amount, limit.per, limit.burst or 0]
-        self.windows = [limit.burst is None for limit in limits]
+        self.count = len(limits)
         self._ids = itertools.count()
         self._process = uuid.uuid4().hex[:12]
         options = getattr(link.store, "options", None)
         self.retry_interval = float(getattr(options, "retry_interval", 1.0))
 
     def keys(self, key: Hashable) -> list[str]:
-        """The key's hash, then one sorted set per limit (every limit gets one, so KEYS[1 + i] is limit i)."""
-        base = self.link.store.key("ratelimit", self.layer.name, "" if key is None else str(key))
-        return [base, *(f"{base}:{index}" for index in range(len(self.windows)))]
+        """The key's hash, then one sorted set per limit (every limit gets one, so KEYS[1 + i] is limit i); the hash
+        tag ``{...}`` puts them in one Redis Cluster slot, as one script must."""
+        base = "{" + self.link.store.key("ratelimit", self.layer.name, "" if key is None else str(key)) + "}"
+        return [base, *(f"{base}:{index}" for index in range(self.count))]
 
     async def admit(self, call: Call, lane: _Lane, key: Hashable, tokens: int | None, arrived: float) -> Admission:
         """Queue in FIFO order; as the head, ask the server (or the local meters in an outage) until admitted."""
