@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_dspy import Pipeline, RateLimitedError
+from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter, RateLimitRejected, RateLimitWaited
 from resilient_dspy.store import RedisStore, StoreRecovered, StoreUnavailable
@@ -443,3 +444,8 @@ async def test_four_processes_never_exceed_the_shared_limit_in_the_servers_journ
     most = max(sum(1 for t in times[i:] if t < start + period) for i, start in enumerate(times))
     assert most <= amount
     assert times[-1] - times[0] < 1000 / amount * (period + margin) + 2.0  # bounded, and the quota was kept busy
+
+
+def test_a_bad_failure_mode_is_named() -> None:
+    with pytest.raises(ConfigurationError, match=r"RateLimiter\.on_store_failure"):
+        RateLimiter(requests=5, store=RedisStore("redis://127.0.0.1:1/0"), on_store_failure="ignore")  # type: ignore[arg-type]
