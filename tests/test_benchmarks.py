@@ -53,4 +53,5 @@ def test_every_script_is_covered() -> None:
         "bench_limiter.py",
         "bench_cache.py",
         "bench_redis_cache.py",
+        "bench_redis.py",
     }

@@ -830,6 +830,8 @@ def test_describe_gives_the_name_and_every_option_with_the_shortcuts_folded_into
             "counts_from": "answer",
             "estimate_tokens": None,
             "name": None,
+            "store": None,
+            "on_store_failure": "local",
         },
     }
 

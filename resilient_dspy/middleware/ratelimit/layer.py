@@ -6,7 +6,8 @@ admitted only when every limit has room for its weight (1 for requests, the toke
 queue in strict FIFO order per key: only the head may be admitted, so a large request is never overtaken. The
 head sleeps on the injected clock exactly until its admission time, and is woken early when a reconciliation
 refunds tokens. Token cost is estimated before the call and reconciled with the usage DSPy measured after it.
-No background task is involved.
+No background task is involved. With ``store=`` the limits are counted on a shared server instead, one atomic step
+per admission (:mod:`resilient_dspy.middleware.ratelimit.shared`), so every process shares them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from resilient_dspy.binding.estimate import DEFAULT_MAX_TOKENS, ProgramEstimate
 from resilient_dspy.binding.usage import UsageScope, attach_usage, usage_scope
-from resilient_dspy.core.health import LayerHealth, key_name
+from resilient_dspy.core.health import LayerHealth, Status, key_name
 from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import innermost_program
@@ -35,11 +36,14 @@ from resilient_dspy.middleware.ratelimit.events import (
 )
 from resilient_dspy.middleware.ratelimit.options import Limit, RateLimiterOptions
 from resilient_dspy.middleware.ratelimit.queue import _Lane, _Waiter
+from resilient_dspy.middleware.ratelimit.shared import SharedMeter
+from resilient_dspy.store.link import StoreLink
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler
     from resilient_dspy.core.clock import Clock
     from resilient_dspy.core.pipeline import Pipeline
+    from resilient_dspy.store.protocol import FailMode, StateStore
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -67,12 +71,19 @@ class RateLimiter(Layer):
         max_keys: int = 1024,
         idle_after: float = 600.0,
         name: str | None = None,
+        store: StateStore | None = None,
+        on_store_failure: FailMode = "local",
     ) -> None:
         self.options = options_from(RateLimiterOptions, "RateLimiter", locals())
         options = self.options
         self._limits = options.limits
         self._token_limits = tuple(lim for lim in options.limits if lim.unit == "tokens")
-        self._holds = options.counts_from == "answer" and any(lim.burst is None for lim in options.limits)
+        # held until the answer in memory; a shared store counts from admission (its steps cannot hold yet)
+        self._holds = (
+            options.counts_from == "answer"
+            and options.store is None
+            and any(lim.burst is None for lim in options.limits)
+        )
         self._states: KeyedStates[_Lane] = KeyedStates(options, self._new_lane)
         self._single = single = self._states.single
         self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
@@ -81,6 +92,10 @@ class RateLimiter(Layer):
         self._estimate: Callable[[Any], int] = options.estimate_tokens or self.default_estimate
         self._default = ProgramEstimate()
         self._clock: Clock | None = None
+        self._shared: SharedMeter | None = None
+        if options.store is not None:  # decided here: in memory, the fast path never sees it, the others test None
+            self._shared = SharedMeter(self, StoreLink(self, options.store, options.on_store_failure), self._limits)
+            self._sole = None
 
     def _new_lane(self, key: Hashable) -> _Lane:
         return _Lane(self._limits, key, self._holds)
@@ -111,6 +126,8 @@ class RateLimiter(Layer):
                 if not self._holds:
                     return await next(call)
                 return await self._call_held(call, next, lane)
+        if self._shared is not None:
+            return await self._call_shared(call, next, lane, key, now)
         if self._token_limits:
             return await self._call_measured(call, next, lane, key, now)
         if lane.queue or lane.ready_at(0, now) > now:
@@ -133,19 +150,7 @@ class RateLimiter(Layer):
 
     async def _call_measured(self, call: Call, next: Handler, lane: _Lane, key: Hashable, now: float) -> Any:
         """The token path: estimate, admit, run inside a usage scope, then reconcile the charge with real usage."""
-        tokens = self._estimate(call)
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
-            raise ValueError(f"{self.name}: estimate_tokens must return an int >= 0 (got {tokens!r})")
-        for limit in self._token_limits:
-            if tokens > limit.capacity:
-                what = (
-                    f"the limit of {limit.amount} tokens per {limit.per:g}s"
-                    if limit.burst is None
-                    else f"the burst of {limit.burst} tokens of the limit {limit}"
-                )
-                raise RequestTooLargeError(
-                    "RateLimiter.tokens", f"request of {tokens} tokens exceeds {what}, so it can never be admitted"
-                )
+        tokens = self._checked_estimate(call)
         if lane.queue or lane.ready_at(tokens, now) > now:
             handles = await self._queue(call, lane, key, tokens, now)
         else:
@@ -163,6 +168,23 @@ class RateLimiter(Layer):
                 attach_usage(result, scope)
         return result
 
+    def _checked_estimate(self, call: Call) -> int:
+        """The call's token estimate, checked: an int >= 0 that fits every token limit's capacity."""
+        tokens = self._estimate(call)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"{self.name}: estimate_tokens must return an int >= 0 (got {tokens!r})")
+        for limit in self._token_limits:
+            if tokens > limit.capacity:
+                what = (
+                    f"the limit of {limit.amount} tokens per {limit.per:g}s"
+                    if limit.burst is None
+                    else f"the burst of {limit.burst} tokens of the limit {limit}"
+                )
+                raise RequestTooLargeError(
+                    "RateLimiter.tokens", f"request of {tokens} tokens exceeds {what}, so it can never be admitted"
+                )
+        return tokens
+
     def _settle(
         self,
         call: Call,
@@ -175,30 +197,70 @@ class RateLimiter(Layer):
         failed: bool,
         reached: bool,
     ) -> bool:
-        """Reconcile the estimate with measured usage (True if any was measured); a call that measured nothing keeps
-        its estimate, and a failed one at least its estimate. Counting from the answer, a call that never
-        ``reached`` the provider is refunded whole."""
-        lane.in_flight -= 1
+        """Reconcile the estimate with measured usage on the local meters (True if any was measured); a call that
+        measured nothing keeps its estimate, and a failed one at least its estimate. Counting from the answer, a
+        call that never ``reached`` the provider is refunded whole."""
         now = call.clock.now()
         if self._holds and not reached:
+            lane.in_flight -= 1
             lane.release(handles, now, refund=True)
             return False
-        usage = scope.by_model()
-        if not usage:
+        delta = self._reconcile(call, lane, key, estimate, scope, failed=failed)
+        if delta is None:
             if self._holds:
                 lane.release(handles, now)
             return False
-        actual = scope.total_tokens(usage)
-        charged = max(actual, estimate) if failed else actual
-        delta = charged - estimate
         if delta:
             lane.adjust(handles, delta, now)
         if self._holds:
             lane.release(handles, now)
         elif delta < 0:
             lane.nudge()
-        self.emit(call, RateLimitReconciled, key=key, estimate=estimate, actual=actual, charged=charged)
         return True
+
+    def _reconcile(
+        self, call: Call, lane: _Lane, key: Hashable, estimate: int, scope: UsageScope, *, failed: bool
+    ) -> int | None:
+        """The change to the charge (None: no usage measured, the estimate stays); a failed call keeps at least
+        its estimate."""
+        lane.in_flight -= 1
+        usage = scope.by_model()
+        if not usage:
+            return None
+        actual = scope.total_tokens(usage)
+        charged = max(actual, estimate) if failed else actual
+        self.emit(call, RateLimitReconciled, key=key, estimate=estimate, actual=actual, charged=charged)
+        return charged - estimate
+
+    async def _call_shared(self, call: Call, next: Handler, lane: _Lane, key: Hashable, now: float) -> Any:
+        """With a store: admitted by the server (one step), reconciled there after the call (a second step)."""
+        shared = self._shared
+        assert shared is not None
+        if not self._token_limits:
+            await shared.admit(call, lane, key, None, now)
+            return await next(call)
+        tokens = self._checked_estimate(call)
+        admission = await shared.admit(call, lane, key, tokens, now)
+        lane.in_flight += 1
+        with usage_scope() as scope:
+            try:
+                result = await next(call)
+            except asyncio.CancelledError:
+                lane.in_flight -= 1  # cancelled: it keeps its estimate, and nothing more waits on the store
+                raise
+            except BaseException:
+                delta = self._reconcile(call, lane, key, tokens, scope, failed=True)
+                if delta:
+                    await shared.adjust(call, lane, key, admission, tokens, delta)
+                raise
+            delta = self._reconcile(call, lane, key, tokens, scope, failed=False)
+            if delta is not None:
+                attach_usage(result, scope)
+        if delta:
+            await shared.adjust(call, lane, key, admission, tokens, delta)
+            if delta < 0:
+                lane.nudge()
+        return result
 
     async def _queue(
         self, call: Call, lane: _Lane, key: Hashable, tokens: int | None, arrived: float
@@ -281,4 +343,19 @@ class RateLimiter(Layer):
                     for u in snap.limits
                 ],
             }
-        return LayerHealth(self.name, "degraded" if queued else "ok", {"lanes": details})
+        shared = self._shared
+        if shared is None:
+            return LayerHealth(self.name, "degraded" if queued else "ok", {"lanes": details})
+        link = shared.link
+        status: Status = "degraded" if queued or link.degraded else "ok"
+        if link.degraded and link.mode == "reject":
+            status = "down"
+        return LayerHealth(self.name, status, {"lanes": details, **link.health_details()})
+
+    def describe(self) -> dict[str, Any]:
+        """The base description; with a store, the store's own ``describe()`` (no secrets) in place of the object."""
+        described = super().describe()
+        store = self.options.store
+        if store is not None:
+            described["options"]["store"] = store.describe()
+        return described

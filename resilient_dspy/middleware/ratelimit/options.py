@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError, model_validator
 from resilient_dspy.core.options import FieldProblem, Options, problems_of
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.middleware._shared.partitions import PartitionOptions
+from resilient_dspy.store.link import StoreOptions
 
 __all__ = [
     "Limit",
@@ -58,12 +59,13 @@ class Limit(Options):
         return f"{self.amount} {self.unit} per {self.per:g}s{burst}"
 
 
-class RateLimiterOptions(PartitionOptions):
+class RateLimiterOptions(PartitionOptions, StoreOptions):
     """The limits and how long a call may wait for them; see docs/patterns/rate-limiter.md.
 
     ``requests``, ``tokens`` and ``per`` are a shortcut for ``Limit.requests(requests, per)`` and
     ``Limit.tokens(tokens, per)``: once validated they are added to ``limits`` (and read ``None``), so ``limits``
-    is every limit and a model rebuilt from ``model_dump()`` is the same.
+    is every limit and a model rebuilt from ``model_dump()`` is the same. With ``store=`` the limits are shared by
+    every process whose RateLimiter has the same ``name=`` on the same store prefix.
     """
 
     limits: tuple[Limit, ...] = Field(default=(), description="Every limit a call must fit, all at once.")

@@ -26,13 +26,14 @@ class _Waiter:
 class _Lane:
     """The state of one key: a meter per limit, the FIFO queue, and calls awaiting reconciliation."""
 
-    __slots__ = ("in_flight", "key", "meters", "queue")
+    __slots__ = ("in_flight", "key", "meters", "queue", "told")
 
     def __init__(self, limits: tuple[Limit, ...], key: Hashable = None, until_answer: bool = False) -> None:
         self.key = key
         self.meters: tuple[_Meter, ...] = tuple(_meter(limit, until_answer) for limit in limits)
         self.queue: deque[_Waiter] = deque()
         self.in_flight = 0
+        self.told = 0.0  # with a store: the last wait the server gave this key's head, for retry_after behind it
 
     def ready_at(self, tokens: int, now: float) -> float:
         ready = now
