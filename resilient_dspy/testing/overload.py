@@ -32,7 +32,7 @@ class KneeProvider:
 
     def latency(self, in_flight: int) -> float:
         """Seconds a call takes that starts with ``in_flight`` calls running (itself included)."""
-        return self.base * max(1.0, in_flight / self.knee) ** self.power
+        return float(self.base * max(1.0, in_flight / self.knee) ** self.power)
 
     async def __call__(self, question: str) -> str:
         self.in_flight += 1
