@@ -1241,8 +1241,9 @@ def main() -> None:
         print(f"Wrote {args.json}")
     if args.write_docs:
         previous = args.write_docs.read_text() if args.write_docs.exists() else ""
-        kept = [at for at in (previous.find("<!-- bench_serve.py"), previous.find("<!-- bench_batch.py")) if at >= 0]
-        batches = previous[min(kept) :] if kept else ""  # the sections bench_serve.py and bench_batch.py write
+        marks = ("<!-- bench_serve.py", "<!-- bench_adaptive.py", "<!-- bench_batch.py")
+        kept = [at for at in (previous.find(mark) for mark in marks) if at >= 0]
+        batches = previous[min(kept) :] if kept else ""  # the sections bench_serve, bench_adaptive, bench_batch write
         args.write_docs.write_text(DOC_HEADER + "\n" + "\n".join(lines) + "\n" + ("\n" + batches if batches else ""))
         print(f"Wrote {args.write_docs}")
 
