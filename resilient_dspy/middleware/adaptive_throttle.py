@@ -5,11 +5,11 @@ Over a sliding window of ``window`` seconds (counted in ``buckets``) it counts `
 provider, and calls it refused locally) and ``accepts`` (calls the provider did not refuse for overload). Before a
 call it refuses it locally, with :class:`~resilient_dspy.errors.ThrottledError` (a ``RejectedError``: Retry never
 retries it), with probability ``max(0, (requests - k * accepts) / (requests + 1))``, drawn from the injected ``rng``
-(default the pipeline's). So while the provider accepts more than ``1/k`` of the calls nothing is refused; beyond,
-about ``k`` times what it accepts still reaches it, which is enough to see it recover. Overload is a 429, a 503 (or
-529), a timeout (:func:`~resilient_dspy.errors.classify` says which), or what ``overload_on`` matches; every other
-answer or error is an accept. Outcomes that never reached the provider (a cache hit, an inner rejection) and
-cancellations count as nothing.
+(default the pipeline's), capped at ``max_probability``. So while the provider accepts more than ``1/k`` of the
+calls nothing is refused; beyond, about ``k`` times what it accepts still reaches it, enough to see it recover.
+Overload is a 429, a 503 (or 529), a timeout (:func:`~resilient_dspy.errors.classify` says which), or what
+``overload_on`` matches; every other answer or error is an accept. Outcomes that never reached the provider (a cache
+hit, an inner rejection) and cancellations count as nothing.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ class AdaptiveThrottleOptions(PartitionOptions):
     )
     window: float = Field(default=120.0, gt=0, allow_inf_nan=False, description="Seconds of history counted.")
     buckets: int = Field(default=12, ge=1, le=1000, description="Buckets the window is counted in.")
+    max_probability: float = Field(
+        default=1.0, gt=0, le=1, allow_inf_nan=False, description="Cap on the refusal probability (1 = the formula's)."
+    )
     overload_on: Any = Field(default=None, description="Errors that are overload (types or predicate); None: 429/503.")
     rng: random.Random | None = Field(default=None, description="Randomness of the draws; None = the pipeline's.")
     name: str | None = Field(default=None, description="Label in events and describe().")
@@ -115,6 +118,7 @@ class AdaptiveThrottle(Layer):
         k: float = 2.0,
         window: float = 120.0,
         buckets: int = 12,
+        max_probability: float = 1.0,
         overload_on: Any = None,
         rng: random.Random | None = None,
         key: KeyFunction | None = None,
@@ -199,11 +203,12 @@ class _Window:
     """One key's requests and accepts over the last ``window`` seconds, in ``buckets`` of equal length (a bucket
     leaves the sum whole once it is older than the window)."""
 
-    __slots__ = ("accepts", "bucket_seconds", "current", "k", "key", "requests", "sum_accepts", "sum_requests")
+    __slots__ = ("accepts", "bucket_seconds", "cap", "current", "k", "key", "requests", "sum_accepts", "sum_requests")
 
     def __init__(self, key: Hashable, options: AdaptiveThrottleOptions) -> None:
         self.key = key
         self.k = options.k
+        self.cap = options.max_probability
         self.bucket_seconds = options.window / options.buckets
         self.requests = [0] * options.buckets
         self.accepts = [0] * options.buckets
@@ -237,9 +242,9 @@ class _Window:
         return self.sum_requests, self.sum_accepts
 
     def probability(self) -> float:
-        """The SRE book's ``max(0, (requests - k * accepts) / (requests + 1))``."""
+        """The SRE book's ``max(0, (requests - k * accepts) / (requests + 1))``, at most ``max_probability``."""
         requests = self.sum_requests
-        return max(0.0, (requests - self.k * self.sum_accepts) / (requests + 1))
+        return min(self.cap, max(0.0, (requests - self.k * self.sum_accepts) / (requests + 1)))
 
     def hold(self, now: float) -> Hold:
         """A window with refusals in it still protects the provider; an all-accepted one is harmless."""

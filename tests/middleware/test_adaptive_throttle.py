@@ -193,8 +193,8 @@ async def test_a_cancelled_call_counts_nothing() -> None:
 async def test_overload_on_decides_what_is_a_refusal() -> None:
     throttle = AdaptiveThrottle(overload_on=dspy.LMInvalidRequestError)
     pipeline = Pipeline(failing, throttle)
+    await outcome(pipeline, "429")  # first: after it nothing may be refused (so no draw decides this test)
     await outcome(pipeline, "400")
-    await outcome(pipeline, "429")
     assert (throttle.snapshot().requests, throttle.snapshot().accepts) == (2, 1)
 
 
@@ -256,6 +256,7 @@ async def test_describe_shows_the_options_without_the_callables() -> None:
         ({"k": 0.5}, "k"),
         ({"window": 0.0}, "window"),
         ({"buckets": 0}, "buckets"),
+        ({"max_probability": 0.0}, "max_probability"),
         ({"overload_on": "503"}, "overload_on"),
         ({"rng": 42}, "rng"),
     ],
@@ -264,3 +265,17 @@ def test_a_bad_option_is_a_configuration_error_naming_the_field(arguments: dict[
     with pytest.raises(ConfigurationError) as caught:
         AdaptiveThrottle(**arguments)
     assert f"AdaptiveThrottle.{field}" in str(caught.value)
+
+
+async def test_max_probability_caps_the_refusals_and_speeds_recovery() -> None:
+    """Capped at 0.5, a total outage still lets about half the calls through, and the same recovery as above takes
+    one window instead of several."""
+    provider = Refusing(1.0)
+    throttle = AdaptiveThrottle(window=10.0, buckets=10, max_probability=0.5, rng=random.Random(3))
+    pipeline = Pipeline(provider, throttle)
+    outage = await offer(pipeline, rate=10, duration=10)
+    assert throttle.snapshot().reject_probability == 0.5
+    assert 0.3 * outage.sent < outage.errors["ThrottledError"] < 0.7 * outage.sent
+    provider.share = 0.0
+    await offer(pipeline, rate=10, duration=11)
+    assert throttle.snapshot().reject_probability == 0.0
