@@ -225,6 +225,23 @@ async def test_a_single_flight_follower_and_a_cache_hit_do_not_count_as_samples(
     assert layer.snapshot().short_rtt == pytest.approx(1.0)
 
 
+async def test_single_flight_followers_lend_their_slot_while_they_wait() -> None:
+    """Limit 2 over a single-flight Cache: one leader and three followers of one question hold one slot between
+    them, so another question runs at once instead of queueing behind them; the limit is never exceeded."""
+    program = Scripted()
+    layer = AdaptiveConcurrency(initial_limit=2, min_limit=2, max_limit=2)
+    pipeline = Pipeline(program, layer, Cache())
+    same = [asyncio.create_task(pipeline(question="3.0#same")) for _ in range(4)]
+    await settle()
+    other = asyncio.create_task(pipeline(question="1.0#other"))
+    await settle()
+    assert program.started == ["3.0#same", "1.0#other"]
+    assert await other == "1.0#other"
+    await asyncio.gather(*same)
+    assert program.peak <= 2 and layer.describe()["lends_slots"] is True
+    assert (layer.snapshot().in_flight, layer.snapshot().queued) == (0, 0)
+
+
 # ------------------------------------------------------------------------------------------------ 4. the queue
 
 

@@ -36,6 +36,7 @@ from resilient_dspy.middleware.adaptive_concurrency.options import AdaptiveConcu
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler
+    from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = ["AdaptiveConcurrency"]
 
@@ -72,6 +73,13 @@ class AdaptiveConcurrency(Layer):
     ) -> None:
         self.options = options = options_from(AdaptiveConcurrencyOptions, "AdaptiveConcurrency", locals())
         self._states: KeyedStates[_Compartment] = KeyedStates(options, lambda key: _Compartment(key, options))
+        self._lends = False
+
+    def on_build(self, pipeline: Pipeline) -> None:
+        """Lend slots out only when a layer below may make a call wait for another's work (``coalesces``), as the
+        Bulkhead does: a single-flight follower holds no slot while it waits for its leader."""
+        _, inner = pipeline.layers_around(self)
+        self._lends = any(getattr(layer, "coalesces", False) for layer in inner)
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         clock = call.clock
@@ -87,6 +95,13 @@ class AdaptiveConcurrency(Layer):
         reached = record.attempts
         started = clock.now()
         dropped: bool | None = None  # None: nothing learnt about the provider
+        permit = None
+        if self._lends:
+            permit = _Slot(self, compartment, key)
+            leases = record.leases
+            if leases is None:
+                leases = record.leases = []
+            leases.append(permit)
         try:
             result = await next(call)
         except Exception as error:
@@ -98,14 +113,28 @@ class AdaptiveConcurrency(Layer):
                 dropped = False
             return result
         finally:
+            if permit is not None:
+                assert record.leases is not None
+                record.leases.remove(permit)
+                compartment = permit.compartment
             old = compartment.cap
             if dropped is not None:
                 compartment.learn(started, clock.now(), in_flight, dropped)
-            compartment.release()
+            if permit is None or permit.held:
+                compartment.release()
             new = compartment.cap
             if new != old:
                 reason = "increase" if new > old else "drop" if dropped else "latency"
                 self.emit(call, ConcurrencyLimitChanged, key=key, old=old, new=new, reason=reason)
+
+    async def _take(self, call: Call, key: Hashable) -> _Compartment:
+        """A slot again for a call that lent its own (see :class:`_Slot`), by the same rules as a new call."""
+        compartment = self._states.get(key, call.clock.now())
+        if compartment.in_flight < compartment.cap:
+            compartment.in_flight += 1
+        else:
+            await self._wait(call, compartment, key)
+        return compartment
 
     async def _wait(self, call: Call, compartment: _Compartment, key: Hashable) -> None:
         """Queue for a slot; return holding one, or raise :class:`BulkheadFullError` (or the cancellation)."""
@@ -161,6 +190,10 @@ class AdaptiveConcurrency(Layer):
     def snapshots(self) -> dict[Hashable, AdaptiveConcurrencySnapshot]:
         """Every live key's snapshot (``{None: ...}`` without ``key=``)."""
         return {key: self.snapshot(key) for key, _ in self._states.items()}
+
+    def describe_state(self) -> dict[str, Any]:
+        """Whether placement made it lend slots (a coalescing layer below)."""
+        return {"lends_slots": self._lends}
 
     def health(self) -> LayerHealth:
         """Degraded when any key is full (calls queue or are refused) or its limit fell to ``min_limit``."""
@@ -225,3 +258,26 @@ class _Compartment:
         """Take a waiter that gives up out of the queue (the releaser may already have dropped it)."""
         with contextlib.suppress(ValueError):
             self.waiters.remove(waiter)
+
+
+class _Slot:
+    """A call's slot as a :class:`~resilient_dspy.core.call.Lease`: lent out (freed for other calls) while a Cache
+    below makes the call wait for an identical call's answer, taken back before it runs itself."""
+
+    __slots__ = ("compartment", "held", "key", "layer")
+
+    def __init__(self, layer: AdaptiveConcurrency, compartment: _Compartment, key: Hashable) -> None:
+        self.layer = layer
+        self.compartment = compartment
+        self.key = key
+        self.held = True
+
+    def lend(self) -> None:
+        if self.held:
+            self.held = False
+            self.compartment.release()
+
+    async def reclaim(self, call: Call) -> None:
+        if not self.held:
+            self.compartment = await self.layer._take(call, self.key)
+            self.held = True
