@@ -304,7 +304,7 @@ def test_the_adaptive_layers_are_built_in_kinds() -> None:
     }
     expected = Pipeline(
         dspy.Predict("question -> answer"),
-        AdaptiveThrottle(k=1.5, window=60.0),
+        AdaptiveThrottle(k=1.5, window=60.0, max_probability=0.9),
         AdaptiveConcurrency("aimd", latency_threshold=5.0, max_wait=2.0),
     )
     assert Pipeline.from_config(config).describe() == expected.describe()
