@@ -287,6 +287,23 @@ async def test_waiters_run_in_arrival_order_and_give_up_at_max_wait() -> None:
     assert await slow == "10.0#slow"
 
 
+async def test_the_call_deadline_bounds_the_queue_wait() -> None:
+    """Without max_wait, a queued call gives up at its deadline; one whose deadline has passed is refused at once."""
+    events: list[Event] = []
+    layer = AdaptiveConcurrency(initial_limit=1, min_limit=1, max_limit=1)
+    pipeline = Pipeline(Scripted(), layer, listeners=[events.append])
+    busy = asyncio.create_task(pipeline(question="10.0#busy"))
+    await settle()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(BulkheadFullError):
+        await pipeline.run(pipeline.new_call({"question": "0.1#late"}, deadline=started + 3.0))
+    assert asyncio.get_running_loop().time() - started == pytest.approx(3.0)
+    with pytest.raises(BulkheadFullError):
+        await pipeline.run(pipeline.new_call({"question": "0.1#past"}, deadline=started - 1.0))
+    assert [e.reason for e in events if isinstance(e, AdaptiveConcurrencyRejected)] == ["deadline", "deadline"]
+    await busy
+
+
 async def test_a_raised_limit_wakes_waiters_in_order_before_any_newcomer() -> None:
     """AIMD at limit 1 with waiters queued: each fast success raises the limit and hands the new slots to the
     queue's head, so the calls start in arrival order."""
