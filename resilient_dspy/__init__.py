@@ -28,6 +28,8 @@ from resilient_dspy.errors import (
     TimeoutExceededError,
 )
 from resilient_dspy.middleware._shared.partitions import by_model, by_partition_key
+from resilient_dspy.middleware.adaptive_concurrency import AdaptiveConcurrency
+from resilient_dspy.middleware.adaptive_throttle import AdaptiveThrottle
 from resilient_dspy.middleware.breaker import CircuitBreaker
 from resilient_dspy.middleware.budget import Budget
 from resilient_dspy.middleware.bulkhead import Bulkhead
@@ -43,6 +45,8 @@ from resilient_dspy.store.redis import RedisStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveConcurrency",
+    "AdaptiveThrottle",
     "Budget",
     "BudgetExceededError",
     "Bulkhead",

@@ -34,6 +34,7 @@ __all__ = [
     "ResilienceWarning",
     "RetriesExhaustedError",
     "StreamInterruptedError",
+    "ThrottledError",
     "TimeoutExceededError",
     "classify",
 ]
@@ -130,6 +131,11 @@ class RateLimitedError(RejectedError):
 
 class BudgetExceededError(RejectedError):
     """A token or cost budget is spent: the call was not run."""
+
+
+class ThrottledError(RejectedError):
+    """An adaptive throttle refused the call locally: the provider has been refusing too many (client-side
+    throttling, as the SRE book describes it)."""
 
 
 class RequestTooLargeError(ResilienceError, ValueError):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    from resilient_dspy.middleware.adaptive_concurrency import AdaptiveConcurrencyRejected, ConcurrencyLimitChanged
+    from resilient_dspy.middleware.adaptive_throttle import ThrottleRejected
     from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged
     from resilient_dspy.middleware.budget import BudgetAlert, BudgetRejected, BudgetSpent
     from resilient_dspy.middleware.bulkhead import BulkheadAcquired, BulkheadQueued, BulkheadRejected
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from resilient_dspy.store.events import StoreRecovered, StoreUnavailable
 
 __all__ = [
+    "AdaptiveConcurrencyRejected",
     "BudgetAlert",
     "BudgetRejected",
     "BudgetSpent",
@@ -51,6 +54,7 @@ __all__ = [
     "ChaosInjected",
     "CircuitRejected",
     "CircuitStateChanged",
+    "ConcurrencyLimitChanged",
     "Event",
     "EventRouter",
     "FallbackUsed",
@@ -65,11 +69,14 @@ __all__ = [
     "RetryScheduled",
     "StoreRecovered",
     "StoreUnavailable",
+    "ThrottleRejected",
     "TimeoutFired",
 ]
 
 # each pattern's events, by the module of the layer that emits them (the same names as the imports above)
 _PATTERN_EVENTS: dict[str, tuple[str, ...]] = {
+    "resilient_dspy.middleware.adaptive_concurrency": ("AdaptiveConcurrencyRejected", "ConcurrencyLimitChanged"),
+    "resilient_dspy.middleware.adaptive_throttle": ("ThrottleRejected",),
     "resilient_dspy.middleware.breaker": ("CircuitRejected", "CircuitStateChanged"),
     "resilient_dspy.middleware.budget": ("BudgetAlert", "BudgetRejected", "BudgetSpent"),
     "resilient_dspy.middleware.bulkhead": ("BulkheadAcquired", "BulkheadQueued", "BulkheadRejected"),

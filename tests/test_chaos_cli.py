@@ -265,3 +265,36 @@ def test_a_pipeline_instance_with_a_cache_is_scored_on_its_own_answers_in_every_
     invariants = {v["invariant"] for s in report["scenarios"] for v in s["violations"]}
     assert "cache_fresh_and_clean" not in invariants
     assert code == 0 and report["passed"] is True
+
+
+def test_the_overload_scenario_is_handled_by_the_adaptive_layers_with_fewer_requests() -> None:
+    """The overload scenario (a stretch of 429/503) against a stack with AdaptiveThrottle and AdaptiveConcurrency:
+    every invariant holds, and the throttle sends the provider fewer requests than the same stack without it."""
+    import dspy
+
+    from resilient_dspy import AdaptiveConcurrency, AdaptiveThrottle, Fallback, Pipeline, Retry, Static, Timeout
+    from resilient_dspy.cli.chaos import run_scenario
+
+    overload = next(s for s in SCENARIOS if s.name == "overload")
+
+    def stack(*adaptive: object) -> Pipeline:
+        return Pipeline(
+            dspy.Predict("question -> answer"),
+            Fallback(Static(answer="busy")),
+            Timeout(20.0),
+            Retry(4, base_delay=0.2, max_retry_after=3.0),
+            *adaptive,
+            Timeout(3.0),
+        )
+
+    def adaptive() -> Pipeline:
+        return stack(
+            AdaptiveThrottle(window=30.0, max_probability=0.5), AdaptiveConcurrency("aimd", latency_threshold=1.0)
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guarded = run_scenario(adaptive, overload, calls=40, seed=0, concurrency=10)
+        bare = run_scenario(stack, overload, calls=40, seed=0, concurrency=10)
+    assert guarded.handled and guarded.lost == 0, guarded.violations
+    assert guarded.lm_calls < bare.lm_calls

@@ -16,6 +16,8 @@ from resilient_dspy._moved import MOVED
 from resilient_dspy.core.options import Options
 from resilient_dspy.faults import Fault, FaultStep
 from resilient_dspy.middleware._shared.partitions import PartitionOptions
+from resilient_dspy.middleware.adaptive_concurrency import AdaptiveConcurrencyOptions
+from resilient_dspy.middleware.adaptive_throttle import AdaptiveThrottleOptions
 from resilient_dspy.middleware.breaker import CircuitBreakerOptions
 from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
@@ -66,6 +68,8 @@ SAMPLES: dict[tuple[type[Options], str], tuple[Any, ...]] = {
 """A valid tuple for every tuple-typed field of every options model (the completeness test keeps it whole)."""
 
 NO_TUPLE_FIELDS = {
+    AdaptiveConcurrencyOptions,
+    AdaptiveThrottleOptions,
     Limit,
     TimeoutOptions,
     GuardOptions,

@@ -29,13 +29,15 @@ __all__ = ["SCENARIOS", "Scenario", "ScenarioScore", "TargetError", "load_target
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One failure mode (or a mix): the LM's fault profile, and which calls the caller cancels, and when."""
+    """One failure mode (or a mix): the LM's fault profile (after ``script``, the exact faults of the first
+    requests), and which calls the caller cancels, and when."""
 
     name: str
     description: str
     profile: dict[str, Any]
     cancel_share: float = 0.0
     cancel_after: float = 0.5
+    script: tuple[str, ...] = ()
 
 
 SCENARIOS: tuple[Scenario, ...] = (
@@ -63,6 +65,12 @@ SCENARIOS: tuple[Scenario, ...] = (
         1.0,
     ),
     Scenario("storm", "an outage: most requests fail", {"rate_limit": 0.4, "server_error": 0.3, "hang": 0.1}),
+    Scenario(
+        "overload",
+        "the provider sheds load: its first 20 requests answer 429 or 503, then it recovers",
+        {"latency": (0.05, 0.5)},
+        script=("rate_limit", "server_error") * 10,
+    ),
 )
 _BY_NAME = {scenario.name: scenario for scenario in SCENARIOS}
 
@@ -167,7 +175,13 @@ def run_scenario(
     from resilient_dspy.testing.invariants import check_run
 
     pipeline = factory()
-    lm = FaultInjectingLM("fault/chaos", profile=scenario.profile, seed=seed, num_retries=_mirrored_retries(pipeline))
+    lm = FaultInjectingLM(
+        "fault/chaos",
+        profile=scenario.profile,
+        script=scenario.script,
+        seed=seed,
+        num_retries=_mirrored_retries(pipeline),
+    )
     predictors = _predictors(pipeline)
     per_attempt = 2 * max(1, len(predictors))  # Chat → JSON adapter fallback: two requests per predictor at most
     cancels = {

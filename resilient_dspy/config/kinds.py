@@ -28,6 +28,8 @@ BUILTIN_KINDS: dict[str, str] = {
             "RetryBudget",
             "CircuitBreaker",
             "Bulkhead",
+            "AdaptiveConcurrency",
+            "AdaptiveThrottle",
             "RateLimiter",
             "Limit",
             "Cache",

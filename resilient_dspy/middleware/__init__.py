@@ -1,5 +1,12 @@
 """One module per pattern, each with the same shape: options model, middleware, events."""
 
+from resilient_dspy.middleware.adaptive_concurrency import (
+    AdaptiveConcurrency,
+    AdaptiveConcurrencyRejected,
+    AdaptiveConcurrencySnapshot,
+    ConcurrencyLimitChanged,
+)
+from resilient_dspy.middleware.adaptive_throttle import AdaptiveThrottle, ThrottleRejected, ThrottleSnapshot
 from resilient_dspy.middleware.breaker import (
     CircuitBreaker,
     CircuitRejected,
@@ -48,6 +55,10 @@ from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, Ret
 from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
 
 __all__ = [
+    "AdaptiveConcurrency",
+    "AdaptiveConcurrencyRejected",
+    "AdaptiveConcurrencySnapshot",
+    "AdaptiveThrottle",
     "Budget",
     "BudgetAlert",
     "BudgetRejected",
@@ -75,6 +86,7 @@ __all__ = [
     "CircuitSnapshot",
     "CircuitState",
     "CircuitStateChanged",
+    "ConcurrencyLimitChanged",
     "Fallback",
     "FallbackUsed",
     "Guard",
@@ -94,6 +106,8 @@ __all__ = [
     "RetryScheduled",
     "RetrySnapshot",
     "Static",
+    "ThrottleRejected",
+    "ThrottleSnapshot",
     "Timeout",
     "TimeoutFired",
     "UseLM",

@@ -18,12 +18,14 @@ from prometheus_client import make_asgi_app as _make_asgi_app
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.events import Event
+from resilient_dspy.middleware.adaptive_concurrency.events import ConcurrencyLimitChanged
 from resilient_dspy.observe.common import (
     CIRCUIT_STATE_VALUES,
     DURATION_BUCKETS,
     CallReport,
     UsageWindow,
     circuit_snapshots,
+    key_label,
     report_call,
     safely,
     subscribe_once,
@@ -52,7 +54,10 @@ class PrometheusMetrics:
         namespace: str = "resilient_dspy",
         tokens: bool = True,
     ) -> None:
-        self._route = event_router(self)
+        self._route = event_router(self).on(
+            ConcurrencyLimitChanged,
+            lambda e: self.concurrency_limit.labels(e.pipeline, e.layer, key_label(e.key)).set(e.new),
+        )
         self.measure_tokens = tokens
         self._call_series: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self.registry = CollectorRegistry() if registry is None else registry
@@ -77,6 +82,9 @@ class PrometheusMetrics:
         )
         self.circuit_transitions = Counter(
             "circuit_transitions", "Circuit state changes, by new state.", ["pipeline", "layer", "key", "to"], **options
+        )
+        self.concurrency_limit = Gauge(
+            "concurrency_limit", "An AdaptiveConcurrency's current limit.", ["pipeline", "layer", "key"], **options
         )
         self.cache_requests = Counter(
             "cache_requests", "Cache lookups by result.", ["pipeline", "layer", "result"], **options

@@ -12,6 +12,8 @@ import pydantic
 import pytest
 
 from resilient_dspy import (
+    AdaptiveConcurrency,
+    AdaptiveThrottle,
     Budget,
     Bulkhead,
     Cache,
@@ -251,6 +253,8 @@ ROUND_TRIP: dict[str, Any] = {
     "CircuitBreaker": lambda: CircuitBreaker(failure_threshold=3, break_duration=5),
     "CircuitBreaker(rate)": lambda: CircuitBreaker(failure_rate=0.5, window=20, min_calls=5),
     "Bulkhead": lambda: Bulkhead(4, max_queue=10, max_wait=1.0, name="pool"),
+    "AdaptiveConcurrency": lambda: AdaptiveConcurrency("aimd", latency_threshold=2.0, max_limit=50, name="adaptive"),
+    "AdaptiveThrottle": lambda: AdaptiveThrottle(k=1.5, window=30.0, buckets=6, max_probability=0.9),
     "RateLimiter": lambda: RateLimiter(requests=10, per=1, key=by_partition_key),
     "RateLimiter(limits)": lambda: RateLimiter(Limit(amount=5, per=1), Limit(amount=1000, per=60, unit="tokens")),
     "Cache": lambda: Cache(ttl=60, namespace="qa", single_flight=False),
@@ -300,3 +304,19 @@ def test_the_example_stack_config_builds() -> None:
         "CircuitBreaker",
         "Bulkhead",
     ]
+
+
+def test_the_adaptive_layers_are_built_in_kinds() -> None:
+    config = {
+        "program": {"signature": "question -> answer"},
+        "layers": [
+            {"layer": "AdaptiveThrottle", "k": 1.5, "window": 60.0, "max_probability": 0.9},
+            {"layer": "AdaptiveConcurrency", "algorithm": "aimd", "latency_threshold": 5.0, "max_wait": 2.0},
+        ],
+    }
+    expected = Pipeline(
+        dspy.Predict("question -> answer"),
+        AdaptiveThrottle(k=1.5, window=60.0, max_probability=0.9),
+        AdaptiveConcurrency("aimd", latency_threshold=5.0, max_wait=2.0),
+    )
+    assert Pipeline.from_config(config).describe() == expected.describe()

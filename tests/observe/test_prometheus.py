@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from resilient_dspy import CircuitBreaker, CircuitOpenError, Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy import AdaptiveConcurrency, CircuitBreaker, CircuitOpenError, Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy.faults import Fault, fault_error
 from resilient_dspy.middleware.cache import Cache
 from resilient_dspy.observe import PriceTable, PrometheusMetrics, make_asgi_app
 from resilient_dspy.testing import FaultInjectingLM
@@ -233,3 +234,18 @@ async def test_a_call_the_cache_answered_is_labelled_cached_not_a_provider_succe
     assert value(metrics, "resilient_dspy_calls_total", pipeline="qa", outcome="success") == 1
     assert value(metrics, "resilient_dspy_calls_total", pipeline="qa", outcome="cached") == 1
     assert value(metrics, "resilient_dspy_attempts_total", pipeline="qa") == 1
+
+
+async def test_an_adaptive_limit_is_a_gauge_that_follows_its_changes() -> None:
+    """Each ConcurrencyLimitChanged sets resilient_dspy_concurrency_limit for its layer and key."""
+
+    async def failing(question: str) -> str:
+        raise fault_error(Fault.SERVER_ERROR, status=503) or AssertionError
+
+    metrics = PrometheusMetrics()
+    layer = AdaptiveConcurrency("aimd", initial_limit=10, backoff=0.5)
+    pipeline = Pipeline(failing, metrics, layer, name="qa")
+    with pytest.raises(dspy.LMServerError):
+        await pipeline(question="q")
+    line = [row for row in metrics.text().splitlines() if row.startswith("resilient_dspy_concurrency_limit{")]
+    assert line == ['resilient_dspy_concurrency_limit{key="",layer="AdaptiveConcurrency",pipeline="qa"} 5.0']
