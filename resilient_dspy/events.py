@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged
+    from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged, CircuitWaited, CircuitWaiting
     from resilient_dspy.middleware.budget import BudgetAlert, BudgetRejected, BudgetSpent
     from resilient_dspy.middleware.bulkhead import BulkheadAcquired, BulkheadQueued, BulkheadRejected
     from resilient_dspy.middleware.cache import (
@@ -51,6 +51,8 @@ __all__ = [
     "ChaosInjected",
     "CircuitRejected",
     "CircuitStateChanged",
+    "CircuitWaited",
+    "CircuitWaiting",
     "Event",
     "EventRouter",
     "FallbackUsed",
@@ -70,7 +72,7 @@ __all__ = [
 
 # each pattern's events, by the module of the layer that emits them (the same names as the imports above)
 _PATTERN_EVENTS: dict[str, tuple[str, ...]] = {
-    "resilient_dspy.middleware.breaker": ("CircuitRejected", "CircuitStateChanged"),
+    "resilient_dspy.middleware.breaker": ("CircuitRejected", "CircuitStateChanged", "CircuitWaited", "CircuitWaiting"),
     "resilient_dspy.middleware.budget": ("BudgetAlert", "BudgetRejected", "BudgetSpent"),
     "resilient_dspy.middleware.bulkhead": ("BulkheadAcquired", "BulkheadQueued", "BulkheadRejected"),
     "resilient_dspy.middleware.cache": (
