@@ -5,6 +5,7 @@ in-memory breaker's semantics kept, probe leases that expire, and the server sto
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import uuid
@@ -282,7 +283,7 @@ async def test_describe_names_the_store_without_secrets(redis_url: str) -> None:
 def test_a_breaker_tripped_in_process_a_rejects_in_process_b(redis_url: str) -> None:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     script = str(Path(__file__).resolve().parents[1] / "store" / "breaker_process.py")
-    env = {"PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def process(step: str) -> str:
         proc = subprocess.Popen(
