@@ -226,10 +226,8 @@ def run_workers(args: list[list[str]], timeout: float = 90.0) -> list[str]:
                 proc.wait()
 
 
-async def test_a_budget_shared_by_four_processes_never_overspends_by_more_than_one_reservation(
-    redis_url: str,
-) -> None:
-    per_call = await tokens_of()
+def test_a_budget_shared_by_four_processes_never_overspends_by_more_than_one_reservation(redis_url: str) -> None:
+    per_call = asyncio.run(tokens_of())
     cap = 37 * per_call + per_call // 2
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     outputs = run_workers([[redis_url, prefix, "spend", str(cap), str(per_call), "20"] for _ in range(4)])
@@ -243,19 +241,16 @@ async def test_a_budget_shared_by_four_processes_never_overspends_by_more_than_o
 
 async def test_a_process_killed_mid_call_gives_its_reservation_back_after_the_ttl(redis_url: str) -> None:
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    proc = subprocess.Popen(
-        [sys.executable, WORKER, redis_url, prefix, "hang", "1000", "600", "1"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=ENV,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, WORKER, redis_url, prefix, "hang", "1000", "600", "1", stdout=subprocess.PIPE, env=ENV
     )
     store = RedisStore(redis_url, prefix=prefix)
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), timeout=60)
-        assert line.strip() == "started"
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
+        assert line.strip() == b"started"
         proc.kill()
-        proc.wait(timeout=10)
+        await asyncio.wait_for(proc.wait(), timeout=10)
         budget = Budget(tokens=1000, estimate_tokens=fixed(600), store=store, name="shared")
         pipeline = Pipeline(sleeper(0), budget)
         with pytest.raises(BudgetExceededError):
@@ -263,7 +258,7 @@ async def test_a_process_killed_mid_call_gives_its_reservation_back_after_the_tt
         await asyncio.sleep(1.1)
         assert await pipeline("q") == "answer"
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-            proc.wait()
+            await proc.wait()
         await store.aclose()
