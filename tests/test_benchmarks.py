@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = sorted(BENCHMARKS.glob("bench_*.py"))
+NEEDS_REDIS = {"bench_redis_state.py"}
+SCRIPTS = sorted(s for s in BENCHMARKS.glob("bench_*.py") if s.name not in NEEDS_REDIS)
 
 
 def _flag(script: Path) -> str:
@@ -40,3 +41,21 @@ def test_benchmark_runs(script: Path, tmp_path: Path) -> None:
 
 def test_every_script_is_covered() -> None:
     assert {s.name for s in SCRIPTS} >= {"bench_overhead.py", "bench_peers.py", "bench_limiter.py", "bench_cache.py"}
+
+
+@pytest.mark.redis
+def test_the_redis_state_benchmark_runs_against_a_real_server(redis_url: str, tmp_path: Path) -> None:
+    """bench_redis_state.py at tiny sizes on the test server (skipped with the fixture when there is none)."""
+    script = BENCHMARKS / "bench_redis_state.py"
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "DSPY_CACHEDIR": str(tmp_path / "dspy-cache")}
+    completed = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--url", redis_url],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "CircuitBreaker" in completed.stdout and "Budget" in completed.stdout
