@@ -10,8 +10,11 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from resilient_dspy import CircuitBreaker, CircuitOpenError, Pipeline, RedisStore, RetriesExhaustedError, Retry
 from resilient_dspy.events import Event
@@ -300,3 +303,45 @@ def test_a_breaker_tripped_in_process_a_rejects_in_process_b(redis_url: str) -> 
     assert process("ok") == "answer"
     assert process("fail") == "error"  # process A trips the circuit
     assert process("ok") == "rejected"  # process B, started after, is refused on its first call
+
+
+STEPS = st.lists(st.sampled_from(["ok", "fail", "excl"]), min_size=1, max_size=25)
+MODES = st.sampled_from(
+    [
+        {"failure_threshold": 3},
+        {"failure_rate": 0.5, "window": 6, "min_calls": 4},
+        {"failure_rate": 0.4, "window_seconds": 60.0, "min_calls": 3},
+    ]
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=STEPS, mode=MODES)
+def test_on_a_store_every_outcome_and_refusal_is_the_in_memory_breakers(
+    redis_url: str, steps: list[str], mode: dict[str, Any]
+) -> None:
+    """The same calls through an in-memory breaker and a shared one (alternating between two "processes") give
+    the same answers, refusals and counts."""
+
+    async def both() -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+        opened = stores(redis_url)
+        try:
+            memory = CircuitBreaker(break_duration=600, **mode)
+            shared = [CircuitBreaker(break_duration=600, store=s, name="cb", **mode) for s in opened]
+            local = Pipeline(program, memory)
+            remote = [Pipeline(program, b) for b in shared]
+            seen_memory, seen_shared = [], []
+            for index, step in enumerate(steps):
+                seen_memory.append((await run(local, step), counts(memory.snapshot())))
+                breaker = shared[index % 2]
+                seen_shared.append((await run(remote[index % 2], step), counts(breaker.snapshot())))
+            return seen_memory, seen_shared
+        finally:
+            await closing(*opened)
+
+    seen_memory, seen_shared = asyncio.run(both())
+    assert seen_shared == seen_memory
+
+
+def counts(snapshot: Any) -> tuple[Any, ...]:
+    return (snapshot.state, snapshot.calls, snapshot.failures, snapshot.consecutive_failures)

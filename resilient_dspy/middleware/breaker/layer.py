@@ -143,7 +143,10 @@ class CircuitBreaker(Layer):
                     single.consecutive = 0
                     single.counted += 1
                 else:
-                    single.succeeded(generation, False, 0.0)
+                    transition = single.succeeded(generation, False, 0.0)
+                    if transition is not None:  # it completed min_calls and tripped: its break starts now
+                        single.open_until = call.clock.now() + (transition[3] or 0.0)
+                        self.announce(call, None, transition)
             return result
         started = call.clock.now()
         if self._shared is not None:
