@@ -6,7 +6,9 @@ so and exits 0 when there is none. For each layer, ``Pipeline(program, layer)`` 
 a program that does nothing, in memory and on the store; the figure is the time per call minus a bare
 ``Pipeline(program)``'s (paired per round, median of rounds), so it is the layer's own cost, round trips included.
 Round trips are counted twice: the store's steps per call (a wrapper around ``RedisStore.run``) and the server's
-``EVALSHA`` count from ``INFO commandstats`` over the same calls. The calls succeed: a closed circuit, a budget far
+``EVALSHA`` count from ``INFO commandstats`` over the same calls. On a busy machine the round trip itself varies
+from run to run, so each round also times an empty step (``return 1``): the last column is the layer's cost in
+such round trips, measured side by side; the server's own time per step (``usec_per_call``) is given too. The calls succeed: a closed circuit, a budget far
 from its cap, no retry — the uncontended path.
 """
 
@@ -63,9 +65,10 @@ async def per_call(pipeline: Pipeline, calls: int) -> float:
     return (time.perf_counter() - started) / calls
 
 
-async def evalsha_count(store: RedisStore) -> int:
-    stats = await store.client.info("commandstats")
-    return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+async def evalsha_stats(store: RedisStore) -> tuple[int, float]:
+    """The server's EVALSHA count and its mean time inside the server (µs), since the last CONFIG RESETSTAT."""
+    stats = (await store.client.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), float(stats.get("usec_per_call", 0.0))
 
 
 async def bare_step(url: str, calls: int) -> float:
@@ -90,6 +93,8 @@ async def measure(url: str, calls: int, rounds: int) -> list[dict[str, Any]]:
             "redis_us": step,
             "steps_per_call": 1.0,
             "evalsha_per_call": 1.0,
+            "empty_steps": 1.0,
+            "server_us": 0.0,
         }
     ]
     for label, build in LAYERS.items():
@@ -98,16 +103,17 @@ async def measure(url: str, calls: int, rounds: int) -> list[dict[str, Any]]:
         memory = Pipeline(program, build(None))
         shared = Pipeline(program, build(store))
         await per_call(shared, 10)  # warm: scripts loaded, connections open
-        memory_us, shared_us = [], []
+        memory_us, shared_us, in_steps = [], [], []
         for _ in range(rounds):
             base = await per_call(bare, calls)
             memory_us.append((await per_call(memory, calls) - base) * 1e6)
             base = await per_call(bare, calls)
             shared_us.append((await per_call(shared, calls) - base) * 1e6)
+            in_steps.append(shared_us[-1] / await bare_step(url, calls))  # the same round's empty round trip
         Counted.steps = 0
-        before = await evalsha_count(store)
+        await store.client.config_resetstat()
         await per_call(shared, calls)
-        server = await evalsha_count(store) - before
+        server, server_us = await evalsha_stats(store)
         rows.append(
             {
                 "layer": label,
@@ -115,6 +121,8 @@ async def measure(url: str, calls: int, rounds: int) -> list[dict[str, Any]]:
                 "redis_us": statistics.median(shared_us),
                 "steps_per_call": Counted.steps / calls,
                 "evalsha_per_call": server / calls,
+                "empty_steps": statistics.median(in_steps),
+                "server_us": server_us,
             }
         )
         await store.aclose()
@@ -172,11 +180,14 @@ def main() -> int:
             started[0].wait(timeout=10)
             shutil.rmtree(started[2], ignore_errors=True)
     print(f"Python {sys.version.split()[0]}, {calls} sequential calls x {rounds} rounds, server on loopback")
-    print(f"{'layer':32} {'memory µs':>10} {'redis µs':>10} {'steps/call':>11} {'EVALSHA/call':>13}")
+    print(
+        f"{'layer':32} {'memory µs':>10} {'redis µs':>10} {'steps/call':>11} {'EVALSHA/call':>13} {'÷ empty':>8} {'server µs/step':>15}"
+    )
     for row in rows:
         print(
             f"{row['layer']:32} {row['memory_us']:10.1f} {row['redis_us']:10.1f} "
-            f"{row['steps_per_call']:11.2f} {row['evalsha_per_call']:13.2f}"
+            f"{row['steps_per_call']:11.2f} {row['evalsha_per_call']:13.2f} "
+            f"{row['empty_steps']:8.2f} {row['server_us']:15.1f}"
         )
     return 0
 
