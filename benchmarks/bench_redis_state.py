@@ -7,9 +7,9 @@ a program that does nothing, in memory and on the store; the figure is the time 
 ``Pipeline(program)``'s (paired per round, median of rounds), so it is the layer's own cost, round trips included.
 Round trips are counted twice: the store's steps per call (a wrapper around ``RedisStore.run``) and the server's
 ``EVALSHA`` count from ``INFO commandstats`` over the same calls. On a busy machine the round trip itself varies
-from run to run, so each round also times an empty step (``return 1``): the last column is the layer's cost in
-such round trips, measured side by side; the server's own time per step (``usec_per_call``) is given too. The calls succeed: a closed circuit, a budget far
-from its cap, no retry — the uncontended path.
+from run to run, so each round also times an empty step (``return 1``): "÷ empty" is the layer's cost in such round
+trips, measured side by side; "server µs/step" is the server's own time per step (``usec_per_call``). The calls
+succeed: a closed circuit, a budget far from its cap, no retry — the uncontended path.
 """
 
 from __future__ import annotations
@@ -180,9 +180,8 @@ def main() -> int:
             started[0].wait(timeout=10)
             shutil.rmtree(started[2], ignore_errors=True)
     print(f"Python {sys.version.split()[0]}, {calls} sequential calls x {rounds} rounds, server on loopback")
-    print(
-        f"{'layer':32} {'memory µs':>10} {'redis µs':>10} {'steps/call':>11} {'EVALSHA/call':>13} {'÷ empty':>8} {'server µs/step':>15}"
-    )
+    head = f"{'layer':32} {'memory µs':>10} {'redis µs':>10} {'steps/call':>11} {'EVALSHA/call':>13}"
+    print(f"{head} {'÷ empty':>8} {'server µs/step':>15}")
     for row in rows:
         print(
             f"{row['layer']:32} {row['memory_us']:10.1f} {row['redis_us']:10.1f} "
