@@ -245,11 +245,11 @@ async def _settle(
     """Commit the usage; a store failure here loses this call's spending from the shared count (its reservation
     expires), never the call."""
     used, cost = layer.measure(scope, dollars)
+    layer.spent(call, key, tokens, dollars, used, cost)
     try:
         (t0, t1), (d0, d1), snapshot = await shared.commit(call, key, reservation, used, cost)
     except StoreUnavailableError:
         return
-    layer.spent(call, key, tokens, dollars, used, cost)
     thresholds = shared.options.alert_at
     for usage, first, last in ((snapshot.tokens, t0, t1), (snapshot.dollars, d0, d1)):
         if usage is not None:
