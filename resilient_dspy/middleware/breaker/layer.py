@@ -156,7 +156,8 @@ class CircuitBreaker(Layer):
     async def call_local(self, call: Call, next: Handler, started: float) -> Any:
         """A call on in-process state (the store's fallback too): admit, run, count its outcome."""
         clock = call.clock
-        circuit = self._states.get(None if self._key_of is None else self._key_of(call), started)
+        key_of = self._key_of
+        circuit = self._states.single or self._partitions.get(None if key_of is None else key_of(call), started)
         try:
             ticket, transition = circuit.admit(started)
         except CircuitOpenError as rejection:
