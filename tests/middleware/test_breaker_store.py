@@ -345,3 +345,38 @@ def test_on_a_store_every_outcome_and_refusal_is_the_in_memory_breakers(
 
 def counts(snapshot: Any) -> tuple[Any, ...]:
     return (snapshot.state, snapshot.calls, snapshot.failures, snapshot.consecutive_failures)
+
+
+class CountingStore(RedisStore):
+    """A RedisStore that counts the steps it runs (one step, one round trip)."""
+
+    steps = 0
+
+    async def run(self, script: str, keys: Any, args: Any, *, operation: str) -> Any:
+        self.steps += 1
+        return await super().run(script, keys, args, operation=operation)
+
+
+async def test_only_one_waiter_per_process_polls_a_half_open_circuit_whose_probe_runs_elsewhere(
+    redis_url: str,
+) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    a_store, b_store = RedisStore(redis_url, prefix=prefix), CountingStore(redis_url, prefix=prefix)
+    try:
+        a = Pipeline(program, CircuitBreaker(1, break_duration=2.0, store=a_store, name="cb"))
+        b = Pipeline(
+            program,
+            CircuitBreaker(1, break_duration=2.0, wait_for_half_open=True, max_wait=9, store=b_store, name="cb"),
+        )
+        assert await run(a, "fail") == "error"
+        await asyncio.sleep(2.05)
+        probe = asyncio.create_task(run(a, "sleep:1.5:ok"))  # A's probe holds the lease for 1.5 s of a 2 s lease
+        await asyncio.sleep(0.05)
+        answers = await asyncio.gather(*(run(b, "ok") for _ in range(12)))
+        assert answers == ["answer"] * 12  # all ran once A's probe closed the circuit
+        assert await probe == "answer"
+        # 12 first admissions, 12 after the close and 12 records, plus the polls of a 0.2 s cadence for ~1.45 s:
+        # ~7 by one watcher (~43 in all), not ~7 by each of the 12 (~120)
+        assert b_store.steps < 80
+    finally:
+        await closing(a_store, b_store)
