@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:
     from resilient_dspy.middleware.adaptive_concurrency import AdaptiveConcurrencyRejected, ConcurrencyLimitChanged
     from resilient_dspy.middleware.adaptive_throttle import ThrottleRejected
-    from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged
+    from resilient_dspy.middleware.breaker import CircuitRejected, CircuitStateChanged, CircuitWaited, CircuitWaiting
     from resilient_dspy.middleware.budget import BudgetAlert, BudgetRejected, BudgetSpent
     from resilient_dspy.middleware.bulkhead import BulkheadAcquired, BulkheadQueued, BulkheadRejected
     from resilient_dspy.middleware.cache import (
@@ -54,6 +54,8 @@ __all__ = [
     "ChaosInjected",
     "CircuitRejected",
     "CircuitStateChanged",
+    "CircuitWaited",
+    "CircuitWaiting",
     "ConcurrencyLimitChanged",
     "Event",
     "EventRouter",
@@ -77,7 +79,7 @@ __all__ = [
 _PATTERN_EVENTS: dict[str, tuple[str, ...]] = {
     "resilient_dspy.middleware.adaptive_concurrency": ("AdaptiveConcurrencyRejected", "ConcurrencyLimitChanged"),
     "resilient_dspy.middleware.adaptive_throttle": ("ThrottleRejected",),
-    "resilient_dspy.middleware.breaker": ("CircuitRejected", "CircuitStateChanged"),
+    "resilient_dspy.middleware.breaker": ("CircuitRejected", "CircuitStateChanged", "CircuitWaited", "CircuitWaiting"),
     "resilient_dspy.middleware.budget": ("BudgetAlert", "BudgetRejected", "BudgetSpent"),
     "resilient_dspy.middleware.bulkhead": ("BulkheadAcquired", "BulkheadQueued", "BulkheadRejected"),
     "resilient_dspy.middleware.cache": (

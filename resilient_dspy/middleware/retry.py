@@ -11,23 +11,26 @@ one Retry shares among its calls: :meth:`Retry.snapshot` reads it.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.clock import Clock
 from resilient_dspy.core.health import LayerHealth
 from resilient_dspy.core.layer import Layer
-from resilient_dspy.core.options import Options, options_from
+from resilient_dspy.core.options import FieldProblem, Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.core.stream import stream_started
 from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, classify
 from resilient_dspy.events import Event
 from resilient_dspy.middleware._shared.filters import normalise_filter
-from resilient_dspy.middleware.retry_budget import BudgetWindow, RetryBudget, RetrySnapshot
+from resilient_dspy.middleware.retry_budget import BudgetWindow, RetryBudget, RetrySnapshot, SharedBudgetWindow
+from resilient_dspy.store.link import StoreLink, StoreOptions
+from resilient_dspy.store.protocol import FailMode, StateStore, StoreUnavailableError
 
 __all__ = [
     "Retry",
@@ -48,7 +51,7 @@ _DEFAULT_BUDGET = RetryBudget()
 _REJECTED = ErrorKind.REJECTED  # a module global: reading an enum member off its class costs ~100 ns in 3.11
 
 
-class RetryOptions(Options):
+class RetryOptions(StoreOptions):
     """What a Retry retries, how long it waits and what bounds it; see docs/patterns/retry.md."""
 
     max_attempts: int = Field(default=3, ge=1, description="Attempts in all, counting the first.")
@@ -63,7 +66,13 @@ class RetryOptions(Options):
     respect_retry_after: bool = Field(default=True, description="Honour the error's retry_after.")
     max_retry_after: float = Field(default=60.0, ge=0, allow_inf_nan=False, description="Cap on a Retry-After wait.")
     budget: RetryBudget | None = Field(default_factory=RetryBudget, description="The retry budget; None = none.")
-    name: str | None = Field(default=None, description="Label in events and describe().")
+    name: str | None = Field(default=None, description="Label in events and describe(); the identity on a store.")
+
+    @model_validator(mode="after")
+    def _check_store(self) -> RetryOptions:
+        if self.store is not None and self.budget is None:
+            raise FieldProblem("store", "holds the retry budget across processes: it has no effect with budget=None")
+        return self
 
     @field_validator("retry_on", mode="before")
     @classmethod
@@ -111,10 +120,15 @@ class Retry(Layer):
         respect_retry_after: bool = True,
         max_retry_after: float = 60.0,
         budget: RetryBudget | None = _DEFAULT_BUDGET,
+        store: StateStore | None = None,
+        on_store_failure: FailMode = "local",
         name: str | None = None,
     ) -> None:
         self.options = options = options_from(RetryOptions, "Retry", locals())
         self._budget = BudgetWindow(options.budget) if options.budget is not None else None
+        self._shared: SharedBudgetWindow | None = None
+        if store is not None and options.budget is not None:
+            self._shared = SharedBudgetWindow(options.budget, StoreLink(self, store, on_store_failure), self.name)
         self._clock: Clock | None = None
         self._fixed_delay: float | None = None
         if options.jitter == "none" and (options.backoff == "constant" or options.base_delay == 0):
@@ -142,6 +156,9 @@ class Retry(Layer):
         clock = call.clock
         budget = self._budget
         slot = budget.record_call(clock.now()) if budget is not None else None
+        shared = self._shared
+        if shared is not None:
+            await self._count_shared(call, shared)
         try:
             previous = options.base_delay
             attempt_call = call
@@ -184,7 +201,11 @@ class Retry(Layer):
                         stop = "deadline"
                     elif blocked is not None and delay > options.max_retry_after:
                         stop = "circuit_open"
-                    elif budget is not None and not budget.try_spend(clock.now(), error):
+                    elif budget is not None and not (
+                        budget.try_spend(clock.now(), error)
+                        if shared is None
+                        else await self._spend_shared(call, shared, budget, error)
+                    ):
                         stop = "budget"
                 if stop is not None:
                     self.emit(call, RetryGaveUp, attempts=attempt, reason=stop, error=error)
@@ -203,11 +224,27 @@ class Retry(Layer):
             if budget is not None and slot is not None:
                 budget.call_ended(slot)
 
+    async def _count_shared(self, call: Call, shared: SharedBudgetWindow) -> None:
+        with contextlib.suppress(StoreUnavailableError):  # the calls are still counted here, for the fallback
+            await shared.record_call(call, call.clock.now())
+
+    async def _spend_shared(
+        self, call: Call, shared: SharedBudgetWindow, budget: BudgetWindow, error: BaseException | None
+    ) -> bool:
+        """One retry from the budget of every process; while the store is out, from this process's (``local``) or
+        none (``reject``: the call gives up with ``reason="budget"``)."""
+        try:
+            return await shared.step(call, call.clock.now(), want=True)
+        except StoreUnavailableError:
+            return shared.link.mode == "local" and budget.try_spend(call.clock.now(), error)
+
     def snapshot(self) -> RetrySnapshot | None:
         """The retry budget now (on the pipeline clock): calls and retries in its window; None without a budget."""
         budget = self._budget
         if budget is None:
             return None
+        if self._shared is not None and self._shared.seen is not None:
+            return self._shared.seen
         clock = self._clock
         try:
             now = clock.now() if clock is not None else budget.latest()
@@ -219,10 +256,26 @@ class Retry(Layer):
         """Degraded while the retry budget is spent (retries made in its window, room for no more): failures are no
         longer retried. Otherwise nothing to report."""
         snapshot = self.snapshot()
-        if snapshot is None or not (snapshot.retries and snapshot.exhausted):
+        link = None if self._shared is None else self._shared.link
+        spent = snapshot is not None and snapshot.retries > 0 and snapshot.exhausted
+        if snapshot is None or not (spent or (link is not None and link.degraded)):
             return None
-        details = {"budget_calls": snapshot.calls, "budget_retries": snapshot.retries, "allowed": snapshot.allowed}
+        details: dict[str, Any] = {
+            "budget_calls": snapshot.calls,
+            "budget_retries": snapshot.retries,
+            "allowed": snapshot.allowed,
+        }
+        if link is not None:
+            details.update(link.health_details())
         return LayerHealth(self.name, "degraded", details)
+
+    def describe(self) -> dict[str, Any]:
+        """The base's, with the store by its own ``describe()`` (no secrets)."""
+        described = super().describe()
+        options = self.options.model_dump(exclude={"store"})
+        options["store"] = None if self._shared is None else self._shared.link.store.describe()
+        described["options"] = options
+        return described
 
 
 def compute_delay(

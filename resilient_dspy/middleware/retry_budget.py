@@ -10,14 +10,20 @@ docs/patterns/retry.md ("The retry budget").
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from resilient_dspy.core.options import Options
 
-__all__ = ["RetryBudget", "RetrySnapshot"]
+if TYPE_CHECKING:
+    from resilient_dspy.core.call import Call
+    from resilient_dspy.store.link import StoreLink
+
+__all__ = ["RetryBudget", "RetrySnapshot", "SharedBudgetWindow"]
 
 
 class RetryBudget(Options):
@@ -144,3 +150,80 @@ class BudgetWindow:
             calls += recorded if stamp * width > opened else in_flight
         retries = sum(1 for at, _ in self.retries if at > opened)
         return RetrySnapshot(now, self.window, calls, retries, self.ratio * calls + self.floor)
+
+
+_SPEND = """
+local H, Z = KEYS[1], KEYS[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local window, width, ratio, floor = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 6, #ARGV, 2 do
+  redis.call('HINCRBY', H, math.floor((now - tonumber(ARGV[i])) / width), tonumber(ARGV[i + 1]))
+end
+local opened = now - window
+local calls = 0
+local all = redis.call('HGETALL', H)
+for i = 1, #all, 2 do
+  local stamp = tonumber(all[i])
+  if stamp then
+    if stamp * width > opened then calls = calls + tonumber(all[i + 1]) else redis.call('HDEL', H, all[i]) end
+  end
+end
+redis.call('ZREMRANGEBYSCORE', Z, '-inf', opened)
+local retries = redis.call('ZCARD', Z)
+local granted = 0
+if ARGV[5] == '1' and retries + 1 <= ratio * calls + floor then
+  granted = 1
+  retries = retries + 1
+  redis.call('ZADD', Z, now, redis.call('HINCRBY', H, 'seq', 1))
+end
+local ttl = math.ceil(window * 2000)
+redis.call('PEXPIRE', H, ttl)
+redis.call('PEXPIRE', Z, ttl)
+return {granted, calls, retries}
+"""
+
+
+class SharedBudgetWindow:
+    """The retry budget of one Retry ``name`` across processes, on a store: the same sliding bound, with the calls
+    and retries of every process (see docs/patterns/retry.md, "Across processes").
+
+    Each retry is one round trip (one Lua script on the server's clock) that also adds the calls counted here since
+    the last one; calls alone are sent at most every ``window / 10`` seconds, so a call costs no round trip of its
+    own. Calls not sent yet (at most one such interval per process) are not counted anywhere else, which can only
+    refuse a retry a little sooner. A shared failure paid once (single-flight followers) is not recognised across
+    the store: each follower's retry counts.
+    """
+
+    __slots__ = ("config", "flush_every", "flushed_at", "keys", "link", "pending", "seen", "width")
+
+    def __init__(self, budget: RetryBudget, link: StoreLink, name: str, slots: int = 100) -> None:
+        self.link = link
+        self.width = budget.window / slots
+        self.flush_every = budget.window / 10
+        self.config: list[Any] = [budget.window, self.width, budget.ratio, budget.min_per_second * budget.window]
+        base = link.store.key("retry", name, "{budget}")
+        self.keys = [base, base + ":retries"]
+        self.pending: dict[int, int] = {}  # local slot stamp -> calls not yet sent
+        self.flushed_at = -math.inf
+        self.seen: RetrySnapshot | None = None
+
+    async def record_call(self, call: Call, now: float) -> None:
+        """Count a call; send the calls counted so far when ``window / 10`` passed since the last send."""
+        stamp = int(now // self.width)
+        pending = self.pending
+        pending[stamp] = pending.get(stamp, 0) + 1
+        if now - self.flushed_at >= self.flush_every:
+            await self.step(call, now, want=False)
+
+    async def step(self, call: Call, now: float, *, want: bool) -> bool:
+        """Send the pending calls and, with ``want``, ask for one retry; raises StoreUnavailableError."""
+        args = [*self.config, "1" if want else "0"]
+        for stamp, count in self.pending.items():
+            args += [max(0.0, now - stamp * self.width), count]
+        self.pending = {}
+        self.flushed_at = now
+        granted, calls, retries = await self.link.run(call, _SPEND, self.keys, args, operation="spend a retry")
+        window = self.config[0]
+        self.seen = RetrySnapshot(now, window, int(calls), int(retries), self.config[2] * int(calls) + self.config[3])
+        return bool(granted)

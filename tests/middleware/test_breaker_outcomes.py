@@ -138,3 +138,19 @@ def test_a_snapshot_outside_a_running_loop_reads_time_zero() -> None:
     pipeline = Pipeline(program, breaker)  # kept alive: the breaker holds its pipelines weakly
     assert breaker.snapshot() == snap()
     assert breaker.health().status == "ok" and pipeline.name
+
+
+async def test_a_success_that_trips_a_count_window_on_the_fast_path_opens_for_a_whole_break_from_now() -> None:
+    """Regression: the unpartitioned fast path counted a success at time 0.0, so a success completing ``min_calls``
+    opened the circuit until ``0 + break_duration`` (already over, once the loop clock is past it) and announced
+    nothing."""
+    events: list[Any] = []
+    breaker = CircuitBreaker(failure_rate=0.5, window=4, min_calls=4, break_duration=30, name="cb")
+    pipeline = Pipeline(program, breaker, listeners=[events.append])
+    await asyncio.sleep(1000)  # the loop clock is far past one break
+    for step in ("fail", "fail", "ok", "ok"):
+        await run(pipeline, step)  # the last success brings the window to min_calls at 2 of 4 failed: trips
+    assert breaker.state is OPEN
+    assert await run(pipeline, "ok") == "rejected"
+    assert breaker.snapshot().retry_after == pytest.approx(30.0)
+    assert [(e.old, e.new, e.reason) for e in events if hasattr(e, "reason")] == [(CLOSED, OPEN, "failure_rate")]

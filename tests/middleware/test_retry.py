@@ -1075,6 +1075,8 @@ def test_the_defaults_are_described_exactly() -> None:
             "respect_retry_after": True,
             "max_retry_after": 60.0,
             "budget": {"ratio": 0.2, "min_per_second": 1.0, "window": 10.0},
+            "store": None,
+            "on_store_failure": "local",
             "name": None,
         },
     }

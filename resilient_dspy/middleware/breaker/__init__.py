@@ -1,6 +1,13 @@
 """The circuit breaker (docs/patterns/circuit-breaker.md): options, events, windows, circuit, layer."""
 
-from resilient_dspy.middleware.breaker.events import CircuitRejected, CircuitSnapshot, CircuitState, CircuitStateChanged
+from resilient_dspy.middleware.breaker.events import (
+    CircuitRejected,
+    CircuitSnapshot,
+    CircuitState,
+    CircuitStateChanged,
+    CircuitWaited,
+    CircuitWaiting,
+)
 from resilient_dspy.middleware.breaker.layer import CircuitBreaker
 from resilient_dspy.middleware.breaker.options import CircuitBreakerOptions
 
@@ -11,4 +18,6 @@ __all__ = [
     "CircuitSnapshot",
     "CircuitState",
     "CircuitStateChanged",
+    "CircuitWaited",
+    "CircuitWaiting",
 ]

@@ -13,6 +13,8 @@ __all__ = [
     "CircuitSnapshot",
     "CircuitState",
     "CircuitStateChanged",
+    "CircuitWaited",
+    "CircuitWaiting",
 ]
 
 
@@ -44,6 +46,26 @@ class CircuitRejected(Rejected):
 
     def rejection_reason(self) -> str:
         return self.state.value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitWaiting(Event):
+    """A call found the circuit ``state`` (open, or half-open with its probes out) and waits, with
+    ``wait_for_half_open``, up to ``until`` (pipeline clock; None = no bound) for it to let calls through."""
+
+    key: Hashable
+    state: CircuitState
+    retry_after: float | None
+    until: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitWaited(Event):
+    """A waiting call stopped waiting after ``waited`` seconds: ``admitted`` (it runs) or refused (it raises)."""
+
+    key: Hashable
+    waited: float
+    admitted: bool
 
 
 @dataclass(frozen=True, slots=True)

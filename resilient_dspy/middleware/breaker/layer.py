@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from resilient_dspy.core.clock import LoopClock
 from resilient_dspy.core.emit import emit_event
-from resilient_dspy.core.health import LayerHealth, Status, key_name
+from resilient_dspy.core.health import LayerHealth, Status, key_name, worst
 from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.errors import CircuitOpenError, classify
@@ -28,7 +28,10 @@ from resilient_dspy.middleware._shared.partitions import KeyedStates, KeyFunctio
 from resilient_dspy.middleware.breaker.circuit import Transition, _Circuit, _KeyedCircuit
 from resilient_dspy.middleware.breaker.events import CircuitRejected, CircuitSnapshot, CircuitState, CircuitStateChanged
 from resilient_dspy.middleware.breaker.options import _FAILURE_KINDS, CircuitBreakerOptions
+from resilient_dspy.middleware.breaker.shared import SharedCircuits, call_shared
+from resilient_dspy.middleware.breaker.waiting import ChangeSignals, Refused, wait_for_half_open
 from resilient_dspy.middleware.breaker.windows import _Probe
+from resilient_dspy.store.protocol import FailMode, StateStore
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler, Runtime
@@ -70,6 +73,10 @@ class CircuitBreaker(Layer):
         key: KeyFunction | None = None,
         max_keys: int = 1024,
         idle_after: float = 600.0,
+        wait_for_half_open: bool = False,
+        max_wait: float | None = None,
+        store: StateStore | None = None,
+        on_store_failure: FailMode = "local",
         name: str | None = None,
     ) -> None:
         self.options = options = options_from(CircuitBreakerOptions, "CircuitBreaker", locals())
@@ -79,7 +86,9 @@ class CircuitBreaker(Layer):
             single=lambda: _Circuit(options, None),
             on_evict=self._evicted,
         )
-        self._single = self._states.single
+        self._shared = None if store is None else SharedCircuits(self, options, store, on_store_failure)
+        self._single = self._states.single if store is None else None  # None: every call takes the path that branches
+        self.signals = ChangeSignals()
         self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
         self._slow = options.slow_call_duration
         time_window = options.consecutive is None and options.window is None  # window_seconds, or the default 60 s
@@ -134,26 +143,46 @@ class CircuitBreaker(Layer):
                     single.consecutive = 0
                     single.counted += 1
                 else:
-                    single.succeeded(generation, False, 0.0)
+                    transition = single.succeeded(generation, False, 0.0)
+                    if transition is not None:  # it completed min_calls and tripped: its break starts now
+                        single.open_until = call.clock.now() + (transition[3] or 0.0)
+                        self.announce(call, None, transition)
             return result
+        started = call.clock.now()
+        if self._shared is not None:
+            return await call_shared(self, self._shared, call, next, started)
+        return await self.call_local(call, next, started)
+
+    async def call_local(self, call: Call, next: Handler, started: float) -> Any:
+        """A call on in-process state (the store's fallback too): admit, run, count its outcome."""
         clock = call.clock
-        started = clock.now()
-        if single is not None:
-            circuit = single
-        else:
-            key_of = self._key_of
-            assert key_of is not None
-            circuit = self._partitions.get(key_of(call), started)
+        key_of = self._key_of
+        circuit = self._states.single or self._partitions.get(None if key_of is None else key_of(call), started)
         try:
             ticket, transition = circuit.admit(started)
         except CircuitOpenError as rejection:
-            self.emit(call, CircuitRejected, key=circuit.key, state=circuit.state, retry_after=rejection.retry_after)
-            raise
+            if not self.options.wait_for_half_open:
+                self.emit(
+                    call, CircuitRejected, key=circuit.key, state=circuit.state, retry_after=rejection.retry_after
+                )
+                raise
+            refused = Refused(circuit.state, rejection)
+            key = circuit.key
+            circuit, ticket, transition = await wait_for_half_open(
+                self,
+                call,
+                key,
+                refused,
+                started,
+                self.options.max_wait,
+                self.signals,
+                lambda now: self._admit(key, now),
+            )
         record = call.record
         reached = record.attempts
         try:
             if transition is not None:  # inside: a listener's BaseException must give the probe back too
-                self._announce(call, circuit.key, transition)
+                self.announce(call, circuit.key, transition)
             result = await next(call)
         except Exception as error:
             if record.attempts == reached:  # a cache's follower or an inner rejection: the provider was not asked
@@ -171,8 +200,17 @@ class CircuitBreaker(Layer):
         slow = self._slow is not None and now - started >= self._slow
         transition = circuit.succeeded(ticket, slow, now)
         if transition is not None:
-            self._announce(call, circuit.key, transition)
+            self.announce(call, circuit.key, transition)
         return result
+
+    async def _admit(self, key: Hashable, now: float) -> tuple[_Circuit, int | _Probe, Transition | None] | Refused:
+        """A waiter's next try at the in-process circuit for ``key``."""
+        circuit = self._states.get(key, now)
+        try:
+            ticket, transition = circuit.admit(now)
+        except CircuitOpenError as rejection:
+            return Refused(circuit.state, rejection)
+        return circuit, ticket, transition
 
     def _failed(self, call: Call, circuit: _Circuit, ticket: int | _Probe, error: Exception, started: float) -> None:
         if self.counts_as_failure(error) is None:
@@ -182,13 +220,14 @@ class CircuitBreaker(Layer):
         slow = self._slow is not None and now - started >= self._slow
         transition = circuit.failed(ticket, slow, classify(error).retry_after, now)
         if transition is not None:
-            self._announce(call, circuit.key, transition)
+            self.announce(call, circuit.key, transition)
         if circuit.state is CircuitState.OPEN:
             call.record.blocked_until = circuit.open_until
 
-    def _announce(self, call: Call | None, key: Hashable, transition: Transition) -> None:
+    def announce(self, call: Call | None, key: Hashable, transition: Transition) -> None:
         """Log a transition and emit it: to the calling pipeline, or (manual control) to every pipeline built with
         this breaker."""
+        self.signals.changed(key)
         old, new, reason, retry_after = transition
         log = logger.warning if new is CircuitState.OPEN else logger.info
         log("circuit %s%s: %s -> %s (%s)", self.name, "" if key is None else f"[{key!r}]", old, new, reason)
@@ -204,6 +243,8 @@ class CircuitBreaker(Layer):
     # --------------------------------------------------------------------------------------- manual control
 
     def _circuits(self, key: Hashable | None) -> list[_Circuit]:
+        if self._shared is not None:
+            raise RuntimeError(f"{self.name} keeps its circuits on a store: use await aisolate() / areset()")
         if self._single is not None or key is None:
             return [circuit for _, circuit in self._states.items()]
         return [self._states.get(key, self._now())]
@@ -221,23 +262,45 @@ class CircuitBreaker(Layer):
         for circuit in self._circuits(key):
             transition = circuit.isolate()
             if transition is not None:
-                self._announce(None, circuit.key, transition)
+                self.announce(None, circuit.key, transition)
 
     def reset(self, key: Hashable | None = None) -> None:
         """Close the circuit (for ``key``, or every one) and forget its counts, isolation included."""
         for circuit in self._circuits(key):
             transition = circuit.reset()
             if transition is not None:
-                self._announce(None, circuit.key, transition)
+                self.announce(None, circuit.key, transition)
+
+    async def aisolate(self, key: Hashable | None = None) -> None:
+        """:meth:`isolate` that also works on a store (there, for ``key`` only: every process refuses at once)."""
+        await self._control(key, "isolate")
+
+    async def areset(self, key: Hashable | None = None) -> None:
+        """:meth:`reset` that also works on a store (there, for ``key`` only: every process sees it closed)."""
+        await self._control(key, "reset")
+
+    async def _control(self, key: Hashable | None, action: str) -> None:
+        shared = self._shared
+        if shared is None:
+            (self.isolate if action == "isolate" else self.reset)(key)
+            return
+        transition = await shared.control(key, action)
+        if transition is not None:
+            self.announce(None, key, transition)
 
     def snapshot(self, key: Hashable | None = None) -> CircuitSnapshot:
         """State and counts of the circuit for ``key`` (the only one when unpartitioned; a fresh circuit's for a key
-        not seen)."""
+        not seen). On a store: as the last step of this process found it."""
+        if self._shared is not None and key in self._shared.mirror:
+            return self._shared.mirror[key]
         circuit = self._states.peek(key)
         return (circuit or _Circuit(self.options, key)).snapshot(self._now())
 
     def snapshots(self) -> dict[Hashable, CircuitSnapshot]:
-        """Every live circuit's snapshot by key (``{None: ...}`` when unpartitioned)."""
+        """Every live circuit's snapshot by key (``{None: ...}`` when unpartitioned); on a store, the mirrored ones."""
+        if self._shared is not None:
+            mirrored = dict(self._shared.mirror)
+            return {None: self.snapshot()} if self.options.key is None and not mirrored else mirrored
         now = self._now()
         return {key: circuit.snapshot(now) for key, circuit in self._states.items()}
 
@@ -253,13 +316,18 @@ class CircuitBreaker(Layer):
         status: Status
         if not refusing:
             status = "ok"
-        elif len(refusing) == len(snapshots) and self._single is not None:
+        elif len(refusing) == len(snapshots) and self.options.key is None:
             status = "down"
         else:
             status = "degraded"
         states = {key_name(key): snap.state.value for key, snap in snapshots.items()}
         details: dict[str, Any] = {"circuits": states, "refusing": sorted(refusing)}
-        if self._single is None:
+        link = None if self._shared is None else self._shared.link
+        if link is not None:
+            details.update(link.health_details())
+            if link.degraded:
+                status = worst([status, "down" if link.mode == "reject" else "degraded"])
+        elif self._single is None:
             partitions = self._states.partitions
             details["evicted_protecting"] = partitions.evicted_protective
             last = partitions.last_evicted_at
@@ -275,9 +343,10 @@ class CircuitBreaker(Layer):
     def describe(self) -> dict[str, Any]:
         """The base's, with ``options`` holding the mode and partitioning in effect instead of the error filters
         and key function (types or callables, which say nothing once printed)."""
-        options = self.options.model_dump(exclude={"failure_on", "exclude", "key"})
+        options = self.options.model_dump(exclude={"failure_on", "exclude", "key", "store"})
         options["mode"] = "consecutive" if self.options.consecutive is not None else "rate"
         options["partitioned"] = self.options.key is not None
+        options["store"] = None if self._shared is None else self._shared.store.describe()
         return {**super().describe(), "options": options}
 
 

@@ -11,6 +11,7 @@ from resilient_dspy.core.options import FieldProblem
 from resilient_dspy.errors import ErrorKind
 from resilient_dspy.middleware._shared.filters import normalise_filter
 from resilient_dspy.middleware._shared.partitions import PartitionOptions
+from resilient_dspy.store.link import StoreOptions
 
 __all__ = [
     "CircuitBreakerOptions",
@@ -44,7 +45,7 @@ def _check_filter(value: Any) -> Any:
     return value
 
 
-class CircuitBreakerOptions(PartitionOptions):
+class CircuitBreakerOptions(PartitionOptions, StoreOptions):
     """When to open, how long to stay open, and how to probe; see docs/patterns/circuit-breaker.md."""
 
     failure_threshold: int | None = Field(default=None, ge=1, description="Consecutive failures that open it.")
@@ -61,7 +62,11 @@ class CircuitBreakerOptions(PartitionOptions):
     half_open_probes: int = Field(default=1, ge=1, description="Trial calls admitted (and needed) when half-open.")
     failure_on: Any = Field(default=None, description="Errors that count as failures (types or predicate).")
     exclude: Any = Field(default=None, description="Errors that count as nothing (types or predicate).")
-    name: str | None = Field(default=None, description="Label in events and describe().")
+    wait_for_half_open: bool = Field(default=False, description="Wait for the break to end instead of refusing.")
+    max_wait: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="Longest such wait; None = up to the call's deadline."
+    )
+    name: str | None = Field(default=None, description="Label in events and describe(); the identity on a store.")
 
     _check_failure_on = field_validator("failure_on")(classmethod(lambda cls, v: _check_filter(v)))
     _check_exclude = field_validator("exclude")(classmethod(lambda cls, v: _check_filter(v)))
@@ -89,6 +94,8 @@ class CircuitBreakerOptions(PartitionOptions):
         if self.window is not None and self.min_calls > self.window:
             rule = f"must be <= window ({self.window}) or the circuit can never open (got {self.min_calls})"
             raise FieldProblem("min_calls", rule)
+        if self.max_wait is not None and not self.wait_for_half_open:
+            raise FieldProblem("max_wait", "has no effect without wait_for_half_open=True")
         if self.max_break_duration is not None and self.max_break_duration < self.break_duration:
             raise FieldProblem("max_break_duration", f"must be >= break_duration ({self.break_duration:g})")
         return self

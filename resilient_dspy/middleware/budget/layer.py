@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-from collections.abc import Callable, Hashable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 from resilient_dspy.binding.estimate import ProgramEstimate
 from resilient_dspy.binding.settings import setting
@@ -35,7 +34,10 @@ from resilient_dspy.events import Event
 from resilient_dspy.middleware._shared.partitions import KeyFunction, Partitions
 from resilient_dspy.middleware.budget.accounts import _BudgetAccount
 from resilient_dspy.middleware.budget.events import BudgetAlert, BudgetRejected, BudgetSnapshot, BudgetSpent
-from resilient_dspy.middleware.budget.options import BudgetOptions, PriceFunction, TokenEstimate
+from resilient_dspy.middleware.budget.options import BudgetOptions, PriceFunction, TokenEstimate, Unit
+from resilient_dspy.middleware.budget.pricing import Pricing
+from resilient_dspy.middleware.budget.shared import SharedBudgets, call_shared
+from resilient_dspy.store.protocol import FailMode, StateStore
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call, Handler
@@ -47,7 +49,7 @@ __all__ = ["Budget"]
 logger = logging.getLogger("resilient_dspy.budget")
 
 
-class Budget(Layer):
+class Budget(Pricing, Layer):
     """Refuse calls that would overspend a token and/or dollar cap; see the module docstring."""
 
     placement: ClassVar[str] = "budget"
@@ -67,9 +69,13 @@ class Budget(Layer):
         key: KeyFunction | None = None,
         max_keys: int = 1024,
         idle_after: float = 600.0,
+        reservation_ttl: float = 600.0,
+        store: StateStore | None = None,
+        on_store_failure: FailMode = "local",
         name: str | None = None,
     ) -> None:
         self.options = options = options_from(BudgetOptions, "Budget", locals())
+        self._shared = None if store is None else SharedBudgets(self, options, store, on_store_failure)
         self._key_of = options.key
         self._single = _BudgetAccount(options)
         self._partitions: Partitions[_BudgetAccount] = Partitions(
@@ -104,6 +110,12 @@ class Budget(Layer):
     # --------------------------------------------------------------------------------------- the call
 
     async def __call__(self, call: Call, next: Handler) -> Any:
+        if self._shared is not None:
+            return await call_shared(self, self._shared, call, next)
+        return await self.call_local(call, next)
+
+    async def call_local(self, call: Call, next: Handler) -> Any:
+        """A call on in-process accounts (the store's fallback too): reserve, run, charge."""
         clock = call.clock
         self._clock = clock
         now = clock.now()
@@ -115,7 +127,7 @@ class Budget(Layer):
         account.roll(now)
         prompt, completion = self.estimate(call)
         tokens = prompt + completion
-        dollars = self._estimate_dollars(prompt, completion) if account.dollars is not None else 0.0
+        dollars = self.estimate_dollars(prompt, completion) if account.dollars is not None else 0.0
         self._admit(call, account, key, tokens, dollars, now)
         account.reserve(tokens, dollars, now)
         with usage_scope() as scope:
@@ -139,68 +151,84 @@ class Budget(Layer):
             return _tokens(value[0]), _tokens(value[1])
         return 0, _tokens(value)
 
+    def check_size(self, key: Hashable, tokens: int, dollars: float) -> None:
+        """Raise :class:`RequestTooLargeError` for an estimate above a whole cap: it could never run."""
+        for unit, limit, amount in (
+            ("tokens", self.options.tokens, tokens),
+            ("dollars", self.options.dollars, dollars),
+        ):
+            if limit is not None and amount > limit:
+                raise RequestTooLargeError(
+                    f"{self.name}{_where(key)}.{unit}",
+                    f"a call estimated at {amount:g} {unit} exceeds the whole budget of {limit:g}, so it "
+                    "can never run (lower the LM's max_tokens or pass estimate_tokens=)",
+                )
+
     def _admit(
         self, call: Call, account: _BudgetAccount, key: Hashable, tokens: int, dollars: float, now: float
     ) -> None:
-        for meter, amount in ((account.tokens, tokens), (account.dollars, dollars)):
-            if meter is not None and amount > meter.limit:
-                raise RequestTooLargeError(
-                    f"{self.name}{_where(key)}.{meter.unit}",
-                    f"a call estimated at {amount:g} {meter.unit} exceeds the whole budget of {meter.limit:g}, so it "
-                    "can never run (lower the LM's max_tokens or pass estimate_tokens=)",
-                )
+        self.check_size(key, tokens, dollars)
         for meter, amount in ((account.tokens, tokens), (account.dollars, dollars)):
             if meter is None or meter.fits(amount):
                 continue
             resets_at = account.resets_at()
             retry_after = None if resets_at is None else max(0.0, resets_at - now)
-            self.emit(
-                call,
-                BudgetRejected,
-                key=key,
-                unit=meter.unit,
-                limit=meter.limit,
-                spent=meter.spent,
-                reserved=meter.reserved,
-                estimate=amount,
-                retry_after=retry_after,
-            )
-            period = "" if self.options.per is None else f" per {self.options.per:g}s"
-            raise BudgetExceededError(
-                f"{self.name}{_where(key)}: the {meter.unit[:-1]} budget of {meter.limit:g}{period} cannot cover this "
-                f"call ({meter.spent:g} spent, {meter.reserved:g} reserved, ~{amount:g} needed)",
-                retry_after=retry_after,
-            )
+            self.refuse(call, key, meter.unit, meter.limit, meter.spent, meter.reserved, amount, retry_after)
+
+    def refuse(
+        self,
+        call: Call,
+        key: Hashable,
+        unit: Unit,
+        limit: float,
+        spent: float,
+        reserved: float,
+        amount: float,
+        retry_after: float | None,
+    ) -> NoReturn:
+        """Emit :class:`BudgetRejected` and raise :class:`BudgetExceededError` for a call ``unit`` cannot cover."""
+        self.emit(
+            call,
+            BudgetRejected,
+            key=key,
+            unit=unit,
+            limit=limit,
+            spent=spent,
+            reserved=reserved,
+            estimate=amount,
+            retry_after=retry_after,
+        )
+        period = "" if self.options.per is None else f" per {self.options.per:g}s"
+        raise BudgetExceededError(
+            f"{self.name}{_where(key)}: the {unit[:-1]} budget of {limit:g}{period} cannot cover this "
+            f"call ({spent:g} spent, {reserved:g} reserved, ~{amount:g} needed)",
+            retry_after=retry_after,
+        )
 
     def _settle(
         self, call: Call, account: _BudgetAccount, key: Hashable, tokens: int, dollars: float, scope: UsageScope
     ) -> None:
         """Swap the reservation for the measured usage; never raises (it runs while an error may be propagating)."""
-        usage = scope.by_model()
-        actual_tokens = scope.total_tokens(usage) if usage else 0
-        actual_dollars = 0.0
-        if account.dollars is not None and usage:
-            try:
-                self._warn_unpriced(usage)
-                actual_dollars = self._price_of(usage)
-            except Exception:
-                logger.exception("%s: the price function failed; the call is charged its estimate", self.name)
-                actual_dollars = dollars
+        actual_tokens, actual_dollars = self.measure(scope, dollars)
         now = call.clock.now()
         account.charge(tokens, dollars, actual_tokens, actual_dollars, now)
+        self.spent(call, key, tokens, dollars, actual_tokens, actual_dollars)
+        if self._thresholds:
+            self._check_alerts(call, account, key)
+
+    def spent(self, call: Call, key: Hashable, tokens: int, dollars: float, used: int, cost: float) -> None:
+        """Emit :class:`BudgetSpent`: the estimate reserved and what the call used."""
         if call.listening:  # every call passes here: not even the fields are gathered for no one
-            priced = account.dollars is not None
+            priced = self.options.dollars is not None
             self.emit(
                 call,
                 BudgetSpent,
                 key=key,
                 estimated_tokens=tokens,
-                tokens=actual_tokens,
+                tokens=used,
                 estimated_dollars=dollars if priced else None,
-                dollars=actual_dollars if priced else None,
+                dollars=cost if priced else None,
             )
-        if self._thresholds:
-            self._check_alerts(call, account, key)
 
     def _check_alerts(self, call: Call, account: _BudgetAccount, key: Hashable) -> None:
         thresholds = self._thresholds
@@ -208,20 +236,19 @@ class Budget(Layer):
             while meter.alerted < len(thresholds) and meter.spent >= thresholds[meter.alerted] * meter.limit:
                 threshold = thresholds[meter.alerted]
                 meter.alerted += 1
-                fields = {
-                    "key": key,
-                    "unit": meter.unit,
-                    "threshold": threshold,
-                    "spent": meter.spent,
-                    "limit": meter.limit,
-                    "resets_at": account.resets_at(),
-                }
-                if self._on_alert is None:
-                    self.emit(call, BudgetAlert, **fields)
-                else:  # on_alert is one more listener of the alert, so it gets the very object the listeners get
-                    runtime = call.runtime
-                    listeners = (*runtime.listeners, self._hand_to_on_alert)
-                    emit_event(dataclasses.replace(runtime, listeners=listeners), self.name, BudgetAlert, **fields)
+                self.alert(call, key, meter.unit, threshold, meter.spent, meter.limit, account.resets_at())
+
+    def alert(
+        self, call: Call, key: Hashable, unit: Unit, threshold: float, spent: float, limit: float, at: float | None
+    ) -> None:
+        """Emit one :class:`BudgetAlert` (and hand it to ``on_alert``)."""
+        fields = {"key": key, "unit": unit, "threshold": threshold, "spent": spent, "limit": limit, "resets_at": at}
+        if self._on_alert is None:
+            self.emit(call, BudgetAlert, **fields)
+        else:  # on_alert is one more listener of the alert, so it gets the very object the listeners get
+            runtime = call.runtime
+            listeners = (*runtime.listeners, self._hand_to_on_alert)
+            emit_event(dataclasses.replace(runtime, listeners=listeners), self.name, BudgetAlert, **fields)
 
     def _hand_to_on_alert(self, event: Event) -> None:
         """Give an alert to ``on_alert``; its failure is logged here, never raised into the call."""
@@ -231,44 +258,6 @@ class Budget(Layer):
             self._on_alert(event)
         except Exception:
             logger.exception("%s: on_alert failed on %r", self.name, event)
-
-    # --------------------------------------------------------------------------------------- prices
-
-    def _unpriced(self, model: Any) -> bool:
-        """True for a model a price with ``lookup`` (a :class:`~resilient_dspy.observe.PriceTable`) cannot price."""
-        lookup = getattr(self._price, "lookup", None)
-        return (
-            isinstance(model, str) and self.options.dollars is not None and callable(lookup) and lookup(model) is None
-        )
-
-    def _warn_unpriced(self, usage: Mapping[str, Any]) -> None:
-        """Say once per model, at ERROR, that the dollar cap cannot see a model's spending."""
-        for model in usage:
-            if model not in self._reported_unpriced and self._unpriced(model) and len(self._reported_unpriced) < 256:
-                self._reported_unpriced.add(model)
-                logger.error(
-                    "%s: no price for model %r: its calls count $0 against the dollar cap; give the price a "
-                    "price for it",
-                    self.name,
-                    model,
-                )
-
-    def _price_of(self, usage: Mapping[str, Mapping[str, Any]]) -> float:
-        assert self._price is not None
-        value = self._price(usage)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{self.name}: price must return a finite number of dollars >= 0 (got {value!r})")
-        return float(value)
-
-    def _estimate_dollars(self, prompt: int, completion: int) -> float:
-        usage = {
-            self._program.model(): {
-                "prompt_tokens": prompt,
-                "completion_tokens": completion,
-                "total_tokens": prompt + completion,
-            }
-        }
-        return self._price_of(usage)
 
     # --------------------------------------------------------------------------------------- state
 
@@ -281,15 +270,20 @@ class Budget(Layer):
             return None
 
     def snapshot(self, key: Hashable = None) -> BudgetSnapshot:
-        """Spent, reserved, limit and remaining per cap, and when the window resets, for ``key`` (None if unkeyed)."""
+        """Spent, reserved, limit and remaining per cap, and when the window resets, for ``key`` (None if unkeyed).
+        On a store: as the last step of this process found it."""
+        if self._shared is not None and key in self._shared.mirror:
+            return self._shared.mirror[key]
         if self._key_of is None:
             return self._single.snapshot(None, self._now())
         account = self._partitions.peek(key) or _BudgetAccount(self.options)
         return account.snapshot(key, self._now())
 
     def snapshots(self) -> dict[Hashable, BudgetSnapshot]:
-        """Every live key's snapshot (the single budget under None when unpartitioned)."""
+        """Every live key's snapshot (the single budget under None when unpartitioned); on a store, the mirrored."""
         now = self._now()
+        if self._shared is not None and self._shared.mirror:
+            return dict(self._shared.mirror)
         if self._key_of is None:
             return {None: self._single.snapshot(None, now)}
         return {key: account.snapshot(key, now) for key, account in self._partitions.items()}
@@ -311,11 +305,19 @@ class Budget(Layer):
                     "remaining": usage.remaining,
                     "resets_in": snap.resets_in,
                 }
-        return LayerHealth(self.name, worst(statuses), {"budgets": details})
+        health: dict[str, Any] = {"budgets": details}
+        link = None if self._shared is None else self._shared.link
+        if link is not None:
+            health.update(link.health_details())
+            if link.degraded:
+                statuses.append("down" if link.mode == "reject" else "degraded")
+        return LayerHealth(self.name, worst(statuses), health)
 
     def reset(self, key: Hashable = None) -> None:
         """Forget what was spent (for ``key``, or every key when partitioned and ``key`` is None); calls in flight
-        keep their reservations and are charged when they end."""
+        keep their reservations and are charged when they end. On a store use :meth:`areset`."""
+        if self._shared is not None:
+            raise RuntimeError(f"{self.name} keeps its budget on a store: use await areset()")
         if self._key_of is None:
             self._single.reset()
             return
@@ -327,11 +329,19 @@ class Budget(Layer):
         if found is not None:
             found.reset()
 
+    async def areset(self, key: Hashable = None) -> None:
+        """:meth:`reset` that also works on a store (there, for ``key`` only, in every process)."""
+        if self._shared is None:
+            self.reset(key)
+        else:
+            await self._shared.reset(key)
+
     def describe(self) -> dict[str, Any]:
         """The base's ``describe()`` with each function by name (``estimate_tokens`` "default" when not given) and
         ``partitioned`` in place of the key function."""
         described = super().describe()
-        options = self.options.model_dump(exclude={"price", "estimate_tokens", "on_alert", "key"})
+        options = self.options.model_dump(exclude={"price", "estimate_tokens", "on_alert", "key", "store"})
+        options["store"] = None if self._shared is None else self._shared.store.describe()
         options["price"] = None if self._price is None else _callable_name(self._price)
         options["estimate_tokens"] = (
             "default" if self._custom_estimate is None else _callable_name(self._custom_estimate)

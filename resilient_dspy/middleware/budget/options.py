@@ -12,6 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.core.options import FieldProblem
 from resilient_dspy.middleware._shared.partitions import PartitionOptions
+from resilient_dspy.store.link import StoreOptions
 
 __all__ = ["BudgetOptions", "PriceFunction", "TokenEstimate", "Unit"]
 
@@ -25,7 +26,7 @@ TokenEstimate = Callable[[Any], int | tuple[int, int]]
 """Tokens a call will use, before it runs: an int, or ``(prompt, completion)`` so a price can tell them apart."""
 
 
-class BudgetOptions(PartitionOptions):
+class BudgetOptions(PartitionOptions, StoreOptions):
     """The caps, their period, and how a call's cost is estimated; see docs/patterns/budget.md."""
 
     tokens: int | None = Field(default=None, gt=0, description="LM tokens (prompt + completion) per period.")
@@ -39,7 +40,10 @@ class BudgetOptions(PartitionOptions):
     )
     alert_at: tuple[float, ...] = Field(default=(0.8,), description="Fractions of a cap that raise a BudgetAlert.")
     on_alert: Callable[[Any], object] | None = Field(default=None, description="Sync callback for each BudgetAlert.")
-    name: str | None = Field(default=None, description="Label in events and describe().")
+    reservation_ttl: float = Field(
+        default=600.0, gt=0, allow_inf_nan=False, description="On a store: seconds a dead process's reservation holds."
+    )
+    name: str | None = Field(default=None, description="Label in events and describe(); the identity on a store.")
 
     @field_validator("alert_at", mode="before")
     @classmethod
