@@ -1,0 +1,106 @@
+"""A route's state (its window of judged outcomes, its status), the judgement of a candidate against stable, and
+where a call falls among the routes: a seeded draw, or a stable hash of its sticky key."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import deque
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+from resilient_dspy.middleware.canary.events import RouteStats
+
+if TYPE_CHECKING:
+    from resilient_dspy.middleware.canary.options import CanaryOptions
+    from resilient_dspy.middleware.fallback import Alternative
+
+__all__: list[str] = []
+
+ACTIVE, ROLLED_BACK, PROMOTED = "active", "rolled_back", "promoted"
+_SPAN = float(2**64)
+
+
+class Window:
+    """The last ``size`` judged outcomes of one route (``(time, failed, latency)``), those older than ``seconds``
+    forgotten."""
+
+    __slots__ = ("outcomes", "seconds")
+
+    def __init__(self, size: int, seconds: float | None) -> None:
+        self.outcomes: deque[tuple[float, bool, float]] = deque(maxlen=size)
+        self.seconds = seconds
+
+    def add(self, now: float, failed: bool, latency: float) -> None:
+        self.outcomes.append((now, failed, latency))
+
+    def stats(self, now: float, percentile: float) -> RouteStats:
+        """Calls, errors, error rate and the ``percentile`` latency (nearest rank) of the outcomes in the window."""
+        outcomes = self.outcomes
+        if self.seconds is not None:
+            oldest = now - self.seconds
+            while outcomes and outcomes[0][0] < oldest:
+                outcomes.popleft()
+        calls = len(outcomes)
+        if not calls:
+            return RouteStats(0, 0, 0.0, None)
+        errors = sum(1 for _, failed, _ in outcomes if failed)
+        latencies = sorted(latency for _, _, latency in outcomes)
+        rank = max(1, math.ceil(percentile / 100 * calls))
+        return RouteStats(calls, errors, errors / calls, latencies[rank - 1])
+
+
+class Route:
+    """A candidate: its alternative, its configured share of calls, status, window and counters."""
+
+    __slots__ = ("alternative", "mismatches", "reason", "served", "share", "skipped", "status", "window")
+
+    def __init__(self, alternative: Alternative, share: float, options: CanaryOptions) -> None:
+        self.alternative = alternative
+        self.share = share
+        self.status = ACTIVE
+        self.reason: str | None = None
+        self.window = Window(options.window, options.window_seconds)
+        self.served = self.skipped = self.mismatches = 0
+
+    @property
+    def name(self) -> str:
+        return self.alternative.name
+
+    @property
+    def weight(self) -> float:
+        """Its share of calls now: the configured one while active, all when promoted, none when rolled back."""
+        return {ACTIVE: self.share, PROMOTED: 1.0}.get(self.status, 0.0)
+
+
+def verdict(stable: RouteStats, candidate: RouteStats, options: CanaryOptions) -> str | None:
+    """Why ``candidate`` is worse than ``stable`` by more than the margins (``error_rate``, ``latency``), or None
+    (also while either window holds fewer than ``min_calls`` outcomes)."""
+    if stable.calls < options.min_calls or candidate.calls < options.min_calls:
+        return None
+    increase = options.max_error_rate_increase
+    if increase is not None and candidate.error_rate - stable.error_rate > increase + 1e-12:
+        return "error_rate"
+    ratio = options.max_latency_ratio
+    if ratio is None or stable.latency is None or candidate.latency is None:
+        return None
+    return "latency" if candidate.latency > stable.latency * ratio + 1e-12 else None
+
+
+def sticky_point(salt: str, key: Hashable) -> float:
+    """Where ``key`` falls in [0, 1): a hash of its ``repr`` (stable across processes, unlike ``hash``), salted by
+    the layer's name so that two canaries split their callers independently."""
+    digest = hashlib.blake2b(f"{salt}\x00{key!r}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _SPAN
+
+
+def pick(routes: tuple[Route, ...], point: float) -> Route | None:
+    """The candidate whose slice of [0, 1) holds ``point`` (slices in the configured order, a rolled-back one's
+    slice given to stable so no other key moves), or None for stable."""
+    low = 0.0
+    for route in routes:
+        high = low + route.share
+        if point < high:
+            return route if route.status == ACTIVE else None
+        low = high
+    return None
