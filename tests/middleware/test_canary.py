@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import logging
 import random
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import Canary, Fallback, Pipeline, Static, TimeoutExceededError, UseLM, UseProgram
-from resilient_dspy.errors import ConfigurationError
+from resilient_dspy import Canary, Fallback, Pipeline, Retry, Static, Timeout, TimeoutExceededError, UseLM, UseProgram
+from resilient_dspy.errors import ConfigurationError, ResilienceWarning
 from resilient_dspy.events import (
     CanaryPromoted,
     CanaryRolledBack,
@@ -486,3 +487,17 @@ def test_a_bad_option_is_a_configuration_error_naming_it(count: int, arguments: 
 def test_a_bad_candidate_is_a_configuration_error_naming_it(candidates: list[Any]) -> None:
     with pytest.raises(ConfigurationError, match=r"Canary\.candidates\["):
         Canary(*candidates)
+
+
+# --- placement --------------------------------------------------------------------------------------------
+
+
+def test_a_canary_inside_a_retry_is_warned_about() -> None:
+    with pytest.warns(ResilienceWarning, match="Canary is listed inside"):
+        Pipeline(program("stable"), Retry(2), Canary(candidate()))
+
+
+def test_a_canary_above_the_retry_is_the_recommended_place() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Pipeline(program("stable"), Fallback(Static(answer="x")), Canary(candidate()), Timeout(10), Retry(2))
