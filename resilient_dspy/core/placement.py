@@ -19,8 +19,9 @@ def warn_about_order(layers: tuple[Middleware, ...]) -> None:
 
     Retry outside Fallback (a fallback answer is a success: never retried); Canary inside Retry (each attempt routed
     afresh); an attempt Timeout longer than the total one (clamped to it: nothing left to retry with); an attempt
-    Timeout with no total one (attempts x seconds plus every sleep). See docs/concepts/order-of-layers.md. A layer takes part through its class's ``placement``
-    ("retry", "fallback", "canary" or "timeout", the last with ``options.seconds``): the core never imports a layer.
+    Timeout with no total one (attempts x seconds plus every sleep). See docs/concepts/order-of-layers.md. A layer
+    takes part through its class's ``placement`` ("retry", "fallback", "canary" or "timeout", the last with
+    ``options.seconds``): the core never imports a layer.
     """
     roles = [getattr(type(layer), "placement", None) for layer in layers]
     retries = [i for i, role in enumerate(roles) if role == "retry"]

@@ -202,6 +202,27 @@ async def test_a_candidate_within_the_margins_is_not_rolled_back() -> None:
     assert canary.snapshot().candidates[0].status == "active"
 
 
+@pytest.mark.parametrize(("confidence", "rolled_back"), [(0.95, False), (None, True)])
+async def test_a_few_unlucky_errors_in_a_small_window_need_confidence_to_roll_back(
+    confidence: float | None, rolled_back: bool
+) -> None:
+    """Two errors in the candidate's first 20 calls (10 % vs 0 %, margin 5 %): not significant at 95 %."""
+    canary = Canary(
+        candidate(fails=lambda i: i in (3, 11)), weights=(0.5,), rng=random.Random(3), confidence=confidence
+    )
+    await served_by(Pipeline(program("stable"), canary), 100)
+    assert (canary.snapshot().candidates[0].status == "rolled_back") is rolled_back
+
+
+@pytest.mark.parametrize(("floor", "rolled_back"), [(0.05, False), (0.0, True)])
+async def test_a_latency_ratio_over_a_few_milliseconds_needs_the_absolute_increase_too(
+    floor: float, rolled_back: bool
+) -> None:
+    canary = Canary(candidate(latency=0.03), weights=(0.5,), rng=random.Random(3), min_latency_increase=floor)
+    await served_by(Pipeline(program("stable", latency=0.01), canary), 100)
+    assert (canary.snapshot().candidates[0].status == "rolled_back") is rolled_back
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     period=st.integers(2, 10),

@@ -37,8 +37,14 @@ class CanaryOptions(Options):
     max_error_rate_increase: float | None = Field(
         default=0.05, ge=0, le=1, description="Roll back when candidate error rate - stable's exceeds it; None = off."
     )
+    confidence: float | None = Field(
+        default=0.95, gt=0.5, lt=1, description="How sure the error-rate increase must be (one-sided); None = as seen."
+    )
     max_latency_ratio: float | None = Field(
         default=1.5, ge=1, allow_inf_nan=False, description="Roll back when candidate/stable latency exceeds it."
+    )
+    min_latency_increase: float = Field(
+        default=0.05, ge=0, allow_inf_nan=False, description="...and exceeds stable's by more than these seconds."
     )
     latency_percentile: float = Field(default=95.0, gt=0, le=100, description="The latency percentile compared.")
     compare: Callable[[Any, Any], bool] | None = Field(

@@ -7,6 +7,7 @@ import hashlib
 import math
 from collections import deque
 from collections.abc import Hashable
+from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 from resilient_dspy.middleware.canary.events import RouteStats
@@ -79,12 +80,28 @@ def verdict(stable: RouteStats, candidate: RouteStats, options: CanaryOptions) -
     if stable.calls < options.min_calls or candidate.calls < options.min_calls:
         return None
     increase = options.max_error_rate_increase
-    if increase is not None and candidate.error_rate - stable.error_rate > increase + 1e-12:
+    if increase is not None and _more_errors(stable, candidate, increase, options.confidence):
         return "error_rate"
     ratio = options.max_latency_ratio
     if ratio is None or stable.latency is None or candidate.latency is None:
         return None
-    return "latency" if candidate.latency > stable.latency * ratio + 1e-12 else None
+    slower = candidate.latency > stable.latency * ratio + 1e-12
+    return "latency" if slower and candidate.latency - stable.latency > options.min_latency_increase else None
+
+
+def _more_errors(stable: RouteStats, candidate: RouteStats, margin: float, confidence: float | None) -> bool:
+    """The candidate's error rate exceeds stable's by more than ``margin``: as seen, or (with ``confidence``) by a
+    one-sided two-proportion z-test, so a few unlucky errors in a small window do not roll a good release back."""
+    excess = candidate.error_rate - stable.error_rate - margin
+    if excess <= 1e-12:
+        return False
+    if confidence is None:
+        return True
+    spread = math.sqrt(
+        candidate.error_rate * (1 - candidate.error_rate) / candidate.calls
+        + stable.error_rate * (1 - stable.error_rate) / stable.calls
+    )
+    return spread == 0 or excess / spread > NormalDist().inv_cdf(confidence)
 
 
 def sticky_point(salt: str, key: Hashable) -> float:
