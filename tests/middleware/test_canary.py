@@ -522,3 +522,36 @@ def test_a_canary_above_the_retry_is_the_recommended_place() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Pipeline(program("stable"), Fallback(Static(answer="x")), Canary(candidate()), Timeout(10), Retry(2))
+
+
+async def test_a_traced_call_with_a_shadow_keeps_the_copy_out_of_its_trace(caplog: pytest.LogCaptureFixture) -> None:
+    events: list[Event] = []
+    canary = Canary(candidate(latency=2.0), mode="shadow", weights=(1.0,))
+    pipeline = Pipeline(program("stable", latency=1.0), canary, listeners=[events.append])
+    with caplog.at_level(logging.ERROR):
+        outcome = await pipeline.traced("q")
+        await canary.drain()
+    assert outcome.value == "stable: q" and not caplog.records
+    assert outcome.trace is not None
+    traced_kinds = {type(event) for span in outcome.trace.spans() for event in span.events}
+    assert ShadowCompared not in traced_kinds
+    assert [type(e) for e in events if isinstance(e, ShadowCompared)] == [ShadowCompared]
+
+
+def test_a_canary_builds_from_a_config_and_describes_itself() -> None:
+    config = {
+        "program": {"signature": "question -> answer"},
+        "layers": [
+            {
+                "layer": "Canary",
+                "candidates": [
+                    {"kind": "UseLM", "lm": {"kind": "FaultInjectingLM", "model": "fault/new"}, "name": "new"}
+                ],
+                "weights": [0.2],
+                "min_calls": 5,
+            }
+        ],
+    }
+    described = Pipeline.from_config(config).describe()[0]
+    assert described["layer"] == "Canary" and described["options"]["candidates"] == ["new"]
+    assert described["options"]["weights"] == (0.2,) and described["options"]["min_calls"] == 5

@@ -179,7 +179,7 @@ class Canary(Layer):
             self.emit(call, ShadowSkipped, candidate=route.name, in_flight=len(shadows.tasks))
             return await self._serve_stable(call, next)
         stable: asyncio.Future[StableResult] = asyncio.get_running_loop().create_future()
-        task = shadows.start(call, route, next, stable, lambda r, result: self._shadow_done(call, r, result))
+        task = shadows.start(call, route, next, stable, self._shadow_done)
         route.served += 1
         self._stable_served += 1
         self.emit(call, CanaryRouted, route=route.name, shadow=True)
@@ -198,6 +198,7 @@ class Canary(Layer):
         return value
 
     def _shadow_done(self, call: Call, route: Route, result: ShadowResult) -> None:
+        """Judge and report a finished shadow copy (``call`` is the copy)."""
         finished = result.stable
         matched: bool | None = None
         compare = self.options.compare

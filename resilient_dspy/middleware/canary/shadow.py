@@ -4,6 +4,7 @@ answering the caller; its outcome is compared with stable's when both are known.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,9 +66,10 @@ class Shadows:
         route: Route,
         next: Handler,
         stable: asyncio.Future[StableResult],
-        done: Callable[[Route, ShadowResult], None],
+        done: Callable[[Call, Route, ShadowResult], None],
     ) -> asyncio.Task[None]:
-        """Run ``route`` on a copy of ``call`` in a task of our own; ``done`` gets its result (not on cancellation)."""
+        """Run ``route`` on a copy of ``call`` in a task of our own; ``done`` gets the copy and its result (not on
+        cancellation)."""
         task = asyncio.create_task(self._run(call, route, next, stable, done), name=f"canary shadow {route.name}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -79,15 +81,21 @@ class Shadows:
         route: Route,
         next: Handler,
         stable: asyncio.Future[StableResult],
-        done: Callable[[Route, ShadowResult], None],
+        done: Callable[[Call, Route, ShadowResult], None],
     ) -> None:
         clock = call.clock
         started = clock.now()
         bound = started + self.timeout
         deadline = bound if call.deadline is None else min(bound, call.deadline)
         properties = {**call.properties, SHADOW_PROPERTY: route.name}
+        runtime = call.runtime
+        trace = call.record.trace
+        if trace is not None:  # the caller's trace ends with its call: the copy's events stay out of it
+            runtime = dataclasses.replace(
+                runtime, listeners=tuple(each for each in runtime.listeners if each != trace.add_event)
+            )
         copy = Call(
-            dict(call.inputs), call.runtime, CallRecord(started), deadline, call.attempt, call.bypass_cache,
+            dict(call.inputs), runtime, CallRecord(started), deadline, call.attempt, call.bypass_cache,
             call.partition_key, properties,
         )  # fmt: skip
         value: Any = None
@@ -121,7 +129,7 @@ class Shadows:
             if not waiting.expired():
                 raise
         reached = copy.record.attempts > 0 or (error is not None and is_user_mistake(error))
-        done(route, ShadowResult(value, error, latency, reached, finished))
+        done(copy, route, ShadowResult(value, error, latency, reached, finished))
 
     async def drain(self) -> None:
         """Wait until every shadow in flight has finished (each within its time bound)."""
