@@ -555,3 +555,87 @@ def test_a_canary_builds_from_a_config_and_describes_itself() -> None:
     described = Pipeline.from_config(config).describe()[0]
     assert described["layer"] == "Canary" and described["options"]["candidates"] == ["new"]
     assert described["options"]["weights"] == (0.2,) and described["options"]["min_calls"] == 5
+
+
+call_plans = st.lists(
+    st.tuples(
+        st.floats(0.0, 3.0),  # stable's latency
+        st.booleans(),  # stable fails
+        st.floats(0.0, 8.0),  # the shadow's latency
+        st.booleans(),  # the shadow fails
+        st.one_of(st.none(), st.floats(0.0, 4.0)),  # the caller cancels after this long, or never
+        st.floats(0.0, 2.0),  # the call starts after this long
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(plans=call_plans, max_shadows=st.integers(1, 4), shadow_timeout=st.floats(0.5, 6.0))
+def test_shadows_never_answer_never_exceed_their_bound_and_never_outlive_their_time(
+    plans: list[tuple[float, bool, float, bool, float | None, float]], max_shadows: int, shadow_timeout: float
+) -> None:
+    """Under any schedule of latencies, failures and caller cancellations: each caller gets stable's answer, stable's
+    error or its own cancellation; at most ``max_shadows`` copies run; every copy ends within ``shadow_timeout``."""
+
+    async def scenario() -> None:
+        running = peak = 0
+        loop = asyncio.get_running_loop()
+        lifetimes: list[float] = []
+
+        async def stable(question: str) -> str:
+            latency, fails = plans[int(question)][0:2]
+            await asyncio.sleep(latency)
+            if fails:
+                raise Boom("stable")
+            return f"stable {question}"
+
+        async def shadow(question: str) -> str:
+            nonlocal running, peak
+            latency, fails = plans[int(question)][2:4]
+            running += 1
+            peak = max(peak, running)
+            started = loop.time()
+            try:
+                await asyncio.sleep(latency)
+                if fails:
+                    raise Boom("shadow")
+                return f"shadow {question}"
+            finally:
+                running -= 1
+                lifetimes.append(loop.time() - started)
+
+        canary = Canary(
+            UseProgram(shadow, name="cand"),
+            mode="shadow",
+            weights=(1.0,),
+            max_shadows=max_shadows,
+            shadow_timeout=shadow_timeout,
+            min_calls=1000,
+            window=1000,
+        )
+        pipeline = Pipeline(stable, canary)
+
+        async def caller(index: int) -> str:
+            await asyncio.sleep(plans[index][5])
+            return await pipeline(str(index))
+
+        tasks = [asyncio.create_task(caller(i)) for i in range(len(plans))]
+        for index, plan in enumerate(plans):
+            if plan[4] is not None:
+                loop.call_later(plan[5] + plan[4], tasks[index].cancel)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for index, result in enumerate(results):
+            if isinstance(result, asyncio.CancelledError):
+                assert plans[index][4] is not None
+            elif plans[index][1]:
+                assert isinstance(result, Boom) and str(result) == "stable"
+            else:
+                assert result == f"stable {index}"
+        await asyncio.sleep(shadow_timeout + 1)
+        assert not other_tasks() and canary.snapshot().shadows_in_flight == 0
+        assert peak <= max_shadows
+        assert all(lifetime <= shadow_timeout + 1e-6 for lifetime in lifetimes)
+
+    run_virtual(scenario)
