@@ -4,8 +4,10 @@ and rollback by hand, shadow copies that never answer, bounded in number and tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import math
 import random
 import warnings
 from collections.abc import Awaitable, Callable
@@ -637,5 +639,41 @@ def test_shadows_never_answer_never_exceed_their_bound_and_never_outlive_their_t
         assert not other_tasks() and canary.snapshot().shadows_in_flight == 0
         assert peak <= max_shadows
         assert all(lifetime <= shadow_timeout + 1e-6 for lifetime in lifetimes)
+
+    run_virtual(scenario)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    outcomes=st.lists(st.tuples(st.floats(0.0, 5.0), st.booleans()), min_size=1, max_size=60),
+    window=st.integers(1, 25),
+    percentile=st.floats(1.0, 100.0),
+)
+def test_the_window_reports_the_last_calls_error_rate_and_latency_percentile(
+    outcomes: list[tuple[float, bool]], window: int, percentile: float
+) -> None:
+    """A model check: the snapshot's figures equal those computed from scratch over the last ``window`` calls."""
+
+    async def scenario() -> None:
+        plan = iter(outcomes)
+
+        async def stable(question: str) -> str:
+            latency, fails = next(plan)
+            await asyncio.sleep(latency)
+            if fails:
+                raise Boom("stable")
+            return "ok"
+
+        canary = Canary(candidate(), weights=(0.0,), window=window, min_calls=1, latency_percentile=percentile)
+        pipeline = Pipeline(stable, canary)
+        for _ in outcomes:
+            with contextlib.suppress(Boom):
+                await pipeline("q")
+        last = outcomes[-window:]
+        latencies = sorted(latency for latency, _ in last)
+        expected_latency = latencies[max(1, math.ceil(percentile / 100 * len(last))) - 1]
+        stats = canary.snapshot().stable
+        assert (stats.calls, stats.errors) == (len(last), sum(fails for _, fails in last))
+        assert stats.latency == pytest.approx(expected_latency, abs=1e-6)
 
     run_virtual(scenario)

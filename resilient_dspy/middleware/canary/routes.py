@@ -3,6 +3,7 @@ where a call falls among the routes: a seeded draw, or a stable hash of its stic
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 from collections import deque
@@ -24,16 +25,29 @@ _SPAN = float(2**64)
 
 class Window:
     """The last ``size`` judged outcomes of one route (``(time, failed, latency)``), those older than ``seconds``
-    forgotten."""
+    forgotten; the error count and the sorted latencies are kept as outcomes come and go, so a judgement is
+    O(log n), not a sort."""
 
-    __slots__ = ("outcomes", "seconds")
+    __slots__ = ("errors", "latencies", "outcomes", "seconds", "size")
 
     def __init__(self, size: int, seconds: float | None) -> None:
-        self.outcomes: deque[tuple[float, bool, float]] = deque(maxlen=size)
+        self.outcomes: deque[tuple[float, bool, float]] = deque()
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.size = size
         self.seconds = seconds
 
     def add(self, now: float, failed: bool, latency: float) -> None:
+        if len(self.outcomes) == self.size:
+            self._forget_oldest()
         self.outcomes.append((now, failed, latency))
+        self.errors += failed
+        bisect.insort(self.latencies, latency)
+
+    def _forget_oldest(self) -> None:
+        _, failed, latency = self.outcomes.popleft()
+        self.errors -= failed
+        del self.latencies[bisect.bisect_left(self.latencies, latency)]
 
     def stats(self, now: float, percentile: float) -> RouteStats:
         """Calls, errors, error rate and the ``percentile`` latency (nearest rank) of the outcomes in the window."""
@@ -41,14 +55,12 @@ class Window:
         if self.seconds is not None:
             oldest = now - self.seconds
             while outcomes and outcomes[0][0] < oldest:
-                outcomes.popleft()
+                self._forget_oldest()
         calls = len(outcomes)
         if not calls:
             return RouteStats(0, 0, 0.0, None)
-        errors = sum(1 for _, failed, _ in outcomes if failed)
-        latencies = sorted(latency for _, _, latency in outcomes)
         rank = max(1, math.ceil(percentile / 100 * calls))
-        return RouteStats(calls, errors, errors / calls, latencies[rank - 1])
+        return RouteStats(calls, self.errors, self.errors / calls, self.latencies[rank - 1])
 
 
 class Route:
