@@ -284,8 +284,12 @@ class Canary(Layer):
         if reason in _AUTOMATIC:
             logger.warning(
                 "canary %s: %r rolled back (%s): candidate %s vs stable %s; all its traffic goes to stable",
-                self.name, route.name, reason, observed, stable,
-            )  # fmt: skip
+                self.name,
+                route.name,
+                reason,
+                observed,
+                stable,
+            )
         else:
             logger.info("canary %s: %r rolled back (%s)", self.name, route.name, reason)
         fields = {"candidate": route.name, "reason": reason, "stable": stable, "observed": observed}

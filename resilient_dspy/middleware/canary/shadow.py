@@ -94,10 +94,13 @@ class Shadows:
             runtime = dataclasses.replace(
                 runtime, listeners=tuple(each for each in runtime.listeners if each != trace.add_event)
             )
-        copy = Call(
-            dict(call.inputs), runtime, CallRecord(started), deadline, call.attempt, call.bypass_cache,
-            call.partition_key, properties,
-        )  # fmt: skip
+        copy = call.replace(
+            inputs=dict(call.inputs),
+            runtime=runtime,
+            record=CallRecord(started),
+            deadline=deadline,
+            properties=properties,
+        )
         value: Any = None
         error: BaseException | None = None
         scope = clock.deadline(deadline)
