@@ -28,7 +28,7 @@ from resilient_dspy.events import (
     ShadowCompared,
     ShadowSkipped,
 )
-from resilient_dspy.testing import FaultInjectingLM
+from resilient_dspy.testing import FaultInjectingLM, FaultProfile
 from tests.conftest import other_tasks, run_virtual
 
 
@@ -677,3 +677,16 @@ def test_the_window_reports_the_last_calls_error_rate_and_latency_percentile(
         assert stats.latency == pytest.approx(expected_latency, abs=1e-6)
 
     run_virtual(scenario)
+
+
+async def test_an_lm_shadow_runs_in_its_own_context_and_never_answers() -> None:
+    stable_lm = FaultInjectingLM("fault/stable", profile=FaultProfile(latency=(1.0, 1.0)))
+    new_lm = FaultInjectingLM("fault/new", profile=FaultProfile(latency=(0.5, 0.5)))
+    canary = Canary(UseLM(new_lm, name="new"), mode="shadow", weights=(1.0,))
+    pipeline = Pipeline(dspy.Predict("question -> answer"), canary)
+    with dspy.context(lm=stable_lm):
+        outcomes = await asyncio.gather(*(pipeline.invoke(f"q{i}") for i in range(6)))
+        await canary.drain()
+    assert all(outcome.served_by == "primary" for outcome in outcomes)
+    assert stable_lm.requests == 6 and new_lm.requests == 6
+    assert sorted(entry.question for entry in new_lm.journal) == [f"q{i}" for i in range(6)]
