@@ -34,6 +34,7 @@ from resilient_dspy.middleware.breaker import CircuitBreaker
 from resilient_dspy.middleware.budget import Budget
 from resilient_dspy.middleware.bulkhead import Bulkhead
 from resilient_dspy.middleware.cache import Cache
+from resilient_dspy.middleware.canary import Canary
 from resilient_dspy.middleware.chaos import Chaos
 from resilient_dspy.middleware.fallback import Fallback, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, InputRules
@@ -52,6 +53,7 @@ __all__ = [
     "Bulkhead",
     "BulkheadFullError",
     "Cache",
+    "Canary",
     "Chaos",
     "CircuitBreaker",
     "CircuitOpenError",

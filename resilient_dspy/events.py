@@ -29,6 +29,13 @@ if TYPE_CHECKING:
         CacheNotStored,
         CacheStored,
     )
+    from resilient_dspy.middleware.canary import (
+        CanaryPromoted,
+        CanaryRolledBack,
+        CanaryRouted,
+        ShadowCompared,
+        ShadowSkipped,
+    )
     from resilient_dspy.middleware.chaos import ChaosInjected
     from resilient_dspy.middleware.fallback import FallbackUsed
     from resilient_dspy.middleware.guard import GuardRejectedInput, GuardRejectedOutput
@@ -51,6 +58,9 @@ __all__ = [
     "CacheMiss",
     "CacheNotStored",
     "CacheStored",
+    "CanaryPromoted",
+    "CanaryRolledBack",
+    "CanaryRouted",
     "ChaosInjected",
     "CircuitRejected",
     "CircuitStateChanged",
@@ -69,6 +79,8 @@ __all__ = [
     "Rejected",
     "RetryGaveUp",
     "RetryScheduled",
+    "ShadowCompared",
+    "ShadowSkipped",
     "StoreRecovered",
     "StoreUnavailable",
     "ThrottleRejected",
@@ -89,6 +101,13 @@ _PATTERN_EVENTS: dict[str, tuple[str, ...]] = {
         "CacheMiss",
         "CacheNotStored",
         "CacheStored",
+    ),
+    "resilient_dspy.middleware.canary": (
+        "CanaryPromoted",
+        "CanaryRolledBack",
+        "CanaryRouted",
+        "ShadowCompared",
+        "ShadowSkipped",
     ),
     "resilient_dspy.middleware.chaos": ("ChaosInjected",),
     "resilient_dspy.middleware.fallback": ("FallbackUsed",),

@@ -24,6 +24,7 @@ from resilient_dspy.middleware.bulkhead import BulkheadOptions
 from resilient_dspy.middleware.cache import CacheOptions
 from resilient_dspy.middleware.cache.backends import MemoryBackend
 from resilient_dspy.middleware.cache.backends.redis_backend import RedisBackendOptions
+from resilient_dspy.middleware.canary import CanaryOptions
 from resilient_dspy.middleware.chaos import ChaosOptions
 from resilient_dspy.middleware.fallback import FallbackOptions, Static
 from resilient_dspy.middleware.guard import GuardOptions, InputRules
@@ -41,6 +42,11 @@ for _module in pkgutil.walk_packages(resilient_dspy.__path__, "resilient_dspy.")
 
 STATIC = Static(answer="x")
 
+
+async def _program(question: str) -> str:
+    return question
+
+
 BASE: dict[tuple[type[Options], str], dict[str, Any]] = {
     (RateLimiterOptions, "limits"): {},
     (CacheOptions, "types"): {"backend": MemoryBackend()},
@@ -48,6 +54,7 @@ BASE: dict[tuple[type[Options], str], dict[str, Any]] = {
     (ChaosOptions, "latency"): {},
     (ChaosOptions, "retry_after"): {"fault": "rate_limit"},
     (BudgetOptions, "alert_at"): {"tokens": 1000},
+    (CanaryOptions, "weights"): {"candidates": (_program, _program)},
 }
 """The other fields a model needs before one of its tuple fields can be tried."""
 
@@ -55,6 +62,8 @@ SAMPLES: dict[tuple[type[Options], str], tuple[Any, ...]] = {
     (InputRules, "required"): ("question",),
     (InputRules, "forbidden"): (re.compile("ignore previous"),),
     (FallbackOptions, "alternatives"): (STATIC, STATIC),
+    (CanaryOptions, "candidates"): (_program, _program),
+    (CanaryOptions, "weights"): (0.1, 0.2),
     (BudgetOptions, "alert_at"): (0.5, 0.9),
     (ChaosOptions, "latency"): (0.1, 0.5),
     (ChaosOptions, "script"): (FaultStep(), FaultStep()),

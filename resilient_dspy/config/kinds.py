@@ -34,6 +34,7 @@ BUILTIN_KINDS: dict[str, str] = {
             "Limit",
             "Cache",
             "Fallback",
+            "Canary",
             "UseLM",
             "UseProgram",
             "Static",

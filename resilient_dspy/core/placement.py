@@ -1,5 +1,5 @@
 """The layer-order rules a pipeline checks when it is built: each layer takes part through its class's
-``placement`` ("retry", "fallback" or "timeout"), so the core reads the stack without importing a layer.
+``placement`` ("retry", "fallback", "canary" or "timeout"), so the core reads the stack without importing a layer.
 
 See docs/concepts/order-of-layers.md and docs/architecture.md.
 """
@@ -17,10 +17,11 @@ __all__ = ["warn_about_order"]
 def warn_about_order(layers: tuple[Middleware, ...]) -> None:
     """Warn (ResilienceWarning, once per mistake) about the documented order mistakes; they work, but surprise.
 
-    Retry outside Fallback (a fallback answer is a success: never retried); an attempt Timeout longer than the total
-    one (clamped to it: nothing left to retry with); an attempt Timeout with no total one (attempts x seconds plus
-    every sleep). See docs/concepts/order-of-layers.md. A layer takes part through its class's ``placement``
-    ("retry", "fallback" or "timeout", the last with ``options.seconds``): the core never imports a layer.
+    Retry outside Fallback (a fallback answer is a success: never retried); Canary inside Retry (each attempt routed
+    afresh); an attempt Timeout longer than the total one (clamped to it: nothing left to retry with); an attempt
+    Timeout with no total one (attempts x seconds plus every sleep). See docs/concepts/order-of-layers.md. A layer
+    takes part through its class's ``placement`` ("retry", "fallback", "canary" or "timeout", the last with
+    ``options.seconds``): the core never imports a layer.
     """
     roles = [getattr(type(layer), "placement", None) for layer in layers]
     retries = [i for i, role in enumerate(roles) if role == "retry"]
@@ -32,6 +33,11 @@ def warn_about_order(layers: tuple[Middleware, ...]) -> None:
         rules.append(
             "Retry is listed outside (before) Fallback: the fallback's answer is a success, so the Retry never "
             "retries and the first hiccup serves the fallback. List Fallback first (outermost)."
+        )
+    if "canary" in roles[first_retry:]:
+        rules.append(
+            "Canary is listed inside (after) Retry: each attempt is routed afresh, so one call's attempts mix routes "
+            "and a failed candidate attempt is retried on stable. List Canary before the Retry (after Fallback)."
         )
     timeouts = [(i, layer.options.seconds) for i, layer in enumerate(layers) if roles[i] == "timeout"]  # type: ignore[attr-defined]
     totals = [seconds for i, seconds in timeouts if i < first_retry]

@@ -39,6 +39,15 @@ from resilient_dspy.middleware.cache import (
     CacheStats,
     CacheStored,
 )
+from resilient_dspy.middleware.canary import (
+    Canary,
+    CanaryPromoted,
+    CanaryRolledBack,
+    CanaryRouted,
+    CanarySnapshot,
+    ShadowCompared,
+    ShadowSkipped,
+)
 from resilient_dspy.middleware.chaos import Chaos, ChaosInjected, ChaosSnapshot
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, GuardRejectedInput, GuardRejectedOutput, InputRules
@@ -78,6 +87,11 @@ __all__ = [
     "CacheNotStored",
     "CacheStats",
     "CacheStored",
+    "Canary",
+    "CanaryPromoted",
+    "CanaryRolledBack",
+    "CanaryRouted",
+    "CanarySnapshot",
     "Chaos",
     "ChaosInjected",
     "ChaosSnapshot",
@@ -105,6 +119,8 @@ __all__ = [
     "RetryGaveUp",
     "RetryScheduled",
     "RetrySnapshot",
+    "ShadowCompared",
+    "ShadowSkipped",
     "Static",
     "ThrottleRejected",
     "ThrottleSnapshot",
