@@ -69,6 +69,6 @@ async def redis_store(redis_url: str) -> Any:
 
     from resilient_dspy.store import RedisStore
 
-    store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
+    store = RedisStore(redis_url, prefix=f"test-{uuid.uuid4().hex[:12]}", timeout=2.0)  # a loaded CI box is slow
     yield store
     await store.aclose()

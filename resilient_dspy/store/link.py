@@ -41,14 +41,16 @@ class StoreOptions(Options):
 
 
 class StoreLink:
-    """A layer's store, its failure mode, and whether the layer is in an outage (``down_since``)."""
+    """A layer's store, its failure mode, whether the layer is in an outage (``down_since``), and what it does
+    meanwhile, as its warning says it (``meanwhile``: a cache's calls go uncached)."""
 
-    __slots__ = ("down_since", "failures", "layer", "mode", "store")
+    __slots__ = ("down_since", "failures", "layer", "meanwhile", "mode", "store")
 
-    def __init__(self, layer: Layer, store: StateStore, mode: FailMode) -> None:
+    def __init__(self, layer: Layer, store: StateStore, mode: FailMode, *, meanwhile: str | None = None) -> None:
         self.layer = layer
         self.store = store
         self.mode = mode
+        self.meanwhile = meanwhile or ("serving on in-process state" if mode == "local" else "rejecting calls")
         self.down_since: float | None = None
         self.failures = 0
 
@@ -73,8 +75,9 @@ class StoreLink:
         layer.emit(
             call, StoreUnavailable, store=self.store.name, operation=error.operation, error=str(error), mode=self.mode
         )
-        action = "serving on in-process state" if self.mode == "local" else "rejecting calls"
-        logger.warning("%s: store %r unavailable (%s); %s until it answers", layer.name, self.store.name, error, action)
+        logger.warning(
+            "%s: store %r unavailable (%s); %s until it answers", layer.name, self.store.name, error, self.meanwhile
+        )
 
     def recovered(self, call: Call) -> None:
         """The store answered after an outage: emit :class:`StoreRecovered` and log it."""

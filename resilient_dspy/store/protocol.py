@@ -42,6 +42,11 @@ class StateStore(Protocol):
         """The label in events, health and ``describe()``."""
         ...
 
+    @property
+    def retry_interval(self) -> float:
+        """Seconds a failed store is left alone before it is tried again: a fail-closed rejection's ``retry_after``."""
+        ...
+
     def key(self, *parts: str) -> str:
         """One namespaced key: the store's prefix and ``parts`` joined, so layers and tenants never collide."""
         ...

@@ -81,6 +81,10 @@ class RedisStore:
     def name(self) -> str:
         return self._name
 
+    @property
+    def retry_interval(self) -> float:
+        return self.options.retry_interval
+
     def key(self, *parts: str) -> str:
         return ":".join((self.options.prefix, *parts))
 
@@ -100,6 +104,15 @@ class RedisStore:
             raise StoreUnavailableError(self._name, operation, error) from error
         self._skip_until = -1.0
         return result
+
+    async def warm(self, connections: int = 1) -> None:
+        """Open ``connections`` pooled connections now (a PING each, together), so the first steps of a busy start
+        do not pay the connection set-up inside their step ``timeout``; raises :class:`StoreUnavailableError` when
+        the server cannot be reached (bound the wait with ``asyncio.timeout`` around it)."""
+        try:
+            await asyncio.gather(*(self.client.ping() for _ in range(connections)))
+        except (Exception, TimeoutError) as error:
+            raise StoreUnavailableError(self._name, "warm up", error) from error
 
     def health(self) -> LayerHealth:
         down = self._skip_until >= 0.0

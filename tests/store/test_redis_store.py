@@ -68,6 +68,22 @@ async def test_a_dead_server_fails_each_step_at_once_then_is_used_again_after_a_
     await store.aclose()
 
 
+async def test_warm_opens_the_connections_a_busy_start_needs(redis_store: RedisStore) -> None:
+    name = f"warm-{redis_store.options.prefix}"
+    redis_store.client.connection_pool.connection_kwargs["client_name"] = name
+    await redis_store.warm(4)
+    clients = await redis_store.client.client_list()
+    assert sum(1 for client in clients if client.get("name") == name) >= 4  # the server sees four connections
+
+
+async def test_warming_a_store_with_no_server_fails_typed() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(StoreUnavailableError):
+        async with asyncio.timeout(5.0):
+            await store.warm(2)
+    await store.aclose()
+
+
 def test_a_password_in_the_url_never_reaches_its_name_or_describe() -> None:
     store = RedisStore("redis://user:s3cret@127.0.0.1:6399/2")
     assert "s3cret" not in store.name and "s3cret" not in str(store.describe()) and "s3cret" not in repr(store)

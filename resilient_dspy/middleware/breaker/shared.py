@@ -28,19 +28,13 @@ if TYPE_CHECKING:
     from resilient_dspy.middleware.breaker.layer import CircuitBreaker
     from resilient_dspy.middleware.breaker.options import CircuitBreakerOptions
 
-__all__ = ["SharedCircuits", "call_shared", "store_retry_interval"]
+__all__ = ["SharedCircuits", "call_shared"]
 
 _MAX_POLL = 1.0
 """Longest a waiter sleeps between two looks at a shared half-open circuit (another process's probe ends unseen)."""
 
 Admission = tuple[str, Transition | None]
 """A granted admission on the store: its ticket (``g<generation>`` or ``p<lease>``) and the transition it caused."""
-
-
-def store_retry_interval(store: StateStore) -> float:
-    """The store's pause after a failure: the ``retry_after`` of a fail-closed rejection during an outage."""
-    interval = getattr(getattr(store, "options", None), "retry_interval", None)
-    return float(interval) if isinstance(interval, int | float) else 1.0
 
 
 class SharedCircuits:
@@ -167,7 +161,7 @@ async def call_shared(layer: CircuitBreaker, shared: SharedCircuits, call: Call,
     except StoreUnavailableError:
         if shared.link.mode == "local":
             return await layer.call_local(call, next, started)
-        interval = store_retry_interval(shared.store)
+        interval = shared.store.retry_interval
         layer.emit(call, CircuitRejected, key=key, state=CircuitState.OPEN, retry_after=interval)
         raise CircuitOpenError(f"circuit {layer.name}: its store is unreachable", retry_after=interval) from None
     ticket, transition = admitted

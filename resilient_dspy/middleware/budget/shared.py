@@ -217,7 +217,7 @@ async def call_shared(layer: Budget, shared: SharedBudgets, call: Call, next: Ha
         limit = float((options.tokens if unit == "tokens" else options.dollars) or 0)
         spent, reserved = (0.0, 0.0) if usage is None else (usage.spent, usage.reserved)
         amount = tokens if unit == "tokens" else dollars
-        layer.refuse(call, key, unit, limit, spent, reserved, amount, _retry_interval(shared.store))
+        layer.refuse(call, key, unit, limit, spent, reserved, amount, shared.store.retry_interval)
     if isinstance(held, Refusal):
         amount = tokens if held.unit == "tokens" else dollars
         layer.refuse(call, key, held.unit, held.limit, held.spent, held.reserved, amount, held.retry_after)
@@ -255,11 +255,6 @@ async def _settle(
         if usage is not None:
             for threshold in thresholds[first:last]:
                 layer.alert(call, key, usage.unit, threshold, usage.spent, usage.limit, snapshot.resets_at)
-
-
-def _retry_interval(store: StateStore) -> float:
-    interval = getattr(getattr(store, "options", None), "retry_interval", None)
-    return float(interval) if isinstance(interval, int | float) else 1.0
 
 
 def _usage(unit: Unit, limit: float, spent: float, reserved: float) -> BudgetUsage:

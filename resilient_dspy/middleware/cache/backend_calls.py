@@ -79,7 +79,9 @@ class BackendCalls:
         self.max_value_bytes: int | None = getattr(self.backend, "max_value_bytes", None)
         """A larger answer is not stored (the backend's own limit)."""
         store = getattr(self.backend, "store", None)
-        self.link = StoreLink(owner, store, "local") if isinstance(store, StateStore) else None
+        self.link = (
+            StoreLink(owner, store, "local", meanwhile="calls go uncached") if isinstance(store, StateStore) else None
+        )
         """The backend's shared store: an outage is reported once (StoreUnavailable, StoreRecovered), never per call."""
         self._tasks: dict[asyncio.Task[None], str] = {}  # background stores of a blocking backend, by key
         self._pending: dict[str, _PendingStore] = {}  # the latest pending store of each key
