@@ -166,17 +166,17 @@ def _layer(entry: dict[str, Any], path: str, problems: Problems, store: Any = No
         return None
     described = isinstance(entry.get("options"), dict)
     options = dict(entry["options"]) if described else {k: v for k, v in entry.items() if k != "layer"}
-    own = options.get("store")
-    if store is not None and "store" in _annotations(cls) and not (isinstance(own, dict) and "kind" in own):
-        options["store"] = store  # the [store] table: one store for every layer that keeps shared state
-    return _construct(cls, options, path, problems, lenient=described)
+    return _construct(cls, options, path, problems, lenient=described, store=store)
 
 
-def _construct(cls: Any, options: dict[str, Any], path: str, problems: Problems, *, lenient: bool = False) -> Any:
+def _construct(
+    cls: Any, options: dict[str, Any], path: str, problems: Problems, *, lenient: bool = False, store: Any = None
+) -> Any:
     """``cls(**decoded options)``; a variadic parameter (``*limits``) takes its option's list positionally.
 
     ``lenient`` (a ``describe()`` entry) drops options the constructor does not take: derived figures such as a
-    breaker's ``mode``; a config file's unknown option is a problem.
+    breaker's ``mode``; a config file's unknown option is a problem. ``store`` (the ``[store]`` table's) goes to
+    every object that takes ``store=`` and names none of its own (a table with ``kind``), nested ones included.
     """
     if isinstance(cls, type) and issubclass(cls, BaseModel) and not hasattr(cls, "options_type"):
         annotations = {name: field.annotation for name, field in cls.model_fields.items()}
@@ -199,13 +199,16 @@ def _construct(cls: Any, options: dict[str, Any], path: str, problems: Problems,
             continue
         if lenient and ((name in dumped_defaults and value == dumped_defaults[name]) or value == "default"):
             continue  # describe() shows the default as its dump (a function by name): the default it is
-        decoded = decode(value, annotations.get(name), f"{path}.{name}", problems)
+        decoded = decode(value, annotations.get(name), f"{path}.{name}", problems, store)
         if name == variadic:
             positional.extend(decoded if isinstance(decoded, list | tuple) else [decoded])
         else:
             keywords[name] = decoded
     if len(problems) > before:
         return None
+    own = options.get("store")
+    if store is not None and "store" in parameters and not (isinstance(own, dict) and "kind" in own):
+        keywords["store"] = store  # one store for every layer and backend that keeps shared state
     try:
         return cls(*positional, **keywords)
     except ConfigurationError as error:
@@ -215,8 +218,9 @@ def _construct(cls: Any, options: dict[str, Any], path: str, problems: Problems,
     return None
 
 
-def decode(value: Any, annotation: Any, path: str, problems: Problems) -> Any:
-    """A config value as the option takes it (see the module docstring); problems are appended under ``path``."""
+def decode(value: Any, annotation: Any, path: str, problems: Problems, store: Any = None) -> Any:
+    """A config value as the option takes it (see the module docstring); problems are appended under ``path``;
+    ``store`` is the ``[store]`` table's, for the objects built here."""
     if isinstance(value, dict) and "kind" in value:
         spec = dict(value)
         kind = str(spec.pop("kind"))
@@ -227,7 +231,7 @@ def decode(value: Any, annotation: Any, path: str, problems: Problems) -> Any:
             return None
         if _is_lm_class(cls):
             return build_lm(value, path, problems)
-        return _construct(cls, spec, path, problems)
+        return _construct(cls, spec, path, problems, store=store)
     if isinstance(value, dict):
         model = _model_arm(annotation)
         if model is not None:
@@ -235,7 +239,7 @@ def decode(value: Any, annotation: Any, path: str, problems: Problems) -> Any:
         return value
     if isinstance(value, list | tuple):
         item = _item_annotation(annotation)
-        return type(value)(decode(x, item, f"{path}[{i}]", problems) for i, x in enumerate(value))
+        return type(value)(decode(x, item, f"{path}[{i}]", problems, store) for i, x in enumerate(value))
     if isinstance(value, str) and is_import_path(value) and not _takes_text(annotation):
         try:
             return resolve(value)

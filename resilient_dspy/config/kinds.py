@@ -44,7 +44,10 @@ BUILTIN_KINDS: dict[str, str] = {
             "Chaos",
         )
     },
-    **{name: f"{_BACKENDS}:{name}" for name in ("MemoryBackend", "DiskBackend", "TieredBackend", "AiocacheBackend")},
+    **{
+        name: f"{_BACKENDS}:{name}"
+        for name in ("MemoryBackend", "DiskBackend", "TieredBackend", "AiocacheBackend", "RedisBackend")
+    },
     "PrometheusMetrics": "resilient_dspy.observe.prometheus:PrometheusMetrics",
     "CostTracker": "resilient_dspy.observe.cost:CostTracker",
     "LogCalls": "resilient_dspy.observe.logging:LogCalls",

@@ -320,3 +320,39 @@ def test_the_adaptive_layers_are_built_in_kinds() -> None:
         AdaptiveConcurrency("aimd", latency_threshold=5.0, max_wait=2.0),
     )
     assert Pipeline.from_config(config).describe() == expected.describe()
+
+
+@pytest.mark.redis
+@pytest.mark.looptime(False)
+async def test_a_store_table_gives_every_stateful_layer_one_shared_store(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[store]`` builds one RedisStore (URL from the environment) for every layer that takes ``store=``; two
+    pipelines built from the config, as two workers would, share the limit."""
+    import uuid
+
+    monkeypatch.setenv("TEST_STACK_REDIS_URL", redis_url)
+    config = {
+        "program": {"module": f"{__name__}:answer"},
+        "store": {"url_env": "TEST_STACK_REDIS_URL", "prefix": f"cfg-{uuid.uuid4().hex[:8]}", "timeout": 2.0},
+        "layers": [
+            {"layer": "RateLimiter", "requests": 2, "per": 60, "max_wait": 0.1, "name": "quota"},
+            {"layer": "CircuitBreaker", "failure_threshold": 3, "name": "provider"},
+            {"layer": "Cache", "backend": {"kind": "RedisBackend", "max_entries": 100}},
+        ],
+    }
+    first, second = Pipeline.from_config(config), Pipeline.from_config(config)
+    stores = [first.layers[0].options.store, first.layers[1].options.store, first.layers[2].options.backend.store]
+    assert stores[0] is stores[1] is stores[2] and stores[0].name == redis_url
+    assert await first("a") == "echo: a"
+    assert await second("b") == "echo: b"
+    with pytest.raises(RateLimitedError):
+        await first("c")
+    for pipeline in (first, second):
+        await pipeline.layers[0].options.store.aclose()
+
+
+def test_a_store_url_from_an_unset_variable_is_named() -> None:
+    config = {"program": {"module": f"{__name__}:answer"}, "store": {"url_env": "NO_SUCH_REDIS_URL_VARIABLE"}}
+    with pytest.raises(ConfigurationError, match=r"store\.url_env"):
+        Pipeline.from_config(config)
