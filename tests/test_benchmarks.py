@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-NEEDS_REDIS = {"bench_redis_state.py"}
-SCRIPTS = sorted(s for s in BENCHMARKS.glob("bench_*.py") if s.name not in NEEDS_REDIS)
+SCRIPTS = sorted(BENCHMARKS.glob("bench_*.py"))
 
 
 def _flag(script: Path) -> str:

@@ -72,9 +72,18 @@ class Layer:
         return {
             "layer": type(self).__name__,
             "name": self.name,
-            "options": self.options.model_dump(),
+            "options": self.dump_options(),
             **self.describe_state(),
         }
+
+    def dump_options(self, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The options as ``describe()`` shows them: the model's dump, a shared store by its own ``describe()``
+        (no secrets) in its place, ``exclude``'d fields left out for the layer to show its own way."""
+        dumped = self.options.model_dump(exclude=set(exclude))
+        store = getattr(self.options, "store", None)
+        if "store" in dumped and store is not None:
+            dumped["store"] = store.describe()
+        return dumped
 
     def describe_state(self) -> dict[str, Any]:
         """What ``describe()`` adds to the options: what placement decided (a Timeout's scope), never secrets."""

@@ -269,14 +269,6 @@ class Retry(Layer):
             details.update(link.health_details())
         return LayerHealth(self.name, "degraded", details)
 
-    def describe(self) -> dict[str, Any]:
-        """The base's, with the store by its own ``describe()`` (no secrets)."""
-        described = super().describe()
-        options = self.options.model_dump(exclude={"store"})
-        options["store"] = None if self._shared is None else self._shared.link.store.describe()
-        described["options"] = options
-        return described
-
 
 def compute_delay(
     options: RetryOptions, retry: int, previous: float, uniform: Callable[[float, float], float]

@@ -343,10 +343,9 @@ class CircuitBreaker(Layer):
     def describe(self) -> dict[str, Any]:
         """The base's, with ``options`` holding the mode and partitioning in effect instead of the error filters
         and key function (types or callables, which say nothing once printed)."""
-        options = self.options.model_dump(exclude={"failure_on", "exclude", "key", "store"})
+        options = self.dump_options(frozenset({"failure_on", "exclude", "key"}))
         options["mode"] = "consecutive" if self.options.consecutive is not None else "rate"
         options["partitioned"] = self.options.key is not None
-        options["store"] = None if self._shared is None else self._shared.store.describe()
         return {**super().describe(), "options": options}
 
 

@@ -340,8 +340,7 @@ class Budget(Pricing, Layer):
         """The base's ``describe()`` with each function by name (``estimate_tokens`` "default" when not given) and
         ``partitioned`` in place of the key function."""
         described = super().describe()
-        options = self.options.model_dump(exclude={"price", "estimate_tokens", "on_alert", "key", "store"})
-        options["store"] = None if self._shared is None else self._shared.store.describe()
+        options = self.dump_options(frozenset({"price", "estimate_tokens", "on_alert", "key"}))
         options["price"] = None if self._price is None else _callable_name(self._price)
         options["estimate_tokens"] = (
             "default" if self._custom_estimate is None else _callable_name(self._custom_estimate)

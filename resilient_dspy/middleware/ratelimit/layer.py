@@ -351,11 +351,3 @@ class RateLimiter(Layer):
         if link.degraded and link.mode == "reject":
             status = "down"
         return LayerHealth(self.name, status, {"lanes": details, **link.health_details()})
-
-    def describe(self) -> dict[str, Any]:
-        """The base description; with a store, the store's own ``describe()`` (no secrets) in place of the object."""
-        described = super().describe()
-        store = self.options.store
-        if store is not None:
-            described["options"]["store"] = store.describe()
-        return described

@@ -117,6 +117,9 @@ def check_built(run: Run, built: Built, journal: Sequence[Any] = ()) -> list[Vio
         found += bulkhead_limit_respected(built.checkpoint("running"), bulkhead.options.max_concurrent)
     limiter = built.layers.get("limiter")
     if isinstance(limiter, RateLimiter) and limiter.options.key is None:
-        admitted = [entry.started for entry in built.checkpoint("admitted")]
+        # counted from the answer, a passage that never reached the provider (a hit, an inner rejection) is refunded
+        every = limiter.options.counts_from == "admission"
+        passed = built.checkpoint("admitted")
+        admitted = [entry.started for entry in passed if every or getattr(entry, "reached", None) is not False]
         found += limiter_respected(admitted, limiter.options.limits)
     return found
