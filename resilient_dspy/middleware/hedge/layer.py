@@ -63,9 +63,10 @@ class Hedge(Layer):
         name: str | None = None,
     ) -> None:
         problems: list[tuple[str, str]] = []
-        converted = [as_alternative(a, i, problems) for i, a in enumerate(alternatives)]
+        given = tuple(alternatives) if isinstance(alternatives, list | tuple) else alternatives
+        converted = [as_alternative(a, i, problems) for i, a in enumerate(given)] if isinstance(given, tuple) else []
         try:
-            self.options = options_from(HedgeOptions, "Hedge", {**locals(), "alternatives": tuple(alternatives)})
+            self.options = options_from(HedgeOptions, "Hedge", {**locals(), "alternatives": given})
         except ConfigurationError as error:
             problems[:0] = error.problems
         if problems:

@@ -38,6 +38,7 @@ class Race:
         next_at: float | None = clock.now() + delay
         reason = "delay"
         judged: set[int] = set()
+        timed_out = False  # the wait for next_at ended by time: a clock that rounds may read a hair before it
         try:
             while True:
                 for index, task in enumerate(self.tasks):
@@ -68,18 +69,18 @@ class Race:
                     started >= max_hedges or (call.deadline is not None and next_at >= call.deadline)
                 ):
                     next_at = None
-                if next_at is not None and now >= next_at:
+                if next_at is not None and (timed_out or now >= next_at):
                     self._start(started + 1)
                     hedge.emit(
                         call, HedgeStarted, hedge=started + 1, runs=self._runs(started + 1), reason=reason, delay=delay
                     )
-                    next_at, reason = now + delay, "delay"
+                    next_at, reason, timed_out = now + delay, "delay", False
                     continue
                 if len(judged) == len(self.tasks):
                     assert self.last_error is not None
                     raise self.last_error
                 self.wakeup = asyncio.get_running_loop().create_future()  # set when any attempt ends
-                await wait_until(clock, self.wakeup, next_at)
+                timed_out = not await wait_until(clock, self.wakeup, next_at)
         finally:
             await self._cancel_rest()
 
