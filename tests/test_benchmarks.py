@@ -39,4 +39,5 @@ def test_benchmark_runs(script: Path, tmp_path: Path) -> None:
 
 
 def test_every_script_is_covered() -> None:
-    assert {s.name for s in SCRIPTS} >= {"bench_overhead.py", "bench_peers.py", "bench_limiter.py", "bench_cache.py"}
+    covered = {"bench_overhead.py", "bench_peers.py", "bench_limiter.py", "bench_cache.py", "bench_hedge.py"}
+    assert {s.name for s in SCRIPTS} >= covered
