@@ -389,3 +389,21 @@ async def test_a_rate_limiter_that_refuses_a_hedge_leaves_the_call_to_its_first_
     outcome = await Pipeline(program, Hedge(1.0), limiter).invoke("q")
     assert (outcome.value, outcome.hedges, outcome.served_hedge) == ("answer-0", 1, 0)
     assert len(program.started) == 1
+
+
+async def test_a_timeout_below_the_hedge_bounds_each_attempt_and_its_expiry_starts_the_next_hedge() -> None:
+    program = Scripted([10.0, 0.5])
+    timeout = Timeout(1.0)
+    outcome = await Pipeline(program, Hedge(5.0), timeout).invoke("q")
+    assert (outcome.value, outcome.served_hedge) == ("answer-1", 1)
+    assert outcome.duration == pytest.approx(1.5)
+    assert timeout.describe()["scope"] == "attempt"
+
+
+async def test_a_retry_below_the_hedge_retries_within_each_attempt() -> None:
+    from resilient_dspy import Retry
+
+    program = Scripted([0.1, 10.0, 0.2], errors={0: server_error()})
+    outcome = await Pipeline(program, Hedge(1.0), Retry(2, base_delay=0.0, jitter="none")).invoke("q")
+    assert (outcome.value, outcome.retries, outcome.served_hedge) == ("answer-2", 1, 1)
+    assert outcome.duration == pytest.approx(1.2)
