@@ -32,6 +32,8 @@ BUILTIN_KINDS: dict[str, str] = {
             "Limit",
             "Cache",
             "Fallback",
+            "Hedge",
+            "Percentile",
             "UseLM",
             "UseProgram",
             "Static",

@@ -407,3 +407,23 @@ async def test_a_retry_below_the_hedge_retries_within_each_attempt() -> None:
     outcome = await Pipeline(program, Hedge(1.0), Retry(2, base_delay=0.0, jitter="none")).invoke("q")
     assert (outcome.value, outcome.retries, outcome.served_hedge) == ("answer-2", 1, 1)
     assert outcome.duration == pytest.approx(1.2)
+
+
+def test_a_stack_config_builds_a_hedge_with_a_learned_delay() -> None:
+    config = {
+        "program": {"signature": "question -> answer"},
+        "layers": [
+            {"layer": "Cache"},
+            {"layer": "Hedge", "delay": {"kind": "Percentile", "q": 0.9, "ceiling": 2.0}, "max_hedges": 2},
+            {"layer": "Timeout", "seconds": 5},
+        ],
+    }
+    by_hand = Pipeline(dspy.Predict("question -> answer"), Cache(), Hedge(Percentile(0.9, ceiling=2.0), max_hedges=2))
+    built = Pipeline.from_config(config)
+    assert built.describe()[1] == by_hand.describe()[1]
+    assert (
+        Pipeline.from_config({**config, "layers": [{"layer": "Hedge", "delay": "p95"}]}).describe()[0]["options"][
+            "delay"
+        ]["percentile"]
+        == "p95"
+    )
