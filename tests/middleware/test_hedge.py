@@ -203,6 +203,65 @@ def test_the_race_matches_the_model_within_max_hedges(
     assert left == set()
 
 
+def race_model(plan: list[tuple[float, str]], delay: float, max_hedges: int) -> tuple[str, int, float, int]:
+    """The rules, as a simulation: (how it ended, the deciding attempt, when, attempts started). An attempt is
+    (latency, "ok" | "retryable" | "fatal"); a retryable failure starts the next hedge at once."""
+    starts, judged, next_at, last = [0.0], set(), delay, -1
+    while True:
+        pending = {i: start + plan[i][0] for i, start in enumerate(starts) if i not in judged}
+        can_hedge = len(starts) - 1 < max_hedges
+        first_end = min(pending.values(), default=float("inf"))
+        if can_hedge and next_at < first_end:
+            starts.append(next_at)
+            next_at += delay
+            continue
+        index = min(pending, key=pending.__getitem__)
+        judged.add(index)
+        kind = plan[index][1]
+        if kind != "retryable":
+            return kind, index, first_end, len(starts)
+        last = index
+        if can_hedge:
+            starts.append(first_end)
+            next_at = first_end + delay
+        elif len(judged) == len(starts):
+            return "failed", last, first_end, len(starts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    plan=st.lists(
+        st.tuples(st.integers(1, 30), st.sampled_from(["ok", "ok", "retryable", "fatal"])), min_size=4, max_size=4
+    ),
+    delay_tenths=st.integers(1, 20),
+    max_hedges=st.integers(1, 3),
+)
+def test_failures_end_or_carry_on_the_race_as_the_model_says(
+    plan: list[tuple[int, str]], delay_tenths: int, max_hedges: int
+) -> None:
+    """Non-retryable ends it at once, retryable starts the next hedge at once, the last failure is the error."""
+    timed = [(tenths / 10 + 0.0001 * 2**i, kind) for i, (tenths, kind) in enumerate(plan)]  # distinct: no ties
+    delay = delay_tenths / 10 + 0.05
+    errors: dict[int, Exception] = {
+        i: server_error() if kind == "retryable" else Boom(str(i)) for i, (_, kind) in enumerate(timed) if kind != "ok"
+    }
+
+    async def scenario() -> tuple[str, int, float, int, set[asyncio.Task[object]]]:
+        program = Scripted([latency for latency, _ in timed], errors)
+        try:
+            outcome = await Pipeline(program, Hedge(delay, max_hedges=max_hedges)).invoke("q")
+            ended = ("ok", outcome.served_hedge)
+        except Exception as error:
+            ended = ("fatal" if isinstance(error, Boom) else "failed", next(i for i, e in errors.items() if e is error))
+        return *ended, now(), len(program.started), other_tasks()
+
+    kind, index, ended, started, left = run_virtual(scenario)
+    expected_kind, expected_index, expected_end, expected_started = race_model(timed, delay, max_hedges)
+    assert (kind, index, started) == (expected_kind, expected_index, expected_started)
+    assert ended == pytest.approx(expected_end, abs=1e-6)
+    assert started <= 1 + max_hedges and left == set()
+
+
 # --- the delay -------------------------------------------------------------------------------------------------
 
 
