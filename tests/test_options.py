@@ -24,6 +24,7 @@ from resilient_dspy.middleware.cache.backends import MemoryBackend
 from resilient_dspy.middleware.chaos import ChaosOptions
 from resilient_dspy.middleware.fallback import FallbackOptions, Static
 from resilient_dspy.middleware.guard import GuardOptions, InputRules
+from resilient_dspy.middleware.hedge import HedgeOptions, PercentileOptions
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiterOptions
 from resilient_dspy.middleware.retry import RetryBudget, RetryOptions
 from resilient_dspy.middleware.timeout import TimeoutOptions
@@ -50,6 +51,7 @@ SAMPLES: dict[tuple[type[Options], str], tuple[Any, ...]] = {
     (InputRules, "required"): ("question",),
     (InputRules, "forbidden"): (re.compile("ignore previous"),),
     (FallbackOptions, "alternatives"): (STATIC, STATIC),
+    (HedgeOptions, "alternatives"): (STATIC, STATIC),
     (BudgetOptions, "alert_at"): (0.5, 0.9),
     (ChaosOptions, "latency"): (0.1, 0.5),
     (ChaosOptions, "script"): (FaultStep(), FaultStep()),
@@ -71,6 +73,7 @@ NO_TUPLE_FIELDS = {
     BulkheadOptions,
     PartitionOptions,
     Quota,
+    PercentileOptions,
 }
 
 

@@ -486,3 +486,14 @@ def test_a_stack_config_builds_a_hedge_with_a_learned_delay() -> None:
         ]["percentile"]
         == "p95"
     )
+
+
+async def test_a_streamed_call_is_never_hedged() -> None:
+    from tests.test_streaming import stream
+
+    lm = FaultInjectingLM(script=[FaultStep(latency=3.0)])
+    hedge = Hedge(0.5)
+    with dspy.context(lm=lm):
+        chunks, final = await stream(Pipeline(dspy.Predict("question -> answer"), hedge).as_module(), question="q")
+    assert "".join(chunks) == final.answer
+    assert lm.requests == 1 and hedge.snapshot().hedges == 0
