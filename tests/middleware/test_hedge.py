@@ -497,3 +497,15 @@ async def test_a_streamed_call_is_never_hedged() -> None:
         chunks, final = await stream(Pipeline(dspy.Predict("question -> answer"), hedge).as_module(), question="q")
     assert "".join(chunks) == final.answer
     assert lm.requests == 1 and hedge.snapshot().hedges == 0
+
+
+async def test_health_is_degraded_while_most_recent_calls_are_hedged() -> None:
+    hedge = Hedge(0.5)
+    slow = Pipeline(Scripted([1.0]), hedge)  # every call outlasts the delay: hedged
+    for _ in range(20):
+        await slow("q")
+    assert hedge.health().status == "degraded"
+    fast = Pipeline(Scripted([0.1]), hedge)
+    for _ in range(100):
+        await fast("q")
+    assert hedge.health().status == "ok" and hedge.snapshot().hedged_calls == 20

@@ -26,6 +26,7 @@ or Bulkhead (each hedge takes its own admission): ``on_build`` warns otherwise. 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -45,6 +46,9 @@ if TYPE_CHECKING:
     from resilient_dspy.core.pipeline import Pipeline
 
 __all__ = ["Hedge"]
+
+_RECENT = 100
+_RECENT_MIN = 20
 
 
 class Hedge(Layer):
@@ -73,10 +77,11 @@ class Hedge(Layer):
             raise ConfigurationError(problems)
         self.alternatives: tuple[Alternative, ...] = tuple(a for a in converted if a is not None)
         delay_option = self.options.delay
-        self._fixed = delay_option if isinstance(delay_option, float) else None
+        self._fixed = delay_option if isinstance(delay_option, float) else 0.0
         self._learned = Latencies(delay_option.options) if isinstance(delay_option, Percentile) else None
         self._calls = self._hedged_calls = self._hedges = 0
         self._wins: dict[int, int] = {}
+        self._recent: deque[bool] = deque(maxlen=_RECENT)  # whether each of the latest calls was hedged
 
     def on_build(self, pipeline: Pipeline) -> None:
         """Warn when a Cache is below (hedges coalesce onto the attempt they should overtake) or a RateLimiter or
@@ -100,7 +105,8 @@ class Hedge(Layer):
 
     def current_delay(self) -> float:
         """The delay a call starting now waits before its first hedge (learned, clamped, or the fixed one)."""
-        return self._fixed if self._fixed is not None else self._learned.delay()  # type: ignore[union-attr]
+        learned = self._learned
+        return learned.delay() if learned is not None else self._fixed
 
     async def __call__(self, call: Call, next: Handler) -> Any:
         self._calls += 1
@@ -113,6 +119,7 @@ class Hedge(Layer):
             finally:
                 hedges = max(0, len(race.tasks) - 1)
                 call.record.hedges += hedges
+                self._recent.append(hedges > 0)
                 if hedges:
                     self._hedged_calls += 1
                     self._hedges += hedges
@@ -142,16 +149,19 @@ class Hedge(Layer):
         )
 
     def health(self) -> LayerHealth:
-        """Degraded when more than half of the calls were hedged (the delay is too short, or the provider slow):
-        each hedge is an extra request. Never down: a hedge only adds attempts."""
+        """Degraded when more than half of the latest calls (20 at least, of the last 100) were hedged: the delay is
+        too short for the provider's latency now, and each hedge is an extra request. Never down."""
         snapshot = self.snapshot()
+        recent = self._recent
+        hedged = sum(recent)
         details = {
             "calls": snapshot.calls,
             "hedged_calls": snapshot.hedged_calls,
             "hedges": snapshot.hedges,
             "delay": snapshot.delay,
+            "recent_hedged": f"{hedged}/{len(recent)}",
         }
-        busy = snapshot.calls >= 20 and snapshot.hedged_calls * 2 > snapshot.calls
+        busy = len(recent) >= _RECENT_MIN and hedged * 2 > len(recent)
         return LayerHealth(self.name, "degraded" if busy else "ok", details)
 
     def describe(self) -> dict[str, Any]:
