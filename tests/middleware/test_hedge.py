@@ -509,3 +509,17 @@ async def test_health_is_degraded_while_most_recent_calls_are_hedged() -> None:
     for _ in range(100):
         await fast("q")
     assert hedge.health().status == "ok" and hedge.snapshot().hedged_calls == 20
+
+
+async def test_a_uselm_hedge_runs_the_same_stack_under_the_other_lm_in_its_own_task() -> None:
+    from resilient_dspy import UseLM
+
+    primary = FaultInjectingLM("fault/primary", script=[FaultStep(latency=10.0)])
+    backup = FaultInjectingLM("fault/backup")
+    pipeline = Pipeline(dspy.Predict("question -> answer"), Hedge(1.0, alternatives=[UseLM(backup, name="backup")]))
+    with dspy.context(lm=primary):
+        outcome = await pipeline.invoke("Which model answers?")
+        assert dspy.settings.lm is primary  # the hedge's LM stayed in its own task
+    assert (outcome.served_by, outcome.served_hedge, outcome.duration) == ("backup", 1, pytest.approx(1.0))
+    assert (primary.requests, backup.requests) == (1, 1)
+    assert other_tasks() == set()
