@@ -11,8 +11,8 @@ Two clocks, side by side:
 
 - **virtual** (looptime): the latencies are ``asyncio.sleep`` on the loop's clock, which looptime fast-forwards when
   every task waits; a call's duration is exactly the latencies it waited for and the hedge delays, so the figures
-  are the model's, free of scheduling noise. What the layer itself costs in CPU is not in them (a few µs a call;
-  see bench_overhead.py);
+  are the model's, free of scheduling noise. What the layer itself costs in CPU is not in them: the last line
+  measures it on the real clock (a program that answers at once, with and without a Hedge that never fires);
 - **real** (``--real``): the same model scaled to milliseconds (base 45-55 ms, tail x10) on the real clock: a check
   with real scheduling, noise included (on a loaded machine the noise inflates every latency, and a fixed delay
   hedges far more often than the model says; a learned one follows the inflation).
@@ -30,6 +30,7 @@ import json
 import random
 import statistics
 import sys
+import time
 from typing import Any
 
 import looptime
@@ -111,6 +112,32 @@ def measure(clock: str, calls: int, concurrency: int, seed: int) -> dict[str, di
     return results
 
 
+async def echo(question: str) -> str:
+    return question
+
+
+def overhead(calls: int) -> dict[str, float]:
+    """µs per call on the real clock of a program that answers at once: bare, and under a Hedge that never fires
+    (each call still runs its attempt in a task, with a timer and a usage scope); best of 5 rounds."""
+
+    async def per_call(pipeline: Pipeline) -> float:
+        for _ in range(calls // 10):
+            await pipeline("q")
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(calls):
+                await pipeline("q")
+            best = min(best, (time.perf_counter() - started) / calls * 1e6)
+        return best
+
+    async def both() -> dict[str, float]:
+        bare, hedged = await per_call(Pipeline(echo)), await per_call(Pipeline(echo, Hedge(1.0)))
+        return {"bare_us": bare, "hedged_us": hedged, "overhead_us": hedged - bare}
+
+    return asyncio.run(both())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1000)
@@ -141,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     b80 = 0.9 + 0.8 * 0.2  # the 80th percentile of U(0.9, 1.1): the p99 of a hedged run is its hedges' d + b80
     bounds = ", ".join(f"{TAIL_FACTOR * b80 / (d + b80):.2f}x at delay {d:g}" for d in (1.15, 1.10, 1.0))
     print(f"\nbound on the p99 cut of one hedge started after delay d, 10 x b80 / (d + b80): {bounds}")
+    cost = report["overhead"] = overhead(200 if args.smoke else 20_000)
+    print(
+        f"overhead per call (real clock, a program that answers at once): {cost['bare_us']:.1f} µs bare, "
+        f"{cost['hedged_us']:.1f} µs under a Hedge that never fires (+{cost['overhead_us']:.1f} µs)"
+    )
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=2)
