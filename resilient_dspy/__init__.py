@@ -38,6 +38,7 @@ from resilient_dspy.middleware.canary import Canary
 from resilient_dspy.middleware.chaos import Chaos
 from resilient_dspy.middleware.fallback import Fallback, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, InputRules
+from resilient_dspy.middleware.hedge import Hedge
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter
 from resilient_dspy.middleware.retry import Retry, RetryBudget
 from resilient_dspy.middleware.timeout import Timeout
@@ -60,6 +61,7 @@ __all__ = [
     "Fallback",
     "FallbackFailedError",
     "Guard",
+    "Hedge",
     "InputRules",
     "InvalidInputError",
     "InvalidOutputError",

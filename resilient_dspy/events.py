@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from resilient_dspy.middleware.chaos import ChaosInjected
     from resilient_dspy.middleware.fallback import FallbackUsed
     from resilient_dspy.middleware.guard import GuardRejectedInput, GuardRejectedOutput
+    from resilient_dspy.middleware.hedge import HedgeStarted, HedgeWon
     from resilient_dspy.middleware.ratelimit import RateLimitReconciled, RateLimitRejected, RateLimitWaited
     from resilient_dspy.middleware.retry import RetryGaveUp, RetryScheduled
     from resilient_dspy.middleware.timeout import TimeoutFired
@@ -72,6 +73,8 @@ __all__ = [
     "FallbackUsed",
     "GuardRejectedInput",
     "GuardRejectedOutput",
+    "HedgeStarted",
+    "HedgeWon",
     "Listener",
     "RateLimitReconciled",
     "RateLimitRejected",
@@ -112,6 +115,7 @@ _PATTERN_EVENTS: dict[str, tuple[str, ...]] = {
     "resilient_dspy.middleware.chaos": ("ChaosInjected",),
     "resilient_dspy.middleware.fallback": ("FallbackUsed",),
     "resilient_dspy.middleware.guard": ("GuardRejectedInput", "GuardRejectedOutput"),
+    "resilient_dspy.middleware.hedge": ("HedgeStarted", "HedgeWon"),
     "resilient_dspy.middleware.ratelimit": ("RateLimitReconciled", "RateLimitRejected", "RateLimitWaited"),
     "resilient_dspy.middleware.retry": ("RetryGaveUp", "RetryScheduled"),
     "resilient_dspy.middleware.timeout": ("TimeoutFired",),

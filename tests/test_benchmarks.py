@@ -55,4 +55,5 @@ def test_every_script_is_covered() -> None:
         "bench_redis_cache.py",
         "bench_redis.py",
         "bench_redis_state.py",
+        "bench_hedge.py",
     }

@@ -28,6 +28,7 @@ from resilient_dspy.middleware.canary import CanaryOptions
 from resilient_dspy.middleware.chaos import ChaosOptions
 from resilient_dspy.middleware.fallback import FallbackOptions, Static
 from resilient_dspy.middleware.guard import GuardOptions, InputRules
+from resilient_dspy.middleware.hedge import HedgeOptions, PercentileOptions
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiterOptions
 from resilient_dspy.middleware.retry import RetryBudget, RetryOptions
 from resilient_dspy.middleware.timeout import TimeoutOptions
@@ -64,6 +65,7 @@ SAMPLES: dict[tuple[type[Options], str], tuple[Any, ...]] = {
     (FallbackOptions, "alternatives"): (STATIC, STATIC),
     (CanaryOptions, "candidates"): (_program, _program),
     (CanaryOptions, "weights"): (0.1, 0.2),
+    (HedgeOptions, "alternatives"): (STATIC, STATIC),
     (BudgetOptions, "alert_at"): (0.5, 0.9),
     (ChaosOptions, "latency"): (0.1, 0.5),
     (ChaosOptions, "script"): (FaultStep(), FaultStep()),
@@ -90,6 +92,7 @@ NO_TUPLE_FIELDS = {
     RedisBackendOptions,
     RedisStoreOptions,
     StoreOptions,
+    PercentileOptions,
 }
 
 

@@ -49,6 +49,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("malformed", "answers that do not parse", {"malformed": 0.3}),
     Scenario("context_window", "context-window errors (permanent)", {"context_window": 0.2}),
     Scenario("cancellation", "callers cancelling slow calls", {"latency": (0.2, 2.0)}, 0.25, 0.5),
+    Scenario("tail_latency", "5 % of requests 10x slower", {"latency": (0.2, 0.4), "tail": 0.05, "tail_factor": 10.0}),
     Scenario(
         "mixed",
         "a bit of everything, with latency",

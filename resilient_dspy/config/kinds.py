@@ -35,6 +35,8 @@ BUILTIN_KINDS: dict[str, str] = {
             "Cache",
             "Fallback",
             "Canary",
+            "Hedge",
+            "Percentile",
             "UseLM",
             "UseProgram",
             "Static",

@@ -101,7 +101,14 @@ class _Window:
             self._wake()
             raise
         outcome = Outcome(
-            value, record.served_by, record.attempts, record.retries, clock.now() - record.started_at, error=error
+            value,
+            record.served_by,
+            record.attempts,
+            record.retries,
+            clock.now() - record.started_at,
+            error=error,
+            hedges=record.hedges,
+            served_hedge=record.served_hedge,
         )
         del self.tasks[index]
         self.finished.append((index, outcome))

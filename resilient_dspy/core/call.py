@@ -70,6 +70,8 @@ class CallRecord:
     or an inner rejection counts as no provider outcome. ``blocked_until`` is set by an inner layer that will
     refuse this call's next attempt until then (an opened circuit), so a Retry above waits exactly that long.
     ``leases`` are the capacities outer layers hold for the call (see :class:`Lease` and :func:`lend_leases`).
+    ``hedges`` counts the extra attempts a Hedge started; ``served_hedge`` is the attempt that answered (0 = the
+    first, n = hedge n).
     """
 
     started_at: float
@@ -79,11 +81,16 @@ class CallRecord:
     trace: Trace | None = None
     blocked_until: float | None = None
     leases: list[Lease] | None = None
+    hedges: int = 0
+    served_hedge: int = 0
 
     def absorb(self, nested: CallRecord) -> None:
-        """Take in what a nested pipeline's call did: its program runs, retries, and who served it."""
+        """Take in what a nested pipeline's call did: its program runs, retries, hedges, and who served it."""
         self.attempts += nested.attempts
         self.retries += nested.retries
+        self.hedges += nested.hedges
+        if nested.served_hedge:
+            self.served_hedge = nested.served_hedge
         if nested.served_by != "primary":
             self.served_by = nested.served_by
         if nested.blocked_until is not None:

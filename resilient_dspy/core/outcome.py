@@ -20,7 +20,8 @@ class Outcome:
     """A result with the story of how it was obtained (see :meth:`Pipeline.invoke` and :meth:`Pipeline.map`).
 
     ``duration`` is the call's latency on the pipeline clock. In a batch a failed call is an outcome too: ``value``
-    is None and ``error`` holds the typed error the call raised (``invoke`` raises it instead).
+    is None and ``error`` holds the typed error the call raised (``invoke`` raises it instead). ``hedges`` counts the
+    extra attempts a Hedge started and ``served_hedge`` the one that answered (0 = the first attempt).
     """
 
     value: Any
@@ -30,6 +31,8 @@ class Outcome:
     duration: float
     trace: Trace | None = None
     error: Exception | None = None
+    hedges: int = 0
+    served_hedge: int = 0
 
     @property
     def ok(self) -> bool:

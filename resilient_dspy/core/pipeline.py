@@ -232,7 +232,13 @@ class Pipeline:
         value = await self.run(call)
         record = call.record
         return Outcome(
-            value, record.served_by, record.attempts, record.retries, self._runtime.clock.now() - record.started_at
+            value,
+            record.served_by,
+            record.attempts,
+            record.retries,
+            self._runtime.clock.now() - record.started_at,
+            hedges=record.hedges,
+            served_hedge=record.served_hedge,
         )
 
     async def traced(self, *args: Any, **kwargs: Any) -> Outcome:
@@ -266,7 +272,16 @@ class Pipeline:
         now = runtime.clock.now()
         trace.close(trace.root, now)
         record = call.record
-        return Outcome(value, record.served_by, record.attempts, record.retries, now - record.started_at, trace)
+        return Outcome(
+            value,
+            record.served_by,
+            record.attempts,
+            record.retries,
+            now - record.started_at,
+            trace,
+            hedges=record.hedges,
+            served_hedge=record.served_hedge,
+        )
 
     async def map(
         self,

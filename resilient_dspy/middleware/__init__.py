@@ -51,6 +51,7 @@ from resilient_dspy.middleware.canary import (
 from resilient_dspy.middleware.chaos import Chaos, ChaosInjected, ChaosSnapshot
 from resilient_dspy.middleware.fallback import Fallback, FallbackUsed, Static, UseLM, UseProgram
 from resilient_dspy.middleware.guard import Guard, GuardRejectedInput, GuardRejectedOutput, InputRules
+from resilient_dspy.middleware.hedge import Hedge, HedgeSnapshot, HedgeStarted, HedgeWon, Percentile
 from resilient_dspy.middleware.ratelimit import (
     Limit,
     LimitUsage,
@@ -106,9 +107,14 @@ __all__ = [
     "Guard",
     "GuardRejectedInput",
     "GuardRejectedOutput",
+    "Hedge",
+    "HedgeSnapshot",
+    "HedgeStarted",
+    "HedgeWon",
     "InputRules",
     "Limit",
     "LimitUsage",
+    "Percentile",
     "RateLimitReconciled",
     "RateLimitRejected",
     "RateLimitWaited",

@@ -1,4 +1,4 @@
-"""Timeout: a deadline for the call (placed outermost) or for each attempt (placed inside Retry).
+"""Timeout: a deadline for the call (placed outermost) or for each attempt (placed inside Retry or Hedge).
 
 The deadline is written into the call context, so inner layers (Retry) see how much time is left; the
 effective deadline is the earlier of ours and any deadline from outside. When it passes, the body is
@@ -52,6 +52,10 @@ def _cancel_pending() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+_ATTEMPT_MAKERS = frozenset({"retry", "hedge"})
+"""The roles of layers that run what is below them as attempts of one call."""
+
+
 class Timeout(Layer):
     """Bound the time of everything below this layer to ``seconds``."""
 
@@ -70,9 +74,10 @@ class Timeout(Layer):
         return f"Timeout({self.scope})"
 
     def on_build(self, pipeline: Pipeline) -> None:
-        """Name the scope by placement: a Timeout below a Retry bounds one attempt."""
+        """Name the scope by placement: a Timeout below a Retry or a Hedge bounds one attempt (and its expiry is
+        retryable: the Retry, or the Hedge's next attempt, goes on)."""
         outer, _ = pipeline.layers_around(self)
-        scope = "attempt" if "retry" in roles(outer) else "total"
+        scope = "attempt" if roles(outer) & _ATTEMPT_MAKERS else "total"
         if self._placed and scope != self.scope:
             raise ConfigurationError(
                 [("Timeout", f"this instance bounds the {self.scope} elsewhere; use a new Timeout for the {scope}")]

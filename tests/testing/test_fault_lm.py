@@ -480,3 +480,24 @@ async def test_calls_from_a_worker_thread_answer_and_journal() -> None:
         prediction = await dspy.asyncify(dspy.Predict("question -> answer"))(question="Why?")
     assert prediction.answer == "Because."
     assert [(entry.fault, entry.question) for entry in lm.journal] == [(Fault.OK, "Why?")]
+
+
+def test_a_tail_slows_its_share_of_requests_by_its_factor_and_leaves_untailed_seeds_as_they_were() -> None:
+    from resilient_dspy.testing.fault_lm.schedule import FaultSchedule
+
+    plain = FaultSchedule(FaultProfile(latency=(1.0, 2.0)), seed=3)
+    again = FaultSchedule(FaultProfile(latency=(1.0, 2.0), tail=0.0), seed=3)
+    assert [plain.draw().latency for _ in range(50)] == [again.draw().latency for _ in range(50)]
+    tailed = FaultSchedule(FaultProfile(latency=(1.0, 2.0), tail=0.1, tail_factor=10.0), seed=3)
+    latencies = [tailed.draw().latency for _ in range(2000)]
+    slow = [latency for latency in latencies if latency > 2.0]
+    assert all(10.0 <= latency <= 20.0 for latency in slow)
+    assert 150 <= len(slow) <= 250
+    assert all(entry.fault is Fault.OK for entry in [tailed.draw() for _ in range(100)])
+
+
+@pytest.mark.parametrize("bad", [{"tail": 1.5}, {"tail": -0.1}, {"tail_factor": 0.5}])
+def test_a_bad_tail_is_a_configuration_error_naming_it(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        build_options(FaultProfile, "FaultProfile", bad)
+    assert {name for name, _ in caught.value.problems} == {f"FaultProfile.{next(iter(bad))}"}

@@ -22,7 +22,8 @@ __all__ = ["CANCELLED_BY_CALLER", "Drawn", "FaultProfile", "FaultSchedule", "Jou
 
 
 class FaultProfile(Options):
-    """Per-request probabilities of each fault (the rest answer normally) and the latency range."""
+    """Per-request probabilities of each fault (the rest answer normally), the latency range, and the heavy tail: a
+    ``tail`` share of requests takes ``tail_factor`` times its drawn latency (a slow answer, not a fault)."""
 
     rate_limit: float = Field(default=0.0, ge=0, le=1)
     server_error: float = Field(default=0.0, ge=0, le=1)
@@ -36,6 +37,10 @@ class FaultProfile(Options):
         default=(0.5, 2.0), description="Retry-After range (s) sent with rate limits; None sends none."
     )
     latency: tuple[float, float] = Field(default=(0.0, 0.0), description="Answer latency range (s).")
+    tail: float = Field(default=0.0, ge=0, le=1, description="Share of requests slowed by tail_factor (a heavy tail).")
+    tail_factor: float = Field(
+        default=10.0, ge=1, allow_inf_nan=False, description="How much slower a tail request is."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> FaultProfile:
@@ -96,6 +101,8 @@ class FaultSchedule:
                         break
                     roll -= rate
             latency = self.rng.uniform(*profile.latency)
+            if profile.tail and self.rng.random() < profile.tail:  # drawn only with a tail: old seeds replay the same
+                latency *= profile.tail_factor
             retry_after = None if profile.retry_after is None else round(self.rng.uniform(*profile.retry_after), 3)
             self.faults[fault] += 1
         if scripted is not None:
