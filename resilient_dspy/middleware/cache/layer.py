@@ -232,7 +232,7 @@ class Cache(Layer):
                         self._missed(call, key, bypassed=False)
                         raise
                 if data is not None:
-                    entry = self._answers.decode(key, data)
+                    entry = self._answers.decode(key, data, nowait is not None)
                     if entry is not None:
                         return self._hit(call, key, entry)
                 flight = flights.find(key) if single_flight else None
