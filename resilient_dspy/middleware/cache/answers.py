@@ -82,18 +82,17 @@ class Answers:
 
     def encode(self, value: Any, usage: dict[str, Any], tokens: int) -> bytes | None:
         """The stored form of ``value`` with its usage, or None (logged once per type) when it cannot be encoded."""
-        name = self._owner.name
-        for retry in (True, False):
+        for retry in (True, False):  # the owner's name is read only to log a failure: it is a property
             try:
                 return self.serializer.dumps(value, usage, tokens)
             except UnencodableError as error:
                 if retry and issubclass(error.kind, BaseModel | enum.Enum):
                     self._allow_program_types()
                     continue
-                self._report_once(_type_name(error.kind), "%s: answer not cached: %s", name, error)
+                self._report_once(_type_name(error.kind), "%s: answer not cached: %s", self._owner.name, error)
                 return None
             except Exception as error:
-                self._report_once(_type_name(type(value)), "%s: answer not cached: %r", name, error)
+                self._report_once(_type_name(type(value)), "%s: answer not cached: %r", self._owner.name, error)
                 return None
         return None
 
@@ -119,9 +118,9 @@ class Answers:
         return entry
 
     def _load(self, key: str, data: object) -> CachedEntry | None:
-        name = self._owner.name
         if type(data) is not bytes:
-            logger.warning("%s: backend returned a %s for %s; treated as a miss", name, type(data).__name__, key)
+            kind = type(data).__name__
+            logger.warning("%s: backend returned a %s for %s; treated as a miss", self._owner.name, kind, key)
             return None
         for retry in (True, False):
             try:
@@ -130,9 +129,9 @@ class Answers:
                 if retry:
                     self._allow_program_types()
                     continue
-                logger.warning("%s: unreadable entry %s (%s); treated as a miss", name, key, error)
+                logger.warning("%s: unreadable entry %s (%s); treated as a miss", self._owner.name, key, error)
             except CorruptEntryError as error:
-                logger.warning("%s: unreadable entry %s (%s); treated as a miss", name, key, error)
+                logger.warning("%s: unreadable entry %s (%s); treated as a miss", self._owner.name, key, error)
                 return None
         return None
 
