@@ -19,6 +19,8 @@ from collections import deque
 __all__ = ["Deadline", "DeadlineTimer"]
 
 _ACTIVE, _FELL, _DONE = 0, 1, 2
+_COMPACT_AFTER = 256
+"""Ended deadlines kept behind one still running before the FIFO is swept (each holds its task until then)."""
 
 
 class Deadline:
@@ -37,13 +39,14 @@ class Deadline:
 class DeadlineTimer:
     """The deadlines of one event loop, in non-decreasing order, served by one timer armed for the earliest."""
 
-    __slots__ = ("_armed", "_handle", "_queue", "loop")
+    __slots__ = ("_armed", "_done", "_handle", "_queue", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self.loop = loop
         self._queue: deque[Deadline] = deque()
         self._handle: asyncio.Handle | None = None
         self._armed = 0.0
+        self._done = 0  # ended deadlines still in the FIFO, behind one that runs on
 
     @property
     def busy(self) -> bool:
@@ -69,11 +72,19 @@ class DeadlineTimer:
 
     def leave(self, deadline: Deadline) -> bool:
         """End ``deadline``; True when it fell (it cancelled its task, which the caller answers with ``uncancel``)."""
-        fell = deadline.state == _FELL
+        fell = deadline.state == _FELL  # a deadline that fell has already left the FIFO
         deadline.state = _DONE
         queue = self._queue
+        if not fell:
+            self._done += 1
         while queue and queue[0].state == _DONE:
             queue.popleft()
+            self._done -= 1
+        if self._done > _COMPACT_AFTER and self._done * 2 > len(queue):
+            # a long call at the head holds the ended ones (and their tasks) behind it: sweep them, as asyncio
+            # sweeps the cancelled timers out of its heap
+            self._queue = deque(entry for entry in queue if entry.state != _DONE)
+            self._done = 0
         return fell
 
     def _arm(self, when: float) -> None:
@@ -97,4 +108,6 @@ class DeadlineTimer:
                     return
                 deadline.state = _FELL
                 deadline.task.cancel()
+            else:
+                self._done -= 1
             queue.popleft()

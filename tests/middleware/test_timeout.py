@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -596,3 +598,26 @@ def test_one_timeout_serves_calls_on_successive_event_loops() -> None:
         with pytest.raises(TimeoutExceededError):
             asyncio.run(pipeline("q"))
     assert asyncio.run(pipeline("q")) == "answer to q"
+
+
+async def test_calls_that_ended_behind_a_long_one_are_not_kept_alive() -> None:
+    """While one call runs on towards a long deadline, the answers of many calls that ended after it started (each
+    in its own task) are freed: the Timeout keeps no more than a bounded number of ended calls."""
+
+    class Answer:
+        pass
+
+    async def program(question: str) -> Any:
+        if question == "long":
+            await asyncio.sleep(FOREVER)
+        return Answer()
+
+    pipeline = Pipeline(program, Timeout(100))
+    long = asyncio.ensure_future(pipeline("long"))
+    await asyncio.sleep(0)
+    answers = [weakref.ref(await asyncio.ensure_future(pipeline(f"q{i}"))) for i in range(2_000)]
+    gc.collect()
+    assert sum(ref() is not None for ref in answers) <= 600
+    long.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await long
