@@ -174,21 +174,22 @@ class Answers:
 
 
 def _copy(value: Any) -> Any:
-    """A copy of a decoded value sharing nothing mutable with it (what decoding the same bytes again would build)."""
+    """A copy of a decoded value sharing nothing mutable with it (what decoding the same bytes again would build);
+    immutable leaves are taken as they are without a call, the bulk of a Prediction's fields and usage."""
     kind = type(value)
     if kind in _IMMUTABLE:
         return value
     if kind is dict:
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: v if type(v) in _IMMUTABLE else _copy(v) for k, v in value.items()}
     if kind is list:
-        return [_copy(item) for item in value]
+        return [item if type(item) in _IMMUTABLE else _copy(item) for item in value]
     if kind is tuple:
         return tuple(_copy(item) for item in value)
     if kind is set:
         return {_copy(item) for item in value}
     if kind in _RECORDS:
         record = object.__new__(kind)
-        record.__dict__.update({k: _copy(v) for k, v in value.__dict__.items()})
+        record.__dict__.update({k: v if type(v) in _IMMUTABLE else _copy(v) for k, v in value.__dict__.items()})
         return record
     if isinstance(value, enum.Enum):
         return value
