@@ -191,7 +191,11 @@ if _CALL_FIELDS != _HAND_COPIED:  # pragma: no cover
 
 def leases_lent(call: Call) -> bool:
     """True when a capacity held for ``call`` is lent out (it must be taken back before the call works)."""
-    return any(not lease.held for lease in call.record.leases or ())
+    # a loop, not any(): no generator on every cache lookup under a Bulkhead (0.3 against 0.8-1.0 µs)
+    for lease in call.record.leases or ():  # noqa: SIM110
+        if not lease.held:
+            return True
+    return False
 
 
 def lend_leases(call: Call) -> None:

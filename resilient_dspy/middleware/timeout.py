@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from resilient_dspy.core.call import Call, Handler
+from resilient_dspy.core.clock import LoopClock
+from resilient_dspy.core.deadlines import DeadlineTimer
 from resilient_dspy.core.layer import Layer, roles
 from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
@@ -69,6 +71,7 @@ class Timeout(Layer):
         self.options = options_from(TimeoutOptions, "Timeout", locals())
         self.scope = "total"
         self._placed = False
+        self._timer = DeadlineTimer(None)  # the deadlines of the loop calls run on (core/deadlines.py)
 
     def default_name(self) -> str:
         return f"Timeout({self.scope})"
@@ -85,6 +88,54 @@ class Timeout(Layer):
         self.scope, self._placed = scope, True
 
     async def __call__(self, call: Call, next: Handler) -> Any:
+        options = self.options
+        if type(call.clock) is LoopClock and options.first_chunk is None and options.idle is None:
+            # the fixed path: one shared loop timer instead of an asyncio.timeout per call, same semantics
+            loop = asyncio.get_running_loop()
+            timer = self._timer if self._timer.loop is loop else self._timer_for(loop)
+            started = loop.time()
+            seconds = options.seconds
+            deadline = started + seconds
+            if call.deadline is not None and call.deadline < deadline:
+                deadline = call.deadline
+                seconds = max(0.0, deadline - started)
+            entry = None if timer is None else timer.enter(deadline)
+            if timer is not None and entry is not None:
+                try:
+                    result = await next(call.with_deadline(deadline))
+                except BaseException as error:
+                    if not timer.leave(entry):
+                        raise
+                    # asyncio.Timeout's rules: our cancellation alone becomes a timeout; an error the body answered
+                    # it with is ours too, unless a cancellation from outside is also pending
+                    task = entry.task
+                    alone = task.uncancel() <= entry.cancelling
+                    if isinstance(error, asyncio.CancelledError):
+                        if not alone:
+                            raise
+                        cause = None
+                    elif isinstance(error, TimeoutError):
+                        cause = None
+                    elif not isinstance(error, Exception) or task.cancelling() > 0:
+                        raise
+                    else:
+                        cause = error
+                    self.emit(call, TimeoutFired, timeout=seconds, scope=self.scope)
+                    raise TimeoutExceededError(seconds, scope=self.scope, limit="deadline") from cause
+                if timer.leave(entry):  # the body swallowed our cancellation and answered: its answer stands
+                    entry.task.uncancel()
+                return result
+        return await self._scoped(call, next)
+
+    def _timer_for(self, loop: asyncio.AbstractEventLoop) -> DeadlineTimer | None:
+        """A timer for ``loop``; None while the last one still serves calls on another loop (they use a scope)."""
+        if self._timer.busy:
+            return None
+        self._timer = DeadlineTimer(loop)
+        return self._timer
+
+    async def _scoped(self, call: Call, next: Handler) -> Any:
+        """The general path: the clock's own deadline scope (a virtual clock, stream limits, an earlier deadline)."""
         seconds = self.options.seconds
         clock = call.clock
         started = clock.now()

@@ -624,3 +624,22 @@ async def test_a_cache_outside_a_pipeline_runs_the_call_uncached(caplog: pytest.
     assert record.getMessage().startswith("Cache: ")
     assert record.exc_info is not None and isinstance(record.exc_info[1], RuntimeError)
     assert "Pipeline" in str(record.exc_info[1])
+
+
+def test_a_repeated_key_is_the_key_computed_afresh_and_follows_the_lm_and_adapter() -> None:
+    """Asking again for the key of the same inputs gives what a new KeyBuilder computes, under the LM and adapter in
+    effect at each call; a str, an int and a bool input of the same text get different keys."""
+    target = Pipeline(dspy.Predict("question -> answer")).target
+    keys = KeyBuilder("n", target)
+    a, b = FaultInjectingLM("fault/a"), FaultInjectingLM("fault/b")
+    seen = set()
+    for lm, adapter in ((a, None), (b, None), (a, dspy.JSONAdapter()), (a, None)):
+        with dspy.context(lm=lm, adapter=adapter):
+            first = keys.key({"question": "q"})
+            assert keys.key({"question": "q"}) == first == KeyBuilder("n", target).key({"question": "q"})
+            seen.add(first)
+    assert len(seen) == 3
+    with dspy.context(lm=a):
+        assert len({keys.key({"question": value}) for value in ("1", 1, True, "1")}) == 3
+        a.kwargs["temperature"] = 0.9  # an LM changed in place after its key was remembered
+        assert keys.key({"question": "q"}) not in seen

@@ -400,3 +400,63 @@ async def test_answers_of_a_callable_object_and_a_nested_typed_pipeline_are_stor
         first = await nested("q")
         assert (await nested("q")).answer == first.answer
     assert (lm.requests, cache.stats.stores) == (1, 1)
+
+
+# ------------------------------------------------------------------------------------- repeated hits in memory
+
+
+async def test_repeated_hits_on_a_prediction_each_get_an_object_of_their_own() -> None:
+    """Hits on the same in-memory entry are equal and share nothing: mutating one hit's fields, completions or
+    usage changes neither the next hit nor the stored answer."""
+    pipeline = Pipeline(dspy.Predict("question -> answer"), Cache(MemoryBackend()))
+    with dspy.context(lm=FaultInjectingLM(), track_usage=True):
+        first = await pipeline(question="q")
+        hits = [await pipeline(question="q") for _ in range(3)]
+        hits[0].answer = "changed"
+        hits[0].completions._completions["answer"].append("more")
+        hits[0].get_lm_usage().clear()
+        later = await pipeline(question="q")
+    assert type(later) is dspy.Prediction
+    assert later.answer == hits[1].answer == first.answer
+    assert later.completions.answer == [first.answer]
+    assert later.get_lm_usage() == hits[1].get_lm_usage() != {}
+
+
+async def test_repeated_hits_on_containers_and_examples_are_equal_and_independent() -> None:
+    """Nested dicts, lists, tuples, sets and a dspy.Example come back equal on every hit, and a hit's mutation stays
+    its own."""
+    stored = {
+        "items": [1, [2, 3]],
+        "pair": (4, ["five"]),
+        "tags": {"a", "b"},
+        "example": dspy.Example(question="q", answer="a").with_inputs("question"),
+    }
+
+    async def answer(question: str) -> Any:
+        return stored
+
+    pipeline = Pipeline(answer, Cache(MemoryBackend()))
+    await pipeline("q")
+    one, two = await pipeline("q"), await pipeline("q")
+    one["items"][1].append(99)
+    one["pair"][1].append("six")
+    one["tags"].add("c")
+    one["example"].answer = "changed"
+    three = await pipeline("q")
+    assert two == three == stored
+    assert three["example"].inputs().toDict() == {"question": "q"}
+
+
+async def test_a_hit_after_the_entry_was_replaced_serves_the_new_answer() -> None:
+    """Invalidating a key and storing a new answer under it: the next hit serves the new answer, not a copy of the
+    old one."""
+    answers = iter(["old", "new"])
+
+    async def program(question: str) -> str:
+        return next(answers)
+
+    cache = Cache(MemoryBackend())
+    pipeline = Pipeline(program, cache)
+    assert [await pipeline("q"), await pipeline("q")] == ["old", "old"]
+    assert await cache.invalidate(cache.key_for("q"))
+    assert [await pipeline("q"), await pipeline("q")] == ["new", "new"]

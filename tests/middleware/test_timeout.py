@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -543,3 +545,79 @@ async def test_the_layers_below_see_the_deadline_with_or_without_stream_limits(l
 
     assert await Pipeline(answer, Timeout(5.0, **limits), Look())("q") == "q"
     assert seen == [pytest.approx(5.0)]
+
+
+async def test_staggered_concurrent_calls_are_each_cut_at_their_own_deadline() -> None:
+    """One Timeout serving many calls in flight, started at different times: each is cut exactly ``seconds`` after
+    its own start, and calls that answer in time are not cut (the deadlines share one loop timer)."""
+    cut: list[float] = []
+
+    async def program(question: str) -> str:
+        await asyncio.sleep(0.5 if question.startswith("fast") else FOREVER)
+        return question
+
+    pipeline = Pipeline(program, Timeout(2))
+
+    async def one(question: str, delay: float) -> str:
+        await asyncio.sleep(delay)
+        started = now()
+        try:
+            return await pipeline(question)
+        except TimeoutExceededError:
+            cut.append(now() - started)
+            return "cut"
+
+    answers = await asyncio.gather(*(one(f"{kind}{i}", i * 0.3) for i in range(6) for kind in ("fast", "slow")))
+
+    assert answers == [a for i in range(6) for a in (f"fast{i}", "cut")]
+    assert cut == pytest.approx([2.0] * 6, abs=1e-6)
+    assert other_tasks() == set()
+
+
+async def test_a_deadline_earlier_than_one_in_flight_still_cuts_at_its_own_time() -> None:
+    """A call whose outer deadline falls before that of a call already in flight on the same Timeout is cut at its
+    outer deadline, and the call in flight still at its own."""
+    timeout = Timeout(5)
+    inner = Pipeline(hangs_then_answers(10), timeout)
+    outer = Pipeline(inner, Timeout(1))
+    started = now()
+    first = asyncio.ensure_future(inner("first"))
+    await asyncio.sleep(0.5)
+    with pytest.raises(TimeoutExceededError):
+        await outer("second")
+    assert now() - started == pytest.approx(1.5, abs=1e-6)
+    with pytest.raises(TimeoutExceededError):
+        await first
+    assert now() - started == pytest.approx(5.0, abs=1e-6)
+
+
+def test_one_timeout_serves_calls_on_successive_event_loops() -> None:
+    """The same pipeline run by two ``asyncio.run`` loops, one after the other: each loop's calls are bounded."""
+    pipeline = Pipeline(hangs_then_answers(2), Timeout(0.01))
+    for _ in range(2):
+        with pytest.raises(TimeoutExceededError):
+            asyncio.run(pipeline("q"))
+    assert asyncio.run(pipeline("q")) == "answer to q"
+
+
+async def test_calls_that_ended_behind_a_long_one_are_not_kept_alive() -> None:
+    """While one call runs on towards a long deadline, the answers of many calls that ended after it started (each
+    in its own task) are freed: the Timeout keeps no more than a bounded number of ended calls."""
+
+    class Answer:
+        pass
+
+    async def program(question: str) -> Any:
+        if question == "long":
+            await asyncio.sleep(FOREVER)
+        return Answer()
+
+    pipeline = Pipeline(program, Timeout(100))
+    long = asyncio.ensure_future(pipeline("long"))
+    await asyncio.sleep(0)
+    answers = [weakref.ref(await asyncio.ensure_future(pipeline(f"q{i}"))) for i in range(2_000)]
+    gc.collect()
+    assert sum(ref() is not None for ref in answers) <= 600
+    long.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await long

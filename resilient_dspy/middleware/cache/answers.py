@@ -1,6 +1,10 @@
 """What a Cache stores and serves: an answer encoded with the LM usage that made it (the classes it may hold are
 learned from the program), decoded into a fresh object for every hit and follower, and the usage and cost saved.
 
+A hit on bytes already decoded (an in-memory backend hands back the very bytes it stored) is served as a copy of that
+decoding, made without JSON: a ``dspy.Prediction`` is rebuilt in a fraction of what decoding it costs, and the
+caller still gets an object of its own.
+
 A value the serializer cannot encode is not stored (logged once per type); bytes it cannot read are a miss (logged).
 """
 
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import dspy
+from dspy.primitives.prediction import Completions
 from pydantic import BaseModel
 
 from resilient_dspy.binding.settings import setting
@@ -38,11 +43,21 @@ logger = logging.getLogger("resilient_dspy.cache")
 _REPORTED_AT_MOST = 256
 """Problems remembered as already logged; beyond it a new one is logged each time (memory stays bounded)."""
 
+_DECODED_AT_MOST = 1024
+"""Entries whose decoding is kept for copying; past it the memo starts over (memory stays bounded)."""
+
+_IMMUTABLE = frozenset({str, int, float, bool, type(None), bytes, frozenset})
+_RECORDS = frozenset({dspy.Prediction, dspy.Example, Completions})
+
+
+class _NoCopy(Exception):
+    """A decoded value holds something :func:`_copy` does not rebuild (a pydantic model): decode it again."""
+
 
 class Answers:
     """Encoding and serving the answers of one Cache; ``owner`` names it in logs."""
 
-    __slots__ = ("_annotations", "_count", "_owner", "_price", "_reported", "serializer")
+    __slots__ = ("_annotations", "_count", "_decoded", "_owner", "_price", "_reported", "serializer")
 
     def __init__(
         self, owner: Layer, counters: Counters, types: tuple[type, ...], price: CachePriceFunction | None
@@ -53,6 +68,7 @@ class Answers:
         self.serializer = CacheSerializer(types)
         self._annotations: Callable[[], tuple[Any, ...]] = tuple
         self._reported: set[str] = set()
+        self._decoded: dict[str, tuple[bytes, CachedEntry]] = {}  # per key: the bytes last decoded, their decoding
 
     def learn(self, annotations: Callable[[], tuple[Any, ...]]) -> None:
         """Allow the classes in the program's annotations now, and again whenever an answer needs one not yet
@@ -66,26 +82,45 @@ class Answers:
 
     def encode(self, value: Any, usage: dict[str, Any], tokens: int) -> bytes | None:
         """The stored form of ``value`` with its usage, or None (logged once per type) when it cannot be encoded."""
-        name = self._owner.name
-        for retry in (True, False):
+        for retry in (True, False):  # the owner's name is read only to log a failure: it is a property
             try:
                 return self.serializer.dumps(value, usage, tokens)
             except UnencodableError as error:
                 if retry and issubclass(error.kind, BaseModel | enum.Enum):
                     self._allow_program_types()
                     continue
-                self._report_once(_type_name(error.kind), "%s: answer not cached: %s", name, error)
+                self._report_once(_type_name(error.kind), "%s: answer not cached: %s", self._owner.name, error)
                 return None
             except Exception as error:
-                self._report_once(_type_name(type(value)), "%s: answer not cached: %r", name, error)
+                self._report_once(_type_name(type(value)), "%s: answer not cached: %r", self._owner.name, error)
                 return None
         return None
 
-    def decode(self, key: str, data: object) -> CachedEntry | None:
-        """The entry stored as ``data``, or None (logged) when it is not bytes this cache can read."""
-        name = self._owner.name
+    def decode(self, key: str, data: object, keep: bool = False) -> CachedEntry | None:
+        """The entry stored as ``data`` (fresh objects), or None (logged) when it is not bytes this cache can read.
+
+        ``keep``: the backend hands back the very bytes it stored (in memory), so a copy of this decoding can serve
+        the next hit on them without decoding again."""
+        seen = self._decoded.get(key) if keep else None
+        if seen is not None and seen[0] is data:
+            kept = seen[1]
+            return CachedEntry(_copy(kept.value), _copy(kept.usage), kept.tokens)
+        entry = self._load(key, data)
+        if keep and entry is not None and type(data) is bytes:
+            try:
+                kept = CachedEntry(_copy(entry.value), _copy(entry.usage), entry.tokens)
+            except _NoCopy:
+                return entry
+            decoded = self._decoded
+            if len(decoded) >= _DECODED_AT_MOST:
+                decoded.clear()
+            decoded[key] = (data, kept)
+        return entry
+
+    def _load(self, key: str, data: object) -> CachedEntry | None:
         if type(data) is not bytes:
-            logger.warning("%s: backend returned a %s for %s; treated as a miss", name, type(data).__name__, key)
+            kind = type(data).__name__
+            logger.warning("%s: backend returned a %s for %s; treated as a miss", self._owner.name, kind, key)
             return None
         for retry in (True, False):
             try:
@@ -94,16 +129,16 @@ class Answers:
                 if retry:
                     self._allow_program_types()
                     continue
-                logger.warning("%s: unreadable entry %s (%s); treated as a miss", name, key, error)
+                logger.warning("%s: unreadable entry %s (%s); treated as a miss", self._owner.name, key, error)
             except CorruptEntryError as error:
-                logger.warning("%s: unreadable entry %s (%s); treated as a miss", name, key, error)
+                logger.warning("%s: unreadable entry %s (%s); treated as a miss", self._owner.name, key, error)
                 return None
         return None
 
     def fresh(self, answer: Answer) -> tuple[Any, dict[str, Any]]:
         """A follower's own copy of the leader's answer and usage, so no caller can mutate another's result."""
         if answer.data is not None:
-            entry = self.decode("(in flight)", answer.data)
+            entry = self._load("(in flight)", answer.data)
             if entry is not None:
                 return entry.value, entry.usage
         try:
@@ -136,3 +171,26 @@ class Answers:
         if len(self._reported) < _REPORTED_AT_MOST:
             self._reported.add(topic)
         logger.warning(message, *args)
+
+
+def _copy(value: Any) -> Any:
+    """A copy of a decoded value sharing nothing mutable with it (what decoding the same bytes again would build);
+    immutable leaves are taken as they are without a call, the bulk of a Prediction's fields and usage."""
+    kind = type(value)
+    if kind in _IMMUTABLE:
+        return value
+    if kind is dict:
+        return {k: v if type(v) in _IMMUTABLE else _copy(v) for k, v in value.items()}
+    if kind is list:
+        return [item if type(item) in _IMMUTABLE else _copy(item) for item in value]
+    if kind is tuple:
+        return tuple(_copy(item) for item in value)
+    if kind is set:
+        return {_copy(item) for item in value}
+    if kind in _RECORDS:
+        record = object.__new__(kind)
+        record.__dict__.update({k: v if type(v) in _IMMUTABLE else _copy(v) for k, v in value.__dict__.items()})
+        return record
+    if isinstance(value, enum.Enum):
+        return value
+    raise _NoCopy(kind.__name__)

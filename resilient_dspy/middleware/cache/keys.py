@@ -47,6 +47,8 @@ def _is_secret(name: str) -> bool:
 
 
 _SCALARS = frozenset({str, int, bool, type(None)})
+_KEYS_AT_MOST = 1024
+"""Keys remembered per KeyBuilder (str-only inputs); past it the memo starts over (memory stays bounded)."""
 
 
 def _canonical(value: Any) -> Any:
@@ -162,15 +164,29 @@ class KeyBuilder:
     """Computes the keys of one target's calls from the :class:`~resilient_dspy.binding.shape.KeyIdentity` the target
     gives: its fixed parts (names, each predictor's signature, demos, config) are encoded once per identity object,
     an LM's identity is memoised and re-checked against its current kwargs, and the LM in effect and the adapter are
-    read on every call. The Cache never looks at what kind of target it keys.
+    read on every call, and the key of str-only inputs under an identity text already hashed is remembered. The
+    Cache never looks at what kind of target it keys.
     """
 
-    __slots__ = ("_adapter", "_close", "_head", "_identity_now", "_lm_of", "_lms", "_parts", "_seen", "namespace")
+    __slots__ = (
+        "_adapter",
+        "_close",
+        "_head",
+        "_identity_now",
+        "_keys",
+        "_lm_of",
+        "_lms",
+        "_parts",
+        "_seen",
+        "namespace",
+    )
 
     def __init__(self, namespace: str, target: Target) -> None:
         self.namespace = namespace
         self._identity_now = identity_source(target)
         self._lms: dict[int, tuple[Any, tuple[Any, ...], str]] = {}
+        # keys of str-only inputs by (identity text, inputs): only the digest is skipped, the identity is re-read
+        self._keys: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
         # the encoding of the identity last seen: the JSON text before the LM part, per predictor the text before its
         # LM (None: one LM for the whole target), whether the adapter follows, and the text closing the nesting
         self._seen: KeyIdentity | None = None
@@ -203,12 +219,29 @@ class KeyBuilder:
             text = f"{self._head}{lm_text},{adapter_text}{self._close}"
         else:
             text = f"{self._head}{lm_text}{self._close}"
+        texts = True  # every input a str: the same identity text and inputs make the same key (memoised)
         for name, value in inputs.items():  # flat inputs (str keys, scalar values) are their own canonical form
-            if type(value) not in _SCALARS or type(name) is not str or name[:1] == "$":
+            if type(value) is not str:
+                texts = False
+                if type(value) not in _SCALARS:
+                    inputs = _canonical(inputs)
+                    break
+            if type(name) is not str or name[:1] == "$":
+                texts = False
                 inputs = _canonical(inputs)
                 break
+        if texts:
+            seen = (text, tuple(inputs.items()))
+            key = self._keys.get(seen)
+            if key is not None:
+                return key
         text = f"[{KEY_VERSION},{text},{_dumps(inputs)}]"
-        return f"{self.namespace}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
+        key = f"{self.namespace}:{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
+        if texts:
+            if len(self._keys) >= _KEYS_AT_MOST:
+                self._keys.clear()
+            self._keys[seen] = key
+        return key
 
     def identity(self, settings_lm: Any = None, adapter: Any = None) -> list[Any]:
         """The identity part of the key as a JSON list, built afresh (no memo): :meth:`key` hashes the same text."""

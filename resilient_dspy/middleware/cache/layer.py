@@ -245,10 +245,11 @@ class Cache(Layer):
                         self._missed(call, key, bypassed=False)
                         raise
                 if data is not None:
-                    entry = self._answers.decode(key, data)
+                    entry = self._answers.decode(key, data, nowait is not None)
                     if entry is not None:
                         return self._hit(call, key, entry)
-                flight = flights.find(key) if single_flight else None
+                # a read that never waits let no other call start a flight meanwhile: no second look
+                flight = flights.find(key) if single_flight and nowait is None else None
                 if flight is None:
                     self._missed(call, key, bypassed=False)
                     return await self._lead(call, next, key, flights.start(key) if single_flight else None)
