@@ -27,7 +27,7 @@ from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.errors import ErrorKind, ThrottledError, classify
 from resilient_dspy.events import Rejected
-from resilient_dspy.middleware._shared.filters import normalise_filter
+from resilient_dspy.middleware._shared.filters import check_filter
 from resilient_dspy.middleware._shared.partitions import Hold, KeyedStates, KeyFunction, PartitionOptions
 
 if TYPE_CHECKING:
@@ -52,18 +52,6 @@ def is_overload(error: BaseException) -> bool:
     return info.kind is ErrorKind.SERVER and getattr(error, "status", None) in _OVERLOAD_STATUS
 
 
-def _check_filter(value: Any) -> Any:
-    if value is None:
-        return None
-    value = normalise_filter(value)
-    if isinstance(value, tuple):
-        if not value or not all(isinstance(t, type) and issubclass(t, BaseException) for t in value):
-            raise ValueError("must be exception types or a predicate of the exception")
-    elif not callable(value):
-        raise ValueError("must be exception types or a predicate of the exception")
-    return value
-
-
 class AdaptiveThrottleOptions(PartitionOptions):
     """The formula's ``k``, its window and what counts as overload; see docs/patterns/adaptive-throttle.md."""
 
@@ -79,7 +67,7 @@ class AdaptiveThrottleOptions(PartitionOptions):
     rng: random.Random | None = Field(default=None, description="Randomness of the draws; None = the pipeline's.")
     name: str | None = Field(default=None, description="Label in events and describe().")
 
-    _check_overload_on = field_validator("overload_on")(classmethod(lambda cls, v: _check_filter(v)))
+    _check_overload_on = field_validator("overload_on")(classmethod(lambda cls, v: check_filter(v)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

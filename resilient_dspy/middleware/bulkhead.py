@@ -24,6 +24,7 @@ from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.errors import BulkheadFullError
 from resilient_dspy.events import Event, Rejected
+from resilient_dspy.middleware._shared.leases import CompartmentLease
 from resilient_dspy.middleware._shared.partitions import Hold, KeyedStates, KeyFunction, PartitionOptions
 from resilient_dspy.middleware._shared.waiting import give_up_at, wait_until
 
@@ -138,7 +139,7 @@ class Bulkhead(Layer):
                 return await next(call)
             finally:
                 compartment.release()
-        permit = _Permit(self, compartment, key)
+        permit = CompartmentLease(self._take, compartment, key)
         record = call.record
         leases = record.leases
         if leases is None:
@@ -152,7 +153,8 @@ class Bulkhead(Layer):
                 permit.compartment.release()
 
     async def _take(self, call: Call, key: Hashable) -> _Compartment:
-        """A permit again for a call that lent its own (see :class:`_Permit`), by the same rules as a new call."""
+        """A permit again for a call that lent its own (a lent ``CompartmentLease``), by the same rules as a
+        new call."""
         compartment = self._states.get(key, call.clock.now())
         if compartment.in_flight < self._max_concurrent:
             compartment.in_flight += 1
@@ -264,26 +266,3 @@ class _Compartment:
         """Take a waiter that gives up out of the queue (the releaser may already have dropped it)."""
         with contextlib.suppress(ValueError):
             self.waiters.remove(waiter)
-
-
-class _Permit:
-    """A call's permit as a :class:`~resilient_dspy.core.call.Lease`: lent out (the slot freed for other calls)
-    while a Cache below makes the call wait for an identical call's answer, taken back before it runs itself."""
-
-    __slots__ = ("bulkhead", "compartment", "held", "key")
-
-    def __init__(self, bulkhead: Bulkhead, compartment: _Compartment, key: Hashable) -> None:
-        self.bulkhead = bulkhead
-        self.compartment = compartment
-        self.key = key
-        self.held = True
-
-    def lend(self) -> None:
-        if self.held:
-            self.held = False
-            self.compartment.release()
-
-    async def reclaim(self, call: Call) -> None:
-        if not self.held:
-            self.compartment = await self.bulkhead._take(call, self.key)
-            self.held = True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["normalise_filter"]
+__all__ = ["check_filter", "normalise_filter"]
 
 
 def normalise_filter(value: Any) -> Any:
@@ -13,4 +13,17 @@ def normalise_filter(value: Any) -> Any:
         return (value,)
     if isinstance(value, list):
         return tuple(value)
+    return value
+
+
+def check_filter(value: Any) -> Any:
+    """An optional filter, normalised and checked (the options' validator): None, exception types or a predicate."""
+    if value is None:
+        return None
+    value = normalise_filter(value)
+    if isinstance(value, tuple):
+        if not value or not all(isinstance(t, type) and issubclass(t, BaseException) for t in value):
+            raise ValueError("must be exception types or a predicate of the exception")
+    elif not callable(value):
+        raise ValueError("must be exception types or a predicate of the exception")
     return value

@@ -24,6 +24,7 @@ from resilient_dspy.core.health import LayerHealth, key_name
 from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import Options, options_from
 from resilient_dspy.errors import BulkheadFullError, ErrorKind, classify
+from resilient_dspy.middleware._shared.leases import CompartmentLease
 from resilient_dspy.middleware._shared.partitions import Hold, KeyedStates, KeyFunction
 from resilient_dspy.middleware._shared.waiting import give_up_at, wait_until
 from resilient_dspy.middleware.adaptive_concurrency.events import (
@@ -97,7 +98,7 @@ class AdaptiveConcurrency(Layer):
         dropped: bool | None = None  # None: nothing learnt about the provider
         permit = None
         if self._lends:
-            permit = _Slot(self, compartment, key)
+            permit = CompartmentLease(self._take, compartment, key)
             leases = record.leases
             if leases is None:
                 leases = record.leases = []
@@ -128,7 +129,8 @@ class AdaptiveConcurrency(Layer):
                 self.emit(call, ConcurrencyLimitChanged, key=key, old=old, new=new, reason=reason)
 
     async def _take(self, call: Call, key: Hashable) -> _Compartment:
-        """A slot again for a call that lent its own (see :class:`_Slot`), by the same rules as a new call."""
+        """A slot again for a call that lent its own (a lent ``CompartmentLease``), by the same rules as a
+        new call."""
         compartment = self._states.get(key, call.clock.now())
         if compartment.in_flight < compartment.cap:
             compartment.in_flight += 1
@@ -258,26 +260,3 @@ class _Compartment:
         """Take a waiter that gives up out of the queue (the releaser may already have dropped it)."""
         with contextlib.suppress(ValueError):
             self.waiters.remove(waiter)
-
-
-class _Slot:
-    """A call's slot as a :class:`~resilient_dspy.core.call.Lease`: lent out (freed for other calls) while a Cache
-    below makes the call wait for an identical call's answer, taken back before it runs itself."""
-
-    __slots__ = ("compartment", "held", "key", "layer")
-
-    def __init__(self, layer: AdaptiveConcurrency, compartment: _Compartment, key: Hashable) -> None:
-        self.layer = layer
-        self.compartment = compartment
-        self.key = key
-        self.held = True
-
-    def lend(self) -> None:
-        if self.held:
-            self.held = False
-            self.compartment.release()
-
-    async def reclaim(self, call: Call) -> None:
-        if not self.held:
-            self.compartment = await self.layer._take(call, self.key)
-            self.held = True

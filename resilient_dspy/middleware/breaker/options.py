@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from resilient_dspy.core.options import FieldProblem
 from resilient_dspy.errors import ErrorKind
-from resilient_dspy.middleware._shared.filters import normalise_filter
+from resilient_dspy.middleware._shared.filters import check_filter
 from resilient_dspy.middleware._shared.partitions import PartitionOptions
 from resilient_dspy.store.link import StoreOptions
 
@@ -31,18 +31,6 @@ _FAILURE_KINDS = frozenset(
         ErrorKind.GAVE_UP,
     }
 )
-
-
-def _check_filter(value: Any) -> Any:
-    if value is None:
-        return None
-    value = normalise_filter(value)
-    if isinstance(value, tuple):
-        if not value or not all(isinstance(t, type) and issubclass(t, BaseException) for t in value):
-            raise ValueError("must be exception types or a predicate of the exception")
-    elif not callable(value):
-        raise ValueError("must be exception types or a predicate of the exception")
-    return value
 
 
 class CircuitBreakerOptions(PartitionOptions, StoreOptions):
@@ -68,8 +56,8 @@ class CircuitBreakerOptions(PartitionOptions, StoreOptions):
     )
     name: str | None = Field(default=None, description="Label in events and describe(); the identity on a store.")
 
-    _check_failure_on = field_validator("failure_on")(classmethod(lambda cls, v: _check_filter(v)))
-    _check_exclude = field_validator("exclude")(classmethod(lambda cls, v: _check_filter(v)))
+    _check_failure_on = field_validator("failure_on")(classmethod(lambda cls, v: check_filter(v)))
+    _check_exclude = field_validator("exclude")(classmethod(lambda cls, v: check_filter(v)))
 
     @model_validator(mode="after")
     def _check_mode(self) -> CircuitBreakerOptions:
