@@ -1075,6 +1075,12 @@ def test_the_defaults_are_described_exactly() -> None:
             "respect_retry_after": True,
             "max_retry_after": 60.0,
             "budget": {"ratio": 0.2, "min_per_second": 1.0, "window": 10.0},
+            "resample": True,
+            "temperature_step": 0.7,
+            "max_temperature": 1.0,
+            "switch_adapter": False,
+            "max_tokens_factor": 2.0,
+            "max_tokens_cap": 4096,
             "name": None,
         },
     }
