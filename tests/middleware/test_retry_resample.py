@@ -13,7 +13,7 @@ import dspy
 import pytest
 from dspy.utils.callback import BaseCallback
 
-from resilient_dspy import Pipeline, RetriesExhaustedError, Retry
+from resilient_dspy import Pipeline, Retry
 from resilient_dspy.errors import ConfigurationError, ErrorKind, TruncatedOutputError, classify
 from resilient_dspy.events import Event, RetryScheduled
 from resilient_dspy.testing import ChaosServer, FaultInjectingLM
