@@ -26,8 +26,10 @@ from resilient_dspy.errors import (
     RetriesExhaustedError,
     StreamInterruptedError,
     TimeoutExceededError,
+    TruncatedOutputError,
 )
 from resilient_dspy.middleware._shared.partitions import by_model, by_partition_key
+from resilient_dspy.middleware.adaptive_timeout import AdaptiveTimeout
 from resilient_dspy.middleware.breaker import CircuitBreaker
 from resilient_dspy.middleware.budget import Budget
 from resilient_dspy.middleware.bulkhead import Bulkhead
@@ -43,6 +45,7 @@ from resilient_dspy.store.redis import RedisStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveTimeout",
     "Budget",
     "BudgetExceededError",
     "Bulkhead",
@@ -73,6 +76,7 @@ __all__ = [
     "StreamInterruptedError",
     "Timeout",
     "TimeoutExceededError",
+    "TruncatedOutputError",
     "UseLM",
     "UseProgram",
     "by_model",

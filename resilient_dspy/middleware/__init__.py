@@ -1,5 +1,6 @@
 """One module per pattern, each with the same shape: options model, middleware, events."""
 
+from resilient_dspy.middleware.adaptive_timeout import AdaptiveTimeout
 from resilient_dspy.middleware.breaker import (
     CircuitBreaker,
     CircuitRejected,
@@ -48,6 +49,7 @@ from resilient_dspy.middleware.retry import Retry, RetryBudget, RetryGaveUp, Ret
 from resilient_dspy.middleware.timeout import Timeout, TimeoutFired
 
 __all__ = [
+    "AdaptiveTimeout",
     "Budget",
     "BudgetAlert",
     "BudgetRejected",
