@@ -82,7 +82,7 @@ class LatencyWindow:
     def quantile(self, q: float) -> float:
         """The nearest-rank ``q`` quantile of the latencies kept (the largest for q=1)."""
         ranked = self._sorted
-        return ranked[min(len(ranked) - 1, max(0, -int(-q * len(ranked)) - 1))]
+        return ranked[min(len(ranked) - 1, max(0, math.ceil(q * len(ranked)) - 1))]
 
     def hold(self, now: float) -> Hold:
         return Hold.NOTHING  # a forgotten window only means the ceiling again until it refills
