@@ -22,9 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import dspy  # noqa: E402
+import dspy
 
-from resilient_dspy import (  # noqa: E402
+from resilient_dspy import (
     AdaptiveTimeout,
     CircuitBreaker,
     Fallback,
@@ -34,13 +34,14 @@ from resilient_dspy import (  # noqa: E402
     Timeout,
     by_model,
 )
-from resilient_dspy.testing.real_model import QUESTIONS, LlamaServer, unavailable  # noqa: E402
+from resilient_dspy.testing.real_model import QUESTIONS, LlamaServer, unavailable
 
 APOLOGY = "Sorry, I cannot answer right now."
 
 
 def bare(program: dspy.Module) -> Callable[..., Any]:
-    return program.acall
+    acall: Callable[..., Any] = program.acall
+    return acall
 
 
 def todays_stack(program: dspy.Module) -> Pipeline:
@@ -72,7 +73,9 @@ def percentile(values: list[float], q: float) -> float:
     return ranked[min(len(ranked) - 1, max(0, int(q * len(ranked) + 0.999999) - 1))] if ranked else float("nan")
 
 
-async def run_stack(name: str, call: Callable[..., Any], lm: dspy.LM, concurrency: int, out: Any) -> dict[str, Any]:
+async def run_stack(
+    name: str, call: Callable[..., Any], lm: dspy.LM, questions: tuple[str, ...], concurrency: int, out: Any
+) -> dict[str, Any]:
     gate = asyncio.Semaphore(concurrency)
     rows: list[dict[str, Any]] = []
 
@@ -91,7 +94,7 @@ async def run_stack(name: str, call: Callable[..., Any], lm: dspy.LM, concurrenc
             out.write(json.dumps({**row, "answer": answer[:120]}) + "\n")
             out.flush()
 
-    await asyncio.gather(*(one(question) for question in QUESTIONS_RUN))
+    await asyncio.gather(*(one(question) for question in questions))
     seconds = [row["seconds"] for row in rows]
     summary = {
         "stack": name,
@@ -105,6 +108,7 @@ async def run_stack(name: str, call: Callable[..., Any], lm: dspy.LM, concurrenc
     out.write(json.dumps({"summary": summary}) + "\n")
     out.flush()
     print(json.dumps(summary), flush=True)
+    summary["failed"] = [row["question"] for row in rows if row["outcome"] in ("parse", "truncated")]
     return summary
 
 
@@ -119,7 +123,7 @@ def _kind(error: BaseException) -> str:
 
 async def recoveries(program: dspy.Module, lm: dspy.LM, failed: list[str], out: Any) -> dict[str, int]:
     """For each question whose first answer failed to parse: does one retry of each kind answer it?"""
-    choices = {
+    choices: dict[str, dict[str, Any]] = {
         "same request": {"resample": False},
         "rollout_id + temperature 0.7": {},
         "other adapter": {"temperature_step": 0.0, "switch_adapter": True},
@@ -144,35 +148,32 @@ async def recoveries(program: dspy.Module, lm: dspy.LM, failed: list[str], out: 
     return recovered
 
 
-QUESTIONS_RUN: tuple[str, ...] = QUESTIONS
-
-
-async def main(args: argparse.Namespace) -> None:
-    global QUESTIONS_RUN
-    QUESTIONS_RUN = QUESTIONS[: args.questions]
+async def measure(args: argparse.Namespace, server: LlamaServer, out: Any) -> list[dict[str, Any]]:
+    """Each stack on the same questions, then the retry choices on the questions the bare program failed."""
     program = dspy.ChainOfThought("question -> answer")
-    with LlamaServer(start_timeout=300.0) as server, open(args.out, "a") as out:
-        lm = server.lm(max_tokens=args.max_tokens)
-        stacks = {
-            "bare": bare(program),
-            "today's stack": todays_stack(program),
-            "new defaults": new_defaults(program, args.ceiling),
-        }
-        summaries = []
-        for name in args.stacks.split(","):
-            summaries.append(await run_stack(name, stacks[name], lm, args.concurrency, out))
-        if args.recover:
-            failed = []
-            for line in Path(args.out).read_text().splitlines():
-                row = json.loads(line)
-                if row.get("stack") == "bare" and row.get("outcome") in ("parse", "truncated"):
-                    failed.append(row["question"])
-            await recoveries(program, lm, sorted(set(failed))[: args.recover], out)
-        await lm.aclose()
+    lm = server.lm(max_tokens=args.max_tokens)
+    stacks: dict[str, Callable[..., Any]] = {
+        "bare": bare(program),
+        "today's stack": todays_stack(program),
+        "new defaults": new_defaults(program, args.ceiling),
+    }
+    questions = QUESTIONS[: args.questions]
+    summaries = [await run_stack(name, stacks[name], lm, questions, args.concurrency, out) for name in args.stacks]
+    failed = [question for summary in summaries if summary["stack"] == "bare" for question in summary["failed"]]
+    if args.recover:
+        await recoveries(program, lm, failed[: args.recover], out)
+    await lm.aclose()
+    return summaries
+
+
+def main(args: argparse.Namespace) -> None:
+    with LlamaServer(start_timeout=300.0) as server, open(args.out, "a+") as out:
+        summaries = asyncio.run(measure(args, server, out))
     print("| stack | answered | parse failures | apologies | p50 s | p95 s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for s in summaries:
-        print(f"| {s['stack']} | {s['answered']} | {s['parse_failures']} | {s['apologies']} | {s['p50']} | {s['p95']} |")
+        cells = [s["stack"], s["answered"], s["parse_failures"], s["apologies"], s["p50"], s["p95"]]
+        print("| " + " | ".join(str(cell) for cell in cells) + " |")
 
 
 if __name__ == "__main__":
@@ -181,7 +182,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--ceiling", type=float, default=120.0, help="the new stack's attempt timeout ceiling (s)")
-    parser.add_argument("--stacks", default="bare,today's stack,new defaults")
+    parser.add_argument("--stacks", default="bare,today's stack,new defaults", type=lambda text: text.split(","))
     parser.add_argument("--recover", type=int, default=0, help="retry-choice recoveries for up to N failed questions")
     parser.add_argument("--out", default="bench_real_model.jsonl")
     args = parser.parse_args()
@@ -189,4 +190,4 @@ if __name__ == "__main__":
     if reason:
         print(f"skipped: {reason}")
         sys.exit(0)
-    asyncio.run(main(args))
+    main(args)
