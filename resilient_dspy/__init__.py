@@ -26,10 +26,12 @@ from resilient_dspy.errors import (
     RetriesExhaustedError,
     StreamInterruptedError,
     TimeoutExceededError,
+    TruncatedOutputError,
 )
 from resilient_dspy.middleware._shared.partitions import by_model, by_partition_key
 from resilient_dspy.middleware.adaptive_concurrency import AdaptiveConcurrency
 from resilient_dspy.middleware.adaptive_throttle import AdaptiveThrottle
+from resilient_dspy.middleware.adaptive_timeout import AdaptiveTimeout
 from resilient_dspy.middleware.breaker import CircuitBreaker
 from resilient_dspy.middleware.budget import Budget
 from resilient_dspy.middleware.bulkhead import Bulkhead
@@ -49,6 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaptiveConcurrency",
     "AdaptiveThrottle",
+    "AdaptiveTimeout",
     "Budget",
     "BudgetExceededError",
     "Bulkhead",
@@ -81,6 +84,7 @@ __all__ = [
     "StreamInterruptedError",
     "Timeout",
     "TimeoutExceededError",
+    "TruncatedOutputError",
     "UseLM",
     "UseProgram",
     "by_model",

@@ -36,6 +36,7 @@ __all__ = [
     "StreamInterruptedError",
     "ThrottledError",
     "TimeoutExceededError",
+    "TruncatedOutputError",
     "classify",
 ]
 
@@ -174,6 +175,25 @@ class InvalidOutputError(ResilienceError):
         super().__init__(f"invalid output{'' if field is None else f' field {field!r}'}: {reason}")
 
 
+class TruncatedOutputError(ResilienceError):
+    """The LM stopped at its token limit (``finish_reason="length"``) and the cut answer did not parse.
+
+    ``max_tokens`` is the limit it hit (None when unknown), ``model`` the LM; the parse error is ``__cause__``. Another
+    attempt with the same limit is cut the same way, so Retry retries it only with a larger ``max_tokens``.
+    """
+
+    def __init__(self, max_tokens: int | None, *, model: str | None = None, lm_response: str = "") -> None:
+        self.max_tokens = max_tokens
+        self.model = model
+        self.lm_response = lm_response
+        limit = "its max_tokens" if max_tokens is None else f"max_tokens={max_tokens}"
+        super().__init__(
+            f"the answer of {model or 'the LM'} stopped at {limit} (finish_reason='length') and could not be parsed; "
+            "give it room: a larger max_tokens on the LM (dspy.LM(..., max_tokens=...)), Retry(max_tokens_cap=...) "
+            "to raise it on a retry, or a shorter prompt or fewer output fields"
+        )
+
+
 class FallbackFailedError(ResilienceError, ExceptionGroup):
     """Every alternative of a fallback chain failed; ``exceptions`` holds each error in the order tried."""
 
@@ -200,6 +220,8 @@ class ErrorKind(StrEnum):
     TIMEOUT = "timeout"
     TRANSPORT = "transport"
     PARSE = "parse"
+    TRUNCATED = "truncated"
+    """The answer stopped at ``max_tokens`` and did not parse: retried only with a larger limit."""
     REJECTED = "rejected"
     GAVE_UP = "gave_up"
     CLIENT = "client"
@@ -260,6 +282,8 @@ def _rule(is_a: Callable[[type[BaseException] | tuple[type[BaseException], ...]]
         return ErrorInfo(ErrorKind.CLIENT, retryable=False), False
     if is_a((ConfigurationError, TypeError, AttributeError)):
         return _USER_MISTAKE, False
+    if is_a(TruncatedOutputError):
+        return ErrorInfo(ErrorKind.TRUNCATED, retryable=True, needs_fresh_response=True), False
     if is_a(InvalidOutputError):
         return ErrorInfo(ErrorKind.PARSE, retryable=True, needs_fresh_response=True), False
     if is_a((RetriesExhaustedError, FallbackFailedError, StreamInterruptedError)):
@@ -325,9 +349,10 @@ def classify(error: BaseException) -> ErrorInfo:
     rejections, give-ups and total timeouts are final; our attempt timeout is retryable; DSPy rate-limit,
     5xx, timeout and transport errors (a truncated stream included) are retryable; auth, billing,
     invalid-request and context-window errors are not; ``AdapterParseError`` is retryable only with a fresh
-    (uncached) response; configuration and programming errors (``ConfigurationError``, ``TypeError``,
-    ``AttributeError``, DSPy's "No LM is loaded" ``ValueError``) are a ``USER_MISTAKE``; anything else fails
-    closed. ``retry_after`` is capped at :data:`MAX_RETRY_AFTER`.
+    (uncached) response, and so is a ``TruncatedOutputError`` (kind ``TRUNCATED``: Retry also raises its
+    ``max_tokens``); configuration and programming errors (``ConfigurationError``, ``TypeError``, ``AttributeError``,
+    DSPy's "No LM is loaded" ``ValueError``) are a ``USER_MISTAKE``; anything else fails closed. ``retry_after`` is
+    capped at :data:`MAX_RETRY_AFTER`.
 
     The rules that depend on the type alone are decided once per exception type (every failed attempt
     classifies, and the ``isinstance`` chain costs ~2 µs); ``retry_after``, our timeout's scope and a provider

@@ -15,9 +15,18 @@ from typing import Any
 
 import dspy
 
-from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.errors import ConfigurationError, TruncatedOutputError
 
-__all__ = ["FAULT_STATUS", "MALFORMED_TEXT", "Fault", "FaultStep", "ScriptEntry", "fault_error", "parse_steps"]
+__all__ = [
+    "FAULT_STATUS",
+    "MALFORMED_TEXT",
+    "Fault",
+    "FaultStep",
+    "ScriptEntry",
+    "fault_error",
+    "parse_steps",
+    "truncate_answer",
+]
 
 
 class Fault(StrEnum):
@@ -30,6 +39,7 @@ class Fault(StrEnum):
     TRANSPORT = "transport"
     HANG = "hang"
     MALFORMED = "malformed"
+    TRUNCATED = "truncated"
     INVALID_JSON = "invalid_json"
     CONTEXT_WINDOW = "context_window"
     AUTH = "auth"
@@ -135,6 +145,16 @@ def parse_steps(entries: Iterable[ScriptEntry], field: str) -> list[FaultStep]:
 MALFORMED_TEXT = "Sorry, I lost the format: the answer is somewhere around here."
 
 
+def truncate_answer(text: str) -> str:
+    """``text`` as a model cut by its token limit sends it: it stops before its last field (a Chat header, a JSON key),
+    so even DSPy's JSON repair finds that field missing and raises ``AdapterParseError``."""
+    header = text.rfind("[[ ## ", 0, text.rfind("[[ ## completed ## ]]"))
+    if header >= 0:
+        return (text[:header] + "Let me think about this step by step, starting from the").lstrip()
+    key = text.rfind('"', 0, text.rfind('":'))
+    return text[: max(key, 0)] + '"reason'  # an unfinished key: json_repair drops it
+
+
 _DSPY_ERRORS: dict[Fault, Callable[..., Exception]] = {
     Fault.RATE_LIMIT: dspy.LMRateLimitError,
     Fault.SERVER_ERROR: dspy.LMServerError,
@@ -160,10 +180,13 @@ def fault_error(
 ) -> Exception | None:
     """The error a DSPy program's caller sees for ``fault`` (as DSPy maps it), or None for ok and hang.
 
-    ``malformed`` is the ``AdapterParseError`` of ``signature`` (default ``question -> answer``); the others are
+    ``malformed`` is the ``AdapterParseError`` of ``signature`` (default ``question -> answer``), ``truncated`` the
+    ``TruncatedOutputError`` a pipeline raises for an answer cut at ``max_tokens``; the others are
     DSPy's ``LMError`` classes with the status an HTTP provider would send.
     """
     fault = Fault(fault)
+    if fault is Fault.TRUNCATED:
+        return TruncatedOutputError(None, model=model)
     if fault is Fault.MALFORMED:
         signature = signature if signature is not None else dspy.Signature("question -> answer")
         parse_error: Exception = dspy.AdapterParseError(

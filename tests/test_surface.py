@@ -22,7 +22,7 @@ from resilient_dspy._moved import MOVED, MOVED_FROM_ROOT
 from resilient_dspy.events import Event
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_ROOT_NAMES = 39  # 35 today; issue 21's Hedge, AdaptiveConcurrency, AdaptiveThrottle and Canary join the root
+MAX_ROOT_NAMES = 41  # 37 today (issue 22 added two); issue 21's Hedge, AdaptiveConcurrency, AdaptiveThrottle, Canary
 CONTRACT = (
     "Call",
     "CallRecord",

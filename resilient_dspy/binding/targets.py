@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import dspy
 
+from resilient_dspy.binding.resample import RESAMPLE, Resample, other_adapter
 from resilient_dspy.binding.settings import RetryWatch, setting
 from resilient_dspy.binding.shape import (
     KeyIdentity,
@@ -28,6 +29,7 @@ from resilient_dspy.binding.shape import (
     qualified_name,
 )
 from resilient_dspy.binding.threads import ThreadSlots, run_in_thread
+from resilient_dspy.binding.truncation import truncation_of
 
 if TYPE_CHECKING:
     from resilient_dspy.core.call import Call
@@ -69,7 +71,9 @@ class Target(Protocol):
 
 
 class ModuleTarget:
-    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off.
+    """Runs a ``dspy.Module`` via ``acall``; on a cache-bypass attempt, with DSPy's response cache off (or the changed
+    request of a :class:`~resilient_dspy.binding.resample.Resample`). A parse error of an answer cut at ``max_tokens``
+    is raised as :class:`~resilient_dspy.errors.TruncatedOutputError` (:mod:`.truncation`).
 
     A module that defines only ``forward`` (the usual DSPy style) runs in a worker thread (:mod:`.threads`): DSPy's
     settings (the LM of ``dspy.context``, usage tracking) are carried into the thread, and at most
@@ -116,43 +120,65 @@ class ModuleTarget:
             self._watch.check(predictor.lm, stacklevel=5)
 
     def __call__(self, call: Call) -> Coroutine[Any, Any, Any]:
-        # a plain def handing back the program's coroutine: one coroutine frame less per attempt
         call.record.attempts += 1
         if self._watch.enabled:
             self._watch.check(setting("lm"))
         if call.bypass_cache:
-            return self._call_uncached(call.inputs)
-        if self._slots is not None:
-            return run_in_thread(self.program, call.inputs, self._slots)
-        return self.program.acall(**call.inputs)  # type: ignore[no-any-return]
+            return self._call_fresh(call.inputs, call.properties.get(RESAMPLE))
+        return self._call(call.inputs)
 
     def input_problems(self, inputs: Mapping[str, Any]) -> list[tuple[str, str]]:
         return self._rule.problems(inputs)
 
-    async def _call_uncached(self, inputs: dict[str, Any]) -> Any:
+    async def _call(self, inputs: dict[str, Any]) -> Any:
+        try:
+            if self._slots is not None:
+                return await run_in_thread(self.program, inputs, self._slots)
+            return await self.program.acall(**inputs)
+        except dspy.AdapterParseError as error:
+            cut = truncation_of(error, [setting("lm"), *(p.lm for _, p in self.named_predictors())])
+            if cut is None:
+                raise
+            raise cut from error
+
+    async def _call_fresh(self, inputs: dict[str, Any], resample: Resample | None) -> Any:
+        """The program with DSPy's response cache off, or, under a :class:`Resample`, with its changed request."""
         fresh = self.program.deepcopy()  # a copy drops its history (Module.__getstate__): walking it is cheap
         copies = find_predictors(fresh)[0]
+        used: list[Any] = []
         for (_, original), (_, copy) in zip(self.named_predictors(), copies, strict=True):
             if original.lm is not None:
-                copy.lm = original.lm.copy(cache=False)
-        with _uncached_settings_lm():
-            if self._slots is not None:
-                return await run_in_thread(fresh, inputs, self._slots)
-            return await fresh.acall(**inputs)
+                copy.lm = _fresh_lm(original.lm, resample)
+                used.append(copy.lm)
+        overrides: dict[str, Any] = {}
+        lm = dspy.settings.lm
+        if lm is not None and hasattr(lm, "copy"):
+            overrides["lm"] = _fresh_lm(lm, resample)
+            used.append(overrides["lm"])
+        if resample is not None and resample.switch_adapter:
+            overrides["adapter"] = other_adapter(dspy.settings.adapter)
+        with dspy.context(**overrides) if overrides else contextlib.nullcontext():
+            try:
+                if self._slots is not None:
+                    return await run_in_thread(fresh, inputs, self._slots)
+                return await fresh.acall(**inputs)
+            except dspy.AdapterParseError as error:
+                cut = truncation_of(error, used)
+                if cut is None:
+                    raise
+                raise cut from error
 
     def describe(self) -> dict[str, Any]:
         signatures = [str(p.signature.signature) for _, p in self.named_predictors()]
         return {"layer": "program", "target": self.name, "inputs": list(self.input_fields), "signatures": signatures}
 
 
-@contextlib.contextmanager
-def _uncached_settings_lm() -> Iterator[None]:
-    lm = dspy.settings.lm
-    if lm is None or not hasattr(lm, "copy"):
-        yield
-        return
-    with dspy.context(lm=lm.copy(cache=False)):
-        yield
+def _fresh_lm(lm: Any, resample: Resample | None) -> Any:
+    """A copy of ``lm`` for one attempt: uncached, or with the resample's changes (a fresh rollout_id misses the cache).
+
+    A resample that changes nothing (no rollout id: Retry(resample=False)) still turns the cache off."""
+    changes = resample.lm_changes(lm) if resample is not None else {}
+    return lm.copy(**changes) if "rollout_id" in changes else lm.copy(cache=False, **changes)
 
 
 class LMTarget:
@@ -188,7 +214,11 @@ class LMTarget:
         # a plain def handing back the LM's coroutine: one coroutine frame less per attempt
         call.record.attempts += 1
         if call.bypass_cache:
-            return self.lm.acall(**call.inputs, cache=False)  # type: ignore[no-any-return]
+            resample = call.properties.get(RESAMPLE)
+            changes = resample.lm_changes(self.lm) if resample is not None else {}
+            if "rollout_id" not in changes:
+                changes["cache"] = False
+            return self.lm.acall(**call.inputs, **changes)  # type: ignore[no-any-return]
         return self.lm.acall(**call.inputs)  # type: ignore[no-any-return]
 
     def describe(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from resilient_dspy.middleware.adaptive_concurrency import (
     ConcurrencyLimitChanged,
 )
 from resilient_dspy.middleware.adaptive_throttle import AdaptiveThrottle, ThrottleRejected, ThrottleSnapshot
+from resilient_dspy.middleware.adaptive_timeout import AdaptiveTimeout
 from resilient_dspy.middleware.breaker import (
     CircuitBreaker,
     CircuitRejected,
@@ -69,6 +70,7 @@ __all__ = [
     "AdaptiveConcurrencyRejected",
     "AdaptiveConcurrencySnapshot",
     "AdaptiveThrottle",
+    "AdaptiveTimeout",
     "Budget",
     "BudgetAlert",
     "BudgetRejected",

@@ -3,21 +3,29 @@
 Decisions, in order, after an attempt fails: cancellation and inner rejections are never retried; the
 predicate (default :func:`~resilient_dspy.errors.classify`) must say retryable; attempts must remain; the
 delay (backoff, then jitter, then at least the server's Retry-After, capped) must end before the call's
-deadline; the retry budget (retry_budget.py) must allow it. ``AdapterParseError`` is retried with DSPy's cache
-bypassed, because DSPy caches the malformed answer before parsing fails. A streamed call is never run again once a
-chunk reached the consumer (:mod:`resilient_dspy.core.stream`). Retry state is per call, except the budget, which
-one Retry shares among its calls: :meth:`Retry.snapshot` reads it.
+deadline; the retry budget (retry_budget.py) must allow it. A retry after a parse error, an invalid output or a
+truncated answer changes the request (``resample``, :mod:`resilient_dspy.binding.resample`): a fresh DSPy
+``rollout_id`` (DSPy's cache misses: it holds the malformed answer, stored before parsing failed) and a temperature
+raised by ``temperature_step`` per such retry up to ``max_temperature``, optionally the other adapter
+(``switch_adapter``), because re-asking the same request at temperature 0 returns the same bad output; with
+``resample=False`` it is the same request, uncached. A ``TruncatedOutputError`` (the answer stopped at
+``max_tokens``) is retried only with ``max_tokens`` multiplied by ``max_tokens_factor``, up to ``max_tokens_cap``;
+at the cap (or with ``max_tokens_cap=None``) it is raised as it is, since the same limit cuts the same way. A
+streamed call is never run again once a chunk reached the consumer (:mod:`resilient_dspy.core.stream`). Retry state
+is per call, except the budget, which one Retry shares among its calls: :meth:`Retry.snapshot` reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from resilient_dspy.binding.resample import RESAMPLE, Resample
 from resilient_dspy.core.call import Call, Handler
 from resilient_dspy.core.clock import Clock
 from resilient_dspy.core.health import LayerHealth
@@ -25,7 +33,7 @@ from resilient_dspy.core.layer import Layer
 from resilient_dspy.core.options import FieldProblem, Options, options_from
 from resilient_dspy.core.pipeline import Pipeline
 from resilient_dspy.core.stream import stream_started
-from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, classify
+from resilient_dspy.errors import ErrorInfo, ErrorKind, RetriesExhaustedError, TruncatedOutputError, classify
 from resilient_dspy.events import Event
 from resilient_dspy.middleware._shared.filters import normalise_filter
 from resilient_dspy.middleware.retry_budget import BudgetWindow, RetryBudget, RetrySnapshot, SharedBudgetWindow
@@ -66,6 +74,24 @@ class RetryOptions(StoreOptions):
     respect_retry_after: bool = Field(default=True, description="Honour the error's retry_after.")
     max_retry_after: float = Field(default=60.0, ge=0, allow_inf_nan=False, description="Cap on a Retry-After wait.")
     budget: RetryBudget | None = Field(default_factory=RetryBudget, description="The retry budget; None = none.")
+    resample: bool = Field(
+        default=True, description="After a bad answer: a fresh rollout_id and a higher temperature (False: the same)."
+    )
+    temperature_step: float = Field(
+        default=0.7, ge=0, le=2, allow_inf_nan=False, description="Temperature added per resampled retry (from 0)."
+    )
+    max_temperature: float = Field(
+        default=1.0, ge=0, le=2, allow_inf_nan=False, description="Cap on a resampled retry's temperature."
+    )
+    switch_adapter: bool = Field(
+        default=False, description="A resampled retry also uses the other adapter (Chat/JSON)."
+    )
+    max_tokens_factor: float = Field(
+        default=2.0, gt=1, le=16, allow_inf_nan=False, description="A truncated answer's retry multiplies max_tokens."
+    )
+    max_tokens_cap: int | None = Field(
+        default=4096, ge=1, description="Most max_tokens a retry asks for; None: a truncated answer is not retried."
+    )
     name: str | None = Field(default=None, description="Label in events and describe(); the identity on a store.")
 
     @model_validator(mode="after")
@@ -122,6 +148,12 @@ class Retry(Layer):
         budget: RetryBudget | None = _DEFAULT_BUDGET,
         store: StateStore | None = None,
         on_store_failure: FailMode = "local",
+        resample: bool = True,
+        temperature_step: float = 0.7,
+        max_temperature: float = 1.0,
+        switch_adapter: bool = False,
+        max_tokens_factor: float = 2.0,
+        max_tokens_cap: int | None = 4096,
         name: str | None = None,
     ) -> None:
         self.options = options = options_from(RetryOptions, "Retry", locals())
@@ -159,6 +191,7 @@ class Retry(Layer):
         shared = self._shared
         if shared is not None:
             await self._count_shared(call, shared)
+        resample: Resample | None = None
         try:
             previous = options.base_delay
             attempt_call = call
@@ -180,6 +213,8 @@ class Retry(Layer):
                         else self._retryable(caught, info.kind, info.retryable)
                     ):
                         raise
+                    if isinstance(caught, TruncatedOutputError) and not self._has_room(caught):
+                        raise  # the same max_tokens cuts the same way
                     error = caught
                 else:
                     if options.retry_on_result is None or not options.retry_on_result(result) or stream_started():
@@ -218,9 +253,16 @@ class Retry(Layer):
                 call.record.retries += 1
                 await clock.sleep(delay)
                 attempt += 1
-                bypass = attempt_call.bypass_cache or (info is not None and info.needs_fresh_response)
+                bypass = attempt_call.bypass_cache
+                if info is not None and info.needs_fresh_response:
+                    bypass = True
+                    resample = self._resample(error, resample, call)
+                    if resample is not None:
+                        call.properties[RESAMPLE] = resample
                 attempt_call = call.for_attempt(attempt, bypass)
         finally:
+            if resample is not None:
+                call.properties.pop(RESAMPLE, None)
             if budget is not None and slot is not None:
                 budget.call_ended(slot)
 
@@ -237,6 +279,26 @@ class Retry(Layer):
             return await shared.step(call, call.clock.now(), want=True)
         except StoreUnavailableError:
             return shared.link.mode == "local" and budget.try_spend(call.clock.now(), error)
+
+    def _has_room(self, error: TruncatedOutputError) -> bool:
+        """Whether a retry may ask for more than the ``max_tokens`` that cut ``error``'s answer."""
+        cap = self.options.max_tokens_cap
+        return cap is not None and (error.max_tokens is None or error.max_tokens < cap)
+
+    def _resample(self, error: Exception | None, previous: Resample | None, call: Call) -> Resample | None:
+        """How the next attempt's request differs after a bad answer (None: it is the same request, uncached)."""
+        options = self.options
+        max_tokens = previous.max_tokens if previous is not None else None
+        if isinstance(error, TruncatedOutputError) and options.max_tokens_cap is not None:
+            hit = error.max_tokens
+            cap = options.max_tokens_cap
+            max_tokens = cap if hit is None else min(cap, max(hit + 1, math.ceil(hit * options.max_tokens_factor)))
+        if not options.resample:
+            return Resample(max_tokens=max_tokens) if max_tokens is not None else None
+        step = (previous.temperature or 0.0) + options.temperature_step if previous is not None else None
+        temperature = min(options.temperature_step if step is None else step, options.max_temperature)
+        rollout_id = call.rng.getrandbits(31)
+        return Resample(rollout_id, temperature, max_tokens, options.switch_adapter)
 
     def snapshot(self) -> RetrySnapshot | None:
         """The retry budget now (on the pipeline clock): calls and retries in its window; None without a budget."""

@@ -59,10 +59,11 @@ FAILING = [fault for fault in Fault if fault not in (Fault.OK, Fault.HANG)]
 
 @pytest.mark.parametrize("fault", FAILING, ids=str)
 async def test_a_named_fault_raises_the_same_dspy_error_as_the_fault_lm(fault: Fault) -> None:
-    """Chaos(fault=kind) raises the class and status DSPy raises when FaultInjectingLM injects the same kind."""
+    """Chaos(fault=kind) raises the class and status a pipeline's caller sees when FaultInjectingLM injects the same
+    kind (DSPy's error, or ours for an answer cut at max_tokens)."""
     lm = FaultInjectingLM(script=[fault, fault])  # malformed needs both Chat and its JSON fallback to fail
     with dspy.context(lm=lm), pytest.raises(Exception) as from_lm:
-        await dspy.Predict("question -> answer").acall(question="q")
+        await Pipeline(dspy.Predict("question -> answer"))(question="q")
 
     program = Program()
     with pytest.raises(Exception) as from_chaos:

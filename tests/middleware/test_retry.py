@@ -1077,6 +1077,12 @@ def test_the_defaults_are_described_exactly() -> None:
             "budget": {"ratio": 0.2, "min_per_second": 1.0, "window": 10.0},
             "store": None,
             "on_store_failure": "local",
+            "resample": True,
+            "temperature_step": 0.7,
+            "max_temperature": 1.0,
+            "switch_adapter": False,
+            "max_tokens_factor": 2.0,
+            "max_tokens_cap": 4096,
             "name": None,
         },
     }

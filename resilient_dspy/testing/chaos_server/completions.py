@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from resilient_dspy.faults import MALFORMED_TEXT, Fault
+from resilient_dspy.faults import MALFORMED_TEXT, Fault, truncate_answer
 from resilient_dspy.testing.chaos_server.settings import _QuotaWindow
 from resilient_dspy.testing.chaos_server.streaming import StreamStep, stream_answer
 from resilient_dspy.testing.fault_lm.answers import Answers, RenderedAnswer, count_tokens, render_answer
@@ -163,9 +163,10 @@ class _Completions:
         if fault is Fault.TRANSPORT:
             self._record(model, drawn, rendered.question, status=None, detail="connection dropped")
             return self._drop(request)
-        if (fault is Fault.OK or fault is Fault.MALFORMED) and body.get("stream"):
+        answers = fault is Fault.OK or fault is Fault.MALFORMED or fault is Fault.TRUNCATED
+        if answers and body.get("stream"):
             return await self._streamed(request, body, model, drawn, rendered, prompt_tokens, admitted)
-        if fault is Fault.OK or fault is Fault.MALFORMED:
+        if answers:
             return self._completion(model, drawn, rendered, prompt_tokens, admitted)
         self._record(model, drawn, rendered.question, status=drawn.status)
         if fault is Fault.RATE_LIMIT:
@@ -213,7 +214,7 @@ class _Completions:
         admitted: list[float] | None,
     ) -> web.StreamResponse:
         """The answer as server-sent events, with the next scripted stream fault (see :mod:`.streaming`)."""
-        text = MALFORMED_TEXT if drawn.fault is Fault.MALFORMED else rendered.text
+        text = _answer_text(drawn.fault, rendered.text)
         completion_tokens = count_tokens(text)
         if admitted is not None:
             admitted[1] += completion_tokens
@@ -238,7 +239,7 @@ class _Completions:
     def _completion(
         self, model: str, drawn: Drawn, rendered: RenderedAnswer, prompt_tokens: int, admitted: list[float] | None
     ) -> web.Response:
-        text = MALFORMED_TEXT if drawn.fault is Fault.MALFORMED else rendered.text
+        text = _answer_text(drawn.fault, rendered.text)
         completion_tokens = count_tokens(text)
         if admitted is not None:
             admitted[1] += completion_tokens
@@ -255,7 +256,7 @@ class _Completions:
                     {
                         "index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "finish_reason": "stop",
+                        "finish_reason": "length" if drawn.fault is Fault.TRUNCATED else "stop",
                     }
                 ],
                 "usage": {
@@ -265,3 +266,10 @@ class _Completions:
                 },
             }
         )
+
+
+def _answer_text(fault: Fault, text: str) -> str:
+    """What a 200 carries for ``fault``: the answer, the malformed text, or the answer cut at its token limit."""
+    if fault is Fault.MALFORMED:
+        return MALFORMED_TEXT
+    return truncate_answer(text) if fault is Fault.TRUNCATED else text

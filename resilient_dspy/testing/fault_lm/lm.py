@@ -22,7 +22,7 @@ from dspy import lm15
 from resilient_dspy.core.clock import Clock, LoopClock
 from resilient_dspy.core.options import build_options
 from resilient_dspy.errors import ConfigurationError
-from resilient_dspy.faults import FAULT_STATUS, Fault, FaultStep, ScriptEntry, parse_steps
+from resilient_dspy.faults import FAULT_STATUS, Fault, FaultStep, ScriptEntry, parse_steps, truncate_answer
 from resilient_dspy.testing.fault_lm.answers import Answers, RenderedAnswer, count_tokens, render_answer
 from resilient_dspy.testing.fault_lm.schedule import (
     CANCELLED_BY_CALLER,
@@ -98,6 +98,9 @@ class _FaultCore:
 
     def respond(self, request: lm15.Request, step: Drawn) -> lm15.Response:
         answer = self.render(request, malformed=step.fault is Fault.MALFORMED)
+        cut = step.fault is Fault.TRUNCATED
+        if cut:
+            answer = replace(answer, text=truncate_answer(answer.text))
         prompt = "".join(m.text or "" for m in request.messages) + _system_text(request)
         input_tokens, output_tokens = count_tokens(prompt), count_tokens(answer.text)
         usage = lm15.Usage(
@@ -108,7 +111,7 @@ class _FaultCore:
             id=f"fault-{len(self.journal)}",
             model=self.model,
             message=lm15.Message.assistant([lm15.TextPart(answer.text)]),
-            finish_reason="stop",
+            finish_reason="length" if cut else "stop",
             usage=usage,
         )
 
@@ -145,6 +148,8 @@ class _FaultCore:
                 retry_after=step.retry_after,
                 adapter=answer.adapter if answer is not None else None,
                 detail=detail,
+                temperature=request.config.temperature,
+                max_tokens=request.config.max_tokens,
             )
         )
 

@@ -31,6 +31,7 @@ class FaultProfile(Options):
     transport: float = Field(default=0.0, ge=0, le=1)
     hang: float = Field(default=0.0, ge=0, le=1)
     malformed: float = Field(default=0.0, ge=0, le=1)
+    truncated: float = Field(default=0.0, ge=0, le=1, description="Probability of an answer cut at max_tokens.")
     context_window: float = Field(default=0.0, ge=0, le=1)
     invalid_json: float = Field(default=0.0, ge=0, le=1, description="Probability of a 200 whose body is not JSON.")
     retry_after: tuple[float, float] | None = Field(
@@ -61,6 +62,7 @@ class FaultProfile(Options):
             Fault.TRANSPORT: self.transport,
             Fault.HANG: self.hang,
             Fault.MALFORMED: self.malformed,
+            Fault.TRUNCATED: self.truncated,
             Fault.CONTEXT_WINDOW: self.context_window,
             Fault.INVALID_JSON: self.invalid_json,
         }
@@ -125,7 +127,8 @@ CANCELLED_BY_CALLER = "cancelled by the caller"  # a JournalEntry.detail: its fa
 
 @dataclass(frozen=True, slots=True)
 class JournalEntry:
-    """One request and what was done with it; ``time`` is when its fault or answer took effect (after latency)."""
+    """One request and what was done with it; ``time`` is when its fault or answer took effect (after latency);
+    ``temperature`` and ``max_tokens`` are the request's, as a provider receives them (None: not sent)."""
 
     time: float
     model: str
@@ -138,3 +141,5 @@ class JournalEntry:
     retry_after: float | None = None
     adapter: str | None = None
     detail: str = ""
+    temperature: float | None = None
+    max_tokens: int | None = None
