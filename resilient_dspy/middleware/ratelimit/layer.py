@@ -7,7 +7,8 @@ queue in strict FIFO order per key: only the head may be admitted, so a large re
 head sleeps on the injected clock exactly until its admission time, and is woken early when a reconciliation
 refunds tokens. Token cost is estimated before the call and reconciled with the usage DSPy measured after it.
 No background task is involved. With ``store=`` the limits are counted on a shared server instead, one atomic step
-per admission (:mod:`resilient_dspy.middleware.ratelimit.shared`), so every process shares them.
+per admission and, counted from the answer, one at the answer (:mod:`resilient_dspy.middleware.ratelimit.shared`),
+so every process shares them.
 """
 
 from __future__ import annotations
