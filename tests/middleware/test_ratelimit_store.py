@@ -419,6 +419,21 @@ async def test_a_held_admission_counts_and_its_window_starts_at_its_answer(redis
         await limiter.options.store.aclose()  # type: ignore[union-attr]
 
 
+async def test_the_answer_is_one_step_with_its_reconciliation(redis_url: str) -> None:
+    """Counted from the answer, an uncontended call costs two steps: its admission and its answer, the token
+    reconciliation folded into the answer's step (an 80-token estimate that used 10 leaves room for 80 more)."""
+    steps = Steps(fresh(redis_url))
+    program = Stamps()
+    limiter = RateLimiter(Limit.tokens(100, 1.0), Limit.requests(5, 1.0), estimate_tokens=by_tokens_input, store=steps)
+    pipeline = Pipeline(program, limiter)
+    start = now()
+    await pipeline(question="a", tokens=80, actual=10)
+    assert dict(steps.counts) == {"admit": 1, "settle": 1}
+    await pipeline(question="b", tokens=80, actual=80)
+    assert program.time_of("b") - start < 0.3 and dict(steps.counts) == {"admit": 2, "settle": 2}
+    await steps.aclose()
+
+
 async def test_counted_from_admission_on_a_store_the_window_starts_at_admission(redis_url: str) -> None:
     """The same run counted from admission: B goes 0.3 s after A's admission, while A still runs."""
     first, second, _ = pair(redis_url, counts_from="admission")
