@@ -6,17 +6,19 @@ Run ``python benchmarks/bench_redis.py [--quick | --smoke] [--json out.json]`` (
 prints that it skipped and exits 0. Two parts:
 
 - **overhead**: one caller, sequential calls through ``Pipeline(noop, RateLimiter(requests=10**9))`` in memory and
-  on the RedisStore, and a bare redis-py ``PING`` (the floor), in paired rounds of one run; µs per call, and per
+  on the RedisStore (counted from admission: one step per call; from the answer, the default: the admission and
+  the answer's step), and a bare redis-py ``PING`` (the floor), in paired rounds of one run; µs per call, and per
   call the round trips (EVALSHA calls counted by the server's ``INFO commandstats``) and every command the server
   ran (the script's own included).
-- **quota**: the chaos server with ``Quota(requests_per_minute=600, window=60)`` (the window scaled by
-  ``--scale`` for ours: 60 per 6 s by default, the same rate), 4 worker processes of 10 callers each looping for
-  ``--windows`` windows. Ours: ``RateLimiter(requests=quota, per=window * 1.01, store=RedisStore)`` (1 % margin for
-  the transit to the server). LiteLLM: ``Router(model_list=[{... "rpm": 600}], redis_host=, redis_port=,
-  routing_strategy="usage-based-routing-v2", num_retries=0)`` on the real minute (it counts per calendar minute, so
-  its window cannot be scaled); a call the Router refuses itself is retried by the worker after 50 ms. From the
-  chaos server's journal: requests that got a 429 (target 0), and utilisation = answered requests / (quota x
-  windows run).
+- **quota**: the chaos server with ``Quota(requests_per_minute=600, window=60)`` (the window scaled by ``--scale``
+  for ours: 60 per 6 s by default, the same rate), 4 worker processes of 10 callers each looping for ``--windows``
+  windows. *ours-answer*: ``RateLimiter(requests=quota, per=window, store=RedisStore)`` (counted from the answer,
+  the default: no margin, no pacing). *ours*: the same ``counts_from="admission"`` with ``per=window * 1.01`` (1 %
+  margin for the transit to the server); *ours-paced* adds a pacing bucket to that. LiteLLM:
+  ``Router(model_list=[{... "rpm": 600}], redis_host=, redis_port=, routing_strategy="usage-based-routing-v2",
+  num_retries=0)`` on the real minute (it counts per calendar minute, so its window cannot be scaled); a call the
+  Router refuses itself is retried by the worker after 50 ms. From the chaos server's journal: requests that got a
+  429 (target 0), and utilisation = answered requests / (quota x windows run).
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ async def overhead(url: str, calls: int, rounds: int) -> dict[str, float]:
 
     store = RedisStore(url, prefix=f"bench-{uuid.uuid4().hex[:8]}")
     memory = Pipeline(noop, RateLimiter(requests=10**9, per=1.0))
-    shared = Pipeline(noop, RateLimiter(requests=10**9, per=1.0, store=store))
+    shared = Pipeline(noop, RateLimiter(requests=10**9, per=1.0, store=store, counts_from="admission", name="a"))
+    answer = Pipeline(noop, RateLimiter(requests=10**9, per=1.0, store=store, name="b"))
     bare = Pipeline(noop)
-    await shared(question="warm")  # loads the script
+    await shared(question="warm")  # loads the scripts
+    await answer(question="warm")
     admin = Redis.from_url(url)
 
     async def per_call(pipeline: Pipeline) -> float:
@@ -120,26 +124,31 @@ async def overhead(url: str, calls: int, rounds: int) -> dict[str, float]:
             await admin.ping()
         return (time.perf_counter() - started) / calls * 1e6
 
-    results: dict[str, list[float]] = {"bare": [], "memory": [], "redis": [], "ping": []}
-    trips = commands = 0
+    results: dict[str, list[float]] = {"bare": [], "memory": [], "redis": [], "answer": [], "ping": []}
+    trips = {"redis": 0, "answer": 0}
+    commands = {"redis": 0, "answer": 0}
     for _ in range(rounds):
         results["bare"].append(await per_call(bare))
         results["memory"].append(await per_call(memory))
         results["ping"].append(await ping())
-        trips_before, commands_before = await counted()
-        results["redis"].append(await per_call(shared))
-        trips_after, commands_after = await counted()
-        trips += trips_after - trips_before
-        commands += commands_after - commands_before - 1  # the first INFO is counted in the second
+        for name, pipeline in (("redis", shared), ("answer", answer)):
+            trips_before, commands_before = await counted()
+            results[name].append(await per_call(pipeline))
+            trips_after, commands_after = await counted()
+            trips[name] += trips_after - trips_before
+            commands[name] += commands_after - commands_before - 1  # the first INFO is counted in the second
     await admin.aclose()
     await store.aclose()
     med = {name: sorted(values)[len(values) // 2] for name, values in results.items()}
     return {
         "memory_us": med["memory"] - med["bare"],
         "redis_us": med["redis"] - med["bare"],
+        "answer_us": med["answer"] - med["bare"],
         "ping_us": med["ping"],
-        "round_trips_per_call": trips / (calls * rounds),
-        "server_commands_per_call": commands / (calls * rounds),
+        "round_trips_per_call": trips["redis"] / (calls * rounds),
+        "server_commands_per_call": commands["redis"] / (calls * rounds),
+        "answer_round_trips_per_call": trips["answer"] / (calls * rounds),
+        "answer_server_commands_per_call": commands["answer"] / (calls * rounds),
     }
 
 
@@ -213,10 +222,13 @@ async def worker(options: argparse.Namespace) -> None:
                 await response.read()
                 return response.status
 
-        limits = [Limit.requests(options.quota, per=options.window * MARGIN)]
-        if options.worker == "ours-paced":  # the same rate, spread evenly: no burst at each window's start
-            limits.append(Limit.requests(options.quota, per=options.window, burst=max(1, options.quota // 10)))
-        limiter = RateLimiter(*limits, store=store, name="quota")
+        if options.worker == "ours-answer":  # held until each answer: the provider's window, no margin
+            limiter = RateLimiter(Limit.requests(options.quota, per=options.window), store=store, name="quota")
+        else:
+            limits = [Limit.requests(options.quota, per=options.window * MARGIN)]
+            if options.worker == "ours-paced":  # the same rate, spread evenly: no burst at each window's start
+                limits.append(Limit.requests(options.quota, per=options.window, burst=max(1, options.quota // 10)))
+            limiter = RateLimiter(*limits, store=store, name="quota", counts_from="admission")
         pipeline = Pipeline(program, limiter)
 
         async def one(question: str) -> None:
@@ -284,13 +296,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         calls, rounds = (50, 2) if args.smoke else (1000, 5) if args.quick else (2000, 9)
         result: dict[str, Any] = {"overhead": await overhead(url, calls, rounds)}
         o = result["overhead"]
-        print(f"overhead per call: in memory {o['memory_us']:.1f} µs, on Redis {o['redis_us']:.1f} µs ", end="")
-        print(f"(a bare redis-py PING: {o['ping_us']:.1f} µs), ", end="")
+        print(f"overhead per call: in memory {o['memory_us']:.1f} µs; on Redis counted from admission ", end="")
+        print(f"{o['redis_us']:.1f} µs, {o['round_trips_per_call']:.2f} round trips, ", end="")
+        print(f"{o['server_commands_per_call']:.1f} server commands; from the answer {o['answer_us']:.1f} µs, ", end="")
+        print(f"{o['answer_round_trips_per_call']:.2f} round trips, ", end="")
         print(
-            f"{o['round_trips_per_call']:.2f} round trips per call ({o['server_commands_per_call']:.1f} commands run ",
-            end="",
+            f"{o['answer_server_commands_per_call']:.1f} server commands (a bare redis-py PING: {o['ping_us']:.1f} µs)"
         )
-        print("by the server, the script's own included)")
         if args.smoke:
             ours_window, litellm_window, windows = 1.0, 60.0, 1.0
             litellm_seconds: float = 2.0
@@ -300,7 +312,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             litellm_seconds = 60.0 if args.quick else 120.0
         ours_quota = 20 if args.smoke else max(1, round(QUOTA * args.scale))
         workers = 1 if args.smoke else WORKERS
-        ours = ("ours",) if args.smoke else ("ours", "ours-paced")
+        ours = ("ours-answer",) if args.smoke else ("ours-answer", "ours", "ours-paced")
         runs = [await run_quota(name, url, ours_window, windows, ours_quota, workers) for name in ours]
         runs.append(await run_quota("litellm", url, litellm_window, litellm_seconds / litellm_window, QUOTA, workers))
         result["quota"] = runs
@@ -320,7 +332,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--scale", type=float, default=0.1, help="our quota window as a fraction of a minute")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--worker", choices=["ours", "ours-paced", "litellm"])
+    parser.add_argument("--worker", choices=["ours-answer", "ours", "ours-paced", "litellm"])
     parser.add_argument("--redis")
     parser.add_argument("--prefix")
     parser.add_argument("--target")

@@ -29,7 +29,13 @@ async def main(options: argparse.Namespace) -> None:
                 await response.read()
                 return response.status
 
-        limiter = RateLimiter(requests=options.requests, per=options.per, store=store, name="shared-quota")
+        limiter = RateLimiter(
+            requests=options.requests,
+            per=options.per,
+            counts_from=options.counts_from,
+            store=store,
+            name="shared-quota",
+        )
         pipeline = Pipeline(program, limiter)
         pending = iter(range(options.calls))
 
@@ -57,4 +63,5 @@ if __name__ == "__main__":
     parser.add_argument("--calls", type=int, default=250)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--worker", default="w")
+    parser.add_argument("--counts-from", choices=["answer", "admission"], default="answer")
     asyncio.run(main(parser.parse_args()))

@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resilient_dspy import Pipeline, RateLimitedError
+from resilient_dspy import Cache, Pipeline, RateLimitedError
 from resilient_dspy.errors import ConfigurationError
 from resilient_dspy.events import Event
 from resilient_dspy.middleware.ratelimit import Limit, RateLimiter, RateLimitRejected, RateLimitWaited
-from resilient_dspy.store import RedisStore, StoreRecovered, StoreUnavailable
+from resilient_dspy.store import RedisStore, StoreRecovered, StoreUnavailable, StoreUnavailableError
 from resilient_dspy.testing.chaos_server import ChaosServer, Quota
 from tests.conftest import other_tasks
 from tests.redis_server import free_port, redis_server
@@ -356,6 +358,234 @@ async def test_a_server_stopped_and_restarted_mid_run_loses_no_call_and_is_share
         await store.aclose()
 
 
+# ------------------------------------------------------------------------------------ counted from the answer
+
+
+class Steps:
+    """A store that counts the steps it runs by operation and fails the next ``fail[operation]`` of them."""
+
+    def __init__(self, inner: RedisStore, fail: dict[str, int] | None = None) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.counts: Counter[str] = Counter()
+        self.fail = Counter(fail or {})
+
+    def key(self, *parts: str) -> str:
+        return self.inner.key(*parts)
+
+    async def run(self, script: str, keys: Sequence[str], args: Sequence[Any], *, operation: str) -> Any:
+        self.counts[operation] += 1
+        if self.fail[operation] > 0:
+            self.fail[operation] -= 1
+            raise StoreUnavailableError(self.name, operation)
+        return await self.inner.run(script, keys, args, operation=operation)
+
+    def health(self) -> Any:
+        return self.inner.health()
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def pair(url: str, per: float = 0.3, **options: Any) -> tuple[RateLimiter, RateLimiter, Steps]:
+    """Two limiters of 1 request per ``per`` sharing one quota, as two processes would (two connection pools); the
+    second counts its steps."""
+    prefix = f"rl-{uuid.uuid4().hex[:12]}"
+    counted = Steps(RedisStore(url, prefix=prefix))
+    a = RateLimiter(requests=1, per=per, store=RedisStore(url, prefix=prefix), name="q", **options)
+    return a, RateLimiter(requests=1, per=per, store=counted, name="q", **options), counted
+
+
+async def test_a_held_admission_counts_and_its_window_starts_at_its_answer(redis_url: str) -> None:
+    """1 per 0.3 s: A's call runs 0.6 s; B (another process) arriving meanwhile is admitted 0.3 s after A's
+    answer, not 0.3 s after A's admission. B polls while A's entry is held (its lease is no real time): one step
+    per ``per / 10``, about 17 for 0.5 s, then one exact sleep until the window ends."""
+    first, second, steps = pair(redis_url)
+    program = Stamps()
+    a, b = Pipeline(program, first), Pipeline(program, second)
+    running = asyncio.create_task(a(question="a", latency=0.6))
+    await asyncio.sleep(0.1)
+    arrived = now()
+    await b(question="b")
+    await running
+    answered = program.time_of("a") + 0.6
+    assert answered + 0.3 - GUARD <= program.time_of("b") < answered + 0.3 + 0.2
+    held_for = answered - arrived
+    assert 3 <= steps.counts["admit"] <= held_for / 0.03 + 4  # the extra steps the cap costs: about held_for / poll
+    for limiter in (first, second):
+        await limiter.options.store.aclose()  # type: ignore[union-attr]
+
+
+async def test_the_answer_is_one_step_with_its_reconciliation(redis_url: str) -> None:
+    """Counted from the answer, an uncontended call costs two steps: its admission and its answer, the token
+    reconciliation folded into the answer's step (an 80-token estimate that used 10 leaves room for 80 more)."""
+    steps = Steps(fresh(redis_url))
+    program = Stamps()
+    limiter = RateLimiter(Limit.tokens(100, 1.0), Limit.requests(5, 1.0), estimate_tokens=by_tokens_input, store=steps)
+    pipeline = Pipeline(program, limiter)
+    start = now()
+    await pipeline(question="a", tokens=80, actual=10)
+    assert dict(steps.counts) == {"admit": 1, "settle": 1}
+    await pipeline(question="b", tokens=80, actual=80)
+    assert program.time_of("b") - start < 0.3 and dict(steps.counts) == {"admit": 2, "settle": 2}
+    await steps.aclose()
+
+
+async def test_counted_from_admission_on_a_store_the_window_starts_at_admission(redis_url: str) -> None:
+    """The same run counted from admission: B goes 0.3 s after A's admission, while A still runs."""
+    first, second, _ = pair(redis_url, counts_from="admission")
+    program = Stamps()
+    a, b = Pipeline(program, first), Pipeline(program, second)
+    running = asyncio.create_task(a(question="a", latency=0.6))
+    await asyncio.sleep(0.1)
+    await b(question="b")
+    await running
+    assert 0.3 - GUARD <= program.time_of("b") - program.time_of("a") < 0.5
+    for limiter in (first, second):
+        await limiter.options.store.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_call_that_never_reached_the_provider_is_refunded_on_the_server(redis_store: RedisStore) -> None:
+    """2 per 1 s under a Cache: the first "x" counts; five cache hits of "x" are admitted and refunded (they never
+    reached the program), so "y" still goes at once and only "z" waits for the window."""
+    program = Stamps()
+    pipeline = Pipeline(program, RateLimiter(requests=2, per=1.0, store=redis_store), Cache())
+    start = now()
+    for _ in range(6):
+        assert await pipeline(question="x") == "x"
+    await pipeline(question="y")
+    assert program.names == ["x", "y"] and now() - start < 0.5
+    await pipeline(question="z")
+    assert program.time_of("z") - program.time_of("x") >= 1.0 - GUARD
+
+
+async def test_a_crashed_holders_lease_ends_its_held_admission(redis_url: str) -> None:
+    """A process holding 1-per-0.3-s under a 0.8 s deadline is killed inside its call: the held entry leaves when
+    its lease ends (admission + deadline + per, about 1.1 s), not after HOLD_CAP."""
+    prefix = f"rl-{uuid.uuid4().hex[:12]}"
+    holder = ROOT / "tests" / "middleware" / "ratelimit_holder.py"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["--redis", redis_url, "--prefix", prefix, "--per", "0.3", "--deadline", "0.8"]
+    process = await asyncio.create_subprocess_exec(sys.executable, str(holder), *args, stdout=subprocess.PIPE, env=env)
+    store = RedisStore(redis_url, prefix=prefix)
+    try:
+        assert process.stdout is not None
+        assert (await asyncio.wait_for(process.stdout.readline(), 60)).strip() == b"admitted"
+        process.kill()
+        await asyncio.wait_for(process.wait(), 10)
+        killed = now()
+        program = Stamps()
+        await asyncio.wait_for(Pipeline(program, RateLimiter(requests=1, per=0.3, store=store, name="q"))("x"), 5)
+        assert 0.6 < program.time_of("x") - killed < 1.1 + 0.3
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await store.aclose()
+
+
+async def test_a_cancelled_or_failed_held_call_starts_its_window_when_it_ends(redis_url: str) -> None:
+    """A's held call is cancelled at 0.2 s, then another fails at 0.2 s: each time B is admitted 0.3 s after that
+    end (the call reached the provider), never held up by a lease; no task is left behind."""
+    first, second, _ = pair(redis_url)
+    program = Stamps()
+
+    async def failing(question: str) -> str:
+        program.admitted.append((now(), question))
+        await asyncio.sleep(0.2)
+        raise RuntimeError("provider broke")
+
+    a, b = Pipeline(program, first), Pipeline(program, second)
+    running = asyncio.create_task(a(question="cancelled", latency=5.0))
+    await asyncio.sleep(0.2)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    ended = now()
+    await b(question="after-cancel")
+    assert 0.3 - GUARD <= program.time_of("after-cancel") - ended < 0.3 + 0.2
+    await asyncio.sleep(0.3)
+    with pytest.raises(RuntimeError):
+        await Pipeline(failing, first)(question="failed")
+    ended = now()
+    await b(question="after-failure")
+    assert 0.3 - GUARD <= program.time_of("after-failure") - ended < 0.3 + 0.2
+    assert not other_tasks()
+    for limiter in (first, second):
+        await limiter.options.store.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_listener_stopping_a_waited_call_refunds_its_held_admission(redis_url: str) -> None:
+    """A listener stops B's call on its RateLimitWaited (a BaseException: one that asks to stop, which propagates):
+    B's held admission is refunded, so A's next call goes when A's first leaves the window, not after a lease."""
+
+    class Stop(BaseException):
+        pass
+
+    def stop(event: Event) -> None:
+        if isinstance(event, RateLimitWaited):
+            raise Stop
+
+    first, second, _ = pair(redis_url)
+    program = Stamps()
+    a, b = Pipeline(program, first), Pipeline(program, second, listeners=[stop])
+    await a(question="a")
+    with pytest.raises(Stop):
+        await b(question="b")
+    start = now()
+    await asyncio.wait_for(a(question="c"), 2.0)
+    assert program.names == ["a", "c"] and now() - start < 0.3
+    for limiter in (first, second):
+        await limiter.options.store.aclose()  # type: ignore[union-attr]
+
+
+async def test_an_answer_the_store_failed_to_take_is_replayed_before_the_next_step(redis_url: str) -> None:
+    """B's settle step fails once (no deadline: its lease would be HOLD_CAP): B keeps the answer and replays it
+    before its next admission, so the window ends 0.3 s after the replay, not 600 s later; A sees it too."""
+    first, second, steps = pair(redis_url)
+    steps.fail["settle"] = 1
+    program = Stamps()
+    a, b = Pipeline(program, first), Pipeline(program, second)
+    await b(question="b1")
+    start = now()
+    await asyncio.wait_for(b(question="b2"), 2.0)
+    assert 0.3 - GUARD <= program.time_of("b2") - start < 0.3 + 0.3
+    assert steps.counts["settle"] == 3  # the failed one, its replay, b2's own
+    await asyncio.sleep(0.3)
+    start = now()
+    await asyncio.wait_for(a(question="a"), 2.0)
+    assert now() - start < 0.3
+    for limiter in (first, second):
+        await limiter.options.store.aclose()  # type: ignore[union-attr]
+
+
+async def test_the_local_lanes_hold_during_an_outage_and_release_on_every_path() -> None:
+    """The store is down: the local fallback counts from the answer too (1 per 0.3 s: a 0.4 s call holds the next
+    until 0.7 s), a cancelled and a refunded call leave nothing held (a cache hit goes at once after them)."""
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2, retry_interval=5.0)
+    program = Stamps()
+    pipeline = Pipeline(program, RateLimiter(requests=1, per=0.3, store=store), Cache())
+    start = now()
+    await asyncio.gather(pipeline(question="a", latency=0.4), pipeline(question="b"))
+    assert program.time_of("b") - start >= 0.7 - GUARD
+    await asyncio.sleep(0.3)
+    running = asyncio.create_task(pipeline(question="c", latency=5.0))
+    await asyncio.sleep(0.1)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    await asyncio.sleep(0.3)
+    start = now()
+    for _ in range(3):
+        assert await pipeline(question="a", latency=0.4) == "a"  # cache hits: refunded, each admitted at once
+    assert now() - start < 0.2
+    assert not other_tasks()
+    await store.aclose()
+
+
 # ---------------------------------------------------------------------------------------- what it reports
 
 
@@ -395,18 +625,23 @@ async def test_max_wait_shorter_than_the_servers_wait_is_rejected_at_once(redis_
 # ------------------------------------------------------------------------------------------- many processes
 
 
-async def test_four_processes_never_exceed_the_shared_limit_in_the_servers_journal(redis_url: str) -> None:
+@pytest.mark.parametrize(("counts_from", "margin"), [("answer", 0.0), ("admission", 0.3)])
+async def test_four_processes_never_exceed_the_shared_limit_in_the_servers_journal(
+    redis_url: str, counts_from: str, margin: float
+) -> None:
     """4 worker processes x 250 calls share 100 requests per 1 s on Redis against the chaos server, whose own
-    journal and quota are the judge: no window of 1 s holds more than 100 requests, and no call got a 429. The
-    limiter's period is 1.15 s: the margin covers the transit between the server's admission and the chaos
-    server's receipt on a loaded machine (documented in docs/patterns/rate-limiter.md)."""
-    amount, period, margin = 100, 1.0, 0.15
+    journal and quota are the judge: no window of 1 s holds more than 100 requests, and no call got a 429.
+    Counted from the answer the limiter's period is the quota's own, 1 s: an entry is held until its answer, so it
+    cannot leave our window before the provider's. Counted from admission it needs a margin, 1.3 s: it covers the
+    transit between the server's admission and the chaos server's receipt on a loaded machine (1.15 s drew 429s
+    at load average 8 on 2 cores)."""
+    amount, period = 100, 1.0
     prefix = f"rl-{uuid.uuid4().hex[:12]}"
     worker = ROOT / "tests" / "middleware" / "ratelimit_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     async with ChaosServer(quota=Quota(requests_per_minute=amount, window=period)) as server:
         args = ["--redis", redis_url, "--prefix", prefix, "--target", server.url, "--requests", str(amount)]
-        args += ["--per", str(period + margin), "--calls", "250", "--concurrency", "25"]
+        args += ["--per", str(period + margin), "--calls", "250", "--concurrency", "25", "--counts-from", counts_from]
         processes = [
             await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -7,7 +7,8 @@ queue in strict FIFO order per key: only the head may be admitted, so a large re
 head sleeps on the injected clock exactly until its admission time, and is woken early when a reconciliation
 refunds tokens. Token cost is estimated before the call and reconciled with the usage DSPy measured after it.
 No background task is involved. With ``store=`` the limits are counted on a shared server instead, one atomic step
-per admission (:mod:`resilient_dspy.middleware.ratelimit.shared`), so every process shares them.
+per admission and, counted from the answer, one at the answer (:mod:`resilient_dspy.middleware.ratelimit.shared`),
+so every process shares them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from resilient_dspy.middleware.ratelimit.events import (
 )
 from resilient_dspy.middleware.ratelimit.options import Limit, RateLimiterOptions
 from resilient_dspy.middleware.ratelimit.queue import _Lane, _Waiter
-from resilient_dspy.middleware.ratelimit.shared import SharedMeter
+from resilient_dspy.middleware.ratelimit.shared import Admission, Settle, SharedMeter
 from resilient_dspy.store.link import StoreLink
 
 if TYPE_CHECKING:
@@ -78,12 +79,8 @@ class RateLimiter(Layer):
         options = self.options
         self._limits = options.limits
         self._token_limits = tuple(lim for lim in options.limits if lim.unit == "tokens")
-        # held until the answer in memory; a shared store counts from admission (its steps cannot hold yet)
-        self._holds = (
-            options.counts_from == "answer"
-            and options.store is None
-            and any(lim.burst is None for lim in options.limits)
-        )
+        # held until the answer, in memory and on a store (where a lease bounds a crashed process's holds)
+        self._holds = options.counts_from == "answer" and any(lim.burst is None for lim in options.limits)
         self._states: KeyedStates[_Lane] = KeyedStates(options, self._new_lane)
         self._single = single = self._states.single
         self._key_of, self._partitions = options.key, self._states.partitions  # the keyed hot path, inlined
@@ -233,34 +230,65 @@ class RateLimiter(Layer):
         return charged - estimate
 
     async def _call_shared(self, call: Call, next: Handler, lane: _Lane, key: Hashable, now: float) -> Any:
-        """With a store: admitted by the server (one step), reconciled there after the call (a second step)."""
-        shared = self._shared
+        """With a store: admitted by the server (one step); the answer is one more step when the admission is held
+        (its window starts, or it is refunded) or its token estimate differs from the usage measured."""
+        shared, holds = self._shared, self._holds
         assert shared is not None
-        if not self._token_limits:
-            await shared.admit(call, lane, key, None, now)
+        if not self._token_limits and not holds:
+            await shared.admit(call, lane, key, None, now, False)
             return await next(call)
-        tokens = self._checked_estimate(call)
-        admission = await shared.admit(call, lane, key, tokens, now)
+        tokens = self._checked_estimate(call) if self._token_limits else None
+        admission = await shared.admit(call, lane, key, tokens, now, holds)
         lane.in_flight += 1
+        record = call.record
+        before = record.attempts
         with usage_scope() as scope:
             try:
                 result = await next(call)
             except asyncio.CancelledError:
-                lane.in_flight -= 1  # cancelled: it keeps its estimate, and nothing more waits on the store
+                lane.in_flight -= 1  # cancelled: it keeps its estimate; held, its window starts now (or refunded)
+                if holds:
+                    mode: Settle = "h" if record.attempts != before else "x"
+                    await shared.settle(call, lane, key, admission, tokens or 0, 0, mode)
                 raise
             except BaseException:
-                delta = self._reconcile(call, lane, key, tokens, scope, failed=True)
-                if delta:
-                    await shared.adjust(call, lane, key, admission, tokens, delta)
+                await self._answer_shared(call, lane, key, admission, tokens, scope, record.attempts != before, True)
                 raise
-            delta = self._reconcile(call, lane, key, tokens, scope, failed=False)
-            if delta is not None:
+            if await self._answer_shared(call, lane, key, admission, tokens, scope, record.attempts != before, False):
                 attach_usage(result, scope)
-        if delta:
-            await shared.adjust(call, lane, key, admission, tokens, delta)
-            if delta < 0:
-                lane.nudge()
         return result
+
+    async def _answer_shared(
+        self,
+        call: Call,
+        lane: _Lane,
+        key: Hashable,
+        admission: Admission,
+        tokens: int | None,
+        scope: UsageScope,
+        reached: bool,
+        failed: bool,
+    ) -> bool:
+        """Reconcile and settle a call admitted on the store (True if usage was measured); the settle step runs even
+        when a listener raises, so a held admission never stays held."""
+        shared = self._shared
+        assert shared is not None
+        if self._holds and not reached:
+            lane.in_flight -= 1
+            await shared.settle(call, lane, key, admission, tokens or 0, 0, "x")
+            return False
+        delta: int | None = None
+        try:
+            if tokens is None:
+                lane.in_flight -= 1
+            else:
+                delta = self._reconcile(call, lane, key, tokens, scope, failed=failed)
+        finally:
+            if self._holds or delta:
+                await shared.settle(call, lane, key, admission, tokens or 0, delta or 0, "h" if self._holds else "a")
+        if delta is not None and delta < 0:
+            lane.nudge()
+        return delta is not None
 
     async def _queue(
         self, call: Call, lane: _Lane, key: Hashable, tokens: int | None, arrived: float

@@ -1,17 +1,5 @@
-"""The RateLimiter's meter on a shared store: every limit of a key on the server, one atomic Lua step per admission.
-
-State of a key lives under ``store.key("ratelimit", <layer name>, <key>)``: a hash (bucket levels, the token sums
-of the windows, the turn marker) and a sorted set per window limit (member = admission id, and for tokens
-``id|weight``; score = its expiry on the server clock). :data:`ADMIT` prunes, checks every limit and charges all
-of them or none, and answers "admitted" or the seconds to wait; :data:`ADJUST` reconciles one admission's token
-weight after the call; :data:`RELEASE` hands back the turn of a head that gave up.
-
-The turn: a head refused by the server takes the key's turn marker (its token weight, since when it has waited,
-a lease) unless one that has waited longer holds it. While a turn is held, another call is admitted only if
-charging it now would not move the holder's admission time later (a backfill); otherwise it is told to come back
-when both fit, the holder charged first. The holder's admission clears the marker; a holder that gives up releases
-it, and one whose process died loses it when its lease (its admission time + :data:`TURN_LEASE`) runs out. So a
-large request is never starved by small ones from other processes.
+"""The RateLimiter's meter on a shared store: the queue head's admission loop, one atomic step per admission, and
+the answer's step (:mod:`resilient_dspy.middleware.ratelimit.scripts` holds the Lua steps and what they keep).
 """
 
 from __future__ import annotations
@@ -20,13 +8,23 @@ import asyncio
 import contextlib
 import itertools
 import uuid
+from collections import deque
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from resilient_dspy.errors import RateLimitedError
 from resilient_dspy.middleware._shared.waiting import give_up_at, wait_until
 from resilient_dspy.middleware.ratelimit.events import RateLimitRejected, RateLimitWaited
 from resilient_dspy.middleware.ratelimit.queue import _Waiter
+from resilient_dspy.middleware.ratelimit.scripts import (
+    ADMIT,
+    HOLD_CAP,
+    HOLD_POLL_FLOOR,
+    PENDING_MAX,
+    RELEASE,
+    SETTLE,
+    TURN_LEASE,
+)
 from resilient_dspy.store.link import StoreLink
 from resilient_dspy.store.protocol import StoreUnavailableError
 
@@ -37,184 +35,11 @@ if TYPE_CHECKING:
     from resilient_dspy.middleware.ratelimit.options import Limit
     from resilient_dspy.middleware.ratelimit.queue import _Lane
 
-__all__ = ["ADJUST", "ADMIT", "RELEASE", "TURN_LEASE", "Admission", "SharedMeter"]
+__all__ = ["Admission", "Settle", "SharedMeter"]
 
-TURN_LEASE = 1.0
-"""Seconds a turn outlives its holder's admission time: how long a crashed holder can hold up the others."""
-
-_LIMITS = r"""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = KEYS[1]
-local n = tonumber(ARGV[1])
-local kind, amount, per, burst = {}, {}, {}, {}
-for i = 1, n do
-  local at = 2 + (i - 1) * 4
-  kind[i], amount[i], per[i], burst[i] = ARGV[at], tonumber(ARGV[at + 1]), tonumber(ARGV[at + 2]),
-    tonumber(ARGV[at + 3])
-end
-local rest = 2 + n * 4
-local function weight(i, tokens)
-  if kind[i] == 'r' or kind[i] == 'R' then return 1 end
-  return tokens
-end
-local function prune(i)
-  local z = KEYS[1 + i]
-  if kind[i] == 't' then
-    local gone = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-    if #gone > 0 then
-      local freed = 0
-      for _, m in ipairs(gone) do freed = freed + tonumber(string.match(m, '|(%d+)$')) end
-      redis.call('HINCRBY', state, 'u' .. i, -freed)
-      redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-    end
-  elseif kind[i] == 'r' then
-    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-  end
-end
-"""
-
-_READY = r"""
--- When `need` fits limit i, if `extra` is charged at `extra_at` first (0: nothing); math.huge = never.
-local function ready(i, need, extra, extra_at)
-  if kind[i] == 'R' or kind[i] == 'T' then
-    local interval = per[i] / amount[i]
-    local tat = tonumber(redis.call('HGET', state, 'b' .. i) or '0')
-    if extra > 0 then tat = math.max(tat, extra_at) + extra * interval end
-    return math.max(now, tat - (burst[i] - need) * interval)
-  end
-  local z = KEYS[1 + i]
-  local used
-  if kind[i] == 't' then used = tonumber(redis.call('HGET', state, 'u' .. i) or '0')
-  else used = redis.call('ZCARD', z) end
-  local excess = used + extra + need - amount[i]
-  if excess <= 0 then return now end
-  if kind[i] == 'r' then
-    if excess <= used then
-      local e = redis.call('ZRANGE', z, excess - 1, excess - 1, 'WITHSCORES')
-      return math.max(now, tonumber(e[2]))
-    end
-    excess = excess - used
-  else
-    local entries = redis.call('ZRANGE', z, 0, -1, 'WITHSCORES')
-    for k = 1, #entries, 2 do
-      excess = excess - tonumber(string.match(entries[k], '|(%d+)$'))
-      if excess <= 0 then return math.max(now, tonumber(entries[k + 1])) end
-    end
-  end
-  if extra > 0 and excess <= extra then return math.max(now, extra_at + per[i]) end
-  return math.huge
-end
-local function ready_all(tokens, extra_tokens, extra_at)
-  local when = now
-  for i = 1, n do
-    local extra = 0
-    if extra_tokens >= 0 then extra = weight(i, extra_tokens) end
-    when = math.max(when, ready(i, weight(i, tokens), extra, extra_at))
-  end
-  return when
-end
-"""
-
-ADMIT = (
-    _LIMITS
-    + _READY
-    + r"""
--- ARGV[rest..]: tokens, admission id, seconds already waited, since (0 = first ask), lease
-local tokens, id = tonumber(ARGV[rest]), ARGV[rest + 1]
-local since = tonumber(ARGV[rest + 3])
-if since == 0 then since = now - tonumber(ARGV[rest + 2]) end
-local lease = tonumber(ARGV[rest + 4])
-for i = 1, n do prune(i) end
-local mine = ready_all(tokens, -1, 0)
-local turn = redis.call('HMGET', state, 'turn', 'turn_tokens', 'turn_since', 'turn_until')
-local held = turn[1] and turn[1] ~= id and tonumber(turn[4]) > now and tonumber(turn[3]) <= since
-local wake = mine
-if held then
-  local holder = tonumber(turn[2])
-  local before = ready_all(holder, -1, 0)
-  if mine <= now and ready_all(holder, tokens, now) <= before then
-    held = false
-  else
-    wake = math.min(math.max(mine, before, ready_all(tokens, holder, before)), tonumber(turn[4]))
-    if wake <= now then wake = tonumber(turn[4]) end
-  end
-end
-if not held and mine <= now then
-  local horizon = now
-  for i = 1, n do
-    local w = weight(i, tokens)
-    if kind[i] == 'R' or kind[i] == 'T' then
-      local interval = per[i] / amount[i]
-      local tat = math.max(tonumber(redis.call('HGET', state, 'b' .. i) or '0'), now) + w * interval
-      redis.call('HSET', state, 'b' .. i, string.format('%.17g', tat))
-      horizon = math.max(horizon, tat)
-    else
-      local z = KEYS[1 + i]
-      local member = id
-      if kind[i] == 't' then
-        member = id .. '|' .. w
-        redis.call('HINCRBY', state, 'u' .. i, w)
-      end
-      redis.call('ZADD', z, now + per[i], member)
-      redis.call('PEXPIRE', z, math.ceil(per[i] * 1000) + 1000)
-      horizon = math.max(horizon, now + per[i])
-    end
-  end
-  if turn[1] == id then
-    redis.call('HDEL', state, 'turn', 'turn_tokens', 'turn_since', 'turn_until')
-  elseif turn[1] then
-    horizon = math.max(horizon, tonumber(turn[4]))
-  end
-  redis.call('PEXPIRE', state, math.ceil((horizon - now) * 1000) + 1000)
-  return {1, '0', string.format('%.17g', since)}
-end
-if not held then
-  redis.call('HSET', state, 'turn', id, 'turn_tokens', tokens, 'turn_since', string.format('%.17g', since),
-    'turn_until', string.format('%.17g', mine + lease))
-  local ttl = math.ceil((mine + lease - now) * 1000) + 1000
-  if redis.call('PTTL', state) < ttl then redis.call('PEXPIRE', state, ttl) end
-end
-return {0, string.format('%.6f', wake - now), string.format('%.17g', since)}
-"""
-)
-"""Admit one call on every limit of its key, or answer the seconds to wait (see the module docstring)."""
-
-ADJUST = (
-    _LIMITS
-    + r"""
--- ARGV[rest..]: admission id, its estimate, delta (real usage - estimate)
-local id, estimate, delta = ARGV[rest], tonumber(ARGV[rest + 1]), tonumber(ARGV[rest + 2])
-for i = 1, n do
-  if kind[i] == 't' then
-    prune(i)
-    local z = KEYS[1 + i]
-    local member = id .. '|' .. estimate
-    local expiry = redis.call('ZSCORE', z, member)
-    if expiry and tonumber(expiry) > now then
-      redis.call('ZREM', z, member)
-      redis.call('ZADD', z, expiry, id .. '|' .. (estimate + delta))
-      redis.call('HINCRBY', state, 'u' .. i, delta)
-    end
-  elseif kind[i] == 'T' then
-    local later = tonumber(redis.call('HGET', state, 'b' .. i) or '0') + delta * per[i] / amount[i]
-    redis.call('HSET', state, 'b' .. i, string.format('%.17g', later))
-    local ttl = math.ceil((later - now) * 1000) + 1000
-    if redis.call('PTTL', state) < ttl then redis.call('PEXPIRE', state, ttl) end
-  end
-end
-return 1
-"""
-)
-"""Change one admission's token weight after the call: a refund or an excess, on every token limit."""
-
-RELEASE = r"""
-if redis.call('HGET', KEYS[1], 'turn') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'turn', 'turn_tokens', 'turn_since', 'turn_until')
-end
-return 1
-"""
-"""Give back the turn of a head that stopped waiting (a no-op unless it holds it)."""
+Settle = Literal["a", "h", "x"]
+"""How an answer settles its admission: ``a`` reconcile (counted from admission), ``h`` start a held admission's
+window now, ``x`` refund a held admission (the call never reached the provider)."""
 
 
 class Admission:
@@ -238,6 +63,9 @@ class SharedMeter:
             letter = "r" if limit.unit == "requests" else "t"
             self.spec += [letter if limit.burst is None else letter.upper(), limit.amount, limit.per, limit.burst or 0]
         self.count = len(limits)
+        windows = [limit.per for limit in limits if limit.burst is None]
+        self.poll = max(HOLD_POLL_FLOOR, min(windows) / 10) if windows else HOLD_POLL_FLOOR
+        self.pending: deque[tuple[list[str], list[Any]]] = deque(maxlen=PENDING_MAX)
         self._ids = itertools.count()
         self._process = uuid.uuid4().hex[:12]
         options = getattr(link.store, "options", None)
@@ -249,8 +77,11 @@ class SharedMeter:
         base = "{" + self.link.store.key("ratelimit", self.layer.name, "" if key is None else str(key)) + "}"
         return [base, *(f"{base}:{index}" for index in range(self.count))]
 
-    async def admit(self, call: Call, lane: _Lane, key: Hashable, tokens: int | None, arrived: float) -> Admission:
-        """Queue in FIFO order; as the head, ask the server (or the local meters in an outage) until admitted."""
+    async def admit(
+        self, call: Call, lane: _Lane, key: Hashable, tokens: int | None, arrived: float, holds: bool
+    ) -> Admission:
+        """Queue in FIFO order; as the head, ask the server (or the local meters in an outage) until admitted;
+        ``holds``: the admission is held until :meth:`settle` (its lease: the call's remaining deadline + per)."""
         layer, clock, weight = self.layer, call.clock, tokens or 0
         give_up = give_up_at(arrived, layer.options.max_wait, call.deadline)
         loop = asyncio.get_running_loop()
@@ -259,7 +90,7 @@ class SharedMeter:
         queue.append(waiter)
         keys = self.keys(key)
         ident = f"{self._process}:{next(self._ids)}"
-        since, refused, holder = "0", False, False
+        since, refused, holder, asking = "0", False, False, False
         try:
             if queue[0] is not waiter:
                 refused = True
@@ -267,11 +98,17 @@ class SharedMeter:
                 if not became_head and queue[0] is not waiter:
                     raise self._reject(call, key, give_up.reason, lane.told, arrived)
             while True:
+                if self.pending:
+                    await self._replay(call)
                 now = clock.now()
-                args = [*self.spec, weight, ident, now - arrived, since, TURN_LEASE]
+                hold = _hold(call.deadline, now) if holds else 0.0
+                args = [*self.spec, weight, ident, now - arrived, since, TURN_LEASE, hold, self.poll]
                 try:
+                    asking = True
                     admitted, wait, since = await self.link.run(call, ADMIT, keys, args, operation="admit")
+                    asking = False
                 except StoreUnavailableError:
+                    asking = False
                     if self.link.mode == "reject":
                         raise self._reject(call, key, "store", self.retry_interval, arrived) from None
                     now = clock.now()
@@ -295,13 +132,20 @@ class SharedMeter:
                 waiter.future = future = loop.create_future()
                 await wait_until(clock, future, wake)
         except BaseException:
+            if asking and holds:  # stopped while the server decided: it may hold an admission for this call
+                await self.settle(call, lane, key, Admission(ident, []), weight, 0, "x")
             if holder:
                 await self._release(call, keys, ident)
             raise
         finally:
             lane.leave(waiter)
         if refused:
-            layer.emit(call, RateLimitWaited, key=key, waited=clock.now() - arrived, tokens=tokens)
+            try:
+                layer.emit(call, RateLimitWaited, key=key, waited=clock.now() - arrived, tokens=tokens)
+            except BaseException:  # a listener stopping the call: its held admission must not stay held
+                if holds:
+                    await self.settle(call, lane, key, admission, weight, 0, "x")
+                raise
         return admission
 
     async def _release(self, call: Call, keys: list[str], ident: str) -> None:
@@ -309,16 +153,43 @@ class SharedMeter:
         with contextlib.suppress(StoreUnavailableError):
             await self.link.run(call, RELEASE, keys[:1], [ident], operation="release")
 
-    async def adjust(
-        self, call: Call, lane: _Lane, key: Hashable, admission: Admission, estimate: int, delta: int
+    async def settle(
+        self, call: Call, lane: _Lane, key: Hashable, admission: Admission, estimate: int, delta: int, mode: Settle
     ) -> None:
-        """Reconcile on the server, or on the local meters for a call admitted during an outage."""
+        """The answer, one step on the server (or on the local meters for a call admitted during an outage); a held
+        answer the store fails to take is kept and replayed before this process's next step (else its lease ends
+        it); a failed reconciliation is dropped: the estimate stays charged, which errs on the safe side."""
         if admission.ident is None:
-            lane.adjust(admission.handles, delta, call.clock.now())
+            now = call.clock.now()
+            if delta and mode != "x":
+                lane.adjust(admission.handles, delta, now)
+            if mode != "a":
+                lane.release(admission.handles, now, refund=mode == "x")
             return
-        args = [*self.spec, admission.ident, estimate, delta]
-        with contextlib.suppress(StoreUnavailableError):  # the estimate stays charged: it errs on the safe side
-            await self.link.run(call, ADJUST, self.keys(key), args, operation="reconcile")
+        keys, args = self.keys(key), [*self.spec, admission.ident, estimate, delta, mode]
+        try:
+            if self.pending:
+                await self._replay(call)
+            await self.link.run(call, SETTLE, keys, args, operation="settle")
+        except StoreUnavailableError:
+            if mode != "a":
+                self.pending.append((keys, args))
+        except asyncio.CancelledError:
+            if mode != "a":
+                self.pending.append((keys, args))
+            raise
+        if mode != "a":
+            lane.nudge()
+
+    async def _replay(self, call: Call) -> None:
+        """Settle the held answers the store failed to take, oldest first, until one fails again (a replayed answer
+        starts its window at the replay: later than the real answer, never earlier)."""
+        pending = self.pending
+        with contextlib.suppress(StoreUnavailableError):
+            while pending:
+                keys, args = pending[0]
+                await self.link.run(call, SETTLE, keys, args, operation="settle")
+                pending.popleft()
 
     def _reject(self, call: Call, key: Hashable, reason: str, retry_after: float, arrived: float) -> RateLimitedError:
         retry_after, waited = max(0.0, retry_after), call.clock.now() - arrived
@@ -330,3 +201,8 @@ class SharedMeter:
         else:
             why = f"max_wait={layer.options.max_wait:g}s" if reason == "max_wait" else "the call's deadline"
         return RateLimitedError(f"{layer.name}{where}: cannot admit the call within {why}", retry_after=retry_after)
+
+
+def _hold(deadline: float | None, now: float) -> float:
+    """How long an admission is held at most: the call's remaining deadline, capped at :data:`HOLD_CAP`."""
+    return HOLD_CAP if deadline is None else max(0.0, min(deadline - now, HOLD_CAP))
