@@ -24,6 +24,7 @@ BUILTIN_KINDS: dict[str, str] = {
         name: f"{_MIDDLEWARE}:{name}"
         for name in (
             "Timeout",
+            "AdaptiveTimeout",
             "Retry",
             "RetryBudget",
             "CircuitBreaker",

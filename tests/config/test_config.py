@@ -14,13 +14,16 @@ import pytest
 from resilient_dspy import (
     AdaptiveConcurrency,
     AdaptiveThrottle,
+    AdaptiveTimeout,
     Budget,
     Bulkhead,
     Cache,
+    Canary,
     Chaos,
     CircuitBreaker,
     Fallback,
     Guard,
+    Hedge,
     InputRules,
     Limit,
     Pipeline,
@@ -35,6 +38,7 @@ from resilient_dspy import (
     by_partition_key,
 )
 from resilient_dspy.errors import ConfigurationError
+from resilient_dspy.middleware.hedge import Percentile
 
 TOML = """
 name = "qa"
@@ -267,6 +271,13 @@ ROUND_TRIP: dict[str, Any] = {
         Static(answer="sorry", name="apology"),
         on=(TimeoutError, RateLimitedError),
     ),
+    "Hedge": lambda: Hedge(0.2, alternatives=(UseLM(dspy.LM("openai/other"), name="other"),)),
+    "Hedge(twice)": lambda: Hedge(0.2, max_hedges=2),
+    "Hedge(percentile)": lambda: Hedge(Percentile(0.95, window=50, min_samples=5)),
+    "AdaptiveTimeout": lambda: (Timeout(120), Retry(), AdaptiveTimeout(60)),
+    "Canary": lambda: Canary(UseLM(dspy.LM("openai/candidate"), name="candidate")),
+    "CircuitBreaker(wait)": lambda: CircuitBreaker(failure_threshold=3, wait_for_half_open=True, max_wait=5),
+    "RateLimiter(admission)": lambda: RateLimiter(requests=5, counts_from="admission"),
     "Guard": lambda: Guard(input=InputRules(max_chars=100)),
     "Guard(rules, model)": lambda: Guard(
         input=InputRules(max_chars={"question": 50}, required=["question"], forbidden=["(?i)ignore previous"]),

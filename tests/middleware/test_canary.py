@@ -342,7 +342,7 @@ def test_state_is_in_describe_and_health() -> None:
     canary = Canary(candidate(), weights=(0.25,), name="release-42")
     Pipeline(program("stable"), canary)
     described = canary.describe()
-    assert described["name"] == "release-42" and described["options"]["candidates"] == ["cand"]
+    assert described["name"] == "release-42" and [c["name"] for c in described["options"]["candidates"]] == ["cand"]
     assert described["routes"] == {"cand": "active"}
     assert canary.health().details["candidates"]["cand"]["weight"] == 0.25
     canary.rollback()
@@ -555,7 +555,7 @@ def test_a_canary_builds_from_a_config_and_describes_itself() -> None:
         ],
     }
     described = Pipeline.from_config(config).describe()[0]
-    assert described["layer"] == "Canary" and described["options"]["candidates"] == ["new"]
+    assert described["layer"] == "Canary" and [c["name"] for c in described["options"]["candidates"]] == ["new"]
     assert described["options"]["weights"] == (0.2,) and described["options"]["min_calls"] == 5
 
 

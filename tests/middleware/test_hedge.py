@@ -480,12 +480,8 @@ def test_a_stack_config_builds_a_hedge_with_a_learned_delay() -> None:
     by_hand = Pipeline(dspy.Predict("question -> answer"), Cache(), Hedge(Percentile(0.9, ceiling=2.0), max_hedges=2))
     built = Pipeline.from_config(config)
     assert built.describe()[1] == by_hand.describe()[1]
-    assert (
-        Pipeline.from_config({**config, "layers": [{"layer": "Hedge", "delay": "p95"}]}).describe()[0]["options"][
-            "delay"
-        ]["percentile"]
-        == "p95"
-    )
+    delay = Pipeline.from_config({**config, "layers": [{"layer": "Hedge", "delay": "p95"}]}).describe()[0]["options"]
+    assert delay["delay"]["kind"] == "Percentile" and delay["delay"]["q"] == 0.95
 
 
 async def test_a_streamed_call_is_never_hedged() -> None:

@@ -362,9 +362,10 @@ class Canary(Layer):
         return LayerHealth(self.name, "degraded" if failed else "ok", details)
 
     def describe(self) -> dict[str, Any]:
-        """The options with candidates by name and functions by their repr, and each route's status."""
+        """The options with each candidate's table (as a Fallback's alternatives), functions by their repr, and each
+        route's status."""
         options = self.options.model_dump()
-        options["candidates"] = [route.name for route in self._routes]
+        options["candidates"] = [route.alternative.describe() for route in self._routes]
         for field in ("sticky", "rng", "compare"):
             if options[field] is not None:
                 options[field] = repr(options[field])

@@ -165,12 +165,13 @@ class Hedge(Layer):
         return LayerHealth(self.name, "degraded" if busy else "ok", details)
 
     def describe(self) -> dict[str, Any]:
-        """The options as names, not objects: the delay as seconds or ``pNN`` with its window, the alternatives."""
+        """The options as a config that rebuilds them: the delay as seconds or a ``Percentile`` table, each
+        alternative's table (as a Fallback's)."""
         delay = self.options.delay
         options = {
-            "delay": delay if isinstance(delay, float) else {"percentile": delay.label(), **delay.options.model_dump()},
+            "delay": delay if isinstance(delay, float) else {"kind": "Percentile", **delay.options.model_dump()},
             "max_hedges": self.options.max_hedges,
-            "alternatives": [alternative.name for alternative in self.alternatives],
+            "alternatives": [alternative.describe() for alternative in self.alternatives],
             "name": self.options.name,
         }
         return {"layer": "Hedge", "name": self.name, "options": options}
