@@ -18,6 +18,7 @@ from resilient_dspy.faults import Fault, FaultStep
 from resilient_dspy.middleware._shared.partitions import PartitionOptions
 from resilient_dspy.middleware.adaptive_concurrency import AdaptiveConcurrencyOptions
 from resilient_dspy.middleware.adaptive_throttle import AdaptiveThrottleOptions
+from resilient_dspy.middleware.adaptive_timeout import AdaptiveTimeoutOptions
 from resilient_dspy.middleware.breaker import CircuitBreakerOptions
 from resilient_dspy.middleware.budget import BudgetOptions
 from resilient_dspy.middleware.bulkhead import BulkheadOptions
@@ -90,6 +91,7 @@ NO_TUPLE_FIELDS = {
     PartitionOptions,
     Quota,
     RedisBackendOptions,
+    AdaptiveTimeoutOptions,
     RedisStoreOptions,
     StoreOptions,
     PercentileOptions,

@@ -14,6 +14,7 @@ Part of the core (docs/architecture.md: the layout, a call's path, the rules).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import deque
 
 __all__ = ["Deadline", "DeadlineTimer"]
@@ -91,8 +92,14 @@ class DeadlineTimer:
         loop = self.loop
         assert loop is not None
         self._armed = when
-        # like asyncio.Timeout: a deadline already past cancels on the next turn of the loop
-        self._handle = loop.call_soon(self._fire) if when <= loop.time() else loop.call_at(when, self._fire)
+        # like asyncio.Timeout: a deadline already past cancels on the next turn of the loop. The timer outlives the
+        # call that armed it, so it runs in an empty context: a copy of the call's would keep the call (and its
+        # pipeline) alive until the timer fires
+        empty = contextvars.Context()
+        if when <= loop.time():
+            self._handle = loop.call_soon(self._fire, context=empty)
+        else:
+            self._handle = loop.call_at(when, self._fire, context=empty)
 
     def _fire(self) -> None:
         loop = self.loop

@@ -370,6 +370,10 @@ class Steps:
         self.counts: Counter[str] = Counter()
         self.fail = Counter(fail or {})
 
+    @property
+    def retry_interval(self) -> float:
+        return self.inner.retry_interval
+
     def key(self, *parts: str) -> str:
         return self.inner.key(*parts)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import math
 import weakref
@@ -621,3 +622,36 @@ async def test_calls_that_ended_behind_a_long_one_are_not_kept_alive() -> None:
     long.cancel()
     with pytest.raises(asyncio.CancelledError):
         await long
+
+
+_HELD: contextvars.ContextVar[object] = contextvars.ContextVar("_HELD")
+
+
+class _Payload:
+    """Something a call puts in its context (a DSPy setting, a usage scope) that must die with the call."""
+
+
+@pytest.mark.looptime(False)  # the shared timer runs only on a real loop clock
+async def test_the_shared_timer_keeps_nothing_of_a_finished_call_alive() -> None:
+    """The loop timer a Timeout shares outlives the call that armed it (armed for 30 s here): it must not hold that
+    call's context, or every object the call set there (and the pipeline behind it) lives until the timer fires."""
+
+    async def program(question: str) -> str:
+        return question
+
+    async def call(pipeline: Pipeline) -> str:
+        _HELD.set(_Payload())  # in the caller's context when the Timeout arms its timer
+        return await pipeline("q")  # type: ignore[no-any-return]
+
+    async def run() -> weakref.ref[object]:
+        pipeline = Pipeline(program, Timeout(30))
+        context = contextvars.copy_context()
+        task = asyncio.get_running_loop().create_task(call(pipeline), context=context)
+        assert await task == "q"
+        return weakref.ref(context[_HELD])
+
+    payload = await run()
+    for _ in range(3):  # the loop's own handle that resumed us still holds the finished task for a turn
+        await asyncio.sleep(0)
+    gc.collect()
+    assert payload() is None
