@@ -68,7 +68,7 @@ class Scale:
 SCALES = {
     "default": Scale(requests=1000, rpm=100, window=10.0, concurrency=64),
     "quick": Scale(requests=200, rpm=50, window=5.0, concurrency=32),
-    "smoke": Scale(requests=12, rpm=10, window=1.0, concurrency=4),
+    "smoke": Scale(requests=6, rpm=5, window=0.5, concurrency=3),
 }
 
 

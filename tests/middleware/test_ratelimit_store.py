@@ -633,13 +633,13 @@ async def test_max_wait_shorter_than_the_servers_wait_is_rejected_at_once(redis_
 async def test_four_processes_never_exceed_the_shared_limit_in_the_servers_journal(
     redis_url: str, counts_from: str, margin: float
 ) -> None:
-    """4 worker processes x 250 calls share 100 requests per 1 s on Redis against the chaos server, whose own
-    journal and quota are the judge: no window of 1 s holds more than 100 requests, and no call got a 429.
+    """4 worker processes x 250 calls share 250 requests per 1 s on Redis against the chaos server, whose own
+    journal and quota are the judge: no window of 1 s holds more than 250 requests, and no call got a 429.
     Counted from the answer the limiter's period is the quota's own, 1 s: an entry is held until its answer, so it
     cannot leave our window before the provider's. Counted from admission it needs a margin, 1.3 s: it covers the
     transit between the server's admission and the chaos server's receipt on a loaded machine (1.15 s drew 429s
     at load average 8 on 2 cores)."""
-    amount, period = 100, 1.0
+    amount, period = 250, 1.0  # four windows: every window boundary is crossed by all four processes at once
     prefix = f"rl-{uuid.uuid4().hex[:12]}"
     worker = ROOT / "tests" / "middleware" / "ratelimit_worker.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
