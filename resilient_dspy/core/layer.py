@@ -7,6 +7,7 @@ gives it the shared shape for free. See docs/architecture.md ("How to add a laye
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from resilient_dspy.core.options import Options
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["Layer", "roles"]
 
 
-class Layer:
+class Layer(ABC):
     """A middleware with the house shape. Subclasses set ``options`` (an :class:`Options` with a ``name`` field) in
     ``__init__`` and implement ``__call__``; every other method has a sensible default."""
 
@@ -36,8 +37,9 @@ class Layer:
 
     options: Options
 
+    @abstractmethod
     async def __call__(self, call: Call, next: Handler) -> Any:
-        raise NotImplementedError
+        """Run the call through this layer: ``await next(call)`` (or not), with the layer's rule around it."""
 
     @property
     def name(self) -> str:
@@ -49,7 +51,7 @@ class Layer:
         """The label when no ``name=`` is given: the class name (a Timeout adds its scope)."""
         return type(self).__name__
 
-    def on_build(self, pipeline: Pipeline) -> None:
+    def on_build(self, pipeline: Pipeline) -> None:  # noqa: B027 (a hook: by default a layer reads nothing)
         """Called once by each pipeline this layer is built into; read the stack with ``pipeline.layers_around``."""
 
     def emit(self, call: Call, kind: type[Event], /, **fields: Any) -> None:

@@ -8,13 +8,14 @@ once per round trip: a drop from a call that started before the last cut says no
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 from resilient_dspy.middleware.adaptive_concurrency.options import AdaptiveConcurrencyOptions
 
 __all__ = ["Aimd", "Gradient", "LimitAlgorithm", "algorithm_for"]
 
 
-class LimitAlgorithm:
+class LimitAlgorithm(ABC):
     """The limit of one key and how it moves; subclasses write :meth:`estimate`."""
 
     __slots__ = ("cut_at", "high", "limit", "low")
@@ -34,8 +35,9 @@ class LimitAlgorithm:
             self.cut_at = now
         self.limit = min(self.high, max(self.low, new))
 
+    @abstractmethod
     def estimate(self, rtt: float, in_flight: int, dropped: bool) -> float:
-        raise NotImplementedError
+        """The limit this algorithm wants after a call of round trip ``rtt`` (before the bounds are applied)."""
 
     def rtts(self) -> tuple[float | None, float | None]:
         """The recent and the baseline round trip the algorithm reads (None where it keeps none)."""
